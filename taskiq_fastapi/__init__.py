@@ -1,0 +1,23 @@
+"""Use a FastAPI app's dependencies and lifespan in taskiq tasks."""
+
+from taskiq_fastapi.broker_lifespan import broker_lifespan
+from taskiq_fastapi.exceptions import (
+    AppConflictError,
+    AppLoadError,
+    AppStartupError,
+    TaskiqFastAPIError,
+)
+from taskiq_fastapi.integration import init, populate_dependency_context
+from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
+
+__all__ = [
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "AppConflictError",
+    "AppLoadError",
+    "AppStartupError",
+    "TaskiqFastAPIError",
+    "broker_lifespan",
+    "init",
+    "populate_dependency_context",
+]

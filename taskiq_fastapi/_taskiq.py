@@ -1,0 +1,59 @@
+"""Every reliance on an internal of taskiq or taskiq-dependencies lives here.
+
+tests/test_taskiq_internals.py pins each one, so an upgrade that changes them
+fails loudly instead of silently breaking injection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from taskiq import AsyncBroker
+
+# taskiq's worker imports the broker with the current directory on sys.path;
+# reusing its helper keeps app imports resolving exactly like broker imports.
+from taskiq.cli.utils import add_cwd_in_path as cwd_in_sys_path
+
+__all__ = ["PerTaskContext", "cwd_in_sys_path", "install_request_context"]
+
+
+class PerTaskContext(dict[Any, Any]):
+    """A broker dependency context that gives every task its own Request.
+
+    taskiq's receiver passes `broker.custom_dependency_context` to
+    taskiq-dependencies as the initial cache, and taskiq-dependencies takes a
+    `copy.copy` of that cache once per resolution, and only when the task has
+    dependencies. Adding the Request at copy time gives each task a fresh
+    object at no cost to tasks without dependencies, and keeps taskiq's
+    prebuilt dependency graphs (overrides would rebuild them for every task).
+    """
+
+    def __init__(
+        self,
+        values: dict[Any, Any],
+        make_request: Callable[[], Request],
+    ) -> None:
+        super().__init__(values)
+        self.make_request = make_request
+
+    def __copy__(self) -> dict[Any, Any]:
+        values = dict(self)
+        request = self.make_request()
+        # FastAPI hands the Request itself to HTTPConnection parameters too.
+        values[Request] = request
+        values[HTTPConnection] = request
+        return values
+
+
+def install_request_context(
+    broker: AsyncBroker,
+    make_request: Callable[[], Request],
+) -> None:
+    """Make `make_request` the source of Request/HTTPConnection for the broker's tasks."""
+    current = broker.custom_dependency_context
+    if isinstance(current, PerTaskContext):
+        current.make_request = make_request
+        return
+    broker.custom_dependency_context = PerTaskContext(current, make_request)

@@ -1,0 +1,17 @@
+"""Errors raised by the integration; each names the app it is about and the cause."""
+
+
+class TaskiqFastAPIError(Exception):
+    """Base class, so callers such as the CLI can catch every integration error."""
+
+
+class AppLoadError(TaskiqFastAPIError):
+    """The app path cannot be imported, or it does not give a FastAPI app."""
+
+
+class AppStartupError(TaskiqFastAPIError):
+    """The app's lifespan failed during worker startup."""
+
+
+class AppConflictError(TaskiqFastAPIError):
+    """`init` was called again for the same broker with a different app."""

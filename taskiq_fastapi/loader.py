@@ -1,0 +1,71 @@
+"""Turn what `init` was given (import string, app or factory) into a FastAPI app."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from fastapi import FastAPI
+
+from taskiq_fastapi._taskiq import cwd_in_sys_path
+from taskiq_fastapi.exceptions import AppLoadError
+
+AppSource: TypeAlias = "str | FastAPI | Callable[[], FastAPI]"
+
+
+def describe(source: object) -> str:
+    """Name an app source the way a user wrote it, for error messages."""
+    if isinstance(source, str):
+        return repr(source)
+    if inspect.isfunction(source) or inspect.isclass(source):
+        return repr(f"{source.__module__}:{source.__qualname__}")
+    if isinstance(source, FastAPI):
+        return f"FastAPI app {source.title!r}"
+    return repr(source)
+
+
+def import_target(source: AppSource) -> Any:
+    """Import a `module:attr` string with uvicorn's importer; other sources pass through.
+
+    Imports see the current directory, as taskiq's own imports of the broker do.
+    """
+    if not isinstance(source, str):
+        return source
+    from uvicorn.importer import ImportFromStringError, import_from_string
+
+    try:
+        with cwd_in_sys_path():
+            return import_from_string(source)
+    except ImportFromStringError as exc:
+        raise AppLoadError(f"Cannot load app {source!r}: {exc}") from exc
+    except Exception as exc:
+        raise AppLoadError(
+            f"Cannot load app {source!r}: importing it raised "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def load_app(source: AppSource) -> FastAPI:
+    """Resolve a source to an app: an app is used as is, a callable is a factory."""
+    target = import_target(source)
+    if isinstance(target, FastAPI):
+        return target
+    if not callable(target):
+        raise AppLoadError(
+            f"Cannot load app {describe(source)}: expected a FastAPI app or a "
+            f"factory returning one, got {type(target).__name__}.",
+        )
+    try:
+        app = target()
+    except Exception as exc:
+        raise AppLoadError(
+            f"Cannot load app {describe(source)}: the factory raised "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+    if not isinstance(app, FastAPI):
+        raise AppLoadError(
+            f"Cannot load app {describe(source)}: the factory returned "
+            f"{type(app).__name__}, not a FastAPI app.",
+        )
+    return app

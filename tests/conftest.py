@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+from sampleapp import apps
+from taskiq import InMemoryBroker
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _clear_app_events() -> Iterator[None]:
+    apps.events.clear()
+    yield
+    apps.events.clear()
+
+
+@pytest.fixture
+def broker() -> InMemoryBroker:
+    return InMemoryBroker(max_async_tasks=1000, await_inplace=False)
+
+
+@asynccontextmanager
+async def as_worker(broker: InMemoryBroker) -> AsyncIterator[InMemoryBroker]:
+    """Drive the broker as taskiq's worker does: startup and shutdown run in
+    two different asyncio tasks."""
+    broker.is_worker_process = True
+    await asyncio.create_task(broker.startup())
+    try:
+        yield broker
+    finally:
+        await broker.wait_all()
+        await asyncio.create_task(broker.shutdown())
