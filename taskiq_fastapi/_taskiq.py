@@ -51,7 +51,7 @@ def install_request_context(
     broker: AsyncBroker,
     make_request: Callable[[], Request],
 ) -> None:
-    """Make `make_request` the source of Request/HTTPConnection for the broker's tasks."""
+    """Make `make_request` the source of the Request the broker's tasks get."""
     current = broker.custom_dependency_context
     if isinstance(current, PerTaskContext):
         current.make_request = make_request

@@ -35,9 +35,7 @@ class _Integration:
 
     def serves(self, source: AppSource) -> bool:
         """Whether `source` names the app this broker is already wired to."""
-        if source is self.source or (
-            isinstance(source, str) and source == self.source
-        ):
+        if source is self.source or (isinstance(source, str) and source == self.source):
             return True
         return import_target(source) is import_target(self.source)
 

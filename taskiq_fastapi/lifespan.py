@@ -47,10 +47,8 @@ class AppLifespan:
         self._shutdown: asyncio.Future[str | None] = loop.create_future()
         self._task = asyncio.create_task(self._run(), name="fastapi-lifespan")
         self._inbox.put_nowait({"type": "lifespan.startup"})
-        await asyncio.wait(
-            {self._startup, self._task},
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        either: set[asyncio.Future[Any]] = {self._startup, self._task}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if self._startup.done() and self._startup.result() is None:
             return
         reported = self._startup.result() if self._startup.done() else None
@@ -86,7 +84,9 @@ class AppLifespan:
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]
-        future = self._startup if kind.startswith("lifespan.startup") else self._shutdown
+        future = (
+            self._startup if kind.startswith("lifespan.startup") else self._shutdown
+        )
         if not future.done():
             failed = kind.endswith(".failed")
             future.set_result((message.get("message") or "failed") if failed else None)

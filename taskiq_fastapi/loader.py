@@ -26,7 +26,7 @@ def describe(source: object) -> str:
 
 
 def import_target(source: AppSource) -> Any:
-    """Import a `module:attr` string with uvicorn's importer; other sources pass through.
+    """Import a `module:attr` string with uvicorn's importer; pass others through.
 
     Imports see the current directory, as taskiq's own imports of the broker do.
     """

@@ -1,4 +1,4 @@
-"""The synthetic HTTP request handed to tasks: a complete scope, so request APIs work."""
+"""The synthetic Request handed to tasks: a complete scope, so its APIs work."""
 
 from __future__ import annotations
 

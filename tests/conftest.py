@@ -23,7 +23,7 @@ def _clear_app_events() -> Iterator[None]:
 
 @pytest.fixture
 def broker() -> InMemoryBroker:
-    return InMemoryBroker(max_async_tasks=1000, await_inplace=False)
+    return InMemoryBroker(max_async_tasks=1000, max_stored_results=1000)
 
 
 @asynccontextmanager

@@ -124,7 +124,9 @@ async def test_lifespan_failure_names_app_and_cause(broker: InMemoryBroker) -> N
     assert not hasattr(broker.state, "fastapi_app")
     await broker.shutdown()
     lifespan_tasks = [
-        t for t in __import__("asyncio").all_tasks() if t.get_name() == "fastapi-lifespan"
+        t
+        for t in __import__("asyncio").all_tasks()
+        if t.get_name() == "fastapi-lifespan"
     ]
     assert lifespan_tasks == []
 

@@ -48,17 +48,18 @@ async def test_on_event_handlers_of_the_seed_recipe_run(broker: InMemoryBroker) 
     app = FastAPI()
     calls: list[str] = []
 
-    with pytest.warns(DeprecationWarning):
+    async def app_startup() -> None:
+        if not broker.is_worker_process:
+            await broker.startup()  # pragma: no cover - API side only
+        calls.append("startup")
 
-        @app.on_event("startup")
-        async def app_startup() -> None:
-            if not broker.is_worker_process:
-                await broker.startup()  # pragma: no cover - API side only
-            calls.append("startup")
+    async def app_shutdown() -> None:
+        calls.append("shutdown")
 
-        @app.on_event("shutdown")
-        async def app_shutdown() -> None:
-            calls.append("shutdown")
+    with pytest.warns(DeprecationWarning, match="on_event is deprecated"):
+        app.on_event("startup")(app_startup)
+    with pytest.warns(DeprecationWarning, match="on_event is deprecated"):
+        app.on_event("shutdown")(app_shutdown)
 
     taskiq_fastapi.init(broker, app)
     async with as_worker(broker):
@@ -66,7 +67,9 @@ async def test_on_event_handlers_of_the_seed_recipe_run(broker: InMemoryBroker) 
     assert calls == ["startup", "shutdown"]
 
 
-async def test_state_reaches_app_state_and_lifespan_state(broker: InMemoryBroker) -> None:
+async def test_state_reaches_app_state_and_lifespan_state(
+    broker: InMemoryBroker,
+) -> None:
     taskiq_fastapi.init(broker, "sampleapp.apps:app")
 
     @broker.task

@@ -1,0 +1,92 @@
+"""Pins for every taskiq / taskiq-dependencies internal the integration relies on.
+
+If one of these fails after an upgrade, revisit taskiq_fastapi/_taskiq.py
+(and taskiq_fastapi_cli's runner) before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from taskiq import Context, InMemoryBroker, TaskiqDepends
+from taskiq.receiver import Receiver
+from taskiq_dependencies import DependencyGraph
+
+from taskiq_fastapi._taskiq import (
+    PerTaskContext,
+    cwd_in_sys_path,
+    install_request_context,
+)
+from taskiq_fastapi.request import RequestFactory
+
+pytestmark = pytest.mark.anyio
+
+
+def _factory() -> RequestFactory:
+    return RequestFactory(FastAPI(), {}, "http://localhost:8000")
+
+
+async def test_dependencies_copy_the_initial_cache_once_per_resolution() -> None:
+    made: list[Request] = []
+
+    def make() -> Request:
+        made.append(_factory()())
+        return made[-1]
+
+    def with_request(request: Request = TaskiqDepends()) -> None: ...
+
+    def without_dependencies(x: int = 1) -> None: ...
+
+    cache = PerTaskContext({Context: "ctx"}, make)
+    first = await DependencyGraph(with_request).async_ctx(cache).resolve_kwargs()
+    second = await DependencyGraph(with_request).async_ctx(cache).resolve_kwargs()
+    assert first["request"] is made[0]
+    assert second["request"] is made[1]
+    # A task without dependencies never pays for a request.
+    await DependencyGraph(without_dependencies).async_ctx(cache).resolve_kwargs()
+    assert len(made) == 2
+
+
+async def test_receiver_reads_the_broker_context_for_every_task() -> None:
+    broker = InMemoryBroker()
+    receiver = broker.receiver
+    assert isinstance(receiver, Receiver)
+
+    @broker.task
+    async def title(request: Request = TaskiqDepends()) -> str:
+        return str(request.app.title)
+
+    # Installed after the receiver was built, as the worker startup does.
+    factory = RequestFactory(FastAPI(title="pinned"), {}, "http://localhost:8000")
+    install_request_context(broker, factory)
+    await broker.startup()
+    result = await (await title.kiq()).wait_result(timeout=5)
+    await broker.shutdown()
+    assert result.return_value == "pinned"
+    assert broker.dependency_overrides == {}
+
+
+def test_add_cwd_in_path_puts_the_working_directory_first() -> None:
+    cwd = os.getcwd()
+    saved = list(sys.path)
+    try:
+        while cwd in sys.path:
+            sys.path.remove(cwd)
+        with cwd_in_sys_path():
+            assert sys.path[0] == cwd
+    finally:
+        sys.path[:] = saved
+
+
+def test_install_keeps_existing_context_entries() -> None:
+    broker = InMemoryBroker()
+    broker.add_dependency_context({int: 5})
+    install_request_context(broker, _factory())
+    install_request_context(broker, _factory())
+    context: Any = broker.custom_dependency_context
+    assert isinstance(context, PerTaskContext)
+    assert context[int] == 5
