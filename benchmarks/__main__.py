@@ -15,7 +15,9 @@ def main() -> int:
     for what, ratio, target in rows:
         ok = ratio <= target
         failed += not ok
-        print(f"{what:<48} {ratio:>8.3f}x {'<=':>3}{target:.2f}x {'' if ok else 'MISSED'}")
+        print(
+            f"{what:<48} {ratio:>8.3f}x {'<=':>3}{target:.2f}x {'' if ok else 'MISSED'}"
+        )
     return 1 if failed else 0
 
 

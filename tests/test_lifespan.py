@@ -82,3 +82,51 @@ async def test_state_reaches_app_state_and_lifespan_state(
         result = await task.wait_result(timeout=5)
     assert result.return_value == ["pool-from-app-state", "db-from-lifespan-state"]
     assert result.is_err is False
+
+
+async def test_shutdown_failure_is_logged_and_other_handlers_still_run(
+    broker: InMemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from taskiq import TaskiqEvents, TaskiqState
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("could not flush")
+
+    after: list[str] = []
+    taskiq_fastapi.init(broker, FastAPI(title="Flaky", lifespan=lifespan))
+
+    @broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)
+    async def later_handler(_: TaskiqState) -> None:
+        after.append("ran")
+
+    async with as_worker(broker):
+        pass
+    assert after == ["ran"]
+    assert [r.getMessage() for r in caplog.records if r.name == "taskiq_fastapi"] == [
+        "App FastAPI app 'Flaky' failed to shut down: RuntimeError: could not flush"
+    ]
+
+
+async def test_app_that_reports_failure_without_raising(broker: InMemoryBroker) -> None:
+    from starlette.types import Receive, Scope, Send
+
+    async def refusing_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no licence"})
+
+    class Wrapped(FastAPI):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await refusing_app(scope, receive, send)
+
+    taskiq_fastapi.init(broker, Wrapped(title="Refusing"))
+    broker.is_worker_process = True
+    with pytest.raises(taskiq_fastapi.AppStartupError) as caught:
+        await broker.startup()
+    assert str(caught.value) == (
+        "App FastAPI app 'Refusing' failed to start: no licence"
+    )
