@@ -5,6 +5,7 @@ from taskiq_fastapi.exceptions import (
     AppConflictError,
     AppLoadError,
     AppStartupError,
+    LoadError,
     TaskiqFastAPIError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
@@ -16,6 +17,7 @@ __all__ = [
     "AppConflictError",
     "AppLoadError",
     "AppStartupError",
+    "LoadError",
     "TaskiqFastAPIError",
     "broker_lifespan",
     "init",

@@ -5,7 +5,11 @@ class TaskiqFastAPIError(Exception):
     """Base class, so callers such as the CLI can catch every integration error."""
 
 
-class AppLoadError(TaskiqFastAPIError):
+class LoadError(TaskiqFastAPIError):
+    """An import string cannot be imported, or does not name what it should."""
+
+
+class AppLoadError(LoadError):
     """The app path cannot be imported, or it does not give a FastAPI app."""
 
 

@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 from fastapi import FastAPI
 
 from taskiq_fastapi._taskiq import cwd_in_sys_path
-from taskiq_fastapi.exceptions import AppLoadError
+from taskiq_fastapi.exceptions import AppLoadError, LoadError
 
 AppSource: TypeAlias = "str | FastAPI | Callable[[], FastAPI]"
 
@@ -25,25 +25,45 @@ def describe(source: object) -> str:
     return repr(source)
 
 
-def import_target(source: AppSource) -> Any:
-    """Import a `module:attr` string with uvicorn's importer; pass others through.
+def import_string(
+    path: str,
+    what: str = "app",
+    error: type[LoadError] = AppLoadError,
+) -> Any:
+    """Import a `module:attr` string with uvicorn's importer.
 
-    Imports see the current directory, as taskiq's own imports of the broker do.
+    Imports see the current directory, as taskiq's own imports of the broker
+    do; failures raise `error` naming `what`, the path and the cause.
     """
-    if not isinstance(source, str):
-        return source
     from uvicorn.importer import ImportFromStringError, import_from_string
 
     try:
         with cwd_in_sys_path():
-            return import_from_string(source)
+            return import_from_string(path)
     except ImportFromStringError as exc:
-        raise AppLoadError(f"Cannot load app {source!r}: {exc}") from exc
+        raise error(f"Cannot load {what} {path!r}: {exc}") from exc
     except Exception as exc:
-        raise AppLoadError(
-            f"Cannot load app {source!r}: importing it raised "
+        raise error(
+            f"Cannot load {what} {path!r}: importing it raised "
             f"{type(exc).__name__}: {exc}",
         ) from exc
+
+
+def import_target(source: AppSource) -> Any:
+    """The object an app source names: import strings are imported."""
+    return import_string(source) if isinstance(source, str) else source
+
+
+def needs_arguments(target: Callable[..., Any]) -> bool:
+    """Whether calling `target()` would fail for lack of arguments."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in signature.parameters.values()
+    )
 
 
 def load_app(source: AppSource) -> FastAPI:
@@ -51,10 +71,10 @@ def load_app(source: AppSource) -> FastAPI:
     target = import_target(source)
     if isinstance(target, FastAPI):
         return target
-    if not callable(target):
+    if not callable(target) or needs_arguments(target):
         raise AppLoadError(
             f"Cannot load app {describe(source)}: expected a FastAPI app or a "
-            f"factory returning one, got {type(target).__name__}.",
+            f"zero-argument factory returning one, got {type(target).__name__}.",
         )
     try:
         app = target()

@@ -84,7 +84,12 @@ async def test_outside_a_worker_sending_is_unchanged(broker: InMemoryBroker) -> 
         (
             "sampleapp.apps:not_an_app",
             "Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
-            "or a factory returning one, got int.",
+            "or a zero-argument factory returning one, got int.",
+        ),
+        (
+            "sampleapp.apps:plain_asgi_app",
+            "Cannot load app 'sampleapp.apps:plain_asgi_app': expected a FastAPI "
+            "app or a zero-argument factory returning one, got function.",
         ),
         (
             "sampleapp.apps:raising_factory",

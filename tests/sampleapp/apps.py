@@ -86,3 +86,7 @@ def wrong_factory() -> dict[str, str]:
 
 class Nested:
     app = app
+
+
+async def plain_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """An ASGI app that is not FastAPI: not a factory either."""
