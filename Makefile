@@ -20,7 +20,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict taskiq_fastapi
+	$(BIN)/mypy --strict taskiq_fastapi taskiq_fastapi_cli
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -8,6 +8,8 @@ import pytest
 from sampleapp import apps
 from taskiq import InMemoryBroker
 
+from tools.redis_server import redis_url as running_redis
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -37,3 +39,10 @@ async def as_worker(broker: InMemoryBroker) -> AsyncIterator[InMemoryBroker]:
     finally:
         await broker.wait_all()
         await asyncio.create_task(broker.shutdown())
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server for the whole session (REDIS_URL's, if set)."""
+    with running_redis() as url:
+        yield url

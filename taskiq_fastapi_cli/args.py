@@ -1,0 +1,70 @@
+"""Worker arguments: ours, plus taskiq's own, parsed by taskiq's own parser."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from taskiq.cli.worker.args import WorkerArgs
+
+from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
+
+
+@dataclass
+class FastAPIWorkerArgs(WorkerArgs):
+    """taskiq's worker arguments and the app every worker process serves.
+
+    It is what taskiq's process manager hands to each worker process (pickled
+    under the spawn start method), so it carries everything a worker needs.
+    """
+
+    app: str = ""
+    factory: bool = False
+    base_url: str | None = None
+    # Set by the runner: how a worker tells the main process its app failed.
+    startup_failures: Any = None
+
+
+def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
+    """Parse `BROKER [MODULES]... [OPTIONS]` exactly as `taskiq worker` does.
+
+    argparse reports errors with a usage block on stderr and SystemExit(2);
+    they are turned into one CLIError line instead.
+    """
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return WorkerArgs.from_cli(list(argv))
+    except SystemExit as exc:
+        lines = stderr.getvalue().strip().splitlines()
+        message = lines[-1].split(": error: ", 1)[-1] if lines else str(exc)
+        if message.startswith("the following arguments are required: broker"):
+            message = "Missing argument 'BROKER'."
+        # taskiq parses --ack-type with a lambda, which argparse names as such.
+        message = message.replace("invalid <lambda> value", "invalid value")
+        raise CLIError(message, EXIT_USAGE_ERROR) from None
+
+
+def with_app(
+    taskiq_args: WorkerArgs,
+    app: str,
+    factory: bool,
+    base_url: str | None,
+) -> FastAPIWorkerArgs:
+    """Add our options to what taskiq parsed."""
+    values = {f.name: getattr(taskiq_args, f.name) for f in fields(taskiq_args)}
+    return FastAPIWorkerArgs(**values, app=app, factory=factory, base_url=base_url)
+
+
+def taskiq_options_help() -> str:
+    """The option list of the installed taskiq's `taskiq worker --help`."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.suppress(SystemExit):
+        WorkerArgs.from_cli(["--help"])
+    text = stdout.getvalue()
+    # Drop argparse's usage block and positional section: ours shows those.
+    start = text.find("options:")
+    return text[start:] if start >= 0 else text

@@ -1,0 +1,165 @@
+"""The command line: a thin Typer layer over `worker.start_worker`.
+
+Only Typer and the standard library are imported here, so `--help` and
+`--version` never pay for importing taskiq, FastAPI or user code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from taskiq_fastapi_cli.exceptions import CLIError
+
+APP_ENV = "TASKIQ_FASTAPI_APP"
+BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
+
+
+class StartMethod(str, enum.Enum):
+    """How worker processes are started (multiprocessing start methods)."""
+
+    fork = "fork"
+    spawn = "spawn"
+    forkserver = "forkserver"
+
+
+class WorkerCommand(TyperCommand):
+    """`worker --help` also lists the taskiq options it passes through."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        from taskiq_fastapi_cli.args import taskiq_options_help
+
+        formatter.write("\nOptions passed through to `taskiq worker` unchanged:\n\n")
+        formatter.write(taskiq_options_help())
+
+
+app = typer.Typer(
+    name="taskiq-fastapi",
+    help="Run taskiq workers that serve a FastAPI app's lifespan and dependencies.",
+    invoke_without_command=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_versions(value: bool) -> None:
+    if value:
+        for dist in ("taskiq-fastapi", "taskiq", "fastapi"):
+            typer.echo(f"{dist} {version(dist)}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_versions,
+            is_eager=True,
+            help="Print the versions of taskiq-fastapi, taskiq and fastapi.",
+        ),
+    ] = False,
+) -> None:
+    """Run taskiq workers that serve a FastAPI app's lifespan and dependencies."""
+    if ctx.invoked_subcommand is None:
+        # Click's convention for a command run without one: help, exit 2.
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+
+
+@app.command(
+    cls=WorkerCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+def worker(
+    app_path: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            envvar=APP_ENV,
+            metavar="MODULE:ATTR",
+            help=(
+                "The FastAPI app, as for uvicorn: 'module:attribute'. Without "
+                "--factory, a callable that is not an app is used as a factory, "
+                "with a warning, as uvicorn does."
+            ),
+        ),
+    ],
+    taskiq_args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
+            help="The broker ('module:variable', or a function returning one), "
+            "task modules and any `taskiq worker` option.",
+            show_default=False,
+        ),
+    ] = None,
+    factory: Annotated[
+        bool,
+        typer.Option(
+            "--factory",
+            help="Treat --app as a function that takes no argument and "
+            "returns the FastAPI app.",
+        ),
+    ] = False,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--base-url",
+            envvar=BASE_URL_ENV,
+            metavar="URL",
+            help="Where the API is served, for request.url_for in tasks "
+            "(default http://localhost:8000; a path in it is the root path).",
+        ),
+    ] = None,
+    start_method: Annotated[
+        StartMethod | None,
+        typer.Option(
+            "--start-method",
+            help="How worker processes start. Default: taskiq's (fork; spawn "
+            "on macOS), spawn with --reload.",
+        ),
+    ] = None,
+) -> None:
+    """Start taskiq workers that run the app's lifespan and inject its Request."""
+    from taskiq_fastapi_cli.worker import start_worker
+
+    code = start_worker(
+        taskiq_args or [],
+        app_path,
+        factory,
+        base_url,
+        start_method.value if start_method else None,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
+    """Run the CLI and return its exit code; every error is one line on stderr."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except typer.TyperException as exc:  # Click's usage errors, one line each
+        typer.echo(f"Error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    except CLIError as exc:
+        typer.echo(f"Error: {exc.message}", err=True)
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

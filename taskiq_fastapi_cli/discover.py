@@ -1,0 +1,52 @@
+"""Find the broker and the app from their import strings, with exact errors."""
+
+from __future__ import annotations
+
+import inspect
+
+from fastapi import FastAPI
+from taskiq import AsyncBroker
+
+from taskiq_fastapi.exceptions import LoadError
+from taskiq_fastapi.loader import import_string, load_app
+
+
+def load_broker(path: str) -> AsyncBroker:
+    """Import the broker, calling it when it is a factory function, as taskiq does."""
+    broker = import_string(path, "broker", LoadError)
+    if inspect.isfunction(broker):
+        try:
+            broker = broker()
+        except Exception as exc:
+            raise LoadError(
+                f"Cannot load broker {path!r}: the factory raised "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+    if not isinstance(broker, AsyncBroker):
+        raise LoadError(
+            f"Cannot load broker {path!r}: expected a taskiq broker or a "
+            f"function returning one, got {type(broker).__name__}.",
+        )
+    return broker
+
+
+def check_app(path: str, factory: bool) -> str | None:
+    """Load the app once, as uvicorn would; return a warning to show, if any.
+
+    With `factory`, the path must name a callable returning a FastAPI app.
+    Without it, a FastAPI app is used as is and any other zero-argument
+    callable is used as a factory, with a warning, as uvicorn does.
+    """
+    target = import_string(path)
+    if factory and isinstance(target, FastAPI):
+        raise LoadError(
+            f"Cannot load app {path!r}: --factory was given, but it is a "
+            "FastAPI app, not a factory returning one.",
+        )
+    load_app(path)
+    if factory or isinstance(target, FastAPI):
+        return None
+    return (
+        f"App factory detected at {path!r}. Using it, but please consider "
+        "setting the --factory flag explicitly."
+    )

@@ -1,0 +1,90 @@
+"""Hand over to taskiq's worker runner with `init` applied in every worker process.
+
+taskiq's `run_worker` starts its process manager with the module-level
+`start_listen` as the worker function; for the duration of the call that name
+points to `worker_process`, which applies `init` to the broker and then runs
+taskiq's own `start_listen`. This is the CLI's one reliance on a taskiq
+internal, pinned by tests/test_taskiq_internals.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from taskiq.cli.worker import run as taskiq_run
+from taskiq.cli.worker.run import start_listen as taskiq_start_listen
+
+import taskiq_fastapi
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi_cli.args import FastAPIWorkerArgs
+from taskiq_fastapi_cli.discover import load_broker
+from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+
+
+def worker_process(args: FastAPIWorkerArgs) -> None:
+    """Body of every worker process, including ones restarted by taskiq."""
+    try:
+        broker = load_broker(args.broker)
+        taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+        # taskiq's start_listen accepts a broker instance in place of a path,
+        # so a broker factory is called once and `init` applies to its result.
+        instance: Any = broker
+        taskiq_start_listen(replace(args, broker=instance))
+    except TaskiqFastAPIError as exc:
+        # Stop the whole command instead of taskiq restarting this process
+        # forever: the first failing process reports its cause and asks the
+        # main process to shut down (only one: taskiq's signal handler is not
+        # reentrant).
+        if args.startup_failures.report(str(exc)):
+            os.kill(os.getppid(), signal.SIGTERM)
+        sys.exit(EXIT_STARTUP_FAILURE)
+
+
+class StartupFailures:
+    """Shared by all worker processes: the first startup failure, kept once."""
+
+    def __init__(self) -> None:
+        self._messages: Any = multiprocessing.SimpleQueue()
+        self._reported: Any = multiprocessing.Value("b", 0)
+
+    def report(self, message: str) -> bool:
+        """Keep `message` if it is the first; return whether it was."""
+        with self._reported.get_lock():
+            if self._reported.value:
+                return False
+            self._reported.value = 1
+            self._messages.put(message)
+            return True
+
+    def first(self) -> str | None:
+        """The first failure reported, if any."""
+        return None if self._messages.empty() else str(self._messages.get())
+
+
+@contextmanager
+def _worker_function(function: Any) -> Iterator[None]:
+    original = taskiq_run.start_listen
+    taskiq_run.start_listen = function
+    try:
+        yield
+    finally:
+        taskiq_run.start_listen = original
+
+
+def run(args: FastAPIWorkerArgs) -> int:
+    """Run taskiq's worker; the exit code is taskiq's, or 3 if an app failed to start."""
+    failures = StartupFailures()
+    args.startup_failures = failures
+    with _worker_function(worker_process):
+        status = taskiq_run.run_worker(args)
+    message = failures.first()
+    if message is not None:
+        raise CLIError(message, EXIT_STARTUP_FAILURE)
+    return status or 0

@@ -1,0 +1,63 @@
+"""The steps of `worker`: parse, check everything in the main process, hand over.
+
+Everything that can be wrong with the input is found here, before any worker
+process starts, so a typo ends the command in a second with one line.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Sequence
+
+import typer
+
+import taskiq_fastapi
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi.request import base_url_scope
+from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
+from taskiq_fastapi_cli.discover import check_app, load_broker
+from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
+
+
+def start_worker(
+    taskiq_argv: Sequence[str],
+    app: str,
+    factory: bool,
+    base_url: str | None,
+    start_method: str | None,
+) -> int:
+    """Run the worker command; return its exit code or raise CLIError."""
+    args = with_app(parse_taskiq_args(taskiq_argv), app, factory, base_url)
+    if base_url is not None:
+        try:
+            base_url_scope(base_url)
+        except ValueError as exc:
+            raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
+    if args.app_dir:
+        sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
+    try:
+        broker = load_broker(args.broker)
+        warning = check_app(args.app, args.factory)
+        # In the main process too, so a broker module that already called
+        # init for another app is refused before any worker starts.
+        taskiq_fastapi.init(broker, args.app, base_url=base_url)
+    except TaskiqFastAPIError as exc:
+        raise CLIError(str(exc)) from None
+    if warning:
+        typer.echo(f"Warning: {warning}", err=True)
+    _set_start_method(start_method or ("spawn" if args.reload else None))
+
+    from taskiq_fastapi_cli.runner import run
+
+    return run(args)
+
+
+def _set_start_method(method: str | None) -> None:
+    """Apply --start-method; --reload spawns so that workers import fresh code.
+
+    On macOS taskiq always uses spawn and sets it itself.
+    """
+    if method is None or sys.platform == "darwin":
+        return
+    multiprocessing.set_start_method(method, force=True)

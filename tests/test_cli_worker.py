@@ -1,0 +1,165 @@
+"""The real `taskiq-fastapi worker` command against a real Redis (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from workers import TASKIQ, WorkerRun
+
+pytestmark = pytest.mark.anyio
+
+APP = ["--app", "workerapp.app:app"]
+
+
+@pytest.fixture
+def run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
+    worker_run = WorkerRun(redis_url, tmp_path)
+    yield worker_run
+    worker_run.kill_all()
+
+
+async def gather_results(run: WorkerRun, count: int) -> list[dict[str, object]]:
+    await run.sender.startup()
+    try:
+        tasks = [await run.kiq("whoami", n) for n in range(count)]
+        results = await asyncio.gather(*(t.wait_result(timeout=30) for t in tasks))
+    finally:
+        await run.sender.shutdown()
+    assert [r.error for r in results if r.is_err] == []
+    return [r.return_value for r in results]
+
+
+def assert_each_process_ran_its_lifespan_once(run: WorkerRun, processes: int) -> None:
+    startups, shutdowns = run.count("startup"), run.count("shutdown")
+    assert len(startups) == processes
+    assert set(startups.values()) == {1}
+    assert shutdowns == startups
+
+
+async def test_several_worker_processes_serve_the_app(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP, "--workers", "2"
+    )
+    run.wait_for("startup", processes=2)
+    results = await gather_results(run, 40)
+    assert [r["n"] for r in results] == list(range(40))
+    for r in results:
+        # Each task saw its own process's lifespan state and a working url_for.
+        assert r["db"] == f"db-of-{r['pid']}"
+        assert r["link"] == f"http://localhost:8000/items/{r['n']}"
+    assert {r["pid"] for r in results} <= set(run.count("startup"))
+    assert run.stop(worker) == 0
+    assert_each_process_ran_its_lifespan_once(run, 2)
+
+
+async def test_spawn_start_method(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "2", "--start-method", "spawn",
+    )  # fmt: skip
+    run.wait_for("startup", processes=2)
+    results = await gather_results(run, 10)
+    assert all(r["db"] == f"db-of-{r['pid']}" for r in results)
+    assert run.stop(worker, signal.SIGINT) == 0
+    assert_each_process_ran_its_lifespan_once(run, 2)
+
+
+async def test_factory_app_and_broker_factory(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker_factory", "workerapp.tasks",
+        "--app", "workerapp.app:create_app", "--factory", "--workers", "1",
+        "--base-url", "https://api.example.com/v2",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    results = await gather_results(run, 3)
+    assert results[2]["link"] == "https://api.example.com/v2/items/2"
+    assert run.stop(worker) == 0
+    assert "--factory" not in run.output(worker)  # no uvicorn-style warning
+    assert_each_process_ran_its_lifespan_once(run, 1)
+
+
+async def test_factory_without_flag_is_used_with_a_warning(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:create_app", "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    assert run.stop(worker) == 0
+    assert (
+        "Warning: App factory detected at 'workerapp.app:create_app'. Using it, "
+        "but please consider setting the --factory flag explicitly."
+    ) in run.output(worker)
+
+
+async def test_broker_module_that_calls_init_itself_gets_one_lifespan(
+    run: WorkerRun,
+) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker_with_init:broker", "workerapp.tasks", *APP,
+        "--workers", "2",
+    )  # fmt: skip
+    run.wait_for("startup", processes=2)
+    await gather_results(run, 5)
+    assert run.stop(worker) == 0
+    assert_each_process_ran_its_lifespan_once(run, 2)
+
+
+async def test_taskiq_fastapi_worker_through_taskiq_entry_point(run: WorkerRun) -> None:
+    worker = run.start(
+        "fastapi", "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1",
+        command=[TASKIQ],
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    results = await gather_results(run, 3)
+    assert results[0]["db"] == f"db-of-{results[0]['pid']}"
+    assert run.stop(worker) == 0
+    assert_each_process_ran_its_lifespan_once(run, 1)
+
+
+async def test_startup_failure_exits_3_quickly_printing_the_cause_once(
+    run: WorkerRun,
+) -> None:
+    started = time.monotonic()
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:failing_app", "--workers", "2",
+    )  # fmt: skip
+    assert worker.wait(timeout=30) == 3
+    elapsed = time.monotonic() - started
+    output = run.output(worker)
+    cause = (
+        "Error: App 'workerapp.app:failing_app' failed to start: "
+        "RuntimeError: cannot reach the database"
+    )
+    assert output.count(cause) == 1, output
+    assert "Traceback" not in output
+    # Not restarted in a loop: each process tried once at most.
+    assert set(run.count("startup attempt").values()) == {1}
+    assert elapsed < 20
+
+
+async def test_graceful_shutdown_finishes_in_flight_tasks(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP, "--workers", "1"
+    )
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        tasks = [await run.kiq("slow", n, 1.0) for n in range(5)]
+        run.wait_for("task 4 started", processes=1)
+        assert run.stop(worker, signal.SIGINT) == 0
+        results = await asyncio.gather(*(t.wait_result(timeout=10) for t in tasks))
+    finally:
+        await run.sender.shutdown()
+    assert [r.return_value for r in results] == list(range(5))
+    events = [event for _, event in run.events()]
+    assert events.index("shutdown") > max(
+        events.index(f"task {n} done") for n in range(5)
+    )
+    assert_each_process_ran_its_lifespan_once(run, 1)

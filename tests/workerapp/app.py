@@ -1,0 +1,53 @@
+"""The app the subprocess tests' workers run; it logs lifespan events per process."""
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+
+
+def record(event: str) -> None:
+    """Append `<pid> <event>` to EVENTS_FILE (one write, so lines never mix)."""
+    line = f"{os.getpid()} {event}\n".encode()
+    fd = os.open(os.environ["EVENTS_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async with anyio.create_task_group() as group:
+        group.start_soon(anyio.sleep_forever)
+        record("startup")
+        yield {"db": f"db-of-{os.getpid()}"}
+        record("shutdown")
+        group.cancel_scope.cancel()
+
+
+def create_app() -> FastAPI:
+    application = FastAPI(lifespan=lifespan)
+
+    @application.get("/items/{item_id}", name="item")
+    async def item(item_id: int) -> int:
+        return item_id
+
+    return application
+
+
+app = create_app()
+
+
+@asynccontextmanager
+async def broken_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    record("startup attempt")
+    raise RuntimeError("cannot reach the database")
+    yield
+
+
+failing_app = FastAPI(lifespan=broken_lifespan)
+other_app = create_app()

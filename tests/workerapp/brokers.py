@@ -1,0 +1,18 @@
+"""Brokers on a real Redis: the workers' (broker.py) and the tests' senders."""
+
+import os
+
+from taskiq import AsyncBroker
+from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+
+
+def make_broker(url: str, queue: str, streams: bool = False) -> AsyncBroker:
+    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(url)
+    if streams:
+        # Acknowledges after execution when the worker asks for it; a message
+        # left unacknowledged by a dead worker is claimed again after 1 s.
+        return RedisStreamBroker(
+            url, queue_name=queue, idle_timeout=1000, xread_block=200
+        ).with_result_backend(backend)
+    return ListQueueBroker(url, queue_name=queue).with_result_backend(backend)
+

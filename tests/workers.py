@@ -1,0 +1,105 @@
+"""Run the real `taskiq-fastapi worker` command in a subprocess, and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from taskiq.kicker import AsyncKicker
+from workerapp.brokers import make_broker
+
+TESTS_DIR = Path(__file__).parent
+COMMAND = str(Path(sys.executable).with_name("taskiq-fastapi"))
+TASKIQ = str(Path(sys.executable).with_name("taskiq"))
+
+
+class WorkerRun:
+    """One worker command, its environment, and the lifespan events it logs."""
+
+    def __init__(
+        self, redis_url: str, tmp_path: Path, *, streams: bool = False
+    ) -> None:
+        self.queue = f"test-{uuid.uuid4().hex}"
+        self.events_file = tmp_path / f"events-{self.queue}.log"
+        self.events_file.touch()
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "TASKIQ_TEST_QUEUE": self.queue,
+            "TASKIQ_TEST_STREAMS": "1" if streams else "0",
+            "EVENTS_FILE": str(self.events_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.sender = make_broker(redis_url, self.queue, streams=streams)
+        self.tmp_path = tmp_path
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, *args: str, command: Sequence[str] = (COMMAND,)
+    ) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"worker-{len(self.processes)}.log"
+        process = subprocess.Popen(
+            [*command, *args],
+            cwd=TESTS_DIR,
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        process.log = log  # type: ignore[attr-defined]
+        self.processes.append(process)
+        return process
+
+    def output(self, process: subprocess.Popen[bytes]) -> str:
+        return process.log.read_text()  # type: ignore[attr-defined,no-any-return]
+
+    def events(self) -> list[tuple[int, str]]:
+        lines = self.events_file.read_text().splitlines()
+        return [(int(pid), event) for pid, event in (ln.split(" ", 1) for ln in lines)]
+
+    def count(self, event: str) -> Counter[int]:
+        return Counter(pid for pid, name in self.events() if name == event)
+
+    def wait_for(self, event: str, processes: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.count(event)) < processes:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise AssertionError(
+                        f"worker exited with {process.returncode}:\n"
+                        + self.output(process)
+                    )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{processes} x {event!r} not seen: {self.events()}"
+                )
+            time.sleep(0.05)
+
+    def stop(
+        self,
+        process: subprocess.Popen[bytes],
+        sig: int = signal.SIGTERM,
+        timeout: float = 30,
+    ) -> int:
+        process.send_signal(sig)
+        return process.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    async def kiq(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(
+            f"workerapp.tasks:{task}", self.sender, {}
+        )
+        return await kicker.kiq(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Development helpers shared by the tests, the demo and the benchmarks."""
