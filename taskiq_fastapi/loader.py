@@ -42,6 +42,16 @@ def import_string(
             return import_from_string(path)
     except ImportFromStringError as exc:
         raise error(f"Cannot load {what} {path!r}: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        module = path.partition(":")[0]
+        if exc.name and f"{module}.".startswith(f"{exc.name}."):
+            # A missing parent package: the path itself is wrong, not its code.
+            message = f'Could not import module "{module}".'
+            raise error(f"Cannot load {what} {path!r}: {message}") from exc
+        raise error(
+            f"Cannot load {what} {path!r}: importing it raised "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
     except Exception as exc:
         raise error(
             f"Cannot load {what} {path!r}: importing it raised "

@@ -79,7 +79,7 @@ def _worker_function(function: Any) -> Iterator[None]:
 
 
 def run(args: FastAPIWorkerArgs) -> int:
-    """Run taskiq's worker; the exit code is taskiq's, or 3 if an app failed to start."""
+    """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = StartupFailures()
     args.startup_failures = failures
     with _worker_function(worker_process):

@@ -34,6 +34,8 @@ def start_worker(
             base_url_scope(base_url)
         except ValueError as exc:
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
+    if args.reload:
+        _check_reload_installed()
     if args.app_dir:
         sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
     try:
@@ -51,6 +53,17 @@ def start_worker(
     from taskiq_fastapi_cli.runner import run
 
     return run(args)
+
+
+def _check_reload_installed() -> None:
+    """Say before starting that taskiq's file watcher lacks its `reload` extra."""
+    try:
+        import taskiq.cli.watcher  # noqa: F401
+    except ImportError as exc:
+        raise CLIError(
+            f"--reload needs taskiq's reload extra ({exc}): "
+            "pip install 'taskiq[reload]'.",
+        ) from None
 
 
 def _set_start_method(method: str | None) -> None:

@@ -163,3 +163,43 @@ async def test_graceful_shutdown_finishes_in_flight_tasks(run: WorkerRun) -> Non
         events.index(f"task {n} done") for n in range(5)
     )
     assert_each_process_ran_its_lifespan_once(run, 1)
+
+
+async def test_processes_restarted_after_max_tasks_per_child_serve_the_app(
+    run: WorkerRun,
+) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1", "--max-tasks-per-child", "3", "--max-async-tasks", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    results = await gather_results(run, 9)
+    assert all(r["db"] == f"db-of-{r['pid']}" for r in results)
+    assert len({r["pid"] for r in results}) >= 3  # restarted, and init applied again
+    assert run.stop(worker) == 0
+    startups = run.count("startup")
+    assert set(startups.values()) == {1}
+    assert {r["pid"] for r in results} <= set(startups)
+
+
+async def test_reload_restarts_a_worker_that_serves_the_app(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--reload", "--reload-dir", str(watched),
+        # taskiq's gitignore lookup loops forever for a directory outside the
+        # working directory, as this one is.
+        "--do-not-use-gitignore",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    (watched / "changed.py").write_text("x = 1\n")
+    run.wait_for("startup", processes=2)
+    results = await gather_results(run, 3)
+    first, second = list(run.count("startup"))
+    assert {r["pid"] for r in results} == {second}
+    assert results[0]["db"] == f"db-of-{second}"
+    assert run.stop(worker) == 0
+    assert run.count("shutdown") == {first: 1, second: 1}

@@ -90,3 +90,29 @@ def test_install_keeps_existing_context_entries() -> None:
     context: Any = broker.custom_dependency_context
     assert isinstance(context, PerTaskContext)
     assert context[int] == 5
+
+
+def test_run_worker_starts_processes_with_the_module_level_start_listen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """taskiq_fastapi_cli.runner swaps `start_listen` for the call's duration."""
+    from taskiq.cli.worker import run as taskiq_run
+
+    from taskiq_fastapi_cli import runner
+    from taskiq_fastapi_cli.args import parse_taskiq_args
+
+    seen: list[object] = []
+
+    class FakeProcessManager:
+        def __init__(self, args: Any, worker_function: Any, observer: Any) -> None:
+            seen.append(worker_function)
+
+        def start(self) -> None:
+            return None
+
+    monkeypatch.setattr(taskiq_run, "ProcessManager", FakeProcessManager)
+    args = parse_taskiq_args(["b:b", "--no-configure-logging"])
+    with runner._worker_function(runner.worker_process):
+        assert taskiq_run.run_worker(args) is None
+    assert seen == [runner.worker_process]
+    assert taskiq_run.start_listen is runner.taskiq_start_listen

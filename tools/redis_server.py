@@ -54,22 +54,10 @@ def redis_url() -> Iterator[str]:
         return
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-redis-") as workdir:
+        command = [str(server_binary()), "--bind", "127.0.0.1", "--port", str(port)]
+        command += ["--save", "", "--appendonly", "no", "--dir", workdir]
         process = subprocess.Popen(
-            [
-                str(server_binary()),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-                "--loglevel",
-                "warning",
-            ],  # fmt: skip
+            [*command, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
         )
         try:

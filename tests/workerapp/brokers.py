@@ -1,7 +1,5 @@
 """Brokers on a real Redis: the workers' (broker.py) and the tests' senders."""
 
-import os
-
 from taskiq import AsyncBroker
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
 
@@ -15,4 +13,3 @@ def make_broker(url: str, queue: str, streams: bool = False) -> AsyncBroker:
             url, queue_name=queue, idle_timeout=1000, xread_block=200
         ).with_result_backend(backend)
     return ListQueueBroker(url, queue_name=queue).with_result_backend(backend)
-

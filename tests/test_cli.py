@@ -1,0 +1,285 @@
+"""Parsing, pass-through and errors of the CLI, in process (issue 3)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points, version
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskiq.cli.worker.args import WorkerArgs
+from workers import COMMAND, TASKIQ, TESTS_DIR
+
+from taskiq_fastapi_cli import args as cli_args
+from taskiq_fastapi_cli import cli
+from taskiq_fastapi_cli.args import FastAPIWorkerArgs
+from taskiq_fastapi_cli.plugin import FastAPICMD
+
+
+@pytest.fixture
+def captured_run(monkeypatch: pytest.MonkeyPatch) -> list[FastAPIWorkerArgs]:
+    """Stop at the hand-over to taskiq's runner and keep what it would get."""
+    calls: list[FastAPIWorkerArgs] = []
+
+    def fake_run(args: FastAPIWorkerArgs) -> int:
+        calls.append(args)
+        return 0
+
+    import taskiq_fastapi_cli.runner
+
+    monkeypatch.setattr(taskiq_fastapi_cli.runner, "run", fake_run)
+    monkeypatch.chdir(TESTS_DIR)
+    return calls
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv), prog_name="taskiq-fastapi")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def taskiq_parser_actions() -> list[argparse.Action]:
+    """The options of the installed taskiq's own `taskiq worker` parser."""
+    seen: list[argparse.ArgumentParser] = []
+    original = argparse.ArgumentParser.parse_args
+
+    def spy(self: argparse.ArgumentParser, *a: Any, **k: Any) -> Any:
+        seen.append(self)
+        return original(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = spy  # type: ignore[method-assign]
+    try:
+        WorkerArgs.from_cli(["b:b"])
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    return [a for a in seen[0]._actions if a.option_strings and a.dest != "help"]
+
+
+def sample_argv(action: argparse.Action) -> list[str]:
+    """A non-default value for one option, built from its definition."""
+    flag = action.option_strings[-1]  # the short form where there is one
+    if action.nargs == 0:
+        return [flag]
+    if action.choices:
+        return [flag, str(list(action.choices)[-1])]
+    if action.type in (int, float):
+        return [flag, "7"]
+    if action.dest == "receiver_arg":
+        return [flag, "key=value"]
+    if action.dest in ("receiver",):
+        return [flag, "taskiq.receiver:Receiver"]
+    return [flag, "sample"]
+
+
+ACTIONS = taskiq_parser_actions()
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=[a.dest for a in ACTIONS])
+def test_every_taskiq_worker_option_passes_through_unchanged(
+    action: argparse.Action, captured_run: list[FastAPIWorkerArgs], capsys: Any
+) -> None:
+    option = sample_argv(action)
+    argv = ["sampleapp.inmemory:broker", "some.module", *option]
+    expected = WorkerArgs.from_cli(argv)
+    code, _, err = run_cli(capsys, "worker", "--app", "sampleapp.apps:app", *argv)
+    assert (code, err) == (0, "")
+    (got,) = captured_run
+    for name, value in vars(expected).items():
+        assert getattr(got, name) == value, name
+    assert got.app == "sampleapp.apps:app"
+
+
+def test_our_options_never_shadow_taskiq_ones() -> None:
+    taskiq_flags = {flag for a in ACTIONS for flag in a.option_strings}
+    ours = {"--app", "--factory", "--base-url", "--start-method", "--version"}
+    assert taskiq_flags & ours == set()
+    assert {"--workers", "-w", "--app-dir", "-d", "--ack-type"} <= taskiq_flags
+
+
+def test_worker_help_shows_ours_and_every_taskiq_option(capsys: Any) -> None:
+    code, out, _ = run_cli(capsys, "worker", "--help")
+    assert code == 0
+    for flag in ["--app", "--factory", "--base-url", "TASKIQ_FASTAPI_APP"]:
+        assert flag in out
+    for action in ACTIONS:
+        for flag in action.option_strings:
+            assert flag in out, flag
+
+
+def test_app_and_base_url_from_environment(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKIQ_FASTAPI_APP", "sampleapp.apps:app")
+    monkeypatch.setenv("TASKIQ_FASTAPI_BASE_URL", "https://example.com/api")
+    code, _, err = run_cli(capsys, "worker", "sampleapp.inmemory:broker")
+    assert (code, err) == (0, "")
+    assert captured_run[0].app == "sampleapp.apps:app"
+    assert captured_run[0].base_url == "https://example.com/api"
+
+
+def test_version_names_the_three_packages(capsys: Any) -> None:
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0
+    assert out.splitlines() == [
+        f"taskiq-fastapi {version('taskiq-fastapi')}",
+        f"taskiq {version('taskiq')}",
+        f"fastapi {version('fastapi')}",
+    ]
+
+
+BAD_INPUTS = [
+    (["worker", "sampleapp.inmemory:broker"], 2,
+     "Error: Missing option '--app' (env var: 'TASKIQ_FASTAPI_APP')."),
+    (["worker", "--app", "sampleapp.apps:app"], 2, "Error: Missing argument 'BROKER'."),
+    (["wrkr"], 2, "Error: No such command 'wrkr'. Did you mean 'worker'?"),
+    (["worker", "--app", "nowhere.app:app", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."),
+    (["worker", "--app", "sampleapp.apps:missing", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:missing': "
+     "Attribute \"missing\" not found in module \"sampleapp.apps\"."),
+    (["worker", "--app", "sampleapp.apps", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps': "
+     "Import string \"sampleapp.apps\" must be in format \"<module>:<attribute>\"."),
+    (["worker", "--app", "sampleapp.apps:not_an_app", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
+     "or a zero-argument factory returning one, got int."),
+    (["worker", "--app", "sampleapp.apps:plain_asgi_app", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:plain_asgi_app': expected a FastAPI app "
+     "or a zero-argument factory returning one, got function."),
+    (["worker", "--app", "sampleapp.apps:app", "--factory", "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:app': --factory was given, but it is a "
+     "FastAPI app, not a factory returning one."),
+    (["worker", "--app", "sampleapp.apps:not_an_app", "--factory",
+      "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
+     "or a zero-argument factory returning one, got int."),
+    (["worker", "--app", "sampleapp.apps:wrong_factory", "--factory",
+      "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:wrong_factory': the factory returned "
+     "dict, not a FastAPI app."),
+    (["worker", "--app", "sampleapp.apps:raising_factory", "--factory",
+      "sampleapp.inmemory:broker"], 1,
+     "Error: Cannot load app 'sampleapp.apps:raising_factory': the factory raised "
+     "ValueError: missing setting"),
+    (["worker", "--app", "sampleapp.apps:app", "nowhere:broker"], 1,
+     "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:nope"], 1,
+     "Error: Cannot load broker 'sampleapp.inmemory:nope': "
+     "Attribute \"nope\" not found in module \"sampleapp.inmemory\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory"], 1,
+     "Error: Cannot load broker 'sampleapp.inmemory': Import string "
+     "\"sampleapp.inmemory\" must be in format \"<module>:<attribute>\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:not_a_broker"], 1,
+     "Error: Cannot load broker 'sampleapp.inmemory:not_a_broker': expected a taskiq "
+     "broker or a function returning one, got str."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--workers", "many"], 2,
+     "Error: argument --workers/-w: invalid int value: 'many'"),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--ack-type", "sometimes"], 2,
+     "Error: argument --ack-type: invalid value: 'sometimes'"),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--max-prefetch", "-1"], 2,
+     "Error: argument --max-prefetch: max_prefetch cannot be negative."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--base-url", "localhost:8000"], 2,
+     "Error: --base-url: Invalid base URL 'localhost:8000': "
+     "expected http(s)://host[:port][/root/path]."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--start-method", "clone"], 2,
+     "Error: Invalid value for '--start-method': Value error, 'clone' is not one "
+     "of 'fork', "
+     "'spawn', 'forkserver'."),
+    (["worker", "--app", "sampleapp.apps:failing_app",
+      "sampleapp.circular_broker:broker"], 1,
+     "Error: The broker is already initialised with app 'sampleapp.circular_app:app'; "
+     "init was called again with app 'sampleapp.apps:failing_app'. "
+     "A broker serves one FastAPI app."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "exit_code", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_naming_it(
+    argv: list[str],
+    exit_code: int,
+    message: str,
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out, err) == (exit_code, "", message + "\n")
+    assert captured_run == []  # no worker was started
+
+
+def test_bad_input_from_the_real_command_has_no_traceback() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [COMMAND, "worker", "--app", "sampleapp.apps:nope", "sampleapp.inmemory:broker"],
+        cwd=TESTS_DIR, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: Cannot load app 'sampleapp.apps:nope': "
+        'Attribute "nope" not found in module "sampleapp.apps".\n'
+    )
+    assert time.monotonic() - started < 10
+
+
+def test_taskiq_lists_the_plugin_and_python_m_works() -> None:
+    (entry,) = entry_points(group="taskiq_cli", name="fastapi")
+    assert entry.load() is FastAPICMD
+    listing = subprocess.run(
+        [TASKIQ, "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "fastapi" in listing
+    assert FastAPICMD.short_help in " ".join(listing.split())
+    for command in ([TASKIQ, "fastapi"], [sys.executable, "-m", "taskiq_fastapi_cli"]):
+        result = subprocess.run(
+            [*command, "worker", "--app", "x:y"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode, result.stderr) == (
+            2,
+            "Error: Missing argument 'BROKER'.\n",
+        )
+
+
+def test_help_and_version_do_not_import_taskiq_or_fastapi() -> None:
+    probe = (
+        "import sys; from taskiq_fastapi_cli.cli import main; code = main({argv!r}); "
+        "heavy = sorted(m for m in ('taskiq', 'fastapi', 'sampleapp') if m in sys.modules); "
+        "print(code, heavy)"
+    )
+    for argv in (["--help"], ["--version"]):
+        result = subprocess.run(
+            [sys.executable, "-c", probe.format(argv=argv)],
+            capture_output=True, text=True, timeout=30, cwd=TESTS_DIR,
+        )  # fmt: skip
+        assert result.stdout.splitlines()[-1] == "0 []", result.stdout
+
+
+def test_reload_without_taskiq_reload_extra_is_a_clear_error(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "taskiq.cli.watcher", None)  # as if not installed
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    code, _, err = run_cli(capsys, *argv, "--reload")
+    assert (code, err) == (
+        1,
+        "Error: --reload needs taskiq's reload extra (import of taskiq.cli.watcher "
+        "halted; None in sys.modules): pip install 'taskiq[reload]'.\n",
+    )
+    assert captured_run == []
+
+
+def test_taskiq_option_help_drops_argparse_usage() -> None:
+    text = cli_args.taskiq_options_help()
+    assert text.startswith("options:")
+    assert "usage:" not in text
+    assert Path(COMMAND).exists()
