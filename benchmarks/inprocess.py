@@ -102,8 +102,8 @@ async def measure() -> dict[str, float]:
     return best
 
 
-def run() -> list[tuple[str, float, float]]:
-    """Return (what, measured ratio, target) rows."""
+def run() -> list[tuple[str, float, str, float]]:
+    """Return (what, measured ratio, comparison, target) rows."""
     best = asyncio.run(measure())
     print(f"In process, best of {ROUNDS} rounds of {TASKS} tasks:")
     for name, seconds in best.items():
@@ -112,21 +112,25 @@ def run() -> list[tuple[str, float, float]]:
         (
             "no deps, worker setup / bare",
             best["worker setup, no deps"] / best["bare, no deps"],
+            "<=",
             1.03,
         ),
         (
             "no deps, populate / bare",
             best["populate, no deps"] / best["bare, no deps"],
+            "<=",
             1.03,
         ),
         (
             "Request deps, worker setup / Context deps",
             best["worker setup, Request deps"] / best["bare, Context deps"],
+            "<=",
             1.15,
         ),
         (
             "Request deps, populate / Context deps",
             best["populate, Request deps"] / best["bare, Context deps"],
+            "<=",
             1.15,
         ),
     ]

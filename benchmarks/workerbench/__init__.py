@@ -1,0 +1,1 @@
+"""A minimal project the worker benchmarks run: broker, app, two task shapes."""
