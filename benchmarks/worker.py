@@ -12,6 +12,7 @@ is launch to first marker. Each ratio is the median of several paired rounds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -54,7 +55,7 @@ class Drain:
     def done_at(self, moment: float) -> float:
         """Tasks done by `moment`, interpolated between checkpoints."""
         points = self.checkpoints
-        for (t0, n0), (t1, n1) in zip(points, points[1:], strict=False):
+        for (t0, n0), (t1, n1) in itertools.pairwise(points):
             if t0 <= moment <= t1:
                 return n0 + (n1 - n0) * (moment - t0) / max(t1 - t0, 1e-9)
         return float(points[-1][1] if moment > points[-1][0] else 0)
@@ -155,14 +156,10 @@ def paired(
 
 
 def ours(*extra: str) -> Variant:
-    return Variant(
-        [
-            str(BIN / "taskiq-fastapi"), "worker", "benchmarks.workerbench.broker:broker",
-            TASKS, "--app", "benchmarks.workerbench.app:app", "--no-configure-logging",
-            *extra,
-        ],
-        "with_request",
-    )  # fmt: skip
+    command = [str(BIN / "taskiq-fastapi"), "worker"]
+    command += ["benchmarks.workerbench.broker:broker", TASKS]
+    command += ["--app", "benchmarks.workerbench.app:app", "--no-configure-logging"]
+    return Variant([*command, *extra], "with_request")
 
 
 def plain(broker: str, task: str, *extra: str) -> Variant:
