@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from taskiq import AsyncBroker
 from taskiq.cli.worker import run as taskiq_run
 from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
@@ -26,6 +27,11 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.listen import make_fetch_interruptible
+
+
+class BrokerStartupError(TaskiqFastAPIError):
+    """The broker's own startup failed in a worker process."""
 
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
@@ -33,6 +39,8 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     try:
         broker = load_broker(args.broker)
         taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+        _fail_startup_as_the_app_does(broker, args.broker)
+        make_fetch_interruptible(broker)
         # taskiq's start_listen accepts a broker instance in place of a path,
         # so a broker factory is called once and `init` applies to its result.
         instance: Any = broker
@@ -45,6 +53,27 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         if args.startup_failures.report(str(exc)):
             os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(EXIT_STARTUP_FAILURE)
+
+
+def _fail_startup_as_the_app_does(broker: AsyncBroker, path: str) -> None:
+    """A broker that cannot start (say, its server is down) ends the command too.
+
+    Left alone, the exception would be a traceback and taskiq would restart
+    the process every second for ever.
+    """
+    startup = broker.startup
+
+    async def checked_startup() -> None:
+        try:
+            await startup()
+        except TaskiqFastAPIError:
+            raise
+        except Exception as exc:
+            raise BrokerStartupError(
+                f"Broker {path!r} failed to start: {type(exc).__name__}: {exc}",
+            ) from exc
+
+    broker.startup = checked_startup  # type: ignore[method-assign]
 
 
 class StartupFailures:

@@ -41,6 +41,7 @@ class WorkerRun:
         self.sender = make_broker(redis_url, self.queue, streams=streams)
         self.tmp_path = tmp_path
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.stopped: list[subprocess.Popen[bytes]] = []
 
     def start(
         self, *args: str, command: Sequence[str] = (COMMAND,)
@@ -72,7 +73,7 @@ class WorkerRun:
         deadline = time.monotonic() + timeout
         while len(self.count(event)) < processes:
             for process in self.processes:
-                if process.poll() is not None:
+                if process not in self.stopped and process.poll() is not None:
                     raise AssertionError(
                         f"worker exited with {process.returncode}:\n"
                         + self.output(process)
@@ -89,6 +90,7 @@ class WorkerRun:
         sig: int = signal.SIGTERM,
         timeout: float = 30,
     ) -> int:
+        self.stopped.append(process)
         process.send_signal(sig)
         return process.wait(timeout=timeout)
 

@@ -10,6 +10,6 @@ def make_broker(url: str, queue: str, streams: bool = False) -> AsyncBroker:
         # Acknowledges after execution when the worker asks for it; a message
         # left unacknowledged by a dead worker is claimed again after 1 s.
         return RedisStreamBroker(
-            url, queue_name=queue, idle_timeout=1000, xread_block=200
+            url, queue_name=queue, idle_timeout=1000
         ).with_result_backend(backend)
     return ListQueueBroker(url, queue_name=queue).with_result_backend(backend)

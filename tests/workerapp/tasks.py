@@ -32,3 +32,25 @@ async def slow(n: int, seconds: float, request: Request = TaskiqDepends()) -> in
     await asyncio.sleep(seconds)
     record(f"task {n} done")
     return n
+
+
+@broker.task
+async def mark(n: int) -> int:
+    record(f"ran {n}")
+    return n
+
+
+_in_flight = 0
+
+
+@broker.task
+async def isolated(n: int, request: Request = TaskiqDepends()) -> list[object]:
+    """Owns request.state for a while, with hundreds of others in flight."""
+    global _in_flight
+    _in_flight += 1
+    before = getattr(request.state, "owner", None)
+    request.state.owner = n
+    await asyncio.sleep(0.5)
+    peak = _in_flight
+    _in_flight -= 1
+    return [before, request.state.owner, peak]
