@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -37,10 +38,8 @@ async def ignores_cancellation() -> AsyncGenerator[bytes, None]:
 
 
 async def delivers_while_stopping() -> AsyncGenerator[bytes, None]:
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await asyncio.sleep(3600)
-    except asyncio.CancelledError:
-        pass
     yield b"fetched as the worker stopped"
 
 
