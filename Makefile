@@ -29,6 +29,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
 build: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .

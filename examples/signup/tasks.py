@@ -1,0 +1,36 @@
+"""The tasks. They use the same dependencies as the routes, through TaskiqDepends."""
+
+import os
+from multiprocessing import current_process
+from typing import Any
+
+from fastapi import Request
+from taskiq import TaskiqDepends
+
+from signup.broker import broker
+from signup.dependencies import Mailer, UserRepository, get_users, mailer_session
+
+
+@broker.task
+async def send_welcome_email(
+    user_id: str,
+    request: Request = TaskiqDepends(),
+    users: UserRepository = TaskiqDepends(get_users),
+    mailer: Mailer = TaskiqDepends(mailer_session),
+) -> dict[str, Any]:
+    user = await users.get(user_id)
+    if user is None:
+        raise LookupError(f"no user {user_id}")
+    # An absolute link to the API, from the worker's --base-url.
+    link = str(request.url_for("read_user", user_id=user.id))
+    message = mailer.send(
+        to=user.email,
+        subject=f"Welcome, {user.name}!",
+        body=f"Your account is ready: {link}",
+    )
+    return {
+        **message,
+        "link": link,
+        "worker": f"{current_process().name} (pid {os.getpid()})",
+        "mailer_session": mailer.session,
+    }
