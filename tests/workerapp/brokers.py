@@ -12,4 +12,8 @@ def make_broker(url: str, queue: str, streams: bool = False) -> AsyncBroker:
         return RedisStreamBroker(
             url, queue_name=queue, idle_timeout=1000
         ).with_result_backend(backend)
-    return ListQueueBroker(url, queue_name=queue).with_result_backend(backend)
+    # BRPOP blocks until a message comes; redis-py 8's default 5 s socket
+    # timeout would end it with an error taskiq-redis does not catch.
+    return ListQueueBroker(
+        url, queue_name=queue, socket_timeout=None
+    ).with_result_backend(backend)
