@@ -9,7 +9,6 @@ internal, pinned by tests/test_taskiq_internals.py.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import os
 import signal
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
+from taskiq import AsyncBroker
 from taskiq.cli.worker import run as taskiq_run
 from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
@@ -28,7 +27,7 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
-from taskiq_fastapi_cli.listen import make_fetch_interruptible
+from taskiq_fastapi_cli.shutdown import ShutdownGuard
 
 
 class BrokerStartupError(TaskiqFastAPIError):
@@ -41,8 +40,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         broker = load_broker(args.broker)
         taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
         _fail_startup_as_the_app_does(broker, args.broker)
-        make_fetch_interruptible(broker)
-        broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _wake_loop_on_signals)
+        ShutdownGuard(broker)
         # taskiq's start_listen accepts a broker instance in place of a path,
         # so a broker factory is called once and `init` applies to its result.
         instance: Any = broker
@@ -55,21 +53,6 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         if args.startup_failures.report(str(exc)):
             os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(EXIT_STARTUP_FAILURE)
-
-
-def _wake_loop_on_signals(_state: TaskiqState) -> None:
-    """Deliver taskiq's shutdown signals through the event loop.
-
-    taskiq installs its handlers with `signal.signal`, which does not wake an
-    event loop asleep in `select()` with no timer due: a worker idle on a
-    blocking fetch then ignores SIGTERM until a message or a timer arrives.
-    Re-registering the same handlers with `add_signal_handler` wakes it.
-    """
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            loop.add_signal_handler(signum, handler, signum, None)
 
 
 def _fail_startup_as_the_app_does(broker: AsyncBroker, path: str) -> None:
