@@ -76,6 +76,20 @@ def needs_arguments(target: Callable[..., Any]) -> bool:
     )
 
 
+def call_factory(
+    factory: Callable[[], Any],
+    what: str,
+    error: type[LoadError] = AppLoadError,
+) -> Any:
+    """Call a factory; its failure becomes `error` naming `what` and the cause."""
+    try:
+        return factory()
+    except Exception as exc:
+        raise error(
+            f"Cannot load {what}: the factory raised {type(exc).__name__}: {exc}",
+        ) from exc
+
+
 def load_app(source: AppSource) -> FastAPI:
     """Resolve a source to an app: an app is used as is, a callable is a factory."""
     target = import_target(source)
@@ -86,13 +100,7 @@ def load_app(source: AppSource) -> FastAPI:
             f"Cannot load app {describe(source)}: expected a FastAPI app or a "
             f"zero-argument factory returning one, got {type(target).__name__}.",
         )
-    try:
-        app = target()
-    except Exception as exc:
-        raise AppLoadError(
-            f"Cannot load app {describe(source)}: the factory raised "
-            f"{type(exc).__name__}: {exc}",
-        ) from exc
+    app = call_factory(target, f"app {describe(source)}")
     if not isinstance(app, FastAPI):
         raise AppLoadError(
             f"Cannot load app {describe(source)}: the factory returned "

@@ -8,20 +8,14 @@ from fastapi import FastAPI
 from taskiq import AsyncBroker
 
 from taskiq_fastapi.exceptions import LoadError
-from taskiq_fastapi.loader import import_string, load_app
+from taskiq_fastapi.loader import call_factory, import_string, load_app
 
 
 def load_broker(path: str) -> AsyncBroker:
     """Import the broker, calling it when it is a factory function, as taskiq does."""
     broker = import_string(path, "broker", LoadError)
     if inspect.isfunction(broker):
-        try:
-            broker = broker()
-        except Exception as exc:
-            raise LoadError(
-                f"Cannot load broker {path!r}: the factory raised "
-                f"{type(exc).__name__}: {exc}",
-            ) from exc
+        broker = call_factory(broker, f"broker {path!r}", LoadError)
     if not isinstance(broker, AsyncBroker):
         raise LoadError(
             f"Cannot load broker {path!r}: expected a taskiq broker or a "

@@ -3,10 +3,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from sampleapp import apps
 from taskiq import InMemoryBroker
+from workers import WorkerRun
 
 from tools.redis_server import redis_url as running_redis
 
@@ -46,3 +48,19 @@ def redis_url() -> Iterator[str]:
     """A real Redis server for the whole session (REDIS_URL's, if set)."""
     with running_redis() as url:
         yield url
+
+
+@pytest.fixture
+def run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
+    """Worker commands on a list broker; whatever is left running is killed."""
+    worker_run = WorkerRun(redis_url, tmp_path)
+    yield worker_run
+    worker_run.kill_all()
+
+
+@pytest.fixture
+def stream_run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
+    """The same on a stream broker, which acknowledges and redelivers."""
+    worker_run = WorkerRun(redis_url, tmp_path, streams=True)
+    yield worker_run
+    worker_run.kill_all()

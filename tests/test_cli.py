@@ -173,6 +173,9 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory': Import string "
      "\"sampleapp.inmemory\" must be in format \"<module>:<attribute>\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:raising_broker_factory"], 1,
+     "Error: Cannot load broker 'sampleapp.inmemory:raising_broker_factory': the factory "
+     "raised RuntimeError: BROKER_URL is not set"),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:not_a_broker"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:not_a_broker': expected a taskiq "
      "broker or a function returning one, got str."),
@@ -283,3 +286,30 @@ def test_taskiq_option_help_drops_argparse_usage() -> None:
     assert text.startswith("options:")
     assert "usage:" not in text
     assert Path(COMMAND).exists()
+
+
+def test_app_and_broker_import_from_app_dir(
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "elsewhere"
+    (project / "far_pkg").mkdir(parents=True)
+    (project / "far_pkg" / "__init__.py").write_text("")
+    (project / "far_pkg" / "main.py").write_text(
+        "from fastapi import FastAPI\nfrom taskiq import InMemoryBroker\n"
+        "app = FastAPI()\nbroker = InMemoryBroker()\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not on sys.path by itself
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    argv = ["worker", "--app", "far_pkg.main:app", "far_pkg.main:broker"]
+    code, _, err = run_cli(capsys, *argv)
+    assert (code, err) == (
+        1,
+        "Error: Cannot load broker 'far_pkg.main:broker': "
+        'Could not import module "far_pkg.main".\n',
+    )
+    code, _, err = run_cli(capsys, *argv, "--app-dir", str(project))
+    assert (code, err) == (0, "")
+    assert captured_run[0].app_dir == str(project)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from workers import TASKIQ, WorkerRun
 pytestmark = pytest.mark.anyio
 
 APP = ["--app", "workerapp.app:app"]
-
-
-@pytest.fixture
-def run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
-    worker_run = WorkerRun(redis_url, tmp_path)
-    yield worker_run
-    worker_run.kill_all()
 
 
 async def gather_results(run: WorkerRun, count: int) -> list[dict[str, object]]:

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,6 @@ pytestmark = pytest.mark.anyio
 
 APP = ["--app", "workerapp.app:app"]
 BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
-
-
-@pytest.fixture
-def run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
-    worker_run = WorkerRun(redis_url, tmp_path)
-    yield worker_run
-    worker_run.kill_all()
-
-
-@pytest.fixture
-def stream_run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
-    worker_run = WorkerRun(redis_url, tmp_path, streams=True)
-    yield worker_run
-    worker_run.kill_all()
 
 
 async def kiq_all(run: WorkerRun, task: str, args: list[tuple[Any, ...]]) -> list[Any]:
