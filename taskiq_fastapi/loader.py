@@ -35,28 +35,29 @@ def import_string(
     Imports see the current directory, as taskiq's own imports of the broker
     do; failures raise `error` naming `what`, the path and the cause.
     """
-    from uvicorn.importer import ImportFromStringError, import_from_string
+    from uvicorn.importer import import_from_string
 
     try:
         with cwd_in_sys_path():
             return import_from_string(path)
-    except ImportFromStringError as exc:
-        raise error(f"Cannot load {what} {path!r}: {exc}") from exc
-    except ModuleNotFoundError as exc:
-        module = path.partition(":")[0]
-        if exc.name and f"{module}.".startswith(f"{exc.name}."):
-            # A missing parent package: the path itself is wrong, not its code.
-            message = f'Could not import module "{module}".'
-            raise error(f"Cannot load {what} {path!r}: {message}") from exc
-        raise error(
-            f"Cannot load {what} {path!r}: importing it raised "
-            f"{type(exc).__name__}: {exc}",
-        ) from exc
     except Exception as exc:
-        raise error(
-            f"Cannot load {what} {path!r}: importing it raised "
-            f"{type(exc).__name__}: {exc}",
-        ) from exc
+        raise error(f"Cannot load {what} {path!r}: {_why(path, exc)}") from exc
+
+
+def _why(path: str, exc: Exception) -> str:
+    from uvicorn.importer import ImportFromStringError
+
+    if isinstance(exc, ImportFromStringError):
+        return str(exc)
+    module = path.partition(":")[0]
+    if (
+        isinstance(exc, ModuleNotFoundError)
+        and exc.name
+        and f"{module}.".startswith(f"{exc.name}.")
+    ):
+        # A missing parent package: the path itself is wrong, not its code.
+        return f'Could not import module "{module}".'
+    return f"importing it raised {type(exc).__name__}: {exc}"
 
 
 def import_target(source: AppSource) -> Any:
