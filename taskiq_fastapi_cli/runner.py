@@ -1,10 +1,11 @@
 """Hand over to taskiq's worker runner with `init` applied in every worker process.
 
-taskiq's `run_worker` starts its process manager with the module-level
-`start_listen` as the worker function; for the duration of the call that name
-points to `worker_process`, which applies `init` to the broker and then runs
-taskiq's own `start_listen`. This is the CLI's one reliance on a taskiq
-internal, pinned by tests/test_taskiq_internals.py.
+The CLI's reliance on taskiq internals is all here, pinned by
+tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
+starts its process manager with the module-level `start_listen` as the worker
+function, so for the duration of the call that name points to
+`worker_process`, which applies `init` to the broker and then runs taskiq's
+own `start_listen`, handing it the broker instance instead of its path.
 """
 
 from __future__ import annotations
