@@ -116,3 +116,30 @@ def test_run_worker_starts_processes_with_the_module_level_start_listen(
         assert taskiq_run.run_worker(args) is None
     assert seen == [runner.worker_process]
     assert taskiq_run.start_listen is runner.taskiq_start_listen
+
+
+def test_start_listen_takes_a_broker_instance_in_place_of_its_path() -> None:
+    """taskiq_fastapi_cli.runner hands start_listen the broker it initialised."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from dataclasses import replace\n"
+        "from taskiq import InMemoryBroker\n"
+        "from taskiq.cli.worker.run import start_listen\n"
+        "from taskiq_fastapi_cli.args import parse_taskiq_args\n"
+        "broker = InMemoryBroker()\n"
+        "args = parse_taskiq_args(['not.a.module:broker', '--no-configure-logging'])\n"
+        "try:\n"
+        "    start_listen(replace(args, broker=broker))\n"
+        "except BaseException as exc:\n"
+        "    inner = getattr(exc, 'exceptions', [exc])[0]\n"
+        "    print(broker.is_worker_process, inner)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    # The instance was used (the path would not import), up to listening.
+    assert result.stdout.strip() == "True Inmemory brokers cannot listen.", (
+        result.stdout + result.stderr
+    )
