@@ -1,4 +1,0 @@
-import taskiq_fastapi
-from workerapp.broker import broker
-
-taskiq_fastapi.init(broker, "workerapp.app:other_app")
