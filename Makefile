@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench demo build clean
+# Python 3.10: from pyenv when it has one, else from PATH.
+OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
+OLDEST := .venv-oldest
+
+.PHONY: install test test-oldest lint format bench demo build clean
 
 install: $(STAMP)
 
@@ -16,6 +20,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The suite on the oldest Python with every dependency at its lower bound.
+test-oldest:
+	rm -rf $(OLDEST)
+	$(OLDEST_PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet -c constraints-oldest.txt -e '.[dev]'
+	$(OLDEST)/bin/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -38,4 +50,4 @@ build: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) dist build .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) dist build .mypy_cache .ruff_cache

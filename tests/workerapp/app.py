@@ -50,4 +50,3 @@ async def broken_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 failing_app = FastAPI(lifespan=broken_lifespan)
-other_app = create_app()
