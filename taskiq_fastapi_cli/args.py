@@ -22,7 +22,6 @@ class FastAPIWorkerArgs(WorkerArgs):
     """
 
     app: str = ""
-    factory: bool = False
     base_url: str | None = None
     # Set by the runner: how a worker tells the main process its app failed.
     startup_failures: Any = None
@@ -51,12 +50,11 @@ def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
 def with_app(
     taskiq_args: WorkerArgs,
     app: str,
-    factory: bool,
     base_url: str | None,
 ) -> FastAPIWorkerArgs:
     """Add our options to what taskiq parsed."""
     values = {f.name: getattr(taskiq_args, f.name) for f in fields(taskiq_args)}
-    return FastAPIWorkerArgs(**values, app=app, factory=factory, base_url=base_url)
+    return FastAPIWorkerArgs(**values, app=app, base_url=base_url)
 
 
 def taskiq_options_help() -> str:

@@ -28,7 +28,7 @@ def start_worker(
     start_method: str | None,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
-    args = with_app(parse_taskiq_args(taskiq_argv), app, factory, base_url)
+    args = with_app(parse_taskiq_args(taskiq_argv), app, base_url)
     if base_url is not None:
         try:
             base_url_scope(base_url)
@@ -40,7 +40,7 @@ def start_worker(
         sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
     try:
         broker = load_broker(args.broker)
-        warning = check_app(args.app, args.factory)
+        warning = check_app(app, factory)
         # In the main process too, so a broker module that already called
         # init for another app is refused before any worker starts.
         taskiq_fastapi.init(broker, args.app, base_url=base_url)
