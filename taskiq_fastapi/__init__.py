@@ -5,6 +5,7 @@ from taskiq_fastapi.exceptions import (
     AppConflictError,
     AppLoadError,
     AppStartupError,
+    DependencyError,
     LoadError,
     TaskiqFastAPIError,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "AppConflictError",
     "AppLoadError",
     "AppStartupError",
+    "DependencyError",
     "LoadError",
     "TaskiqFastAPIError",
     "broker_lifespan",

@@ -6,17 +6,33 @@ fails loudly instead of silently breaking injection.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
 from taskiq import AsyncBroker
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
 from taskiq.cli.utils import add_cwd_in_path as cwd_in_sys_path
+from taskiq.decor import AsyncTaskiqDecoratedTask
 
-__all__ = ["PerTaskContext", "cwd_in_sys_path", "install_request_context"]
+# taskiq's marker class: `TaskiqDepends(...)` returns one of these.
+from taskiq_dependencies.dependency import Dependency as TaskiqMarker
+
+__all__ = [
+    "PerTaskContext",
+    "TaskiqMarker",
+    "cwd_in_sys_path",
+    "install_request_context",
+    "marker_of",
+    "on_registration",
+    "replace_task_function",
+]
+
+Task = AsyncTaskiqDecoratedTask[Any, Any]
 
 
 class PerTaskContext(dict[Any, Any]):
@@ -57,3 +73,38 @@ def install_request_context(
         current.make_request = make_request
         return
     broker.custom_dependency_context = PerTaskContext(current, make_request)
+
+
+def marker_of(parameter: inspect.Parameter) -> Any:
+    """The dependency marker taskiq-dependencies reads for a parameter.
+
+    As taskiq-dependencies does: the last taskiq or FastAPI marker in
+    `Annotated[...]` metadata wins over the default value.
+    """
+    for meta in reversed(getattr(parameter.annotation, "__metadata__", ())):
+        if isinstance(meta, (TaskiqMarker, FastAPIDepends)):
+            return meta
+    return parameter.default
+
+
+def on_registration(broker: AsyncBroker, callback: Callable[[Task], None]) -> None:
+    """Call `callback` with every task registered on the broker from now on.
+
+    `broker.task` and `broker.register_task` both end in `_register_task`.
+    """
+    register = broker._register_task
+
+    def registering(task_name: str, task: Task) -> None:
+        register(task_name, task)
+        callback(task)
+
+    broker._register_task = registering  # type: ignore[method-assign]
+
+
+def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
+    """Make workers call `function` for the task and build its graph from it.
+
+    taskiq's receiver reads `task.original_func` for both, when it is created
+    and for each message.
+    """
+    task.original_func = function

@@ -19,3 +19,10 @@ class AppStartupError(TaskiqFastAPIError):
 
 class AppConflictError(TaskiqFastAPIError):
     """`init` was called again for the same broker with a different app."""
+
+
+class DependencyError(TaskiqFastAPIError):
+    """A task's dependencies cannot work outside an HTTP request.
+
+    Found at worker startup, before any task runs.
+    """

@@ -10,6 +10,7 @@ from weakref import WeakKeyDictionary
 from fastapi import FastAPI
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
+from taskiq_fastapi import dependencies
 from taskiq_fastapi._taskiq import install_request_context
 from taskiq_fastapi.exceptions import AppConflictError, AppStartupError
 from taskiq_fastapi.lifespan import AppLifespan, LifespanFailedError
@@ -44,6 +45,7 @@ class _Integration:
         # already running there, so only a real worker starts it.
         if not self.broker.is_worker_process or self.lifespan is not None:
             return
+        dependencies.check(self.broker)
         app = load_app(self.source)
         lifespan = AppLifespan(app)
         try:
@@ -88,6 +90,7 @@ def init(
         base_url_scope(base_url)  # reject a malformed URL now, not at startup
     existing = _integrations.get(broker)
     if existing is None:
+        dependencies.adopt(broker)
         integration = _Integration(broker, app_or_path, base_url)
         _integrations[broker] = integration
         broker.add_event_handler(
@@ -127,3 +130,4 @@ def populate_dependency_context(
         base_url = integration.base_url
     factory = RequestFactory(app, asgi_state, resolve_base_url(base_url))
     install_request_context(broker, factory)
+    dependencies.adopt(broker)

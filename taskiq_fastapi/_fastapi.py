@@ -1,0 +1,126 @@
+"""Every reliance on an internal of FastAPI lives here.
+
+Tasks' FastAPI dependencies are solved by FastAPI itself: `get_dependant`
+analyses them and `solve_dependencies` runs them, so caching, `use_cache`,
+generator cleanup, `scope`, `max_concurrency`, threadpools and
+`app.dependency_overrides` behave as in a route. Both functions live in
+`fastapi.dependencies.utils`, which FastAPI does not document as public;
+tests/test_fastapi_internals.py pins what is used here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import params
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import (
+    get_dependant,
+    get_typed_signature,
+    solve_dependencies,
+)
+from fastapi.security.base import SecurityBase
+from starlette.requests import Request
+
+__all__ = [
+    "Dependant",
+    "DependencyMarker",
+    "ParamMarker",
+    "SecurityBase",
+    "analyse",
+    "request_only_parameters",
+    "solved",
+    "typed_signature",
+]
+
+# FastAPI's markers: Depends/Security, and Query/Path/Header/Cookie/Body/Form/File.
+DependencyMarker = params.Depends
+ParamMarker = (params.Param, params.Body)
+
+
+def typed_signature(call: Callable[..., Any]) -> inspect.Signature:
+    """The signature FastAPI sees, string annotations evaluated as FastAPI does."""
+    return get_typed_signature(call)
+
+
+def analyse(parameters: list[inspect.Parameter]) -> Dependant:
+    """FastAPI's analysis of `parameters`, as if they were a route's."""
+
+    def root() -> None:  # pragma: no cover - never called, only analysed
+        """Stands for the task: only its signature is read."""
+
+    root.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p.replace(kind=p.KEYWORD_ONLY) for p in parameters],
+    )
+    return get_dependant(path="", call=root)
+
+
+def request_only_parameters(dependant: Dependant) -> Iterator[tuple[str, str, Any]]:
+    """(parameter, what it is, its default) for each value only a request has."""
+    fields = (
+        dependant.path_params
+        + dependant.query_params
+        + dependant.header_params
+        + dependant.cookie_params
+        + dependant.body_params
+    )
+    for field in fields:
+        kind = type(field.field_info).__name__
+        yield field.name, f"a {kind} parameter", field.field_info.default
+    special = {
+        "WebSocket": dependant.websocket_param_name,
+        "Response": dependant.response_param_name,
+        "BackgroundTasks": dependant.background_tasks_param_name,
+        "SecurityScopes": dependant.security_scopes_param_name,
+    }
+    for kind, name in special.items():
+        if name is not None:
+            yield name, f"a {kind}", None
+
+
+class _Overrides:
+    """FastAPI reads overrides from `provider.dependency_overrides`."""
+
+    def __init__(self, overrides: dict[Any, Any]) -> None:
+        self.dependency_overrides = overrides
+
+
+@asynccontextmanager
+async def solved(
+    request: Request,
+    dependant: Dependant,
+    broker_overrides: dict[Any, Any],
+) -> AsyncIterator[dict[str, Any]]:
+    """Solve `dependant` for one task as FastAPI does for one request.
+
+    FastAPI's request handler opens two exit stacks and puts them in the
+    scope: generator dependencies with `scope="function"` close on the inner
+    one, the others on the outer one. An exception raised by the task while
+    this is open reaches them as it reaches them from an endpoint.
+    """
+    app = request.scope["app"]
+    provider: Any = app
+    if broker_overrides:
+        provider = _Overrides({**app.dependency_overrides, **broker_overrides})
+    async with AsyncExitStack() as request_stack:
+        request.scope["fastapi_inner_astack"] = request_stack
+        async with AsyncExitStack() as function_stack:
+            request.scope["fastapi_function_astack"] = function_stack
+            result = await solve_dependencies(
+                request=request,
+                dependant=dependant,
+                dependency_overrides_provider=provider,
+                async_exit_stack=request_stack,
+                embed_body_fields=False,
+            )
+            if result.errors:
+                # Only reachable through an override that reads the request:
+                # the task's own tree is checked at worker startup.
+                raise RuntimeError(
+                    "A FastAPI dependency of this task reads the HTTP request, "
+                    f"which a task does not have: {result.errors}",
+                )
+            yield result.values

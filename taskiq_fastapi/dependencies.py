@@ -1,0 +1,470 @@
+"""FastAPI dependencies in tasks, solved by FastAPI exactly as for a route.
+
+taskiq resolves a task's parameters with taskiq-dependencies, which knows
+`TaskiqDepends` but not FastAPI's rules (a bare `request: Request`, `Annotated`
+chains written for routes, overrides, scopes, threadpools). So for each task
+whose tree uses FastAPI dependencies, taskiq is shown a stand-in with a
+rewritten signature: every FastAPI dependency becomes a `TaskiqDepends` on one
+per-task step that solves all of them at once with FastAPI (one cache per
+task, as one per request), and a bare `Request`/`HTTPConnection` takes the
+per-task Request. `TaskiqDepends` functions on the way to FastAPI dependencies
+get stand-ins too; the user's own functions are never modified, and tasks
+without FastAPI dependencies are left exactly as taskiq has them.
+
+The same walk finds what cannot work outside an HTTP request (query, header,
+body parameters, security schemes, ...) so the worker refuses to start and
+`taskiq-fastapi check` can report it, instead of a task getting a marker
+object as a value.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
+from weakref import WeakKeyDictionary
+
+from fastapi import BackgroundTasks, Response, WebSocket
+from fastapi.security import SecurityScopes
+from starlette.requests import HTTPConnection, Request
+from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqState
+from taskiq_dependencies import ParamInfo
+
+from taskiq_fastapi import _fastapi
+from taskiq_fastapi._taskiq import (
+    Task,
+    TaskiqMarker,
+    marker_of,
+    on_registration,
+    replace_task_function,
+)
+from taskiq_fastapi.exceptions import DependencyError
+
+logger = logging.getLogger("taskiq_fastapi")
+
+# What taskiq's per-task context provides: TaskiqDepends() of these is a value.
+_CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
+# Objects FastAPI only has while serving an HTTP request or a websocket.
+_REQUEST_ONLY_TYPES = (WebSocket, Response, BackgroundTasks, SecurityScopes)
+_PLAN = "__taskiq_fastapi_plan__"
+
+
+@dataclass
+class Node:
+    """One parameter in a task's dependency tree, and where its value comes from.
+
+    `source` is one of: message (a task argument), taskiq (TaskiqDepends),
+    fastapi (Depends, solved by FastAPI), request (the per-task Request, whose
+    state is the app's lifespan state), context (taskiq's Context, TaskiqState
+    and the like), http (only an HTTP request has it: a problem).
+    """
+
+    parameter: str
+    source: str
+    target: str
+    dependencies: list[Node] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for `check --json`."""
+        return {
+            "parameter": self.parameter,
+            "source": self.source,
+            "target": self.target,
+            "dependencies": [child.as_dict() for child in self.dependencies],
+        }
+
+
+@dataclass
+class TaskPlan:
+    """What the walk found for one task, and the stand-in workers call."""
+
+    task_name: str
+    tree: list[Node]
+    problems: list[str]
+    replacement: Callable[..., Any] | None = None
+
+
+def describe(target: Any) -> str:
+    """Name a dependency the way its author wrote it: `get_db()`."""
+    if isinstance(target, _StandIn):
+        target = target.target
+    name = getattr(target, "__qualname__", None)
+    if isinstance(name, str) and (inspect.isroutine(target) or inspect.isclass(target)):
+        return f"{name.removesuffix('__taskiq_original')}()"
+    return f"{type(target).__qualname__} instance"
+
+
+class _StandIn:
+    """Calls a `TaskiqDepends` function; taskiq reads the rewritten signature.
+
+    It compares and hashes as the function it stands for, so that taskiq's
+    `broker.dependency_overrides` and its per-task cache still find it.
+    """
+
+    def __init__(self, target: Any, signature: inspect.Signature) -> None:
+        self.target = target
+        self.__signature__ = signature
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.target(**kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self.target == other)
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    return (
+        get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+    )
+
+
+def _is_type(annotation: Any, types: tuple[type, ...]) -> bool:
+    return inspect.isclass(annotation) and issubclass(annotation, types)
+
+
+def _request_only_marker(parameter: inspect.Parameter) -> Any:
+    """A Query(), Header(), Body()... marker on the parameter, if any."""
+    metadata = getattr(parameter.annotation, "__metadata__", ())
+    for marker in (parameter.default, *metadata):
+        if isinstance(marker, _fastapi.ParamMarker):
+            return marker
+    return None
+
+
+def _taskiq_signature(
+    target: Any,
+) -> tuple[list[inspect.Parameter], dict[str, Any]] | None:
+    """The parameters and hints taskiq-dependencies reads, as it reads them."""
+    try:
+        if inspect.isclass(target):
+            hints = get_type_hints(target.__init__)
+            signature = inspect.signature(target.__init__, eval_str=True)
+            return list(signature.parameters.values())[1:], hints
+        hints = get_type_hints(
+            target if inspect.isfunction(target) else target.__call__
+        )
+        signature = inspect.signature(target, eval_str=True)
+    except Exception:  # taskiq reports what it cannot read; so does the worker
+        return None
+    return list(signature.parameters.values()), hints
+
+
+class _Planner:
+    """Walks one task's tree; builds its stand-ins and its FastAPI solving step."""
+
+    def __init__(self, task_name: str, broker: AsyncBroker) -> None:
+        self.task_name = task_name
+        self.broker = broker
+        self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
+        self.problems: list[str] = []
+        self.fastapi_parameters: list[inspect.Parameter] = []
+        self.fastapi_nodes: list[tuple[Node, inspect.Parameter, Any]] = []
+        self.stand_ins: dict[Any, tuple[list[Node], Any]] = {}
+        self.dependant: _fastapi.Dependant | None = None
+        self.solve = self._make_solver()
+
+    def plan(self, function: Callable[..., Any]) -> TaskPlan:
+        walked = self.walk(function, task_level=True)
+        tree, signature = walked if walked else ([], None)
+        self.solve_fastapi_parameters()
+        plan = TaskPlan(self.task_name, tree, self.problems)
+        if signature is not None and not self.problems:
+            plan.replacement = _replacement(function, signature, plan)
+        return plan
+
+    def problem(self, owner: Any, parameter: str, what: str) -> None:
+        self.problems.append(
+            f"Task {self.task_name!r}: parameter {parameter!r} of "
+            f"{describe(owner)} {what}.",
+        )
+
+    def walk(
+        self, target: Any, task_level: bool = False
+    ) -> tuple[list[Node], inspect.Signature | None] | None:
+        """Nodes for `target`'s parameters, and its signature for taskiq.
+
+        The signature is None when taskiq can resolve `target` as it is.
+        """
+        read = _taskiq_signature(target)
+        if read is None:
+            return None
+        parameters, hints = read
+        nodes: list[Node] = []
+        rewritten: list[inspect.Parameter] = []
+        changed = False
+        for parameter in parameters:
+            node, replacement = self.parameter(target, parameter, hints, task_level)
+            if node is not None:
+                nodes.append(node)
+            changed = changed or replacement is not parameter
+            rewritten.append(replacement)
+        if not changed:
+            return nodes, None
+        # A stand-in has no type hints of its own: name what hints named.
+        rewritten = [_explicit(parameter, hints) for parameter in rewritten]
+        # Parameters keep their kinds and order: a rewritten one may now have
+        # a default before one that has none, which only a check forbids.
+        return nodes, inspect.Signature(rewritten, __validate_parameters__=False)
+
+    def parameter(
+        self,
+        owner: Any,
+        parameter: inspect.Parameter,
+        hints: dict[str, Any],
+        task_level: bool,
+    ) -> tuple[Node | None, inspect.Parameter]:
+        name = parameter.name
+        marker = marker_of(parameter)
+        if isinstance(marker, _fastapi.DependencyMarker):
+            return self.fastapi_parameter(owner, parameter, marker)
+        if isinstance(marker, TaskiqMarker):
+            return self.taskiq_parameter(parameter, marker, hints.get(name))
+        annotation = _strip_annotated(hints.get(name, parameter.annotation))
+        if _is_type(annotation, _REQUEST_ONLY_TYPES):
+            self.problem(
+                owner,
+                name,
+                f"is a {annotation.__name__}, which only an HTTP request has",
+            )
+            return Node(name, "http", annotation.__name__), parameter
+        if (
+            _is_type(annotation, (HTTPConnection,))
+            and parameter.empty is parameter.default
+        ):
+            # As in FastAPI: a parameter typed Request needs no marker.
+            provided = Request if issubclass(annotation, Request) else HTTPConnection
+            node = Node(name, "request", provided.__name__)
+            return node, _marked(parameter, TaskiqMarker(provided))
+        request_only = _request_only_marker(parameter)
+        if request_only is not None:
+            what = type(request_only).__name__
+            self.problem(
+                owner, name, f"is a {what} parameter, which only an HTTP request has"
+            )
+            return Node(name, "http", what), parameter
+        if task_level:
+            return Node(name, "message", "task argument"), parameter
+        return None, parameter
+
+    def taskiq_parameter(
+        self, parameter: inspect.Parameter, marker: Any, hint: Any
+    ) -> tuple[Node, inspect.Parameter]:
+        target = marker.dependency if marker.dependency is not None else hint
+        if target is None or target in self.context_types:
+            source = "request" if _is_type(target, (HTTPConnection,)) else "context"
+            label = getattr(target, "__name__", "unknown")
+            return Node(parameter.name, source, label), parameter
+        if target not in self.stand_ins:
+            self.stand_ins[target] = ([], target)  # a cycle stops here
+            walked = self.walk(target)
+            nodes, signature = walked if walked else ([], None)
+            stand_in = target if signature is None else _StandIn(target, signature)
+            self.stand_ins[target] = (nodes, stand_in)
+        nodes, stand_in = self.stand_ins[target]
+        node = Node(parameter.name, "taskiq", describe(target), nodes)
+        if stand_in is target:
+            return node, parameter
+        explicit = TaskiqMarker(
+            stand_in, use_cache=marker.use_cache, kwargs=marker.kwargs
+        )
+        return node, _marked(parameter, explicit)
+
+    def fastapi_parameter(
+        self, owner: Any, parameter: inspect.Parameter, marker: Any
+    ) -> tuple[Node, inspect.Parameter]:
+        key = f"p{len(self.fastapi_parameters)}"
+        try:
+            typed = _fastapi.typed_signature(owner).parameters[parameter.name]
+        except Exception:  # FastAPI's own analysis below reports it
+            typed = parameter
+        self.fastapi_parameters.append(typed.replace(name=key))
+        node = Node(parameter.name, "fastapi", describe(marker.dependency))
+        self.fastapi_nodes.append((node, parameter, owner))
+        return node, _marked(parameter, TaskiqMarker(self._getter(key)))
+
+    def solve_fastapi_parameters(self) -> None:
+        """Analyse the FastAPI dependencies with FastAPI.
+
+        One by one first, so an error names its parameter; then all together,
+        so they share one cache per task as a route's share one per request.
+        """
+        analysed = []
+        for (node, parameter, owner), typed in zip(
+            self.fastapi_nodes, self.fastapi_parameters, strict=True
+        ):
+            try:
+                (dependant,) = _fastapi.analyse([typed]).dependencies
+            except Exception as exc:
+                self.problem(
+                    owner,
+                    parameter.name,
+                    f"cannot be used by FastAPI: {type(exc).__name__}: {exc}",
+                )
+                continue
+            node.dependencies = list(self.fastapi_children(dependant))
+            analysed.append(typed)
+        if analysed and len(analysed) == len(self.fastapi_parameters):
+            self.dependant = _fastapi.analyse(analysed)
+
+    def fastapi_children(self, dependant: _fastapi.Dependant) -> Iterator[Node]:
+        call = dependant.call
+        for sub in dependant.dependencies:
+            node = Node(sub.name or "", "fastapi", describe(sub.call))
+            if isinstance(sub.call, _fastapi.SecurityBase):
+                self.problem(
+                    call,
+                    node.parameter,
+                    f"is the security scheme "
+                    f"{type(sub.call).__name__}, which reads the HTTP "
+                    "request's headers",
+                )
+                node.source = "http"
+            else:
+                node.dependencies = list(self.fastapi_children(sub))
+            yield node
+        for name in (
+            dependant.request_param_name,
+            dependant.http_connection_param_name,
+        ):
+            if name is not None:
+                yield Node(name, "request", "Request")
+        for name, what, default in _fastapi.request_only_parameters(dependant):
+            if isinstance(default, TaskiqMarker):
+                self.problem(
+                    call,
+                    name,
+                    "uses TaskiqDepends inside a FastAPI "
+                    "dependency, which FastAPI solves: use Depends",
+                )
+            else:
+                self.problem(call, name, f"is {what}, which only an HTTP request has")
+            yield Node(name, "http", what)
+
+    def _getter(self, key: str) -> Callable[..., Any]:
+        def fastapi_dependency(values: Any = TaskiqDepends(self.solve)) -> Any:
+            return values[key]
+
+        return fastapi_dependency
+
+    def _make_solver(self) -> Callable[..., AsyncIterator[dict[str, Any]]]:
+        planner = self
+
+        async def solve_fastapi_dependencies(
+            request: Any = TaskiqDepends(Request),
+        ) -> AsyncIterator[dict[str, Any]]:
+            assert planner.dependant is not None  # a task with problems never runs
+            thrown: BaseException | None = None
+            try:
+                overrides = planner.broker.dependency_overrides
+                async with _fastapi.solved(
+                    request, planner.dependant, overrides
+                ) as values:
+                    try:
+                        yield values
+                    except BaseException as exc:
+                        thrown = exc
+                        raise
+            except BaseException as exc:
+                if exc is thrown:
+                    return  # the task's own error: taskiq reports it already
+                if thrown is None and isinstance(exc, Exception):
+                    logger.exception(
+                        "Task %r: a FastAPI dependency failed while closing",
+                        planner.task_name,
+                    )
+                    return
+                raise
+
+        return solve_fastapi_dependencies
+
+
+def _explicit(parameter: inspect.Parameter, hints: dict[str, Any]) -> inspect.Parameter:
+    """`TaskiqDepends()` typed by a hint becomes `TaskiqDepends(that type)`."""
+    marker = marker_of(parameter)
+    if not isinstance(marker, TaskiqMarker) or marker.dependency is not None:
+        return parameter
+    if hints.get(parameter.name) is None:
+        return parameter  # taskiq reports it, naming the parameter
+    explicit = TaskiqMarker(
+        hints[parameter.name], use_cache=marker.use_cache, kwargs=marker.kwargs
+    )
+    return _marked(parameter, explicit)
+
+
+def _marked(parameter: inspect.Parameter, marker: Any) -> inspect.Parameter:
+    """The parameter with `marker` as its only dependency declaration."""
+    return parameter.replace(default=marker, annotation=inspect.Parameter.empty)
+
+
+def _replacement(
+    function: Callable[..., Any], signature: inspect.Signature, plan: TaskPlan
+) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def task(*args: Any, **kwargs: Any) -> Any:
+            return await function(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(function)
+        def task(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+    task.__signature__ = signature  # type: ignore[attr-defined]
+    setattr(task, _PLAN, plan)
+    return task
+
+
+_plans: WeakKeyDictionary[AsyncBroker, dict[str, TaskPlan]] = WeakKeyDictionary()
+
+
+def adopt(broker: AsyncBroker) -> None:
+    """Give the broker's tasks, present and future, FastAPI dependencies.
+
+    Must happen before taskiq's receiver reads the tasks (it builds their
+    dependency graphs once): `init` in the broker module is early enough.
+    """
+    if broker in _plans:
+        return
+    _plans[broker] = {}
+    for task in broker.get_all_tasks().values():
+        _adopt(broker, task)
+    on_registration(broker, functools.partial(_adopt, broker))
+
+
+def _adopt(broker: AsyncBroker, task: Task) -> None:
+    if hasattr(task.original_func, _PLAN):
+        return
+    plan = _Planner(task.task_name, broker).plan(task.original_func)
+    _plans[broker][task.task_name] = plan
+    if plan.replacement is not None:
+        replace_task_function(task, plan.replacement)
+
+
+def plans(broker: AsyncBroker) -> list[TaskPlan]:
+    """Every task of the broker with its dependency tree and problems."""
+    found = []
+    known = _plans.get(broker, {})
+    for name, task in sorted(broker.get_all_tasks().items()):
+        plan = getattr(task.original_func, _PLAN, None) or known.get(name)
+        if plan is None:
+            plan = _Planner(name, broker).plan(task.original_func)
+        found.append(plan)
+    return found
+
+
+def check(broker: AsyncBroker) -> None:
+    """Raise DependencyError for the first problem, before any task runs."""
+    problems = [problem for plan in plans(broker) for problem in plan.problems]
+    if not problems:
+        return
+    more = len(problems) - 1
+    suffix = f" ({more} more: run `taskiq-fastapi check`)" if more else ""
+    raise DependencyError(problems[0] + suffix)
