@@ -93,7 +93,8 @@ def describe(target: Any) -> str:
         target = target.target
     name = getattr(target, "__qualname__", None)
     if isinstance(name, str) and (inspect.isroutine(target) or inspect.isclass(target)):
-        return f"{name.removesuffix('__taskiq_original')}()"
+        name = name.rpartition("<locals>.")[2].removesuffix("__taskiq_original")
+        return f"{name}()"
     return f"{type(target).__qualname__} instance"
 
 
@@ -301,10 +302,11 @@ class _Planner:
             try:
                 (dependant,) = _fastapi.analyse([typed]).dependencies
             except Exception as exc:
+                why = " ".join(str(exc).split()).rstrip(".")
                 self.problem(
                     owner,
                     parameter.name,
-                    f"cannot be used by FastAPI: {type(exc).__name__}: {exc}",
+                    f"cannot be used by FastAPI: {type(exc).__name__}: {why}",
                 )
                 continue
             node.dependencies = list(self.fastapi_children(dependant))

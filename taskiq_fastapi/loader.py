@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -42,6 +43,15 @@ def import_string(
             return import_from_string(path)
     except Exception as exc:
         raise error(f"Cannot load {what} {path!r}: {_why(path, exc)}") from exc
+
+
+def import_module(name: str, what: str) -> None:
+    """Import a module by name as taskiq imports task modules, or raise LoadError."""
+    try:
+        with cwd_in_sys_path():
+            importlib.import_module(name)
+    except Exception as exc:
+        raise LoadError(f"Cannot load {what} {name!r}: {_why(name, exc)}") from exc
 
 
 def _why(path: str, exc: Exception) -> str:

@@ -143,6 +143,49 @@ def worker(
         raise typer.Exit(code)
 
 
+@app.command(
+    cls=WorkerCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+def check(
+    app_path: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            envvar=APP_ENV,
+            metavar="MODULE:ATTR",
+            help="The FastAPI app, as for `worker`.",
+        ),
+    ],
+    taskiq_args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
+            help="The same as for `worker`.",
+            show_default=False,
+        ),
+    ] = None,
+    factory: Annotated[
+        bool,
+        typer.Option("--factory", help="Treat --app as an app factory."),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the report as JSON."),
+    ] = False,
+) -> None:
+    """Show each task's dependency tree and what cannot work in a worker.
+
+    Exits 1 when a task has a problem (the worker would refuse to start), so
+    CI can run it; starts nothing.
+    """
+    from taskiq_fastapi_cli.check import run_check
+
+    code = run_check(taskiq_args or [], app_path, factory, as_json)
+    if code:
+        raise typer.Exit(code)
+
+
 def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
     """Run the CLI and return its exit code; every error is one line on stderr."""
     command = typer.main.get_command(app)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from fastapi import FastAPI
 from taskiq import AsyncBroker
 
 from taskiq_fastapi.exceptions import LoadError
-from taskiq_fastapi.loader import call_factory, import_string, load_app
+from taskiq_fastapi.loader import call_factory, import_module, import_string, load_app
 
 
 def load_broker(path: str) -> AsyncBroker:
@@ -44,3 +45,17 @@ def check_app(path: str, factory: bool) -> str | None:
         f"App factory detected at {path!r}. Using it, but please consider "
         "setting the --factory flag explicitly."
     )
+
+
+def import_task_modules(modules: list[str], pattern: Any, fs_discover: bool) -> None:
+    """Import the task modules as a worker does, failing on the first bad one.
+
+    taskiq's worker logs a module it cannot import and goes on; a check
+    must not pass because a module was skipped.
+    """
+    for module in modules:
+        import_module(module, "task module")
+    if fs_discover:
+        from taskiq.cli.utils import import_tasks
+
+        import_tasks([], pattern, fs_discover)

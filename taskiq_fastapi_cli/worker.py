@@ -11,11 +11,12 @@ import sys
 from collections.abc import Sequence
 
 import typer
+from taskiq import AsyncBroker
 
 import taskiq_fastapi
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.request import base_url_scope
-from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
+from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
 from taskiq_fastapi_cli.discover import check_app, load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
@@ -36,23 +37,29 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
-    if args.app_dir:
-        sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
-    try:
-        broker = load_broker(args.broker)
-        warning = check_app(app, factory)
-        # In the main process too, so a broker module that already called
-        # init for another app is refused before any worker starts.
-        taskiq_fastapi.init(broker, args.app, base_url=base_url)
-    except TaskiqFastAPIError as exc:
-        raise CLIError(str(exc)) from None
-    if warning:
-        typer.echo(f"Warning: {warning}", err=True)
+    load_broker_and_app(args, factory)
     _set_start_method(start_method or ("spawn" if args.reload else None))
 
     from taskiq_fastapi_cli.runner import run
 
     return run(args)
+
+
+def load_broker_and_app(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
+    """Import the broker and the app once, and wire them, or fail in one line."""
+    if args.app_dir:
+        sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
+    try:
+        broker = load_broker(args.broker)
+        warning = check_app(args.app, factory)
+        # In the main process too, so a broker module that already called
+        # init for another app is refused before any worker starts.
+        taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+    except TaskiqFastAPIError as exc:
+        raise CLIError(str(exc)) from None
+    if warning:
+        typer.echo(f"Warning: {warning}", err=True)
+    return broker
 
 
 def _check_reload_installed() -> None:

@@ -36,6 +36,14 @@ def create_app() -> FastAPI:
     async def item(item_id: int) -> int:
         return item_id
 
+    from workerapp.dependencies import Session, Settings, get_settings
+
+    @application.get("/receipt/{n}")
+    async def receipt(n: int, session: Session) -> dict[str, object]:
+        return {"n": n, "session": session, "pid": os.getpid()}
+
+    # One override, seen by the route above and by the task of the same chain.
+    application.dependency_overrides[get_settings] = lambda: Settings("overridden")
     return application
 
 

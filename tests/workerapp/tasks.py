@@ -6,6 +6,7 @@ from taskiq import TaskiqDepends
 
 from workerapp.app import record
 from workerapp.broker import broker
+from workerapp.dependencies import Session
 
 
 def database(request: Request = TaskiqDepends()) -> str:
@@ -54,3 +55,9 @@ async def isolated(n: int, request: Request = TaskiqDepends()) -> list[object]:
     peak = _in_flight
     _in_flight -= 1
     return [before, request.state.owner, peak]
+
+
+@broker.task
+async def receipt(n: int, session: Session) -> dict[str, object]:
+    """The route's chain, as the route declares it."""
+    return {"n": n, "session": session, "pid": os.getpid()}

@@ -1,0 +1,72 @@
+"""FastAPI dependencies in a real `taskiq-fastapi worker` on a real Redis (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from workers import WorkerRun
+
+pytestmark = pytest.mark.anyio
+
+UVICORN = str(Path(sys.executable).with_name("uvicorn"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get_json(url: str, timeout: float = 30) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+async def test_route_chain_runs_unmodified_in_a_task_with_the_apps_override(
+    run: WorkerRun,
+) -> None:
+    port = free_port()
+    api = run.start(
+        "workerapp.app:app", "--port", str(port), "--log-level", "warning",
+        command=(UVICORN,),
+    )  # fmt: skip
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app",
+    )  # fmt: skip
+    run.wait_for("startup", processes=2)
+    route = get_json(f"http://127.0.0.1:{port}/receipt/7")
+    await run.sender.startup()
+    try:
+        result = await (await run.kiq("receipt", 7)).wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert not result.is_err, result.error
+    task = result.return_value
+    # The same chain, the same override, each process's own lifespan state.
+    assert route == {
+        "n": 7,
+        "session": f"session(engine(overridden, db-of-{api.pid}))",
+        "pid": api.pid,
+    }
+    assert task["session"] == f"session(engine(overridden, db-of-{task['pid']}))"
+    assert task["pid"] in run.count("startup")
+    assert task["pid"] != api.pid
+    # The async-generator session was closed after the task, in the worker.
+    assert run.count("session closed")[task["pid"]] == 1
+    assert run.count("session opened")[task["pid"]] == 1
+    assert run.stop(worker) == 0
+    run.stop(api)  # uvicorn ends by re-raising the signal: -15
