@@ -346,7 +346,7 @@ class _Planner:
                 )
             else:
                 self.problem(call, name, f"is {what}, which only an HTTP request has")
-            yield Node(name, "http", what)
+            yield Node(name, "http", what.removeprefix("a "))
 
     def _getter(self, key: str) -> Callable[..., Any]:
         def fastapi_dependency(values: Any = TaskiqDepends(self.solve)) -> Any:

@@ -68,9 +68,9 @@ def _text(plans: list[TaskPlan], problems: list[str]) -> Iterator[str]:
         yield from _nodes(plan.tree, "  ")
     yield ""
     if not problems:
-        yield f"{len(plans)} tasks checked, no problems."
+        yield f"{len(plans)} task{'s' if len(plans) > 1 else ''} checked, no problems."
         return
-    yield f"{len(problems)} problems:"
+    yield f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:"
     yield from (f"- {problem}" for problem in problems)
 
 

@@ -1,0 +1,140 @@
+"""`taskiq-fastapi check`, and the worker that refuses tasks it cannot serve (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from workers import TASKIQ, TESTS_DIR, WorkerRun
+
+from taskiq_fastapi_cli import cli
+
+BROKER = ["workerapp.broker:broker"]
+APP = ["--app", "workerapp.app:app"]
+PROBLEM = (
+    "Task 'workerapp.bad_tasks:audit': parameter 'authorization' of "
+    "current_user() is a Header parameter, which only an HTTP request has."
+)
+
+
+@pytest.fixture(autouse=True)
+def _worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Iterator[None]:
+    """Each check imports a fresh broker with only the task modules it names."""
+    monkeypatch.chdir(TESTS_DIR)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("TASKIQ_TEST_QUEUE", "check")
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("workerapp."):
+            del sys.modules[name]
+
+
+def check(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["check", *argv], prog_name="taskiq-fastapi")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_prints_every_task_with_its_tree_and_passes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = check(capsys, *BROKER, "workerapp.tasks", *APP)
+    assert (code, err) == (0, "")
+    receipt = out[out.index("workerapp.tasks:receipt\n") :].splitlines()[:6]
+    assert receipt == [
+        "workerapp.tasks:receipt",
+        "  n: [message argument]",
+        "  session: get_session()  [FastAPI Depends]",
+        "    engine: get_engine()  [FastAPI Depends]",
+        "      settings: get_settings()  [FastAPI Depends]",
+        "      request: Request  [per-task Request, state from the app's lifespan]",
+    ]
+    assert "  db: database()  [TaskiqDepends]" in out
+    assert out.endswith("5 tasks checked, no problems.\n")
+
+
+def test_check_fails_naming_the_task_the_function_and_the_parameter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = check(
+        capsys, *BROKER, "workerapp.tasks", "workerapp.bad_tasks", *APP
+    )
+    assert code == 1
+    assert (
+        "    authorization: Header parameter  [only in an HTTP request: PROBLEM]" in out
+    )
+    assert out.endswith(f"1 problem:\n- {PROBLEM}\n")
+
+
+def test_check_json_for_machines(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = check(capsys, *BROKER, "workerapp.bad_tasks", *APP, "--json")
+    report = json.loads(out)
+    assert code == 1
+    assert report["problems"] == [PROBLEM]
+    (task,) = report["tasks"]
+    assert task["name"] == "workerapp.bad_tasks:audit"
+    assert task["problems"] == [PROBLEM]
+    assert task["dependencies"][1] == {
+        "parameter": "user",
+        "source": "fastapi",
+        "target": "current_user()",
+        "dependencies": [
+            {
+                "parameter": "authorization",
+                "source": "http",
+                "target": "Header parameter",
+                "dependencies": [],
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            [*BROKER, "workerapp.nope", *APP],
+            "Error: Cannot load task module 'workerapp.nope': "
+            'Could not import module "workerapp.nope".\n',
+        ),
+        (
+            ["workerapp.broker:nope", *APP],
+            "Error: Cannot load broker 'workerapp.broker:nope': "
+            'Attribute "nope" not found in module "workerapp.broker".\n',
+        ),
+        (BROKER, "Error: Missing option '--app' (env var: 'TASKIQ_FASTAPI_APP').\n"),
+    ],
+)
+def test_check_input_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], error: str
+) -> None:
+    code, out, err = check(capsys, *argv)
+    assert code in (1, 2)
+    assert (out, err) == ("", error)
+
+
+def test_taskiq_fastapi_check_through_taskiqs_own_command() -> None:
+    result = subprocess.run(
+        [TASKIQ, "fastapi", "check", *BROKER, "workerapp.bad_tasks", *APP],
+        cwd=TESTS_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert PROBLEM in result.stdout
+
+
+def test_worker_refuses_to_start_with_a_task_it_cannot_serve(run: WorkerRun) -> None:
+    worker = run.start(
+        *["worker", *BROKER, "workerapp.tasks", "workerapp.bad_tasks"], *APP
+    )
+    assert worker.wait(timeout=60) == 3
+    output = run.output(worker)
+    assert f"Error: {PROBLEM}\n" in output
+    assert "Traceback" not in output
+    assert run.count("startup") == {}  # no lifespan started, no task ran
