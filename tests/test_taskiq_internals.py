@@ -6,12 +6,13 @@ If one of these fails after an upgrade, revisit taskiq_fastapi/_taskiq.py
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from taskiq import Context, InMemoryBroker, TaskiqDepends
 from taskiq.receiver import Receiver
 from taskiq_dependencies import DependencyGraph
@@ -20,6 +21,9 @@ from taskiq_fastapi._taskiq import (
     PerTaskContext,
     cwd_in_sys_path,
     install_request_context,
+    marker_of,
+    on_registration,
+    replace_task_function,
 )
 from taskiq_fastapi.request import RequestFactory
 
@@ -143,3 +147,72 @@ def test_start_listen_takes_a_broker_instance_in_place_of_its_path() -> None:
     assert result.stdout.strip() == "True Inmemory brokers cannot listen.", (
         result.stdout + result.stderr
     )
+
+
+def test_every_registration_goes_through_register_task() -> None:
+    broker = InMemoryBroker()
+    seen: list[str] = []
+    on_registration(broker, lambda task: seen.append(task.task_name))
+
+    @broker.task
+    async def decorated() -> None: ...
+
+    async def registered() -> None: ...
+
+    broker.register_task(registered, task_name="by-hand")
+    assert seen == [decorated.task_name, "by-hand"]
+
+
+async def test_the_receiver_builds_its_graph_from_and_calls_original_func() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def task(n: int) -> str:
+        return "original"
+
+    def value() -> str:
+        return "from a dependency"
+
+    async def replacement(n: int, extra: str = TaskiqDepends(value)) -> str:
+        return f"{n} {extra}"
+
+    replace_task_function(task, replacement)
+    await broker.startup()
+    result = await (await task.kiq(1)).wait_result(timeout=5)
+    await broker.shutdown()
+    assert result.return_value == "1 from a dependency"
+
+
+def marker_a() -> int: ...
+
+
+def marker_b() -> int: ...
+
+
+def two_markers(
+    x: Annotated[int, TaskiqDepends(marker_a), Depends(marker_b)] = TaskiqDepends(
+        marker_a
+    ),
+) -> None: ...
+
+
+def test_taskiq_dependencies_reads_a_signature_attribute_and_markers_like_this() -> (
+    None
+):
+    # The last marker in Annotated wins over the default, in taskiq-dependencies.
+    (parameter,) = inspect.signature(two_markers, eval_str=True).parameters.values()
+    assert marker_of(parameter).dependency is marker_b
+    graph = DependencyGraph(two_markers)
+    assert [d.dependency for d in graph.ordered_deps] == [marker_b, two_markers]
+
+    def stand_in(**kwargs: Any) -> None: ...
+
+    stand_in.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                "y", inspect.Parameter.KEYWORD_ONLY, default=TaskiqDepends(marker_a)
+            )
+        ]
+    )
+    graph = DependencyGraph(stand_in)
+    assert [d.dependency for d in graph.ordered_deps] == [marker_a, stand_in]
