@@ -1,8 +1,4 @@
-"""Ordinary FastAPI-style dependencies, shared by the routes and the tasks.
-
-Parameters typed Request get `TaskiqDepends()` as their default, so that
-taskiq can inject them too (FastAPI injects the request either way).
-"""
+"""Ordinary FastAPI dependencies, shared as they are by the routes and the tasks."""
 
 import itertools
 from collections.abc import Iterator
@@ -10,7 +6,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from redis.asyncio import Redis
-from taskiq import TaskiqDepends
 
 
 @dataclass
@@ -40,7 +35,7 @@ class UserRepository:
         return User(user_id, data[b"email"].decode(), data[b"name"].decode())
 
 
-def get_users(request: Request = TaskiqDepends()) -> UserRepository:
+def get_users(request: Request) -> UserRepository:
     return UserRepository(request.state.redis)
 
 
@@ -60,7 +55,7 @@ class Mailer:
 _sessions = itertools.count(1)
 
 
-def mailer_session(request: Request = TaskiqDepends()) -> Iterator[Mailer]:
+def mailer_session(request: Request) -> Iterator[Mailer]:
     """A generator dependency: the session is closed after the task, always."""
     app_state = request.app.state
     mailer = Mailer(next(_sessions), app_state.outbox)

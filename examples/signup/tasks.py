@@ -1,11 +1,10 @@
-"""The tasks. They use the same dependencies as the routes, through TaskiqDepends."""
+"""The tasks. They declare the same dependencies as the routes, the same way."""
 
 import os
 from multiprocessing import current_process
 from typing import Any
 
-from fastapi import Request
-from taskiq import TaskiqDepends
+from fastapi import Depends, Request
 
 from signup.broker import broker
 from signup.dependencies import Mailer, UserRepository, get_users, mailer_session
@@ -14,9 +13,9 @@ from signup.dependencies import Mailer, UserRepository, get_users, mailer_sessio
 @broker.task
 async def send_welcome_email(
     user_id: str,
-    request: Request = TaskiqDepends(),
-    users: UserRepository = TaskiqDepends(get_users),
-    mailer: Mailer = TaskiqDepends(mailer_session),
+    request: Request,
+    users: UserRepository = Depends(get_users),
+    mailer: Mailer = Depends(mailer_session),
 ) -> dict[str, Any]:
     user = await users.get(user_id)
     if user is None:
