@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from workers import WorkerRun
+from workers import TASKIQ, WorkerRun
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +70,27 @@ async def test_route_chain_runs_unmodified_in_a_task_with_the_apps_override(
     assert run.count("session opened")[task["pid"]] == 1
     assert run.stop(worker) == 0
     run.stop(api)  # uvicorn ends by re-raising the signal: -15
+
+
+async def test_plain_taskiq_worker_with_init_in_the_broker_module_too(
+    run: WorkerRun,
+) -> None:
+    """The 0.5 setup: `init` in the broker module, started by `taskiq worker`."""
+    worker = run.start(
+        "worker", "workerapp.broker_with_init:broker", "workerapp.tasks",
+        command=(TASKIQ,),
+    )  # fmt: skip
+    run.wait_for("startup", processes=2)
+    await run.sender.startup()
+    try:
+        result = await (await run.kiq("receipt", 1)).wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert not result.is_err, result.error
+    pid = result.return_value["pid"]
+    assert result.return_value["session"] == (
+        f"session(engine(overridden, db-of-{pid}))"
+    )
+    # Not stopped by SIGTERM: idle, plain taskiq worker ignores it (see the
+    # README's upstream issues); the fixture kills it.
+    assert worker.poll() is None
