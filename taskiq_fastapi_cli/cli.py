@@ -48,6 +48,39 @@ app = typer.Typer(
 )
 
 
+# Shared by `worker` and `check`, which import the same things the same way.
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        envvar=APP_ENV,
+        metavar="MODULE:ATTR",
+        help=(
+            "The FastAPI app, as for uvicorn: 'module:attribute'. Without "
+            "--factory, a callable that is not an app is used as a factory, "
+            "with a warning, as uvicorn does."
+        ),
+    ),
+]
+TaskiqArguments = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
+        help="The broker ('module:variable', or a function returning one), "
+        "task modules and any `taskiq worker` option.",
+        show_default=False,
+    ),
+]
+FactoryOption = Annotated[
+    bool,
+    typer.Option(
+        "--factory",
+        help="Treat --app as a function that takes no argument and "
+        "returns the FastAPI app.",
+    ),
+]
+
+
 def _print_versions(value: bool) -> None:
     if value:
         for dist in ("taskiq-fastapi", "taskiq", "fastapi"):
@@ -80,36 +113,9 @@ def root(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 def worker(
-    app_path: Annotated[
-        str,
-        typer.Option(
-            "--app",
-            envvar=APP_ENV,
-            metavar="MODULE:ATTR",
-            help=(
-                "The FastAPI app, as for uvicorn: 'module:attribute'. Without "
-                "--factory, a callable that is not an app is used as a factory, "
-                "with a warning, as uvicorn does."
-            ),
-        ),
-    ],
-    taskiq_args: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
-            help="The broker ('module:variable', or a function returning one), "
-            "task modules and any `taskiq worker` option.",
-            show_default=False,
-        ),
-    ] = None,
-    factory: Annotated[
-        bool,
-        typer.Option(
-            "--factory",
-            help="Treat --app as a function that takes no argument and "
-            "returns the FastAPI app.",
-        ),
-    ] = False,
+    app_path: AppOption,
+    taskiq_args: TaskiqArguments = None,
+    factory: FactoryOption = False,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -148,27 +154,9 @@ def worker(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 def check(
-    app_path: Annotated[
-        str,
-        typer.Option(
-            "--app",
-            envvar=APP_ENV,
-            metavar="MODULE:ATTR",
-            help="The FastAPI app, as for `worker`.",
-        ),
-    ],
-    taskiq_args: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
-            help="The same as for `worker`.",
-            show_default=False,
-        ),
-    ] = None,
-    factory: Annotated[
-        bool,
-        typer.Option("--factory", help="Treat --app as an app factory."),
-    ] = False,
+    app_path: AppOption,
+    taskiq_args: TaskiqArguments = None,
+    factory: FactoryOption = False,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the report as JSON."),
