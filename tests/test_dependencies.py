@@ -1,6 +1,7 @@
 """FastAPI dependencies in tasks, as FastAPI resolves them for a route (issue 7)."""
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from fastapi import (
     Request,
     Response,
     WebSocket,
+    params,
 )
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from fastapi.testclient import TestClient
@@ -237,6 +239,15 @@ async def test_use_cache_false_calls_again_and_scopes_close_in_fastapis_order(
     ]  # fmt: skip
 
 
+# `max_concurrency` is newer than FastAPI 0.162.5, the oldest we support.
+HAS_MAX_CONCURRENCY = "max_concurrency" in {
+    f.name for f in dataclasses.fields(params.Depends)
+}
+
+
+@pytest.mark.skipif(
+    not HAS_MAX_CONCURRENCY, reason="this FastAPI has no Depends(max_concurrency=)"
+)
 @pytest.mark.parametrize(("limit", "peak"), [(1, 1), (None, 4)])
 async def test_max_concurrency_limits_tasks_as_it_limits_requests(
     broker: InMemoryBroker, limit: int | None, peak: int
