@@ -407,21 +407,59 @@ def _marked(parameter: inspect.Parameter, marker: Any) -> inspect.Parameter:
 def _replacement(
     function: Callable[..., Any], signature: inspect.Signature, plan: TaskPlan
 ) -> Callable[..., Any]:
+    """The function taskiq calls for the task, with `signature` as its own.
+
+    In the signature, the task's arguments come first and its dependencies
+    after them, keyword-only: FastAPI-style tasks often declare an
+    `Annotated` dependency before the arguments, and taskiq maps a message's
+    positional arguments (and parses them) by position.
+    """
+    parameters = list(signature.parameters.values())
+    arguments = [p for p in parameters if not _is_dependency(p)]
+    if any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in arguments):
+        names: list[str] | None = None  # keep the order: args pass through as is
+    else:
+        names = [p.name for p in arguments if p.kind is p.POSITIONAL_OR_KEYWORD]
+        variadic = [p for p in arguments if p.kind is p.VAR_KEYWORD]
+        fixed = [p for p in arguments if p.kind is not p.VAR_KEYWORD]
+        dependencies = [
+            p.replace(kind=p.KEYWORD_ONLY) for p in parameters if _is_dependency(p)
+        ]
+        parameters = fixed + dependencies + variadic
+
+    def named(args: tuple[Any, ...]) -> dict[str, Any] | None:
+        """Positional arguments by name; None when they do not map onto them."""
+        if names is None or len(args) > len(names):
+            return None
+        return dict(zip(names, args, strict=False))  # fewer is fine: defaults
+
     if inspect.iscoroutinefunction(function):
 
         @functools.wraps(function)
         async def task(*args: Any, **kwargs: Any) -> Any:
-            return await function(*args, **kwargs)
+            mapped = named(args)
+            if mapped is None:
+                return await function(*args, **kwargs)
+            return await function(**mapped, **kwargs)
 
     else:
 
         @functools.wraps(function)
         def task(*args: Any, **kwargs: Any) -> Any:
-            return function(*args, **kwargs)
+            mapped = named(args)
+            if mapped is None:
+                return function(*args, **kwargs)
+            return function(**mapped, **kwargs)
 
-    task.__signature__ = signature  # type: ignore[attr-defined]
+    task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        parameters, __validate_parameters__=False
+    )
     setattr(task, _PLAN, plan)
     return task
+
+
+def _is_dependency(parameter: inspect.Parameter) -> bool:
+    return isinstance(marker_of(parameter), TaskiqMarker)
 
 
 _plans: WeakKeyDictionary[AsyncBroker, dict[str, TaskPlan]] = WeakKeyDictionary()

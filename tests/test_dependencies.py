@@ -478,3 +478,19 @@ async def test_fastapis_own_dependency_errors_are_reported_with_the_task(
         f"Task {task.task_name!r}: parameter 'n' of task() cannot be used by "
         'FastAPI: DependencyScopeError: The dependency "request_scoped" has a scope'
     )
+
+
+async def test_dependencies_before_the_arguments_as_fastapi_code_declares_them(
+    broker: InMemoryBroker,
+) -> None:
+    from sampleapp import styled_tasks
+
+    taskiq_fastapi.init(broker, apps.build_app())
+    send = styled_tasks.register(broker)
+    async with as_worker(broker):
+        # Positional message arguments go to the task's arguments, not to the
+        # dependency declared first, and taskiq parses them by their hints.
+        assert await result_of(send, 5) == ["db-from-lifespan-state", 5, "-"]
+        assert await result_of(send, "7", "hi") == ["db-from-lifespan-state", 7, "hi"]
+        result = await (await send.kiq(user_id=3)).wait_result(timeout=5)
+        assert result.return_value == ["db-from-lifespan-state", 3, "-"]
