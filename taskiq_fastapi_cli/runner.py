@@ -2,10 +2,11 @@
 
 The CLI's reliance on taskiq internals is all here, pinned by
 tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
-starts its process manager with the module-level `start_listen` as the worker
-function, so for the duration of the call that name points to
-`worker_process`, which applies `init` to the broker and then runs taskiq's
-own `start_listen`, handing it the broker instance instead of its path.
+creates the module-level `ProcessManager` with the module-level `start_listen`
+as the worker function, so for the duration of the call those names point to
+`SafeProcessManager` (supervisor.py) and `worker_process`, which applies
+`init` to the broker and then runs taskiq's own `start_listen`, handing it the
+broker instance instead of its path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
+from taskiq_fastapi_cli.supervisor import SafeProcessManager
 
 
 class BrokerStartupError(TaskiqFastAPIError):
@@ -99,20 +101,25 @@ class StartupFailures:
 
 
 @contextmanager
-def _worker_function(function: Any) -> Iterator[None]:
-    original = taskiq_run.start_listen
-    taskiq_run.start_listen = function
+def _taskiq_run_uses(**names: Any) -> Iterator[None]:
+    """For the duration of the call, taskiq's run module uses our versions."""
+    originals = {name: getattr(taskiq_run, name) for name in names}
+    for name, value in names.items():
+        setattr(taskiq_run, name, value)
     try:
         yield
     finally:
-        taskiq_run.start_listen = original
+        for name, value in originals.items():
+            setattr(taskiq_run, name, value)
 
 
 def run(args: FastAPIWorkerArgs) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = StartupFailures()
     args.startup_failures = failures
-    with _worker_function(worker_process):
+    with _taskiq_run_uses(
+        start_listen=worker_process, ProcessManager=SafeProcessManager
+    ):
         status = taskiq_run.run_worker(args)
     message = failures.first()
     if message is not None:

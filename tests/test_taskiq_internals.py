@@ -116,10 +116,38 @@ def test_run_worker_starts_processes_with_the_module_level_start_listen(
 
     monkeypatch.setattr(taskiq_run, "ProcessManager", FakeProcessManager)
     args = parse_taskiq_args(["b:b", "--no-configure-logging"])
-    with runner._worker_function(runner.worker_process):
+    with runner._taskiq_run_uses(start_listen=runner.worker_process):
         assert taskiq_run.run_worker(args) is None
     assert seen == [runner.worker_process]
     assert taskiq_run.start_listen is runner.taskiq_start_listen
+
+
+def test_run_worker_creates_the_module_level_process_manager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """runner swaps in SafeProcessManager; the loop reads its queue's empty/get."""
+    import inspect
+
+    from taskiq.cli.worker import process_manager
+    from taskiq.cli.worker import run as taskiq_run
+
+    created: list[object] = []
+
+    class Probe:
+        def __init__(self, **kwargs: Any) -> None:
+            created.append(kwargs)
+
+        def start(self) -> None:
+            return None
+
+    monkeypatch.setattr(taskiq_run, "ProcessManager", Probe)
+    from taskiq_fastapi_cli.args import parse_taskiq_args
+
+    taskiq_run.run_worker(parse_taskiq_args(["b:b", "--no-configure-logging"]))
+    assert len(created) == 1
+    loop = inspect.getsource(process_manager.ProcessManager.start)
+    assert "self.action_queue.empty()" in loop
+    assert "self.action_queue.get()" in loop
 
 
 def test_start_listen_takes_a_broker_instance_in_place_of_its_path() -> None:
