@@ -10,6 +10,7 @@ from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
 
+from taskiq_fastapi_cli.cli import DEFAULT_BROKER_RETRY_TIMEOUT
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 
@@ -23,8 +24,9 @@ class FastAPIWorkerArgs(WorkerArgs):
 
     app: str = ""
     base_url: str | None = None
-    # Set by the runner: how a worker tells the main process its app failed.
-    startup_failures: Any = None
+    broker_retry_timeout: float = DEFAULT_BROKER_RETRY_TIMEOUT
+    # Set by the runner: how a worker tells the main process the command failed.
+    failures: Any = None
 
 
 def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
@@ -51,10 +53,11 @@ def with_app(
     taskiq_args: WorkerArgs,
     app: str,
     base_url: str | None,
+    **ours: Any,
 ) -> FastAPIWorkerArgs:
     """Add our options to what taskiq parsed."""
     values = {f.name: getattr(taskiq_args, f.name) for f in fields(taskiq_args)}
-    return FastAPIWorkerArgs(**values, app=app, base_url=base_url)
+    return FastAPIWorkerArgs(**values, app=app, base_url=base_url, **ours)
 
 
 def taskiq_options_help() -> str:

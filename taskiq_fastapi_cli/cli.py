@@ -18,6 +18,9 @@ from taskiq_fastapi_cli.exceptions import CLIError
 
 APP_ENV = "TASKIQ_FASTAPI_APP"
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
+BROKER_RETRY_TIMEOUT_ENV = "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT"
+# Covers a broker that starts after its workers (docker-compose) and restarts.
+DEFAULT_BROKER_RETRY_TIMEOUT = 120.0
 
 
 class StartMethod(str, enum.Enum):
@@ -44,6 +47,8 @@ app = typer.Typer(
     help="Run taskiq workers that serve a FastAPI app's lifespan and dependencies.",
     invoke_without_command=True,
     add_completion=False,
+    # Plain Click help: Rich's table cuts long option names at 80 columns.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -134,6 +139,17 @@ def worker(
             "on macOS), spawn with --reload.",
         ),
     ] = None,
+    broker_retry_timeout: Annotated[
+        float,
+        typer.Option(
+            "--broker-retry-timeout",
+            envvar=BROKER_RETRY_TIMEOUT_ENV,
+            metavar="SECONDS",
+            min=0,
+            help="How long a worker keeps retrying an unreachable broker, at "
+            "startup or later, before the command stops (exit 3). 0: not at all.",
+        ),
+    ] = DEFAULT_BROKER_RETRY_TIMEOUT,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
     from taskiq_fastapi_cli.worker import start_worker
@@ -144,6 +160,7 @@ def worker(
         factory,
         base_url,
         start_method.value if start_method else None,
+        broker_retry_timeout,
     )
     if code:
         raise typer.Exit(code)

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from taskiq import AsyncBroker
 from taskiq.cli.worker import run as taskiq_run
 from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
@@ -29,12 +28,9 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
 from taskiq_fastapi_cli.supervisor import SafeProcessManager
-
-
-class BrokerStartupError(TaskiqFastAPIError):
-    """The broker's own startup failed in a worker process."""
 
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
@@ -42,45 +38,38 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     try:
         broker = load_broker(args.broker)
         taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
-        _fail_startup_as_the_app_does(broker, args.broker)
-        ShutdownGuard(broker)
+        outages = BrokerOutages(
+            broker,
+            args.broker,
+            args.broker_retry_timeout,
+            give_up=lambda message: _stop_command(args, message),
+        )
+        ShutdownGuard(broker, on_signal=outages.stop)
         # taskiq's start_listen accepts a broker instance in place of a path,
         # so a broker factory is called once and `init` applies to its result.
         instance: Any = broker
         taskiq_start_listen(replace(args, broker=instance))
+    except WorkerStopped:
+        sys.exit(0)  # stopped by a signal while waiting for the broker
     except TaskiqFastAPIError as exc:
         # Stop the whole command instead of taskiq restarting this process
-        # forever: the first failing process reports its cause and asks the
-        # main process to shut down (only one: taskiq's signal handler is not
-        # reentrant).
-        if args.startup_failures.report(str(exc)):
-            os.kill(os.getppid(), signal.SIGTERM)
+        # forever.
+        _stop_command(args, str(exc))
         sys.exit(EXIT_STARTUP_FAILURE)
 
 
-def _fail_startup_as_the_app_does(broker: AsyncBroker, path: str) -> None:
-    """A broker that cannot start (say, its server is down) ends the command too.
+def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:
+    """End the whole command with `message`, once, whichever process fails.
 
-    Left alone, the exception would be a traceback and taskiq would restart
-    the process every second for ever.
+    The first failing process reports its cause and asks the main process to
+    stop every worker gracefully; the command then exits 3.
     """
-    startup = broker.startup
-
-    async def checked_startup() -> None:
-        try:
-            await startup()
-        except TaskiqFastAPIError:
-            raise
-        except Exception as exc:
-            raise BrokerStartupError(
-                f"Broker {path!r} failed to start: {type(exc).__name__}: {exc}",
-            ) from exc
-
-    broker.startup = checked_startup  # type: ignore[method-assign]
+    if args.failures.report(message):
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
-class StartupFailures:
-    """Shared by all worker processes: the first startup failure, kept once."""
+class Failures:
+    """Shared by all worker processes: the first failure that ends the command."""
 
     def __init__(self) -> None:
         self._messages: Any = multiprocessing.SimpleQueue()
@@ -115,8 +104,8 @@ def _taskiq_run_uses(**names: Any) -> Iterator[None]:
 
 def run(args: FastAPIWorkerArgs) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
-    failures = StartupFailures()
-    args.startup_failures = failures
+    failures = Failures()
+    args.failures = failures
     with _taskiq_run_uses(
         start_listen=worker_process, ProcessManager=SafeProcessManager
     ):

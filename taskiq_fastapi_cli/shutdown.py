@@ -36,9 +36,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class ShutdownGuard:
     """Installed on the broker of every worker process."""
 
-    def __init__(self, broker: AsyncBroker) -> None:
+    def __init__(
+        self, broker: AsyncBroker, on_signal: Callable[[], None] = lambda: None
+    ) -> None:
         self.fetching: asyncio.Task[Any] | None = None
         self.watchdog: asyncio.Task[None] | None = None
+        self.installed = False
+        self.notify = on_signal
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
 
         async def remembered_listen() -> AsyncGenerator[Any, None]:
@@ -60,7 +64,14 @@ class ShutdownGuard:
         broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, self.on_startup)
 
     def on_startup(self, _state: TaskiqState) -> None:
-        """Deliver taskiq's own signal handlers through the event loop."""
+        """Deliver taskiq's own signal handlers through the event loop.
+
+        Once: a startup retried after a broker outage runs this again, when
+        `signal.getsignal` would return the event loop's own handler.
+        """
+        if self.installed:
+            return
+        self.installed = True
         loop = asyncio.get_running_loop()
         for signum in SIGNALS:
             handler = signal.getsignal(signum)
@@ -71,6 +82,7 @@ class ShutdownGuard:
         """Run taskiq's handler, then watch that the pending fetch ends."""
         if self.watchdog is None:
             self.watchdog = asyncio.get_running_loop().create_task(self.unstick())
+        self.notify()
         handler(signum, None)
 
     async def unstick(self) -> None:

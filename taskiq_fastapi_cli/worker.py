@@ -27,9 +27,15 @@ def start_worker(
     factory: bool,
     base_url: str | None,
     start_method: str | None,
+    broker_retry_timeout: float,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
-    args = with_app(parse_taskiq_args(taskiq_argv), app, base_url)
+    args = with_app(
+        parse_taskiq_args(taskiq_argv),
+        app,
+        base_url,
+        broker_retry_timeout=broker_retry_timeout,
+    )
     if base_url is not None:
         try:
             base_url_scope(base_url)

@@ -95,7 +95,10 @@ def test_every_taskiq_worker_option_passes_through_unchanged(
 
 def test_our_options_never_shadow_taskiq_ones() -> None:
     taskiq_flags = {flag for a in ACTIONS for flag in a.option_strings}
-    ours = {"--app", "--factory", "--base-url", "--start-method", "--version"}
+    ours = {
+        "--app", "--factory", "--base-url", "--start-method", "--version",
+        "--broker-retry-timeout",
+    }  # fmt: skip
     assert taskiq_flags & ours == set()
     assert {"--workers", "-w", "--app-dir", "-d", "--ack-type"} <= taskiq_flags
 
@@ -103,7 +106,10 @@ def test_our_options_never_shadow_taskiq_ones() -> None:
 def test_worker_help_shows_ours_and_every_taskiq_option(capsys: Any) -> None:
     code, out, _ = run_cli(capsys, "worker", "--help")
     assert code == 0
-    for flag in ["--app", "--factory", "--base-url", "TASKIQ_FASTAPI_APP"]:
+    for flag in [
+        "--app", "--factory", "--base-url", "TASKIQ_FASTAPI_APP",
+        "--broker-retry-timeout", "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT",
+    ]:  # fmt: skip
         assert flag in out
     for action in ACTIONS:
         for flag in action.option_strings:
@@ -119,6 +125,17 @@ def test_app_and_base_url_from_environment(
     assert (code, err) == (0, "")
     assert captured_run[0].app == "sampleapp.apps:app"
     assert captured_run[0].base_url == "https://example.com/api"
+
+
+def test_broker_retry_timeout_default_flag_and_environment(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["worker", "sampleapp.inmemory:broker", "--app", "sampleapp.apps:app"]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_cli(capsys, *argv, "--broker-retry-timeout", "2.5")[0] == 0
+    monkeypatch.setenv("TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT", "0")
+    assert run_cli(capsys, *argv)[0] == 0
+    assert [a.broker_retry_timeout for a in captured_run] == [120.0, 2.5, 0.0]
 
 
 def test_version_names_the_three_packages(capsys: Any) -> None:
@@ -192,6 +209,11 @@ BAD_INPUTS = [
       "--base-url", "localhost:8000"], 2,
      "Error: --base-url: Invalid base URL 'localhost:8000': "
      "expected http(s)://host[:port][/root/path]."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--broker-retry-timeout", "-1"], 2,
+     "Error: Invalid value for '--broker-retry-timeout' (env var: "
+     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): Input should be greater than or "
+     "equal to 0"),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--start-method", "clone"], 2,
      "Error: Invalid value for '--start-method': Value error, 'clone' is not one "

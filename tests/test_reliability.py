@@ -150,14 +150,19 @@ async def test_unreachable_broker_is_a_clear_error_not_a_hang(
     # Nothing listens on port 1 of the loopback.
     run = WorkerRun("redis://127.0.0.1:1/0", tmp_path, streams=True)
     started = time.monotonic()
-    worker = run.start("worker", *BROKER, *APP, "--workers", "2")
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "0"
+    )
     try:
         code = worker.wait(timeout=30)
     finally:
         run.kill_all()
     output = run.output(worker)
     assert code == 3, output
-    line = "Error: Broker 'workerapp.broker:broker' failed to start: ConnectionError: "
+    line = (
+        "Error: Broker 'workerapp.broker:broker' unreachable for 0 s "
+        "(--broker-retry-timeout 0): ConnectionError: "
+    )
     assert output.count(line) == 1, output
     assert "Traceback" not in output
     assert time.monotonic() - started < 20

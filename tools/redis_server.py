@@ -46,27 +46,60 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
+class RedisServer:
+    """One redis-server on a fixed loopback port, that can stop and start again.
+
+    With `persistent`, data survives a restart (append-only file), as it does
+    on a production server: lists, streams and consumer groups come back.
+    """
+
+    def __init__(self, workdir: str, persistent: bool = False) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.persistent = persistent
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [str(server_binary()), "--bind", "127.0.0.1"]
+        command += ["--port", str(self.port), "--save", "", "--dir", self.workdir]
+        command += ["--appendonly", "yes" if self.persistent else "no"]
+        if self.persistent:
+            command += ["--appendfsync", "always"]
+        self.process = subprocess.Popen(
+            [*command, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _answers_ping(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}.")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@contextmanager
+def running_server(persistent: bool = False) -> Iterator[RedisServer]:
+    """A started RedisServer, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-redis-") as workdir:
+        server = RedisServer(workdir, persistent)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
 @contextmanager
 def redis_url() -> Iterator[str]:
     """Yield the URL of a running server: REDIS_URL's, or one started here."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-redis-") as workdir:
-        command = [str(server_binary()), "--bind", "127.0.0.1", "--port", str(port)]
-        command += ["--save", "", "--appendonly", "no", "--dir", workdir]
-        process = subprocess.Popen(
-            [*command, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while not _answers_ping(port):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}.")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with running_server() as server:
+        yield server.url

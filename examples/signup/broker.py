@@ -4,9 +4,8 @@ from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
 from signup.settings import REDIS_URL
 
-# socket_timeout=None: the worker's BRPOP waits for messages as long as it
-# takes; with redis-py 8's default of 5 s an idle worker would fail and be
-# restarted every 5 s (taskiq-redis does not catch that timeout).
-broker = ListQueueBroker(
-    REDIS_URL, queue_name="signup", socket_timeout=None
-).with_result_backend(RedisAsyncResultBackend(REDIS_URL, result_ex_time=600))
+# taskiq-redis's defaults, as projects write it: `taskiq-fastapi worker`
+# treats the idle BRPOP's 5 s socket timeout as the idle wait it is.
+broker = ListQueueBroker(REDIS_URL, queue_name="signup").with_result_backend(
+    RedisAsyncResultBackend(REDIS_URL, result_ex_time=600)
+)

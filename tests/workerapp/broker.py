@@ -10,6 +10,7 @@ broker = make_broker(
     os.environ["REDIS_URL"],
     os.environ["TASKIQ_TEST_QUEUE"],
     streams=os.environ.get("TASKIQ_TEST_STREAMS") == "1",
+    defaults=os.environ.get("TASKIQ_TEST_REDIS_DEFAULTS") == "1",
 )
 
 

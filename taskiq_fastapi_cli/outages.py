@@ -1,0 +1,259 @@
+"""Broker outages: a worker process waits for its broker instead of dying.
+
+Upstream behaviours worked around here:
+
+- taskiq's receiver lets an exception from the broker's fetch (or startup)
+  end the worker process, with a traceback; its supervisor starts a new one,
+  which runs the app's lifespan again, and with the broker down does so about
+  once a second, for ever.
+- redis-py 8 gives connections a 5 s socket timeout by default, and
+  taskiq-redis's `ListQueueBroker` waits for messages with a blocking BRPOP:
+  an idle worker's fetch ends with redis's TimeoutError every 5 s, which
+  taskiq-redis does not catch. A fetch that times out after waiting is an
+  idle wait, not an outage: it is started again at once, logged at DEBUG.
+
+- After a restart of the server, every connection a pool kept from before
+  fails once, and taskiq-redis's pools do not retry: the first results after
+  an outage were lost ("Can't set result in result backend"). Saving a result
+  and acknowledging a message are retried the same way as fetching.
+
+Retried: connection-type errors, that is `OSError` (socket errors, Python's
+ConnectionError and TimeoutError) and errors whose class or a base class is
+named like a connection, timeout or no-servers error, as redis-py, aio-pika
+and nats-py name theirs. Anything else keeps taskiq's behaviour. Retries back
+off exponentially with jitter, one WARNING line each, and one line when the
+broker is back. Past `--broker-retry-timeout` without a successful fetch, the
+process asks the whole command to stop gracefully and the command exits 3.
+
+Nothing here runs per task: only failed fetches take this path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from taskiq import AckableMessage, AsyncBroker
+
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
+
+logger = logging.getLogger("taskiq_fastapi")
+
+FIRST_DELAY_SECONDS = 0.5
+MAX_DELAY_SECONDS = 30.0
+# A fetch that waited this long before timing out was idle, not cut off.
+IDLE_WAIT_SECONDS = 1.0
+_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
+T = TypeVar("T")
+
+
+class BrokerStartupError(TaskiqFastAPIError):
+    """The broker could not start, or stayed unreachable for too long."""
+
+
+class WorkerStopped(Exception):  # noqa: N818 - a stop, not an error
+    """A signal stopped the worker while it waited for its broker."""
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` says the broker cannot be reached (worth a retry)."""
+    if isinstance(exc, OSError):
+        return True
+    return any(
+        fragment in cls.__name__
+        for cls in type(exc).__mro__
+        for fragment in _CONNECTION_NAMES
+    )
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential, capped, with jitter so that workers do not retry in step."""
+    delay: float = min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2**attempt)
+    return delay * random.uniform(0.5, 1.0)
+
+
+class BrokerOutages:
+    """Installed on the broker of every worker process by the runner."""
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        path: str,
+        retry_timeout: float,
+        give_up: Callable[[str], None],
+    ) -> None:
+        self.path = path
+        self.retry_timeout = retry_timeout
+        self.give_up = give_up
+        self.outage_since: float | None = None
+        self.attempts = 0
+        self.stopping = asyncio.Event()
+        self._wrap_startup(broker)
+        self._wrap_listen(broker)
+        self._wrap_results(broker)
+
+    def stop(self) -> None:
+        """A signal arrived: stop waiting for the broker."""
+        self.stopping.set()
+
+    def _wrap_startup(self, broker: AsyncBroker) -> None:
+        startup = broker.startup
+
+        async def startup_until_reachable() -> None:
+            while True:
+                try:
+                    await startup()
+                except TaskiqFastAPIError:
+                    raise
+                except Exception as exc:
+                    if not is_connection_error(exc):
+                        raise BrokerStartupError(
+                            f"Broker {self.path!r} failed to start: {_cause(exc)}",
+                        ) from exc
+                    if await self._wait_or_give_up(exc, starting=True):
+                        raise WorkerStopped from exc
+                    continue
+                self._recovered()
+                return
+
+        broker.startup = startup_until_reachable  # type: ignore[method-assign]
+
+    def _wrap_listen(self, broker: AsyncBroker) -> None:
+        listen: Callable[[], AsyncIterator[Any]] = broker.listen
+
+        async def listen_until_reachable() -> AsyncGenerator[Any, None]:
+            source: AsyncIterator[Any] | None = None
+            started = time.monotonic()
+            try:
+                while True:
+                    if source is None:
+                        source, started = listen(), time.monotonic()
+                    try:
+                        message = await anext(source)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:
+                        source = None  # it raised, so it is finished
+                        if not is_connection_error(exc):
+                            raise
+                        if await self._retry_fetch(exc, time.monotonic() - started):
+                            return  # stopping: taskiq finishes in-flight tasks
+                        continue
+                    self._recovered()
+                    if isinstance(message, AckableMessage):
+                        message = self._retrying_ack(message)
+                    yield message
+                    started = time.monotonic()
+            finally:
+                if source is not None:
+                    await source.aclose()  # type: ignore[attr-defined]
+
+        broker.listen = listen_until_reachable  # type: ignore[method-assign]
+
+    def _wrap_results(self, broker: AsyncBroker) -> None:
+        backend = broker.result_backend
+        set_result = backend.set_result
+
+        async def set_result_until_saved(task_id: str, result: Any) -> None:
+            await self._until_done(lambda: set_result(task_id, result), "Result")
+
+        backend.set_result = set_result_until_saved  # type: ignore[method-assign]
+
+    def _retrying_ack(self, message: AckableMessage) -> AckableMessage:
+        ack = message.ack
+
+        async def ack_until_done() -> None:
+            await self._until_done(ack, "Acknowledgement")  # type: ignore[arg-type]
+
+        return AckableMessage(data=message.data, ack=ack_until_done)
+
+    async def _until_done(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retry `call` while the broker is unreachable and the worker runs.
+
+        The fetch loop decides when to give up; once the worker stops, the
+        last error is raised and taskiq reports it as it did before.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not is_connection_error(exc) or self.stopping.is_set():
+                    raise
+                delay = _backoff(attempt)
+                attempt += 1
+                log = logger.warning if attempt == 1 else logger.debug
+                log(
+                    "%s waits for broker %r (%s); retrying in %.1f s.",
+                    what,
+                    self.path,
+                    _cause(exc),
+                    delay,
+                )
+                if await _wait_for(self.stopping.wait(), delay):
+                    raise
+
+    async def _retry_fetch(self, exc: Exception, waited: float) -> bool:
+        """Whether the worker is stopping; otherwise fetch again when this returns."""
+        if "Timeout" in type(exc).__name__ and waited >= IDLE_WAIT_SECONDS:
+            logger.debug("Broker %r: idle fetch timed out; fetching again.", self.path)
+            self._recovered()
+            return False
+        return await self._wait_or_give_up(exc, starting=False)
+
+    async def _wait_or_give_up(self, exc: Exception, starting: bool) -> bool:
+        """Back off before the next attempt, or end the command past the timeout.
+
+        Returns whether a signal asked the worker to stop meanwhile.
+        """
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
+        waited = now - self.outage_since
+        if waited >= self.retry_timeout:
+            message = (
+                f"Broker {self.path!r} unreachable for {waited:.0f} s "
+                f"(--broker-retry-timeout {self.retry_timeout:g}): {_cause(exc)}"
+            )
+            if starting:
+                raise BrokerStartupError(message) from exc
+            self.give_up(message)  # the command stops every process gracefully
+            await self.stopping.wait()
+            return True
+        # The last attempt lands on the deadline rather than past it.
+        delay = min(_backoff(self.attempts), self.retry_timeout - waited)
+        self.attempts += 1
+        logger.warning(
+            "Broker %r unreachable (%s); retrying in %.1f s.",
+            self.path,
+            _cause(exc),
+            delay,
+        )
+        return await _wait_for(self.stopping.wait(), delay)
+
+    def _recovered(self) -> None:
+        if self.outage_since is not None:
+            logger.warning(
+                "Broker %r is back after %.1f s.",
+                self.path,
+                time.monotonic() - self.outage_since,
+            )
+        self.outage_since = None
+        self.attempts = 0
+
+
+async def _wait_for(waiting: Awaitable[Any], seconds: float) -> bool:
+    """Whether `waiting` finished within `seconds`."""
+    try:
+        await asyncio.wait_for(waiting, seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True

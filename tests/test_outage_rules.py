@@ -1,0 +1,51 @@
+"""Which errors a worker retries, and how it backs off (issue 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.exceptions
+
+from taskiq_fastapi_cli import outages
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("Connection closed by server."),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+        redis.exceptions.BusyLoadingError("Redis is loading the dataset"),
+        ConnectionRefusedError(111, "Connection refused"),
+        OSError(113, "No route to host"),
+        asyncio.TimeoutError(),
+        type("AMQPConnectionError", (Exception,), {})(),  # aio-pika / aiormq
+        type("NoServersError", (Exception,), {})(),  # nats-py
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_connection_type_errors_are_retried(error: BaseException) -> None:
+    assert outages.is_connection_error(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ResponseError("NOGROUP No such key"),
+        json.JSONDecodeError("bad message", "{", 0),
+        ValueError("a bug in a broker"),
+        KeyError("data"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_other_errors_keep_taskiqs_behaviour(error: BaseException) -> None:
+    assert not outages.is_connection_error(error)
+
+
+def test_backoff_grows_to_the_cap_with_jitter() -> None:
+    delays = [outages._backoff(attempt) for attempt in range(12)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert 2.0 <= delays[3] <= 4.0
+    assert all(15.0 <= d <= 30.0 for d in delays[7:])
+    assert len({round(outages._backoff(9), 6) for _ in range(20)}) > 1  # jitter

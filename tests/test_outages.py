@@ -1,0 +1,193 @@
+"""Broker outages: the worker waits, resumes in place, and gives up cleanly (issue 8).
+
+Each test has its own Redis server, which it stops and starts again on the
+same port; like a production server it keeps its data across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from workers import WorkerRun
+
+from tools.redis_server import RedisServer, running_server
+
+pytestmark = pytest.mark.anyio
+
+BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
+# Gave up at the deadline (2 s), give or take the last attempt's own time.
+GAVE_UP = re.compile(
+    r"^Error: Broker 'workerapp\.broker:broker' unreachable for [23] s "
+    r"\(--broker-retry-timeout 2\): ConnectionError: ",
+    re.MULTILINE,
+)
+APP = ["--app", "workerapp.app:app"]
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with running_server(persistent=True) as redis:
+        yield redis
+
+
+@pytest.fixture
+def outage_run(server: RedisServer, tmp_path: Path) -> Iterator[WorkerRun]:
+    run = WorkerRun(server.url, tmp_path)
+    yield run
+    run.kill_all()
+
+
+@pytest.fixture
+def outage_stream_run(server: RedisServer, tmp_path: Path) -> Iterator[WorkerRun]:
+    run = WorkerRun(server.url, tmp_path, streams=True)
+    yield run
+    run.kill_all()
+
+
+async def results(run: WorkerRun, task: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+    await run.sender.startup()
+    try:
+        sent = [await run.kiq(task, *args) for args in calls]
+        done = await asyncio.gather(*(t.wait_result(timeout=60) for t in sent))
+    finally:
+        await run.sender.shutdown()
+    assert [r.error for r in done if r.is_err] == []
+    return [r.return_value for r in done]
+
+
+def one_process_one_lifespan(run: WorkerRun, replies: list[dict[str, Any]]) -> int:
+    (pid,) = {reply["pid"] for reply in replies}
+    assert run.count("startup") == {pid: 1}
+    return int(pid)
+
+
+async def test_an_idle_worker_with_redis_defaults_waits_quietly(
+    outage_run: WorkerRun,
+) -> None:
+    run = outage_run
+    run.env["TASKIQ_TEST_REDIS_DEFAULTS"] = "1"  # redis-py's 5 s socket timeout
+    worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+    run.wait_for("startup", processes=1)
+    time.sleep(1)
+    settled = run.output(worker)
+    time.sleep(16)  # more than three socket timeouts, idle
+    assert run.output(worker) == settled  # nothing above DEBUG
+    replies = await results(run, "whoami", [(1,)])
+    one_process_one_lifespan(run, replies)
+    assert run.stop(worker) == 0
+
+
+async def test_a_4_s_outage_mid_run_resumes_in_the_same_process(
+    outage_run: WorkerRun, server: RedisServer
+) -> None:
+    run = outage_run
+    worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+    run.wait_for("startup", processes=1)
+    before = await results(run, "whoami", [(n,) for n in range(5)])
+    await run.sender.startup()
+    running = await run.kiq("slow", 99, 2.0)
+    await run.sender.shutdown()
+    run.wait_for("task 99 started", processes=1)
+    server.stop()  # mid-task: it finishes during the outage
+    await asyncio.sleep(4)
+    server.start()
+    after = await results(run, "whoami", [(n,) for n in range(5, 10)])
+    assert [r["n"] for r in before + after] == list(range(10))
+    await run.sender.startup()
+    try:
+        finished = await running.wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert (finished.is_err, finished.return_value) == (False, 99)
+    one_process_one_lifespan(run, before + after)
+    output = run.output(worker)
+    assert "Traceback" not in output
+    retries = output.count("Broker 'workerapp.broker:broker' unreachable (")
+    assert 1 <= retries <= 8, output  # one line per retry, backing off
+    assert output.count("Broker 'workerapp.broker:broker' is back after ") == 1
+    assert run.stop(worker) == 0
+    assert run.count("shutdown") == run.count("startup")
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["list", "stream"])
+async def test_a_broker_that_starts_3_s_after_the_worker(
+    server: RedisServer, tmp_path: Path, streams: bool
+) -> None:
+    run = WorkerRun(server.url, tmp_path, streams=streams)
+    try:
+        server.stop()
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await asyncio.sleep(3)
+        server.start()
+        replies = await results(run, "whoami", [(n,) for n in range(3)])
+        one_process_one_lifespan(run, replies)
+        assert "Traceback" not in run.output(worker)
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+
+
+async def test_an_outage_longer_than_the_retry_timeout_stops_the_command(
+    outage_run: WorkerRun, server: RedisServer
+) -> None:
+    run = outage_run
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "2"
+    )
+    run.wait_for("startup", processes=2)
+    server.stop()
+    assert worker.wait(timeout=30) == 3
+    output = run.output(worker)
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert GAVE_UP.match(errors[0]), errors
+    assert "Traceback" not in output
+    # Stopped gracefully: each process ran its lifespan shutdown once.
+    assert run.count("shutdown") == run.count("startup")
+
+
+async def test_the_retry_timeout_applies_at_startup_too(
+    outage_run: WorkerRun, server: RedisServer
+) -> None:
+    run = WorkerRun(server.url, outage_run.tmp_path, streams=True)
+    try:
+        server.stop()
+        started = time.monotonic()
+        worker = run.start("worker", *BROKER, *APP, "--broker-retry-timeout", "2")
+        assert worker.wait(timeout=30) == 3
+        output = run.output(worker)
+        assert time.monotonic() - started < 15
+        assert len(GAVE_UP.findall(output)) == 1, output
+        assert "Broker 'workerapp.broker:broker' unreachable (" in output  # retried
+        assert "Traceback" not in output
+    finally:
+        run.kill_all()
+
+
+async def test_stream_broker_outage_loses_nothing_and_runs_nothing_twice(
+    outage_stream_run: WorkerRun, server: RedisServer
+) -> None:
+    run = outage_stream_run
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--ack-type", "when_executed"
+    )
+    run.wait_for("startup", processes=2)
+    before = await results(run, "mark", [(n,) for n in range(20)])
+    server.stop()
+    await asyncio.sleep(4)
+    server.start()
+    after = await results(run, "mark", [(n,) for n in range(20, 40)])
+    assert before + after == list(range(40))
+    ran = [event for _, event in run.events() if event.startswith("ran ")]
+    assert sorted(ran, key=lambda e: int(e.split()[1])) == [
+        f"ran {n}" for n in range(40)
+    ]
+    assert len(run.count("startup")) == 2  # no process restarted
+    assert "Traceback" not in run.output(worker)
+    assert run.stop(worker) == 0
