@@ -112,6 +112,12 @@ def init(
         existing.base_url = base_url
 
 
+def app_source(broker: AsyncBroker) -> AppSource | None:
+    """The app `init` wired to the broker, if it was called."""
+    integration = _integrations.get(broker)
+    return None if integration is None else integration.source
+
+
 def populate_dependency_context(
     broker: AsyncBroker,
     app: FastAPI,

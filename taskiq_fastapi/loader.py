@@ -101,8 +101,12 @@ def call_factory(
         ) from exc
 
 
-def load_app(source: AppSource) -> FastAPI:
-    """Resolve a source to an app: an app is used as is, a callable is a factory."""
+def resolve_app(source: AppSource) -> FastAPI | Callable[[], Any]:
+    """What an app source names, checked: an app, or a factory not yet called.
+
+    Checking without calling lets a process that serves nothing (the CLI's
+    supervisor) reject a bad path without running a factory's side effects.
+    """
     target = import_target(source)
     if isinstance(target, FastAPI):
         return target
@@ -111,6 +115,14 @@ def load_app(source: AppSource) -> FastAPI:
             f"Cannot load app {describe(source)}: expected a FastAPI app or a "
             f"zero-argument factory returning one, got {type(target).__name__}.",
         )
+    return target  # type: ignore[no-any-return]
+
+
+def load_app(source: AppSource) -> FastAPI:
+    """Resolve a source to an app: an app is used as is, a callable is a factory."""
+    target = resolve_app(source)
+    if isinstance(target, FastAPI):
+        return target
     app = call_factory(target, f"app {describe(source)}")
     if not isinstance(app, FastAPI):
         raise AppLoadError(

@@ -31,10 +31,10 @@ SOURCES = {
 
 
 def run_check(
-    taskiq_argv: Sequence[str], app: str, factory: bool, as_json: bool
+    taskiq_argv: Sequence[str], app: str | None, factory: bool, as_json: bool
 ) -> int:
     """Print the report; 1 when a task has a problem, 0 otherwise."""
-    args = with_app(parse_taskiq_args(taskiq_argv), app, None)
+    args = with_app(parse_taskiq_args(taskiq_argv), app or "", None)
     broker = load_broker_and_app(args, factory)
     try:
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)

@@ -55,7 +55,7 @@ app = typer.Typer(
 
 # Shared by `worker` and `check`, which import the same things the same way.
 AppOption = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--app",
         envvar=APP_ENV,
@@ -63,7 +63,8 @@ AppOption = Annotated[
         help=(
             "The FastAPI app, as for uvicorn: 'module:attribute'. Without "
             "--factory, a callable that is not an app is used as a factory, "
-            "with a warning, as uvicorn does."
+            "with a warning, as uvicorn does. Default: the app the broker "
+            "module gave taskiq_fastapi.init."
         ),
     ),
 ]
@@ -118,7 +119,7 @@ def root(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 def worker(
-    app_path: AppOption,
+    app_path: AppOption = None,
     taskiq_args: TaskiqArguments = None,
     factory: FactoryOption = False,
     base_url: Annotated[
@@ -171,7 +172,7 @@ def worker(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 def check(
-    app_path: AppOption,
+    app_path: AppOption = None,
     taskiq_args: TaskiqArguments = None,
     factory: FactoryOption = False,
     as_json: Annotated[

@@ -9,7 +9,12 @@ from fastapi import FastAPI
 from taskiq import AsyncBroker
 
 from taskiq_fastapi.exceptions import LoadError
-from taskiq_fastapi.loader import call_factory, import_module, import_string, load_app
+from taskiq_fastapi.loader import (
+    call_factory,
+    import_module,
+    import_string,
+    resolve_app,
+)
 
 
 def load_broker(path: str) -> AsyncBroker:
@@ -26,25 +31,28 @@ def load_broker(path: str) -> AsyncBroker:
 
 
 def check_app(path: str, factory: bool) -> str | None:
-    """Load the app once, as uvicorn would; return a warning to show, if any.
+    """Check the app path as uvicorn would, never calling a factory.
 
-    With `factory`, the path must name a callable returning a FastAPI app.
-    Without it, a FastAPI app is used as is and any other zero-argument
-    callable is used as a factory, with a warning, as uvicorn does.
+    The factory runs in each worker process, once: template factories set up
+    logging, Sentry and the like, which a supervisor has no use for. With
+    `factory`, the path must name a callable returning a FastAPI app; without
+    it, a FastAPI app is used as is and a zero-argument callable is used as a
+    factory with a warning, as uvicorn does. Returns that warning, if any.
     """
-    target = import_string(path)
-    if factory and isinstance(target, FastAPI):
+    target = resolve_app(path)
+    if not isinstance(target, FastAPI):
+        if factory:
+            return None
+        return (
+            f"App factory detected at {path!r}. Using it, but please consider "
+            "setting the --factory flag explicitly."
+        )
+    if factory:
         raise LoadError(
             f"Cannot load app {path!r}: --factory was given, but it is a "
             "FastAPI app, not a factory returning one.",
         )
-    load_app(path)
-    if factory or isinstance(target, FastAPI):
-        return None
-    return (
-        f"App factory detected at {path!r}. Using it, but please consider "
-        "setting the --factory flag explicitly."
-    )
+    return None
 
 
 def import_task_modules(modules: list[str], pattern: Any, fs_discover: bool) -> None:

@@ -25,6 +25,7 @@ from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
 import taskiq_fastapi
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
@@ -37,7 +38,10 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     """Body of every worker process, including ones restarted by taskiq."""
     try:
         broker = load_broker(args.broker)
-        taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+        # Without --app, the broker module's own init names the app (the main
+        # process checked that it did).
+        source = args.app or app_source(broker)
+        taskiq_fastapi.init(broker, source, base_url=args.base_url)  # type: ignore[arg-type]
         outages = BrokerOutages(
             broker,
             args.broker,

@@ -15,6 +15,8 @@ from taskiq import AsyncBroker
 
 import taskiq_fastapi
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi.integration import app_source
+from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
 from taskiq_fastapi_cli.discover import check_app, load_broker
@@ -23,7 +25,7 @@ from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 def start_worker(
     taskiq_argv: Sequence[str],
-    app: str,
+    app: str | None,
     factory: bool,
     base_url: str | None,
     start_method: str | None,
@@ -32,7 +34,7 @@ def start_worker(
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
         parse_taskiq_args(taskiq_argv),
-        app,
+        app or "",
         base_url,
         broker_retry_timeout=broker_retry_timeout,
     )
@@ -51,16 +53,35 @@ def start_worker(
     return run(args)
 
 
+NO_APP = (
+    "No app to serve: pass --app MODULE:ATTR (or set TASKIQ_FASTAPI_APP), or "
+    'call taskiq_fastapi.init(broker, "module:app") in the broker module.'
+)
+
+
 def load_broker_and_app(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
-    """Import the broker and the app once, and wire them, or fail in one line."""
+    """Import the broker, find and check the app, wire them; or fail in one line.
+
+    The app is `--app`, or else the one the broker module gave `init`, as
+    taskiq-fastapi 0.5 projects do. No app factory is called here.
+    """
     if args.app_dir:
         sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
     try:
         broker = load_broker(args.broker)
-        warning = check_app(args.app, factory)
-        # In the main process too, so a broker module that already called
-        # init for another app is refused before any worker starts.
-        taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+        if args.app:
+            warning = check_app(args.app, factory)
+            # Here too, so a broker module that already called init for
+            # another app is refused before any worker starts.
+            taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
+        else:
+            warning = None
+            source = app_source(broker)
+            if source is None or factory:
+                message = "--factory needs --app." if factory else NO_APP
+                raise CLIError(message, EXIT_USAGE_ERROR)
+            resolve_app(source)
+            taskiq_fastapi.init(broker, source, base_url=args.base_url)
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
     if warning:

@@ -12,6 +12,9 @@ from workers import WorkerRun
 
 from tools.redis_server import redis_url as running_redis
 
+# A project with its own test suite; test_template_project.py runs it apart.
+collect_ignore = ["tplproj"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

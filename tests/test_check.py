@@ -106,7 +106,12 @@ def test_check_json_for_machines(capsys: pytest.CaptureFixture[str]) -> None:
             "Error: Cannot load broker 'workerapp.broker:nope': "
             'Attribute "nope" not found in module "workerapp.broker".\n',
         ),
-        (BROKER, "Error: Missing option '--app' (env var: 'TASKIQ_FASTAPI_APP').\n"),
+        (
+            BROKER,
+            "Error: No app to serve: pass --app MODULE:ATTR (or set "
+            "TASKIQ_FASTAPI_APP), or call taskiq_fastapi.init(broker, "
+            '"module:app") in the broker module.\n',
+        ),
     ],
 )
 def test_check_input_errors_are_one_line(

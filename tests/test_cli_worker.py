@@ -195,3 +195,32 @@ async def test_reload_restarts_a_worker_that_serves_the_app(
     assert results[0]["db"] == f"db-of-{second}"
     assert run.stop(worker) == 0
     assert run.count("shutdown") == {first: 1, second: 1}
+
+
+@pytest.mark.parametrize(
+    ("app", "error"),
+    [
+        (
+            "sampleapp.apps:raising_factory",
+            "Error: Cannot load app 'sampleapp.apps:raising_factory': the factory "
+            "raised ValueError: missing setting\n",
+        ),
+        (
+            "sampleapp.apps:wrong_factory",
+            "Error: Cannot load app 'sampleapp.apps:wrong_factory': the factory "
+            "returned dict, not a FastAPI app.\n",
+        ),
+    ],
+)
+def test_a_failing_factory_is_a_startup_failure(
+    run: WorkerRun, app: str, error: str
+) -> None:
+    """Only worker processes call the factory: its failure is a startup failure."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", app, "--factory", "--workers", "2",
+    )  # fmt: skip
+    assert worker.wait(timeout=60) == 3
+    output = run.output(worker)
+    assert output.count(error) == 1, output
+    assert "Traceback" not in output

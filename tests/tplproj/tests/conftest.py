@@ -1,0 +1,3 @@
+import os
+
+os.environ["TPLPROJ_ENVIRONMENT"] = "pytest"
