@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
 OLDEST := .venv-oldest
 
-.PHONY: install test test-oldest lint format bench demo build clean
+# Every Python the package declares (pyproject's classifiers list the same).
+MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
+
+.PHONY: install test test-oldest test-matrix lint format bench demo build clean
 
 install: $(STAMP)
 
@@ -28,6 +31,10 @@ test-oldest:
 	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST)/bin/python -m pip install --quiet -c constraints-oldest.txt -e '.[dev]'
 	$(OLDEST)/bin/python -m pytest
+
+# The suite on every supported Python with the newest dependencies.
+test-matrix:
+	tools/test_matrix.sh $(MATRIX_PYTHONS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -50,4 +57,4 @@ build: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) $(OLDEST) dist build .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) $(addprefix .venv-,$(MATRIX_PYTHONS)) dist build .mypy_cache .ruff_cache

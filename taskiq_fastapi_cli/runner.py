@@ -5,8 +5,8 @@ tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
 creates the module-level `ProcessManager` with the module-level `start_listen`
 as the worker function, so for the duration of the call those names point to
 `SafeProcessManager` (supervisor.py) and `worker_process`, which applies
-`init` to the broker and then runs taskiq's own `start_listen`, handing it the
-broker instance instead of its path.
+`init` to the broker and then runs taskiq's own `start_listen`, whose import
+of the broker's path returns that broker (`_listen`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
+from taskiq import AsyncBroker
 from taskiq.cli.worker import run as taskiq_run
 from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
@@ -49,10 +49,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
             give_up=lambda message: _stop_command(args, message),
         )
         ShutdownGuard(broker, on_signal=outages.stop)
-        # taskiq's start_listen accepts a broker instance in place of a path,
-        # so a broker factory is called once and `init` applies to its result.
-        instance: Any = broker
-        taskiq_start_listen(replace(args, broker=instance))
+        _listen(args, broker)
     except WorkerStopped:
         sys.exit(0)  # stopped by a signal while waiting for the broker
     except TaskiqFastAPIError as exc:
@@ -60,6 +57,25 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # forever.
         _stop_command(args, str(exc))
         sys.exit(EXIT_STARTUP_FAILURE)
+
+
+def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker) -> None:
+    """Run taskiq's `start_listen` with the broker this process initialised.
+
+    `start_listen` imports the broker by its path with the run module's
+    `import_object` (taskiq 0.12 also takes an instance, 0.11 does not), so
+    for that path it returns this instance: a broker factory is called once
+    and `init` applies to its result. Other imports (the receiver) are taskiq's.
+    """
+    import_object = taskiq_run.import_object  # type: ignore[attr-defined]
+
+    def this_broker(spec: str, *args_: Any, **kwargs: Any) -> Any:
+        if spec == args.broker:
+            return broker
+        return import_object(spec, *args_, **kwargs)
+
+    with _taskiq_run_uses(import_object=this_broker):
+        taskiq_start_listen(args)  # taskiq's own: the module name is ours here
 
 
 def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:

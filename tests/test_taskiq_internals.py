@@ -150,20 +150,21 @@ def test_run_worker_creates_the_module_level_process_manager(
     assert "self.action_queue.get()" in loop
 
 
-def test_start_listen_takes_a_broker_instance_in_place_of_its_path() -> None:
-    """taskiq_fastapi_cli.runner hands start_listen the broker it initialised."""
+def test_start_listen_imports_the_broker_through_the_run_modules_import_object() -> (
+    None
+):
+    """taskiq_fastapi_cli.runner makes that import return the broker it initialised."""
     import subprocess
     import sys
 
     probe = (
-        "from dataclasses import replace\n"
         "from taskiq import InMemoryBroker\n"
-        "from taskiq.cli.worker.run import start_listen\n"
+        "from taskiq_fastapi_cli import runner\n"
         "from taskiq_fastapi_cli.args import parse_taskiq_args\n"
         "broker = InMemoryBroker()\n"
         "args = parse_taskiq_args(['not.a.module:broker', '--no-configure-logging'])\n"
         "try:\n"
-        "    start_listen(replace(args, broker=broker))\n"
+        "    runner._listen(args, broker)\n"
         "except BaseException as exc:\n"
         "    inner = getattr(exc, 'exceptions', [exc])[0]\n"
         "    print(broker.is_worker_process, inner)\n"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole suite on every supported Python, each with the newest dependencies
+# that install there, in its own .venv-<version>. An interpreter that cannot be
+# found is an error, never a silent skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {  # the newest pyenv build of $1, else python$1 from PATH
+    local found
+    found=$(ls -d "$HOME"/.pyenv/versions/"$1".*/bin/python"$1" 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$found" ] || found=$(command -v "python$1" || true)
+    [ -n "$found" ] || { echo "test-matrix: Python $1 not found (pyenv or PATH)" >&2; return 1; }
+    echo "$found"
+}
+
+for version in "$@"; do
+    python=$(find_python "$version")
+    venv=".venv-$version"
+    echo "== Python $version ($python)"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e '.[dev]'
+    "$venv/bin/python" -m pytest -q
+done
