@@ -87,6 +87,12 @@ FactoryOption = Annotated[
 ]
 
 
+def _not_negative(value: float) -> float:
+    if value < 0:
+        raise typer.BadParameter(f"{value:g} is below 0: expected seconds, 0 or more.")
+    return value
+
+
 def _print_versions(value: bool) -> None:
     if value:
         for dist in ("taskiq-fastapi", "taskiq", "fastapi"):
@@ -146,7 +152,7 @@ def worker(
             "--broker-retry-timeout",
             envvar=BROKER_RETRY_TIMEOUT_ENV,
             metavar="SECONDS",
-            min=0,
+            callback=_not_negative,
             help="How long a worker keeps retrying an unreachable broker, at "
             "startup or later, before the command stops (exit 3). 0: not at all.",
         ),

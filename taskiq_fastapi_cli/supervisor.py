@@ -12,14 +12,21 @@ whose `put` is reentrant (the standard library documents it as safe to call
 from code that interrupts other code). The manager's loop reads those actions
 through the same `empty()` and `get()` it already calls, so nothing else of
 taskiq's process manager changes.
+
+Also worked around: taskiq before 0.12 stops its workers by signalling each
+one without checking that it still exists; a worker that had exited (say, on
+a startup failure) made the supervisor crash with ProcessLookupError and exit
+1 before it signalled the others.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from multiprocessing import current_process
 from typing import Any
 
@@ -78,3 +85,14 @@ class SafeProcessManager(ProcessManager):
         signal.signal(signal.SIGTERM, shutdown)
         if sys.platform != "win32":
             signal.signal(signal.SIGHUP, signal_handler(signalled, ReloadAllAction()))
+
+    def start(self) -> int | None:
+        """Run taskiq's loop; a worker gone by shutdown is not an error."""
+        try:
+            return super().start()
+        except ProcessLookupError:
+            for worker in self.workers:
+                if worker.pid and worker.is_alive():
+                    with suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGINT)
+            return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -225,22 +226,19 @@ BAD_INPUTS = [
       "--ack-type", "sometimes"], 2,
      "Error: argument --ack-type: invalid value: 'sometimes'"),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
-      "--max-prefetch", "-1"], 2,
-     "Error: argument --max-prefetch: max_prefetch cannot be negative."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--base-url", "localhost:8000"], 2,
      "Error: --base-url: Invalid base URL 'localhost:8000': "
      "expected http(s)://host[:port][/root/path]."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--broker-retry-timeout", "-1"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
-     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): Input should be greater than or "
-     "equal to 0"),
+     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): -1 is below 0: expected seconds, "
+     "0 or more."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--start-method", "clone"], 2,
-     "Error: Invalid value for '--start-method': Value error, 'clone' is not one "
-     "of 'fork', "
-     "'spawn', 'forkserver'."),
+     # Typer 0.29 adds "Value error, " (pydantic's words); Typer 0.28 does not.
+     re.compile(r"Error: Invalid value for '--start-method': (Value error, )?"
+                r"'clone' is not one of 'fork', 'spawn', 'forkserver'\.")),
     (["worker", "--app", "sampleapp.apps:failing_app",
       "sampleapp.circular_broker:broker"], 1,
      "Error: The broker is already initialised with app 'sampleapp.circular_app:app'; "
@@ -253,12 +251,17 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_naming_it(
     argv: list[str],
     exit_code: int,
-    message: str,
+    message: str | re.Pattern[str],
     captured_run: list[FastAPIWorkerArgs],
     capsys: Any,
 ) -> None:
     code, out, err = run_cli(capsys, *argv)
-    assert (code, out, err) == (exit_code, "", message + "\n")
+    assert (code, out) == (exit_code, "")
+    if isinstance(message, re.Pattern):
+        assert message.fullmatch(err.rstrip("\n")), err
+        assert err.count("\n") == 1
+    else:
+        assert err == message + "\n"
     assert captured_run == []  # no worker was started
 
 
