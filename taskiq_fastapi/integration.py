@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -48,6 +49,7 @@ class _Integration:
         dependencies.check(self.broker)
         app = load_app(self.source)
         lifespan = AppLifespan(app)
+        started = time.monotonic()
         try:
             await lifespan.startup()
         except LifespanFailedError as exc:
@@ -57,16 +59,30 @@ class _Integration:
         self.lifespan = lifespan
         state.fastapi_app = app
         populate_dependency_context(self.broker, app, lifespan.state)
+        logger.info(
+            "Serving app %s (%r) at %s: lifespan started in %.2f s.",
+            describe(self.source),
+            app.title,
+            resolve_base_url(self.base_url),
+            time.monotonic() - started,
+        )
 
     async def on_worker_shutdown(self, _state: TaskiqState) -> None:
         lifespan, self.lifespan = self.lifespan, None
         if lifespan is None:
             return
+        started = time.monotonic()
         try:
             await lifespan.shutdown()
         except LifespanFailedError as exc:
             # Logged, not raised: the broker's other shutdown steps must still run.
             logger.error("App %s failed to shut down: %s", describe(self.source), exc)
+            return
+        logger.info(
+            "App %s: lifespan shut down in %.2f s.",
+            describe(self.source),
+            time.monotonic() - started,
+        )
 
 
 _integrations: WeakKeyDictionary[AsyncBroker, _Integration] = WeakKeyDictionary()

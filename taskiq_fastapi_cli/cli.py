@@ -100,18 +100,21 @@ def _print_versions(value: bool) -> None:
         raise typer.Exit()
 
 
+VersionOption = Annotated[
+    bool,
+    typer.Option(
+        "--version",
+        callback=_print_versions,
+        is_eager=True,
+        help="Print the versions of taskiq-fastapi, taskiq and fastapi.",
+    ),
+]
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
-    show_version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            callback=_print_versions,
-            is_eager=True,
-            help="Print the versions of taskiq-fastapi, taskiq and fastapi.",
-        ),
-    ] = False,
+    show_version: VersionOption = False,
 ) -> None:
     """Run taskiq workers that serve a FastAPI app's lifespan and dependencies."""
     if ctx.invoked_subcommand is None:
@@ -128,6 +131,7 @@ def worker(
     app_path: AppOption = None,
     taskiq_args: TaskiqArguments = None,
     factory: FactoryOption = False,
+    show_version: VersionOption = False,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -181,6 +185,7 @@ def check(
     app_path: AppOption = None,
     taskiq_args: TaskiqArguments = None,
     factory: FactoryOption = False,
+    show_version: VersionOption = False,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the report as JSON."),

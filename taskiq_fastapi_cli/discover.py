@@ -56,14 +56,31 @@ def check_app(path: str, factory: bool) -> str | None:
 
 
 def import_task_modules(modules: list[str], pattern: Any, fs_discover: bool) -> None:
-    """Import the task modules as a worker does, failing on the first bad one.
+    """Import the task modules a worker imports, failing on the first bad one.
 
-    taskiq's worker logs a module it cannot import and goes on; a check
-    must not pass because a module was skipped.
+    taskiq's worker logs a module it cannot import and goes on with no tasks
+    (a syntax error restarts it for ever); here a misspelled or broken module
+    stops the command before any worker starts. With `fs_discover`, taskiq's
+    own discovery finds the modules, and they are imported the same way.
     """
-    for module in modules:
+    discovered = _discovered(pattern) if fs_discover else []
+    for module in [*modules, *discovered]:
         import_module(module, "task module")
-    if fs_discover:
-        from taskiq.cli.utils import import_tasks
 
-        import_tasks([], pattern, fs_discover)
+
+def _discovered(pattern: Any) -> list[str]:
+    """The modules taskiq's `--fs-discover` finds, found by taskiq, not imported.
+
+    taskiq's `import_tasks` adds what it discovers to the list it is given,
+    then imports them with `import_from_modules`, which is left out here.
+    """
+    from taskiq.cli import utils
+
+    found: list[str] = []
+    importing = utils.import_from_modules
+    utils.import_from_modules = lambda modules: None
+    try:
+        utils.import_tasks(found, pattern, True)
+    finally:
+        utils.import_from_modules = importing
+    return found

@@ -19,7 +19,7 @@ from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
-from taskiq_fastapi_cli.discover import check_app, load_broker
+from taskiq_fastapi_cli.discover import check_app, import_task_modules, load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 
@@ -46,6 +46,10 @@ def start_worker(
     if args.reload:
         _check_reload_installed()
     load_broker_and_app(args, factory)
+    try:
+        import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
+    except TaskiqFastAPIError as exc:
+        raise CLIError(str(exc)) from None
     _set_start_method(start_method or ("spawn" if args.reload else None))
 
     from taskiq_fastapi_cli.runner import run

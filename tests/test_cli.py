@@ -360,3 +360,47 @@ def test_app_and_broker_import_from_app_dir(
     code, _, err = run_cli(capsys, *argv, "--app-dir", str(project))
     assert (code, err) == (0, "")
     assert captured_run[0].app_dir == str(project)
+
+
+@pytest.mark.parametrize("command", ["worker", "check"])
+def test_version_from_the_commands_too(capsys: Any, command: str) -> None:
+    code, out, _ = run_cli(capsys, command, "--version")
+    assert code == 0
+    assert out.splitlines()[0] == f"taskiq-fastapi {version('taskiq-fastapi')}"
+
+
+def test_a_misspelled_task_module_is_refused_before_any_worker_starts(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any
+) -> None:
+    code, out, err = run_cli(
+        capsys, "worker", "sampleapp.inmemory:broker", "sampleapp.taskz",
+        "--app", "sampleapp.apps:app",
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert err == (
+        "Error: Cannot load task module 'sampleapp.taskz': "
+        'Could not import module "sampleapp.taskz".\n'
+    )
+    assert captured_run == []
+
+
+def test_a_task_module_with_a_syntax_error_is_refused_naming_file_and_line(
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "broken_tasks.py").write_text("def make_receipt(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run_cli(
+        capsys, "worker", "sampleapp.inmemory:broker", "broken_tasks",
+        "--app", "sampleapp.apps:app",
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert err.startswith(
+        "Error: Cannot load task module 'broken_tasks': importing it raised "
+        "SyntaxError: "
+    )
+    assert "(broken_tasks.py, line 1)" in err
+    assert err.count("\n") == 1
+    assert captured_run == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from pathlib import Path
@@ -226,3 +227,26 @@ def test_a_failing_factory_is_a_startup_failure(
     output = run.output(worker)
     assert output.count(error) == 1, output
     assert "Traceback" not in output
+
+
+async def test_each_worker_says_which_app_it_serves_and_when_it_stopped(
+    run: WorkerRun,
+) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "2", "--base-url", "https://api.example.com/v1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=2)
+    assert run.stop(worker) == 0
+    output = run.output(worker)
+    ready = re.findall(
+        r"\[worker-\d\] Serving app 'workerapp.app:app' \('FastAPI'\) at "
+        r"https://api\.example\.com/v1: lifespan started in \d+\.\d\d s\.",
+        output,
+    )
+    assert len(ready) == 2, output
+    stopped = re.findall(
+        r"\[worker-\d\] App 'workerapp.app:app': lifespan shut down in \d+\.\d\d s\.",
+        output,
+    )
+    assert len(stopped) == 2, output
