@@ -89,8 +89,6 @@ class TaskPlan:
 
 def describe(target: Any) -> str:
     """Name a dependency the way its author wrote it: `get_db()`."""
-    if isinstance(target, _StandIn):
-        target = target.target
     name = getattr(target, "__qualname__", None)
     if isinstance(name, str) and (inspect.isroutine(target) or inspect.isclass(target)):
         name = name.rpartition("<locals>.")[2].removesuffix("__taskiq_original")
