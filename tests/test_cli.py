@@ -82,10 +82,16 @@ ACTIONS = taskiq_parser_actions()
 
 @pytest.mark.parametrize("action", ACTIONS, ids=[a.dest for a in ACTIONS])
 def test_every_taskiq_worker_option_passes_through_unchanged(
-    action: argparse.Action, captured_run: list[FastAPIWorkerArgs], capsys: Any
+    action: argparse.Action,
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     option = sample_argv(action)
-    argv = ["sampleapp.inmemory:broker", "some.module", *option]
+    if action.dest == "fs_discover":
+        monkeypatch.chdir(tmp_path)  # task modules are imported: find none
+    argv = ["sampleapp.inmemory:broker", "sampleapp.inmemory", *option]
     expected = WorkerArgs.from_cli(argv)
     code, _, err = run_cli(capsys, "worker", "--app", "sampleapp.apps:app", *argv)
     assert (code, err) == (0, "")
