@@ -14,11 +14,8 @@ import typer
 
 from taskiq_fastapi import dependencies
 from taskiq_fastapi.dependencies import Node, TaskPlan
-from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
-from taskiq_fastapi_cli.discover import import_task_modules
-from taskiq_fastapi_cli.exceptions import CLIError
-from taskiq_fastapi_cli.worker import load_broker_and_app
+from taskiq_fastapi_cli.worker import load_project
 
 SOURCES = {
     "message": "message argument",
@@ -35,11 +32,7 @@ def run_check(
 ) -> int:
     """Print the report; 1 when a task has a problem, 0 otherwise."""
     args = with_app(parse_taskiq_args(taskiq_argv), app or "", None)
-    broker = load_broker_and_app(args, factory)
-    try:
-        import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
-    except TaskiqFastAPIError as exc:
-        raise CLIError(str(exc)) from None
+    broker = load_project(args, factory)
     plans = dependencies.plans(broker)
     problems = [problem for plan in plans for problem in plan.problems]
     if as_json:

@@ -45,11 +45,7 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
-    load_broker_and_app(args, factory)
-    try:
-        import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
-    except TaskiqFastAPIError as exc:
-        raise CLIError(str(exc)) from None
+    load_project(args, factory)
     _set_start_method(start_method or ("spawn" if args.reload else None))
 
     from taskiq_fastapi_cli.runner import run
@@ -63,29 +59,31 @@ NO_APP = (
 )
 
 
-def load_broker_and_app(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
-    """Import the broker, find and check the app, wire them; or fail in one line.
+def load_project(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
+    """Import the broker, the app and the task modules, and wire them.
 
-    The app is `--app`, or else the one the broker module gave `init`, as
-    taskiq-fastapi 0.5 projects do. No app factory is called here.
+    Everything a worker would import is imported here first, so a bad path,
+    a misspelled task module or a syntax error is one line before any worker
+    starts. The app is `--app`, or else the one the broker module gave
+    `init`, as taskiq-fastapi 0.5 projects do. No app factory is called here.
     """
     if args.app_dir:
         sys.path.insert(0, args.app_dir)  # as taskiq does, for every process
+    warning = None
     try:
         broker = load_broker(args.broker)
+        source = args.app or app_source(broker)
+        if source is None or (factory and not args.app):
+            message = "--factory needs --app." if factory else NO_APP
+            raise CLIError(message, EXIT_USAGE_ERROR)
         if args.app:
             warning = check_app(args.app, factory)
-            # Here too, so a broker module that already called init for
-            # another app is refused before any worker starts.
-            taskiq_fastapi.init(broker, args.app, base_url=args.base_url)
         else:
-            warning = None
-            source = app_source(broker)
-            if source is None or factory:
-                message = "--factory needs --app." if factory else NO_APP
-                raise CLIError(message, EXIT_USAGE_ERROR)
             resolve_app(source)
-            taskiq_fastapi.init(broker, source, base_url=args.base_url)
+        # Here too, so a broker module that already called init for another
+        # app is refused before any worker starts.
+        taskiq_fastapi.init(broker, source, base_url=args.base_url)
+        import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
     if warning:
