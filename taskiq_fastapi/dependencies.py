@@ -162,8 +162,9 @@ class _Planner:
         self.broker = broker
         self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
         self.problems: list[str] = []
-        self.fastapi_parameters: list[inspect.Parameter] = []
-        self.fastapi_nodes: list[tuple[Node, inspect.Parameter, Any]] = []
+        # Each FastAPI parameter: its node, the parameter, the function that
+        # declares it, and the parameter FastAPI analyses (renamed to its key).
+        self.fastapi: list[tuple[Node, inspect.Parameter, Any, inspect.Parameter]] = []
         self.stand_ins: dict[Any, tuple[list[Node], Any]] = {}
         self.dependant: _fastapi.Dependant | None = None
         self.solve = self._make_solver()
@@ -277,14 +278,13 @@ class _Planner:
     def fastapi_parameter(
         self, owner: Any, parameter: inspect.Parameter, marker: Any
     ) -> tuple[Node, inspect.Parameter]:
-        key = f"p{len(self.fastapi_parameters)}"
+        key = f"p{len(self.fastapi)}"
         try:
             typed = _fastapi.typed_signature(owner).parameters[parameter.name]
         except Exception:  # FastAPI's own analysis below reports it
             typed = parameter
-        self.fastapi_parameters.append(typed.replace(name=key))
         node = Node(parameter.name, "fastapi", describe(marker.dependency))
-        self.fastapi_nodes.append((node, parameter, owner))
+        self.fastapi.append((node, parameter, owner, typed.replace(name=key)))
         return node, _marked(parameter, TaskiqMarker(self._getter(key)))
 
     def solve_fastapi_parameters(self) -> None:
@@ -294,9 +294,7 @@ class _Planner:
         so they share one cache per task as a route's share one per request.
         """
         analysed = []
-        for (node, parameter, owner), typed in zip(
-            self.fastapi_nodes, self.fastapi_parameters, strict=True
-        ):
+        for node, parameter, owner, typed in self.fastapi:
             try:
                 (dependant,) = _fastapi.analyse([typed]).dependencies
             except Exception as exc:
@@ -309,7 +307,7 @@ class _Planner:
                 continue
             node.dependencies = list(self.fastapi_children(dependant))
             analysed.append(typed)
-        if analysed and len(analysed) == len(self.fastapi_parameters):
+        if analysed and len(analysed) == len(self.fastapi):
             self.dependant = _fastapi.analyse(analysed)
 
     def fastapi_children(self, dependant: _fastapi.Dependant) -> Iterator[Node]:
