@@ -11,7 +11,6 @@ Upstream behaviours worked around here:
   an idle worker's fetch ends with redis's TimeoutError every 5 s, which
   taskiq-redis does not catch. A fetch that times out after waiting is an
   idle wait, not an outage: it is started again at once, logged at DEBUG.
-
 - After a restart of the server, every connection a pool kept from before
   fails once, and taskiq-redis's pools do not retry: the first results after
   an outage were lost ("Can't set result in result backend"). Saving a result
@@ -25,7 +24,8 @@ off exponentially with jitter, one WARNING line each, and one line when the
 broker is back. Past `--broker-retry-timeout` without a successful fetch, the
 process asks the whole command to stop gracefully and the command exits 3.
 
-Nothing here runs per task: only failed fetches take this path.
+Per message, a fetch passes through one more generator and an ackable
+message gets its ack wrapped; the retries themselves only run on failures.
 """
 
 from __future__ import annotations
