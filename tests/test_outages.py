@@ -153,21 +153,18 @@ async def test_an_outage_longer_than_the_retry_timeout_stops_the_command(
 
 
 async def test_the_retry_timeout_applies_at_startup_too(
-    outage_run: WorkerRun, server: RedisServer
+    outage_stream_run: WorkerRun, server: RedisServer
 ) -> None:
-    run = WorkerRun(server.url, outage_run.tmp_path, streams=True)
-    try:
-        server.stop()
-        started = time.monotonic()
-        worker = run.start("worker", *BROKER, *APP, "--broker-retry-timeout", "2")
-        assert worker.wait(timeout=30) == 3
-        output = run.output(worker)
-        assert time.monotonic() - started < 15
-        assert len(GAVE_UP.findall(output)) == 1, output
-        assert "Broker 'workerapp.broker:broker' unreachable (" in output  # retried
-        assert "Traceback" not in output
-    finally:
-        run.kill_all()
+    run = outage_stream_run  # the stream broker connects at startup
+    server.stop()
+    started = time.monotonic()
+    worker = run.start("worker", *BROKER, *APP, "--broker-retry-timeout", "2")
+    assert worker.wait(timeout=30) == 3
+    output = run.output(worker)
+    assert time.monotonic() - started < 15
+    assert len(GAVE_UP.findall(output)) == 1, output
+    assert "Broker 'workerapp.broker:broker' unreachable (" in output  # retried
+    assert "Traceback" not in output
 
 
 async def test_stream_broker_outage_loses_nothing_and_runs_nothing_twice(
