@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
@@ -25,6 +25,8 @@ class FastAPIWorkerArgs(WorkerArgs):
     app: str = ""
     base_url: str | None = None
     broker_retry_timeout: float = DEFAULT_BROKER_RETRY_TIMEOUT
+    reload_includes: list[str] = field(default_factory=list)
+    reload_excludes: list[str] = field(default_factory=list)
     # Set by the runner: how a worker tells the main process the command failed.
     failures: Any = None
 

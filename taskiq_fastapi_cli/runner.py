@@ -31,12 +31,13 @@ from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
-from taskiq_fastapi_cli.supervisor import SafeProcessManager
+from taskiq_fastapi_cli.supervisor import SafeProcessManager, release_stop_signals
 
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
     """Body of every worker process, including ones restarted by taskiq."""
     try:
+        release_stop_signals()
         broker = load_broker(args.broker)
         # Without --app, the broker module's own init names the app (the main
         # process checked that it did).
@@ -50,8 +51,9 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         )
         ShutdownGuard(broker, on_signal=outages.stop)
         _listen(args, broker)
-    except WorkerStopped:
-        sys.exit(0)  # stopped by a signal while waiting for the broker
+    except (WorkerStopped, KeyboardInterrupt):
+        # Stopped by a signal while starting or waiting for the broker.
+        sys.exit(0)
     except TaskiqFastAPIError as exc:
         # Stop the whole command instead of taskiq restarting this process
         # forever.

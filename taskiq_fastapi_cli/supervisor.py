@@ -9,9 +9,18 @@ ignores every later signal (a burst of SIGTERMs hung it in 7 of 10 tries).
 
 Here the handlers do one thing: put the action on a `queue.SimpleQueue`,
 whose `put` is reentrant (the standard library documents it as safe to call
-from code that interrupts other code). The manager's loop reads those actions
-through the same `empty()` and `get()` it already calls, so nothing else of
-taskiq's process manager changes.
+from code that interrupts other code). The manager's whole action queue is
+that SimpleQueue: only threads of the main process use it, and a
+`multiprocessing.Queue` left with unread actions at exit (a shutdown in the
+middle of a burst of reloads) made the command hang joining its feeder thread.
+The manager's loop calls the same `put`, `empty()` and `get()` as before, so
+nothing else of taskiq's process manager changes.
+
+Also worked around: a Ctrl-C that reached a worker process while it was
+still importing (under spawn, as `--reload` uses) printed a KeyboardInterrupt
+traceback from the middle of some import. Worker processes are started with
+the stop signals blocked, and `worker_process` releases them once it is
+running: a signal that arrived in between ends the process quietly there.
 
 Also worked around: taskiq before 0.12 stops its workers by signalling each
 one without checking that it still exists; a worker that had exited (say, on
@@ -25,37 +34,21 @@ import os
 import queue
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from multiprocessing import current_process
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskiq.cli.worker.process_manager import (
     ProcessActionBase,
     ProcessManager,
     ReloadAllAction,
+    ReloadOneAction,
     ShutdownAction,
 )
 
-
-class ActionQueue:
-    """The manager's action queue, plus the actions signal handlers left."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.signalled: queue.SimpleQueue[ProcessActionBase] = queue.SimpleQueue()
-
-    def put(self, action: ProcessActionBase) -> None:
-        self.inner.put(action)
-
-    def empty(self) -> bool:
-        return self.signalled.empty() and bool(self.inner.empty())
-
-    def get(self) -> ProcessActionBase:
-        try:
-            return self.signalled.get_nowait()
-        except queue.Empty:
-            return self.inner.get()  # type: ignore[no-any-return]
+if TYPE_CHECKING:
+    from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 
 
 def signal_handler(
@@ -73,26 +66,101 @@ def signal_handler(
     return handle
 
 
-class SafeProcessManager(ProcessManager):
-    """taskiq's ProcessManager with signal handlers that cannot deadlock."""
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.action_queue = ActionQueue(self.action_queue)  # type: ignore[assignment]
-        signalled = self.action_queue.signalled  # type: ignore[attr-defined]
-        shutdown = signal_handler(signalled, ShutdownAction())
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Block the stop signals; processes started meanwhile inherit the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release_stop_signals() -> None:
+    """In a worker process: deliver the stop signals that arrived while it started.
+
+    A SIGINT waiting here raises KeyboardInterrupt, which `worker_process`
+    takes as a quiet exit.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class HeldRestart(ReloadOneAction):
+    """taskiq's restart of one worker, started with the stop signals held."""
+
+    def handle(self, *args: Any, **kwargs: Any) -> None:
+        with stop_signals_held():
+            super().handle(*args, **kwargs)
+
+
+class ActionQueue(queue.SimpleQueue[ProcessActionBase]):
+    """The manager's queue: reentrant `put`, restarts that hold signals."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        action = super().get(block, timeout)
+        if type(action) is ReloadOneAction:
+            return HeldRestart(action.worker_num, action.is_reload_all)
+        return action
+
+
+class SafeProcessManager(ProcessManager):
+    """taskiq's ProcessManager: handlers that cannot deadlock, our file watcher."""
+
+    def __init__(
+        self,
+        args: FastAPIWorkerArgs,
+        worker_function: Callable[[Any], None],
+        observer: Any = None,
+    ) -> None:
+        # Without the observer, taskiq's constructor schedules no watcher.
+        super().__init__(args=args, worker_function=worker_function)
+        actions = ActionQueue()
+        self.action_queue = actions  # type: ignore[assignment]
+        if args.reload and observer is not None:
+            # Imported here: it needs taskiq's `reload` extra.
+            from taskiq_fastapi_cli import reload
+
+            reload.watch(
+                observer,
+                args.reload_dirs,
+                reload.ReloadFilter(args.reload_includes, args.reload_excludes),
+                actions.put,
+                use_gitignore=not args.no_gitignore,
+            )
+        shutdown = signal_handler(actions, ShutdownAction())
         signal.signal(signal.SIGINT, shutdown)
         signal.signal(signal.SIGTERM, shutdown)
         if sys.platform != "win32":
-            signal.signal(signal.SIGHUP, signal_handler(signalled, ReloadAllAction()))
+            signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
+
+    def prepare_workers(self) -> None:
+        with stop_signals_held():
+            super().prepare_workers()
 
     def start(self) -> int | None:
-        """Run taskiq's loop; a worker gone by shutdown is not an error."""
+        """Run taskiq's loop, then wait for the workers to exit.
+
+        A worker gone by shutdown is not an error. Waiting here, not in
+        multiprocessing's exit handler, matters: that handler first releases
+        the semaphores the workers' arguments carry, and a worker restarted
+        just before a Ctrl-C still needs them to start (and stop).
+        """
         try:
-            return super().start()
+            status = super().start()
         except ProcessLookupError:
-            for worker in self.workers:
-                if worker.pid and worker.is_alive():
-                    with suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGINT)
-            return None
+            status = None
+            self._stop_live_workers()
+        if status is not None:  # --max-fails reached: taskiq leaves them running
+            self._stop_live_workers()
+        for worker in self.workers:
+            worker.join()
+        return status
+
+    def _stop_live_workers(self) -> None:
+        for worker in self.workers:
+            if worker.pid and worker.is_alive():
+                with suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)

@@ -30,6 +30,8 @@ def start_worker(
     base_url: str | None,
     start_method: str | None,
     broker_retry_timeout: float,
+    reload_includes: Sequence[str],
+    reload_excludes: Sequence[str],
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
@@ -37,7 +39,14 @@ def start_worker(
         app or "",
         base_url,
         broker_retry_timeout=broker_retry_timeout,
+        reload_includes=list(reload_includes),
+        reload_excludes=list(reload_excludes),
     )
+    if (reload_includes or reload_excludes) and not args.reload:
+        raise CLIError(
+            "--reload-include and --reload-exclude need --reload.",
+            EXIT_USAGE_ERROR,
+        )
     if base_url is not None:
         try:
             base_url_scope(base_url)

@@ -185,9 +185,6 @@ async def test_reload_restarts_a_worker_that_serves_the_app(
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
         "--reload", "--reload-dir", str(watched),
-        # taskiq's gitignore lookup loops forever for a directory outside the
-        # working directory, as this one is.
-        "--do-not-use-gitignore",
     )  # fmt: skip
     run.wait_for("startup", processes=1)
     (watched / "changed.py").write_text("x = 1\n")

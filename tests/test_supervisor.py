@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import time
 
 import pytest
-from taskiq.cli.worker.process_manager import ShutdownAction
+from taskiq.cli.worker.process_manager import ReloadOneAction, ShutdownAction
 from workers import WorkerRun
 
-from taskiq_fastapi_cli.supervisor import ActionQueue, signal_handler
+from taskiq_fastapi_cli.supervisor import ActionQueue, HeldRestart, signal_handler
 
 BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
 APP = ["--app", "workerapp.app:app"]
@@ -20,22 +19,25 @@ APP = ["--app", "workerapp.app:app"]
 
 @pytest.mark.timeout(10)
 def test_the_handler_runs_while_the_interrupted_code_holds_every_lock() -> None:
-    # What taskiq's handler took (the queue's locks, logging's) held by this
-    # very thread, as the interrupted main loop would hold them: a handler
-    # that took one of them would never return.
-    actions = ActionQueue(multiprocessing.Queue())
-    handler = signal_handler(actions.signalled, ShutdownAction())
-    inner = actions.inner
-    with inner._notempty, inner._rlock, inner._wlock, logging._lock:  # type: ignore[attr-defined]
+    # What taskiq's handler took (logging's lock, a multiprocessing queue's)
+    # held by this very thread, as the interrupted main loop would hold it: a
+    # handler that took one of them would never return.
+    actions = ActionQueue()
+    handler = signal_handler(actions, ShutdownAction())
+    with logging._lock:  # type: ignore[attr-defined]
         for _ in range(25):
             handler(signal.SIGTERM, None)
     assert not actions.empty()
     assert isinstance(actions.get(), ShutdownAction)
 
 
-def test_actions_from_handlers_and_from_the_loop_are_both_read() -> None:
-    actions = ActionQueue(multiprocessing.Queue())
-    signal_handler(actions.signalled, ShutdownAction())(signal.SIGINT, None)
+def test_restarts_are_started_with_the_stop_signals_held() -> None:
+    actions = ActionQueue()
+    actions.put(ReloadOneAction(worker_num=0, is_reload_all=True))
+    signal_handler(actions, ShutdownAction())(signal.SIGINT, None)
+    restart = actions.get()
+    assert isinstance(restart, HeldRestart)
+    assert (restart.worker_num, restart.is_reload_all) == (0, True)
     assert isinstance(actions.get(), ShutdownAction)
     assert actions.empty()
 

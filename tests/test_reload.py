@@ -1,0 +1,125 @@
+"""`--reload` reacts to source changes only, as uvicorn's does (issue 10)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from workers import WorkerRun
+
+from taskiq_fastapi_cli.reload import ReloadFilter
+
+BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
+APP = ["--app", "workerapp.app:app"]
+
+
+@pytest.mark.parametrize(
+    ("includes", "excludes", "path", "reloads"),
+    [
+        ([], [], "app/tasks.py", True),
+        ([], [], "app.db", False),
+        ([], [], "logs/worker.log", False),
+        ([], [], "app/.tasks.py", False),  # hidden, as an editor's temp file
+        ([], [], "app/tasks.py.swp", False),
+        (["*.toml"], [], "settings.toml", True),
+        (["*.toml"], [], "app/tasks.py", True),  # *.py stays
+        ([], ["*.py"], "app/tasks.py", False),  # the default itself dropped
+        ([], ["*_test.py"], "app/tasks_test.py", False),
+        ([".*"], [], "app/.env.py", True),  # the default exclude dropped
+    ],
+)
+def test_patterns_follow_uvicorn(
+    includes: list[str], excludes: list[str], path: str, reloads: bool
+) -> None:
+    assert ReloadFilter(includes, excludes)(Path("/project") / path) is reloads
+
+
+def test_an_excluded_directory_excludes_everything_under_it(tmp_path: Path) -> None:
+    (tmp_path / "migrations").mkdir()
+    accept = ReloadFilter([], [str(tmp_path / "migrations")])
+    assert not accept(tmp_path / "migrations" / "versions" / "001_init.py")
+    assert accept(tmp_path / "models.py")
+
+
+def wait_for_output(
+    run: WorkerRun, worker: subprocess.Popen[bytes], text: str, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        time.sleep(0.02)
+
+
+def start_reloading(
+    run: WorkerRun, watched: Path, *options: str
+) -> subprocess.Popen[bytes]:
+    # The watched directory is outside the working directory: taskiq's own
+    # .gitignore lookup never returned for one.
+    worker = run.start(
+        "worker", *BROKER, *APP, "--reload", "--reload-dir", str(watched), *options
+    )
+    run.wait_for("startup", processes=1)
+    return worker
+
+
+def test_data_and_log_files_do_not_restart_a_py_edit_restarts_once(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    watched = tmp_path / "project"
+    watched.mkdir()
+    (watched / "tasks.py").write_text("x = 1\n")
+    worker = start_reloading(run, watched)
+    # What an app writes in its project directory while it runs.
+    for n in range(20):
+        with (watched / "app.db").open("ab") as db:
+            db.write(b"page" * 1024)
+        (watched / "worker.log").write_text(f"line {n}\n" * n)
+        time.sleep(0.1)
+    time.sleep(2)  # the manager looks at its queue every second
+    assert run.count("startup").total() == 1
+    assert "restarting" not in run.output(worker)
+
+    # An editor's save: write a temporary file, then rename it over the module.
+    (watched / ".tasks.py.tmp").write_text("x = 2\n")
+    os.replace(watched / ".tasks.py.tmp", watched / "tasks.py")
+    run.wait_for("startup", processes=2)
+    time.sleep(3)
+    assert run.count("startup").total() == 2
+    output = run.output(worker)
+    assert (
+        output.count(f"Change in '{watched / 'tasks.py'}': restarting the workers.")
+        == 1
+    )
+    assert run.stop(worker) == 0
+
+
+def test_reload_include_adds_a_pattern(run: WorkerRun, tmp_path: Path) -> None:
+    watched = tmp_path / "project"
+    watched.mkdir()
+    worker = start_reloading(run, watched, "--reload-include", "*.toml")
+    (watched / "settings.toml").write_text("debug = true\n")
+    run.wait_for("startup", processes=2)
+    assert run.stop(worker) == 0
+
+
+def test_ctrl_c_while_a_worker_restarts_prints_no_traceback(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    watched = tmp_path / "project"
+    watched.mkdir()
+    worker = start_reloading(run, watched)
+    (watched / "tasks.py").write_text("x = 1\n")
+    # Between the replacement process's start and its first line of our
+    # code it is importing, where a KeyboardInterrupt used to surface.
+    wait_for_output(run, worker, "restarted with pid")
+    time.sleep(0.1)
+    os.killpg(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    run.stopped.append(worker)
+    assert worker.wait(timeout=30) == 0
+    output = run.output(worker)
+    assert "Traceback" not in output
+    assert "KeyboardInterrupt" not in output
