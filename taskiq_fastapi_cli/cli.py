@@ -31,11 +31,32 @@ class StartMethod(str, enum.Enum):
     forkserver = "forkserver"
 
 
+ARGUMENTS_USAGE = "BROKER [MODULES]... [TASKIQ OPTIONS]"
+ARGUMENTS_HELP = [
+    ("BROKER", "The broker, 'module:variable' (or a function returning one)."),
+    ("MODULES", "Task modules to import, as `taskiq worker` takes them."),
+    ("TASKIQ OPTIONS", "Any `taskiq worker` option, listed below."),
+]
+
+
 class WorkerCommand(TyperCommand):
-    """`worker --help` also lists the taskiq options it passes through."""
+    """Help in taskiq's terms, and the taskiq options passed through.
+
+    The arguments are one hidden Typer argument that collects everything for
+    taskiq's own parser, so their usage and description are written here:
+    Typer would show them as one optional, repeated `<list[str]>`.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return ["[OPTIONS]", ARGUMENTS_USAGE]
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        super().format_help(ctx, formatter)
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        with formatter.section("Arguments"):
+            formatter.write_dl(ARGUMENTS_HELP)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
         from taskiq_fastapi_cli.args import taskiq_options_help
 
         formatter.write("\nOptions passed through to `taskiq worker` unchanged:\n\n")
@@ -70,12 +91,7 @@ AppOption = Annotated[
 ]
 TaskiqArguments = Annotated[
     list[str] | None,
-    typer.Argument(
-        metavar="BROKER [MODULES]... [TASKIQ OPTIONS]",
-        help="The broker ('module:variable', or a function returning one), "
-        "task modules and any `taskiq worker` option.",
-        show_default=False,
-    ),
+    typer.Argument(metavar=ARGUMENTS_USAGE, hidden=True, show_default=False),
 ]
 FactoryOption = Annotated[
     bool,
@@ -150,6 +166,24 @@ def worker(
             "on macOS), spawn with --reload.",
         ),
     ] = None,
+    reload_include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reload-include",
+            metavar="PATTERN",
+            help="With --reload, also restart on changes to files matching "
+            "this glob (repeatable). Default: *.py only, as uvicorn.",
+        ),
+    ] = None,
+    reload_exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reload-exclude",
+            metavar="PATTERN",
+            help="With --reload, ignore files matching this glob or under "
+            "this directory (repeatable). Default: .*, .py[cod], .sw.*, ~*.",
+        ),
+    ] = None,
     broker_retry_timeout: Annotated[
         float,
         typer.Option(
@@ -172,6 +206,8 @@ def worker(
         base_url,
         start_method.value if start_method else None,
         broker_retry_timeout,
+        reload_include or [],
+        reload_exclude or [],
     )
     if code:
         raise typer.Exit(code)

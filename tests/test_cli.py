@@ -117,8 +117,22 @@ def test_worker_help_shows_ours_and_every_taskiq_option(capsys: Any) -> None:
     for flag in [
         "--app", "--factory", "--base-url", "TASKIQ_FASTAPI_APP",
         "--broker-retry-timeout", "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT",
+        "--reload-include", "--reload-exclude",
     ]:  # fmt: skip
         assert flag in out
+    lines = out.splitlines()
+    assert lines[0] == (
+        "Usage: taskiq-fastapi worker [OPTIONS] BROKER [MODULES]... [TASKIQ OPTIONS]"
+    )
+    arguments = lines.index("Arguments:")
+    assert [line.split("  ")[1] for line in lines[arguments + 1 : arguments + 4]] == [
+        "BROKER",
+        "MODULES",
+        "TASKIQ OPTIONS",
+    ]
+    # Typer's type labels, which mean nothing to a user of these options.
+    assert "<bool>" not in out
+    assert "<list[str]>" not in out
     for action in ACTIONS:
         for flag in action.option_strings:
             assert flag in out, flag
@@ -332,6 +346,31 @@ def test_reload_without_taskiq_reload_extra_is_a_clear_error(
         "halted; None in sys.modules): pip install 'taskiq[reload]'.\n",
     )
     assert captured_run == []
+
+
+def test_reload_patterns_need_reload(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any
+) -> None:
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    code, _, err = run_cli(capsys, *argv, "--reload-include", "*.toml")
+    assert (code, err) == (
+        2,
+        "Error: --reload-include and --reload-exclude need --reload.\n",
+    )
+    assert captured_run == []
+
+
+def test_reload_patterns_reach_the_workers(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any
+) -> None:
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    code, _, _ = run_cli(
+        capsys, *argv, "--reload", "--reload-include", "*.toml",
+        "--reload-exclude", "*_test.py", "--reload-include", "*.env",
+    )  # fmt: skip
+    assert code == 0
+    assert captured_run[0].reload_includes == ["*.toml", "*.env"]
+    assert captured_run[0].reload_excludes == ["*_test.py"]
 
 
 def test_taskiq_option_help_drops_argparse_usage() -> None:
