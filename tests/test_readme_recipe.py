@@ -1,0 +1,92 @@
+"""The README's testing recipe, run as a user would copy it (issue 10)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from workers import COMMAND
+
+README = Path(__file__).parent.parent / "README.md"
+SECTION = "### Tests and in-process brokers"
+
+
+def recipe_files() -> dict[str, str]:
+    """The section's Python blocks, each named by its first line's comment."""
+    text = README.read_text()
+    section = text[text.index(SECTION) :]
+    section = section[: section.index("\n## ")]
+    files = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
+        first = block.partition("\n")[0]
+        assert first.startswith("# "), first
+        files[first[2:]] = block
+    return files
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    for name, source in recipe_files().items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    (tmp_path / "shop" / "__init__.py").touch()
+    return tmp_path
+
+
+def test_the_recipe_has_the_files_of_a_project() -> None:
+    assert sorted(recipe_files()) == [
+        "shop/app.py",
+        "shop/broker.py",
+        "shop/tasks.py",
+        "tests/conftest.py",
+        "tests/test_orders.py",
+    ]
+
+
+def test_the_recipes_tests_pass_with_no_warning(project: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "tests"],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    # Starlette's "Using `httpx` with `starlette.testclient` is deprecated".
+    assert "warning" not in result.stdout.lower(), result.stdout
+
+
+def test_the_recipes_project_runs_under_the_worker_on_redis(
+    project: Path, redis_url: str
+) -> None:
+    """The same files, the Redis branch, the README's worker command."""
+    kick = (
+        "import asyncio\n"
+        "from shop.tasks import make_receipt, broker\n"
+        "async def main():\n"
+        "    await broker.startup()\n"
+        "    task = await make_receipt.kiq('apple', 4)\n"
+        "    print((await task.wait_result(timeout=30)).return_value)\n"
+        "    await broker.shutdown()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("SHOP_BROKER", None)
+    worker = subprocess.Popen(
+        [COMMAND, "worker", "shop.broker:broker", "shop.tasks", "--app", "shop.app:app"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", kick],
+            cwd=project, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert result.stdout == "4 x apple = 12\n", result.stderr + output
+    assert worker.returncode == 0, output
