@@ -7,10 +7,13 @@ from taskiq_fastapi.exceptions import (
     AppStartupError,
     DependencyError,
     LoadError,
+    RequestContextError,
+    RequestContextTooLargeError,
     TaskiqFastAPIError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
 from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
+from taskiq_fastapi.request_context import CarryRequestContext
 
 __all__ = [
     "BASE_URL_ENV",
@@ -18,8 +21,11 @@ __all__ = [
     "AppConflictError",
     "AppLoadError",
     "AppStartupError",
+    "CarryRequestContext",
     "DependencyError",
     "LoadError",
+    "RequestContextError",
+    "RequestContextTooLargeError",
     "TaskiqFastAPIError",
     "broker_lifespan",
     "init",

@@ -29,6 +29,7 @@ __all__ = [
     "Dependant",
     "DependencyMarker",
     "ParamMarker",
+    "RequestRejected",
     "SecurityBase",
     "analyse",
     "request_only_parameters",
@@ -58,18 +59,28 @@ def analyse(parameters: list[inspect.Parameter]) -> Dependant:
     return get_dependant(path="", call=root)
 
 
-def request_only_parameters(dependant: Dependant) -> Iterator[tuple[str, str, Any]]:
-    """(parameter, what it is, its default) for each value only a request has."""
-    fields = (
+def request_only_parameters(
+    dependant: Dependant,
+) -> Iterator[tuple[str, str, Any, bool]]:
+    """(parameter, what, default, carried) for each value only a request has.
+
+    `carried`: a carried request context provides it (query, header, cookie
+    and path parameters, which FastAPI parses from the scope).
+    """
+    carried = (
         dependant.path_params
         + dependant.query_params
         + dependant.header_params
         + dependant.cookie_params
-        + dependant.body_params
     )
-    for field in fields:
+    for field in carried + dependant.body_params:
         kind = type(field.field_info).__name__
-        yield field.name, f"a {kind} parameter", field.field_info.default
+        yield (
+            field.name,
+            f"a {kind} parameter",
+            field.field_info.default,
+            field in carried,
+        )
     special = {
         "WebSocket": dependant.websocket_param_name,
         "Response": dependant.response_param_name,
@@ -78,7 +89,15 @@ def request_only_parameters(dependant: Dependant) -> Iterator[tuple[str, str, An
     }
     for kind, name in special.items():
         if name is not None:
-            yield name, f"a {kind}", None
+            yield name, f"a {kind}", None, False
+
+
+class RequestRejected(Exception):  # noqa: N818 - a signal to the caller, who words it
+    """FastAPI's validation errors for the task's request, as a 422 lists them."""
+
+    def __init__(self, errors: Any) -> None:
+        super().__init__(errors)
+        self.errors = list(errors)
 
 
 class _Overrides:
@@ -117,10 +136,5 @@ async def solved(
                 embed_body_fields=False,
             )
             if result.errors:
-                # Only reachable through an override that reads the request:
-                # the task's own tree is checked at worker startup.
-                raise RuntimeError(
-                    "A FastAPI dependency of this task reads the HTTP request, "
-                    f"which a task does not have: {result.errors}",
-                )
+                raise RequestRejected(result.errors)
             yield result.values

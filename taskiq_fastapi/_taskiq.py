@@ -7,12 +7,12 @@ fails loudly instead of silently breaking injection.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker
+from taskiq import AsyncBroker, Context
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -23,6 +23,7 @@ from taskiq.decor import AsyncTaskiqDecoratedTask
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
 
 __all__ = [
+    "MakeRequest",
     "PerTaskContext",
     "TaskiqMarker",
     "cwd_in_sys_path",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 Task = AsyncTaskiqDecoratedTask[Any, Any]
+# Builds a task's Request from its message's labels (None outside the receiver).
+MakeRequest = Callable[[Mapping[str, Any] | None], Request]
 
 
 class PerTaskContext(dict[Any, Any]):
@@ -44,29 +47,30 @@ class PerTaskContext(dict[Any, Any]):
     dependencies. Adding the Request at copy time gives each task a fresh
     object at no cost to tasks without dependencies, and keeps taskiq's
     prebuilt dependency graphs (overrides would rebuild them for every task).
+    The receiver puts the task's `Context` in the cache just before, so its
+    message's labels are the ones of the task being resolved.
     """
 
     def __init__(
         self,
         values: dict[Any, Any],
-        make_request: Callable[[], Request],
+        make_request: MakeRequest,
     ) -> None:
         super().__init__(values)
         self.make_request = make_request
 
     def __copy__(self) -> dict[Any, Any]:
         values = dict(self)
-        request = self.make_request()
+        context = values.get(Context)
+        labels = context.message.labels if isinstance(context, Context) else None
+        request = self.make_request(labels)
         # FastAPI hands the Request itself to HTTPConnection parameters too.
         values[Request] = request
         values[HTTPConnection] = request
         return values
 
 
-def install_request_context(
-    broker: AsyncBroker,
-    make_request: Callable[[], Request],
-) -> None:
+def install_request_context(broker: AsyncBroker, make_request: MakeRequest) -> None:
     """Make `make_request` the source of the Request the broker's tasks get."""
     current = broker.custom_dependency_context
     if isinstance(current, PerTaskContext):

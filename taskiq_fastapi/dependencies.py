@@ -41,7 +41,7 @@ from taskiq_fastapi._taskiq import (
     on_registration,
     replace_task_function,
 )
-from taskiq_fastapi.exceptions import DependencyError
+from taskiq_fastapi.exceptions import DependencyError, RequestContextError
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -50,6 +50,15 @@ _CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
 # Objects FastAPI only has while serving an HTTP request or a websocket.
 _REQUEST_ONLY_TYPES = (WebSocket, Response, BackgroundTasks, SecurityScopes)
 _PLAN = "__taskiq_fastapi_plan__"
+# FastAPI parameters a carried request context provides.
+_CARRIED_KINDS = ("Query", "Header", "Cookie", "Path")
+_CARRY_HINT = (
+    " (the app can carry it from the request that kicked the task: CarryRequestContext)"
+)
+_DECLARE_IN_A_DEPENDENCY = (
+    " (to read it from the request that kicked the task, declare it in a "
+    "dependency: the task's own parameters are its arguments)"
+)
 
 
 @dataclass
@@ -59,7 +68,9 @@ class Node:
     `source` is one of: message (a task argument), taskiq (TaskiqDepends),
     fastapi (Depends, solved by FastAPI), request (the per-task Request, whose
     state is the app's lifespan state), context (taskiq's Context, TaskiqState
-    and the like), http (only an HTTP request has it: a problem).
+    and the like), carried (a query, header, cookie or path parameter: from
+    the request the task was kicked from when the app carries it, a problem
+    otherwise), http (only an HTTP request has it: a problem).
     """
 
     parameter: str
@@ -84,7 +95,13 @@ class TaskPlan:
     task_name: str
     tree: list[Node]
     problems: list[str]
+    # Problems only when the app does not carry request context to tasks.
+    needs_carried: list[str] = field(default_factory=list)
     replacement: Callable[..., Any] | None = None
+
+    def problems_when(self, carrying: bool) -> list[str]:
+        """What stops the worker, given whether request context is carried."""
+        return self.problems if carrying else self.problems + self.needs_carried
 
 
 def describe(target: Any) -> str:
@@ -162,6 +179,7 @@ class _Planner:
         self.broker = broker
         self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
         self.problems: list[str] = []
+        self.needs_carried: list[str] = []
         # Each FastAPI parameter: its node, the parameter, the function that
         # declares it, and the parameter FastAPI analyses (renamed to its key).
         self.fastapi: list[tuple[Node, inspect.Parameter, Any, inspect.Parameter]] = []
@@ -173,13 +191,16 @@ class _Planner:
         walked = self.walk(function, task_level=True)
         tree, signature = walked if walked else ([], None)
         self.solve_fastapi_parameters()
-        plan = TaskPlan(self.task_name, tree, self.problems)
+        plan = TaskPlan(self.task_name, tree, self.problems, self.needs_carried)
         if signature is not None and not self.problems:
             plan.replacement = _replacement(function, signature, plan)
         return plan
 
-    def problem(self, owner: Any, parameter: str, what: str) -> None:
-        self.problems.append(
+    def problem(
+        self, owner: Any, parameter: str, what: str, carried: bool = False
+    ) -> None:
+        found = self.needs_carried if carried else self.problems
+        found.append(
             f"Task {self.task_name!r}: parameter {parameter!r} of "
             f"{describe(owner)} {what}.",
         )
@@ -245,7 +266,12 @@ class _Planner:
         if request_only is not None:
             what = type(request_only).__name__
             self.problem(
-                owner, name, f"is a {what} parameter, which only an HTTP request has"
+                owner,
+                name,
+                f"is a {what} parameter, which only an HTTP request has"
+                # Only a dependency's are read from a carried request: a
+                # task's own parameters are its message's arguments.
+                + (_DECLARE_IN_A_DEPENDENCY if what in _CARRIED_KINDS else ""),
             )
             return Node(name, "http", what), parameter
         if task_level:
@@ -332,7 +358,7 @@ class _Planner:
         ):
             if name is not None:
                 yield Node(name, "request", "Request")
-        for name, what, default in _fastapi.request_only_parameters(dependant):
+        for name, what, default, carried in _fastapi.request_only_parameters(dependant):
             if isinstance(default, TaskiqMarker):
                 self.problem(
                     call,
@@ -341,8 +367,14 @@ class _Planner:
                     "dependency, which FastAPI solves: use Depends",
                 )
             else:
-                self.problem(call, name, f"is {what}, which only an HTTP request has")
-            yield Node(name, "http", what.removeprefix("a "))
+                hint = _CARRY_HINT if carried else ""
+                self.problem(
+                    call,
+                    name,
+                    f"is {what}, which only an HTTP request has{hint}",
+                    carried,
+                )
+            yield Node(name, "carried" if carried else "http", what.removeprefix("a "))
 
     def _getter(self, key: str) -> Callable[..., Any]:
         def fastapi_dependency(values: Any = TaskiqDepends(self.solve)) -> Any:
@@ -358,20 +390,26 @@ class _Planner:
         ) -> AsyncIterator[dict[str, Any]]:
             assert planner.dependant is not None  # a task with problems never runs
             thrown: BaseException | None = None
+            yielded = False
             try:
                 overrides = planner.broker.dependency_overrides
                 async with _fastapi.solved(
                     request, planner.dependant, overrides
                 ) as values:
+                    yielded = True
                     try:
                         yield values
                     except BaseException as exc:
                         thrown = exc
                         raise
+            except _fastapi.RequestRejected as exc:
+                raise RequestContextError(
+                    _rejected(planner.task_name, exc.errors)
+                ) from None
             except BaseException as exc:
                 if exc is thrown:
                     return  # the task's own error: taskiq reports it already
-                if thrown is None and isinstance(exc, Exception):
+                if yielded and thrown is None and isinstance(exc, Exception):
                     logger.exception(
                         "Task %r: a FastAPI dependency failed while closing",
                         planner.task_name,
@@ -380,6 +418,19 @@ class _Planner:
                 raise
 
         return solve_fastapi_dependencies
+
+
+def _rejected(task_name: str, errors: list[Any]) -> str:
+    """FastAPI's 422 errors for the carried request, on one line."""
+    found = []
+    for error in errors:
+        where, *names = error.get("loc", ("request",))
+        name = ".".join(str(part) for part in names)
+        found.append(f"{where} {name!r}: {error.get('msg', error)}")
+    return (
+        f"Task {task_name!r}: the request it was kicked from does not satisfy "
+        f"its dependencies, as a route would answer 422: {'; '.join(found)}."
+    )
 
 
 def _explicit(parameter: inspect.Parameter, hints: dict[str, Any]) -> inspect.Parameter:
@@ -496,9 +547,15 @@ def plans(broker: AsyncBroker) -> list[TaskPlan]:
     return found
 
 
-def check(broker: AsyncBroker) -> None:
-    """Raise DependencyError for the first problem, before any task runs."""
-    problems = [problem for plan in plans(broker) for problem in plan.problems]
+def check(broker: AsyncBroker, carrying: bool = False) -> None:
+    """Raise DependencyError for the first problem, before any task runs.
+
+    With `carrying`, the app carries request context to tasks, so query,
+    header, cookie and path parameters of dependencies are not problems.
+    """
+    problems = [
+        problem for plan in plans(broker) for problem in plan.problems_when(carrying)
+    ]
     if not problems:
         return
     more = len(problems) - 1

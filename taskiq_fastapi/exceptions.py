@@ -26,3 +26,14 @@ class DependencyError(TaskiqFastAPIError):
 
     Found at worker startup, before any task runs.
     """
+
+
+class RequestContextTooLargeError(TaskiqFastAPIError):
+    """The request context a task would carry exceeds `max_bytes`; raised by kiq."""
+
+
+class RequestContextError(TaskiqFastAPIError):
+    """A task's Query/Header/Cookie/Path dependency rejected the carried request.
+
+    Fails that task, as the same values would make a route answer 422.
+    """

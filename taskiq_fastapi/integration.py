@@ -11,7 +11,7 @@ from weakref import WeakKeyDictionary
 from fastapi import FastAPI
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from taskiq_fastapi import dependencies
+from taskiq_fastapi import dependencies, request_context
 from taskiq_fastapi._taskiq import install_request_context
 from taskiq_fastapi.exceptions import AppConflictError, AppStartupError
 from taskiq_fastapi.lifespan import AppLifespan, LifespanFailedError
@@ -46,8 +46,8 @@ class _Integration:
         # already running there, so only a real worker starts it.
         if not self.broker.is_worker_process or self.lifespan is not None:
             return
-        dependencies.check(self.broker)
         app = load_app(self.source)
+        dependencies.check(self.broker, carrying=request_context.carrying(app))
         lifespan = AppLifespan(app)
         started = time.monotonic()
         try:

@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
+from taskiq_fastapi.request_context import LABEL as CARRIED_LABEL
+from taskiq_fastapi.request_context import carried_scope
+
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
 DEFAULT_BASE_URL = "http://localhost:8000"
 CLIENT = ("127.0.0.1", 0)
@@ -75,8 +78,11 @@ class RequestFactory:
             **base_url_scope(base_url),
         }
 
-    def __call__(self) -> Request:
+    def __call__(self, labels: Mapping[str, Any] | None = None) -> Request:
+        """A fresh Request; that of the kicking request when the message carries it."""
         scope = self.template.copy()
+        if labels and CARRIED_LABEL in labels:
+            scope.update(carried_scope(labels[CARRIED_LABEL], self.template))
         # As under uvicorn: every request gets a shallow copy of the lifespan state.
         scope["state"] = self.state.copy()
         return Request(scope, receive=_no_body)

@@ -12,9 +12,13 @@ from collections.abc import Iterator, Sequence
 
 import typer
 
-from taskiq_fastapi import dependencies
+from taskiq_fastapi import dependencies, request_context
 from taskiq_fastapi.dependencies import Node, TaskPlan
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi.integration import app_source
+from taskiq_fastapi.loader import load_app
 from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
+from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.worker import load_project
 
 SOURCES = {
@@ -23,8 +27,10 @@ SOURCES = {
     "fastapi": "FastAPI Depends",
     "request": "per-task Request, state from the app's lifespan",
     "context": "taskiq context",
+    "carried": "from the request that kicked the task",
     "http": "only in an HTTP request: PROBLEM",
 }
+NOT_CARRIED = "only in an HTTP request, and the app carries none: PROBLEM"
 
 
 def run_check(
@@ -34,31 +40,38 @@ def run_check(
     args = with_app(parse_taskiq_args(taskiq_argv), app or "", None)
     broker = load_project(args, factory)
     plans = dependencies.plans(broker)
-    problems = [problem for plan in plans for problem in plan.problems]
+    # As the worker decides: from the app, so a factory is called here.
+    try:
+        carrying = request_context.carrying(load_app(args.app or app_source(broker)))  # type: ignore[arg-type]
+    except TaskiqFastAPIError as exc:
+        raise CLIError(str(exc)) from None
+    problems = [problem for plan in plans for problem in plan.problems_when(carrying)]
     if as_json:
         report = {
             "tasks": [
                 {
                     "name": plan.task_name,
                     "dependencies": [node.as_dict() for node in plan.tree],
-                    "problems": plan.problems,
+                    "problems": plan.problems_when(carrying),
                 }
                 for plan in plans
             ],
             "problems": problems,
+            # Whether "carried" parameters get the kicking request's values.
+            "carrying": carrying,
         }
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo("\n".join(_text(plans, problems)))
+        typer.echo("\n".join(_text(plans, problems, carrying)))
     return 1 if problems else 0
 
 
-def _text(plans: list[TaskPlan], problems: list[str]) -> Iterator[str]:
+def _text(plans: list[TaskPlan], problems: list[str], carrying: bool) -> Iterator[str]:
     if not plans:
         yield "No tasks found: name the task modules after the broker."
     for plan in plans:
         yield plan.task_name
-        yield from _nodes(plan.tree, "  ")
+        yield from _nodes(plan.tree, "  ", carrying)
     yield ""
     if not problems:
         yield f"{len(plans)} task{'s' if len(plans) > 1 else ''} checked, no problems."
@@ -67,8 +80,11 @@ def _text(plans: list[TaskPlan], problems: list[str]) -> Iterator[str]:
     yield from (f"- {problem}" for problem in problems)
 
 
-def _nodes(nodes: list[Node], indent: str) -> Iterator[str]:
+def _nodes(nodes: list[Node], indent: str, carrying: bool) -> Iterator[str]:
     for node in nodes:
         target = "" if node.source == "message" else f"{node.target}  "
-        yield f"{indent}{node.parameter}: {target}[{SOURCES[node.source]}]"
-        yield from _nodes(node.dependencies, indent + "  ")
+        source = SOURCES[node.source]
+        if node.source == "carried" and not carrying:
+            source = NOT_CARRIED
+        yield f"{indent}{node.parameter}: {target}[{source}]"
+        yield from _nodes(node.dependencies, indent + "  ", carrying)

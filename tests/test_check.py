@@ -16,7 +16,8 @@ BROKER = ["workerapp.broker:broker"]
 APP = ["--app", "workerapp.app:app"]
 PROBLEM = (
     "Task 'workerapp.bad_tasks:audit': parameter 'authorization' of "
-    "current_user() is a Header parameter, which only an HTTP request has."
+    "current_user() is a Header parameter, which only an HTTP request has (the "
+    "app can carry it from the request that kicked the task: CarryRequestContext)."
 )
 
 
@@ -65,7 +66,8 @@ def test_check_fails_naming_the_task_the_function_and_the_parameter(
     )
     assert code == 1
     assert (
-        "    authorization: Header parameter  [only in an HTTP request: PROBLEM]" in out
+        "    authorization: Header parameter  "
+        "[only in an HTTP request, and the app carries none: PROBLEM]" in out
     )
     assert out.endswith(f"1 problem:\n- {PROBLEM}\n")
 
@@ -75,6 +77,7 @@ def test_check_json_for_machines(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(out)
     assert code == 1
     assert report["problems"] == [PROBLEM]
+    assert report["carrying"] is False
     (task,) = report["tasks"]
     assert task["name"] == "workerapp.bad_tasks:audit"
     assert task["problems"] == [PROBLEM]
@@ -85,7 +88,8 @@ def test_check_json_for_machines(capsys: pytest.CaptureFixture[str]) -> None:
         "dependencies": [
             {
                 "parameter": "authorization",
-                "source": "http",
+                # From the kicking request, which this app does not carry.
+                "source": "carried",
                 "target": "Header parameter",
                 "dependencies": [],
             }

@@ -37,8 +37,8 @@ def _factory() -> RequestFactory:
 async def test_dependencies_copy_the_initial_cache_once_per_resolution() -> None:
     made: list[Request] = []
 
-    def make() -> Request:
-        made.append(_factory()())
+    def make(labels: Any) -> Request:
+        made.append(_factory()(labels))
         return made[-1]
 
     def with_request(request: Request = TaskiqDepends()) -> None: ...
@@ -245,3 +245,24 @@ def test_taskiq_dependencies_reads_a_signature_attribute_and_markers_like_this()
     )
     graph = DependencyGraph(stand_in)
     assert [d.dependency for d in graph.ordered_deps] == [marker_a, stand_in]
+
+
+async def test_the_request_is_made_with_the_labels_of_the_task_being_resolved() -> None:
+    """The receiver puts the task's Context in the cache before copying it."""
+    broker = InMemoryBroker()
+    seen: list[Any] = []
+
+    def make(labels: Any) -> Request:
+        seen.append(dict(labels))
+        return _factory()(labels)
+
+    @broker.task
+    async def with_request(request: Request = TaskiqDepends()) -> None: ...
+
+    install_request_context(broker, make)
+    await broker.startup()
+    for n in range(3):
+        task = await with_request.kicker().with_labels(n=str(n)).kiq()
+        await task.wait_result(timeout=5)
+    await broker.shutdown()
+    assert [labels["n"] for labels in seen] == ["0", "1", "2"]

@@ -1,0 +1,315 @@
+"""Tasks see the request that kicked them, when the app asks (issue 11)."""
+
+# No `from __future__ import annotations`: FastAPI reads the annotations of
+# the functions defined inside the tests.
+import contextvars
+import json
+import re
+from typing import Annotated, Any
+
+import pytest
+from fastapi import (
+    BackgroundTasks,
+    Cookie,
+    Depends,
+    FastAPI,
+    Header,
+    Query,
+    Request,
+)
+from fastapi import (
+    Path as PathParam,
+)
+from fastapi.testclient import TestClient
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage
+
+import taskiq_fastapi
+from taskiq_fastapi import dependencies
+from taskiq_fastapi.request_context import LABEL
+
+pytestmark = pytest.mark.anyio
+
+
+def echo_request(request: Request) -> dict[str, Any]:
+    return {
+        "method": request.method,
+        "url": str(request.url),
+        "path_params": request.path_params,
+        "query": dict(request.query_params),
+        "headers": dict(request.headers),
+        "cookies": request.cookies,
+    }
+
+
+def make_app(broker: AsyncBroker, carry: dict[str, Any] | None) -> tuple[FastAPI, Any]:
+    """An app whose routes kick `seen` in the ways a route can."""
+
+    @broker.task
+    async def seen(request: Request) -> dict[str, Any]:
+        return echo_request(request)
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    if carry is not None:
+        app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker, **carry)
+
+    @app.get("/users/{user_id}/seen")
+    async def route(user_id: int) -> Any:
+        task = await seen.kiq()
+        return (await task.wait_result(timeout=5)).return_value
+
+    return app, seen
+
+
+def get(app: FastAPI, url: str, **kwargs: Any) -> Any:
+    with TestClient(app) as client:
+        response = client.get(url, **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+HEADERS = {
+    "X-Request-ID": "req-42",
+    "Accept-Language": "fr",
+    "Authorization": "Bearer secret",
+    "X-Api-Key": "key",
+    "Cookie": "session=s3cret",
+}
+
+
+def test_off_by_default_the_task_gets_the_plain_request() -> None:
+    app, _ = make_app(InMemoryBroker(), carry=None)
+    seen = get(app, "/users/7/seen?page=2", headers=HEADERS)
+    assert seen == {
+        "method": "GET",
+        "url": "http://localhost:8000/",
+        "path_params": {},
+        "query": {},
+        "headers": {"host": "localhost:8000"},
+        "cookies": {},
+    }
+
+
+def test_named_headers_path_and_query_are_carried() -> None:
+    app, _ = make_app(
+        InMemoryBroker(), carry={"headers": ["x-request-id", "ACCEPT-LANGUAGE"]}
+    )
+    seen = get(app, "/users/7/seen?page=2&sort=name", headers=HEADERS)
+    assert seen == {
+        "method": "GET",
+        # Host and scheme are the worker's base URL; the rest is the request's.
+        "url": "http://localhost:8000/users/7/seen?page=2&sort=name",
+        "path_params": {"user_id": "7"},
+        "query": {"page": "2", "sort": "name"},
+        "headers": {
+            "host": "localhost:8000",
+            "x-request-id": "req-42",
+            "accept-language": "fr",
+        },
+        "cookies": {},  # not named: not carried
+    }
+
+
+def test_credentials_only_when_named_one_by_one() -> None:
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"]})
+    everything = get(app, "/users/7/seen", headers=HEADERS)["headers"]
+    assert "x-request-id" in everything
+    assert "accept-language" in everything
+    for secret in ("authorization", "x-api-key", "cookie"):
+        assert secret not in everything
+
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["authorization", "cookie"]})
+    seen = get(app, "/users/7/seen", headers=HEADERS)
+    assert seen["headers"]["authorization"] == "Bearer secret"
+    assert seen["cookies"] == {"session": "s3cret"}
+    assert "x-api-key" not in seen["headers"]
+
+
+def test_outside_a_request_nothing_is_carried() -> None:
+    broker = InMemoryBroker()
+    app, seen = make_app(broker, carry={"headers": ["x-request-id"]})
+
+    with TestClient(app) as client:
+        # A script, the scheduler: kicked while the app runs, outside a request.
+        result = client.portal.call(lambda: _kick_and_wait(seen))  # type: ignore[union-attr]
+    assert result["url"] == "http://localhost:8000/"
+    assert result["headers"] == {"host": "localhost:8000"}
+
+
+async def _kick_and_wait(task: Any) -> Any:
+    return (await (await task.kiq()).wait_result(timeout=5)).return_value
+
+
+def test_background_tasks_kick_with_the_request_context() -> None:
+    broker = InMemoryBroker()
+    app, seen = make_app(broker, carry={"headers": ["x-request-id"]})
+    results: list[Any] = []
+
+    async def later() -> None:
+        results.append(await _kick_and_wait(seen))
+
+    @app.post("/later")
+    async def schedule(background: BackgroundTasks) -> None:
+        background.add_task(later)
+
+    with TestClient(app) as client:
+        assert client.post("/later?from=bg", headers=HEADERS).status_code == 200
+    assert results[0]["query"] == {"from": "bg"}
+    assert results[0]["headers"]["x-request-id"] == "req-42"
+
+
+def test_an_oversize_context_is_refused_at_kick_time() -> None:
+    broker = InMemoryBroker()
+    app, seen = make_app(broker, carry={"headers": ["x-trace"], "max_bytes": 1024})
+    with (
+        TestClient(app) as client,
+        pytest.raises(taskiq_fastapi.RequestContextTooLargeError) as raised,
+    ):
+        client.get("/users/7/seen", headers={"X-Trace": "t" * 2000})
+    message = str(raised.value)
+    size = re.search(r"is (\d+) bytes", message)
+    assert size is not None
+    assert 2000 < int(size[1]) < 2300  # the header, and the rest of the context
+    assert message == (
+        f"Task {seen.task_name!r}: the request context to carry is {size[1]} "
+        "bytes, over the limit of 1024 (CarryRequestContext max_bytes); the "
+        "largest part is header 'x-trace' (2000 bytes)."
+    )
+
+
+def dependency_app(broker: AsyncBroker, carry: bool) -> tuple[FastAPI, Any]:
+    def listing(
+        page: Annotated[int, Query(ge=1)],
+        x_request_id: Annotated[str, Header()],
+        theme: Annotated[str, Cookie()] = "light",
+        user_id: Annotated[int, PathParam()] = 0,
+    ) -> dict[str, Any]:
+        return {
+            "page": page,
+            "request_id": x_request_id,
+            "theme": theme,
+            "user": user_id,
+        }
+
+    @broker.task
+    async def report(shown: Annotated[dict[str, Any], Depends(listing)]) -> Any:
+        return shown
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    if carry:
+        app.add_middleware(
+            taskiq_fastapi.CarryRequestContext, broker=broker,
+            headers=["x-request-id", "cookie"],
+        )  # fmt: skip
+
+    @app.get("/users/{user_id}/report")
+    async def route(user_id: int) -> Any:
+        result = await (await report.kiq()).wait_result(timeout=5)
+        return {"value": result.return_value, "error": str(result.error or "")}
+
+    return app, report
+
+
+def test_query_header_cookie_and_path_dependencies_read_the_carried_request() -> None:
+    app, _ = dependency_app(InMemoryBroker(), carry=True)
+    got = get(
+        app, "/users/9/report?page=3",
+        headers={"X-Request-ID": "req-7", "Cookie": "theme=dark"},
+    )  # fmt: skip
+    assert got == {
+        "value": {"page": 3, "request_id": "req-7", "theme": "dark", "user": 9},
+        "error": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "error"),
+    [
+        (
+            "page=0",
+            {"X-Request-ID": "r"},
+            "query 'page': Input should be greater than or equal to 1",
+        ),
+        (
+            "page=x",
+            {"X-Request-ID": "r"},
+            "query 'page': Input should be a valid integer",
+        ),
+        ("page=1", {}, "header 'x-request-id': Field required"),
+    ],
+)
+def test_an_invalid_or_missing_value_fails_the_task_naming_it(
+    query: str, headers: dict[str, str], error: str
+) -> None:
+    app, report = dependency_app(InMemoryBroker(), carry=True)
+    got = get(app, f"/users/9/report?{query}", headers=headers)
+    assert got["value"] is None
+    assert got["error"].startswith(
+        f"Task {report.task_name!r}: the request it was kicked from does not "
+        "satisfy its dependencies, as a route would answer 422: " + error
+    ), got["error"]
+
+
+def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
+    broker = InMemoryBroker()
+    app, report = dependency_app(broker, carry=False)
+    with pytest.raises(taskiq_fastapi.DependencyError) as raised:
+        dependencies.check(
+            broker, carrying=taskiq_fastapi.request_context.carrying(app)
+        )
+    assert str(raised.value) == (
+        f"Task {report.task_name!r}: parameter 'user_id' of listing() is a Path "
+        "parameter, which only an HTTP request has (the app can carry it from "
+        "the request that kicked the task: CarryRequestContext). (3 more: run "
+        "`taskiq-fastapi check`)"
+    )
+
+    broker = InMemoryBroker()
+    app, _ = dependency_app(broker, carry=True)
+    dependencies.check(broker, carrying=taskiq_fastapi.request_context.carrying(app))
+
+
+def test_the_label_is_plain_json_any_broker_transports() -> None:
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["x-request-id"]})
+    sent: list[Any] = []
+    kick = broker.kick
+
+    async def recording(message: Any) -> None:
+        sent.append(message)
+        await kick(message)
+
+    broker.kick = recording  # type: ignore[method-assign]
+    get(app, "/users/7/seen?page=2", headers=HEADERS)
+    label = sent[0].labels[LABEL]
+    assert isinstance(label, str)
+    assert json.loads(label) == {
+        "v": 1,
+        "method": "GET",
+        "path": "/users/7/seen",
+        "root_path": "",
+        "path_params": {"user_id": "7"},
+        "query_string": "page=2",
+        "headers": [["x-request-id", "req-42"]],
+    }
+
+
+@pytest.mark.parametrize("pass_on", [False, True])
+def test_a_task_passes_its_context_on_only_when_configured(pass_on: bool) -> None:
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["x-request-id"], "pass_on": pass_on})
+    with TestClient(app):  # builds the middleware stack, as a worker's lifespan does
+        pass
+    (kicks,) = [m for m in broker.middlewares if type(m).__name__ == "_KickWithContext"]
+    label = json.dumps({"v": 1, "method": "GET", "path": "/x", "root_path": "",
+                        "path_params": {}, "query_string": "a=1", "headers": []})  # fmt: skip
+    running = TaskiqMessage(
+        task_id="1", task_name="t", labels={LABEL: label}, args=[], kwargs={}
+    )
+    kicked = TaskiqMessage(task_id="2", task_name="u", labels={}, args=[], kwargs={})
+
+    def in_the_task() -> dict[str, Any]:
+        kicks.pre_execute(running)
+        return kicks.pre_send(kicked).labels
+
+    labels = contextvars.Context().run(in_the_task)
+    assert labels == ({LABEL: label} if pass_on else {})

@@ -1,0 +1,97 @@
+"""Request context carried from a real uvicorn to a real worker on Redis (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskiq.kicker import AsyncKicker
+from test_dependencies_worker import free_port, get_json
+from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun
+
+from taskiq_fastapi.request_context import LABEL
+
+pytestmark = pytest.mark.anyio
+
+UVICORN = str(Path(sys.executable).with_name("uvicorn"))
+CARRIED = [
+    "workerapp.broker:broker",
+    "workerapp.carried",
+    "--app",
+    "workerapp.carried:app",
+]
+
+
+def get(url: str, headers: dict[str, str]) -> Any:
+    get_json(url.split("/shops")[0] + "/openapi.json", timeout=30)  # uvicorn is up
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_a_route_kicks_a_task_whose_header_and_query_dependencies_see_the_request(
+    run: WorkerRun,
+) -> None:
+    port = free_port()
+    api = run.start(
+        "workerapp.carried:app", "--port", str(port), "--log-level", "warning",
+        command=(UVICORN,),
+    )  # fmt: skip
+    worker = run.start("worker", *CARRIED)
+    run.wait_for("startup", processes=2)
+    headers = {"X-Request-ID": "req-1234", "X-Internal-Secret": "do-not-send"}
+    got = get(f"http://127.0.0.1:{port}/shops/5/report?page=3", headers)
+    assert got["error"] == ""
+    task = got["task"]
+    assert task["pid"] != api.pid  # run by the worker, not in the API process
+    assert task["page"] == 3
+    assert task["request_id"] == "req-1234"
+    assert task["url"] == "http://localhost:8000/shops/5/report?page=3"
+    assert task["path_params"] == {"shop_id": "5", "name": "report"}
+    assert task["headers"] == ["host", "x-request-id"]  # not the one not named
+
+    # Passed on: a task kicked by a task in the worker carries the same.
+    relayed = get(f"http://127.0.0.1:{port}/shops/5/relay?page=4", headers)
+    assert relayed["error"] == ""
+    assert relayed["task"]["page"] == 4
+    assert relayed["task"]["request_id"] == "req-1234"
+    assert relayed["task"]["url"] == "http://localhost:8000/shops/5/relay?page=4"
+    assert run.stop(worker) == 0
+    run.stop(api)
+
+
+def test_check_reports_no_problem_when_the_app_carries(run: WorkerRun) -> None:
+    result = subprocess.run(
+        [COMMAND, "check", *CARRIED], cwd=TESTS_DIR, env=run.env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "    x_request_id: Header parameter  "
+        "[from the request that kicked the task]" in result.stdout
+    )
+
+
+async def test_a_worker_that_does_not_know_the_label_ignores_it(run: WorkerRun) -> None:
+    """A worker without this package's reading of it: plain taskiq."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", command=(TASKIQ,)
+    )
+    label = json.dumps({"v": 1, "method": "GET", "path": "/", "root_path": "",
+                        "path_params": {}, "query_string": "", "headers": []})  # fmt: skip
+    kicker: AsyncKicker[Any, Any] = AsyncKicker("workerapp.tasks:mark", run.sender, {})
+    await run.sender.startup()
+    try:
+        task = await kicker.with_labels(**{LABEL: label}).kiq(5)
+        result = await task.wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert not result.is_err, result.error
+    assert result.return_value == 5
+    run.kill_all()
+    assert worker.returncode is not None

@@ -1,0 +1,56 @@
+"""An API that carries request context to its tasks (issue 11).
+
+Served by a real uvicorn and a real worker in tests/test_request_context.py.
+"""
+
+import os
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+
+import taskiq_fastapi
+from workerapp.app import lifespan
+from workerapp.broker import broker
+
+
+def listing(
+    page: Annotated[int, Query()] = 1,
+    x_request_id: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    return {"page": page, "request_id": x_request_id}
+
+
+@broker.task
+async def report(
+    shown: Annotated[dict[str, Any], Depends(listing)], request: Request
+) -> dict[str, Any]:
+    return {
+        **shown,
+        "url": str(request.url),
+        "path_params": request.path_params,
+        "headers": sorted(request.headers),
+        "pid": os.getpid(),
+    }
+
+
+@broker.task
+async def relay() -> Any:
+    """Kicks `report` from inside the worker: it passes its context on."""
+    task = await report.kiq()
+    return (await task.wait_result(timeout=30)).return_value
+
+
+app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker, lifespan))
+app.add_middleware(
+    taskiq_fastapi.CarryRequestContext,
+    broker=broker,
+    headers=["X-Request-ID"],
+    pass_on=True,
+)
+
+
+@app.get("/shops/{shop_id}/{name}")
+async def kick(shop_id: int, name: str) -> dict[str, Any]:
+    task = await {"report": report, "relay": relay}[name].kiq()
+    result = await task.wait_result(timeout=30)
+    return {"task": result.return_value, "error": str(result.error or "")}
