@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import sys
 
-from benchmarks import cli_startup, inprocess, worker
+from benchmarks import cli_startup, inprocess, kick, worker
 from tools.redis_server import redis_url
 
 
@@ -15,6 +15,8 @@ def main() -> int:
     rows += cli_startup.run()
     print()
     with redis_url() as url:
+        rows += kick.run(url)
+        print()
         rows += worker.run(url)
     print()
     print(f"{'ratio':<52} {'measured':>9} {'target':>9}")

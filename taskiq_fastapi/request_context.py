@@ -60,44 +60,55 @@ _carrying: WeakSet[AsyncBroker] = WeakSet()
 
 
 class _HeaderChoice:
-    """Which headers to carry: the named ones, or all but credentials with "*"."""
+    """Which headers to carry: the named ones, or all but credentials with "*".
+
+    ASGI servers give header names in lower case, so names compare as bytes.
+    """
 
     def __init__(self, names: Iterable[str]) -> None:
         named = {name.lower() for name in names}
         self.everything = "*" in named
-        self.named = frozenset((named - {"*"}) - _NEVER_CARRIED)
-        self.encoded = frozenset(name.encode("latin-1") for name in self.named)
+        wanted = (named - {"*"}) - _NEVER_CARRIED
+        self.named = frozenset(name.encode("latin-1") for name in wanted)
+        self.excluded = frozenset(
+            name.encode("latin-1") for name in SENSITIVE_HEADERS | _NEVER_CARRIED
+        )
 
-    def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[list[str]]:
-        chosen = []
-        for raw_name, raw_value in headers:
-            name = raw_name.lower()
-            if name in self.encoded or (self.everything and self._any(name)):
-                chosen.append([name.decode("latin-1"), raw_value.decode("latin-1")])
-        return chosen
-
-    def _any(self, name: bytes) -> bool:
-        text = name.decode("latin-1")
-        return text not in SENSITIVE_HEADERS and text not in _NEVER_CARRIED
-
-
-def _plain(value: Any) -> Any:
-    """Path parameters as JSON has them; FastAPI parses them again in the task."""
-    return value if isinstance(value, str | int | float) else str(value)
+    def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+        """The chosen headers, each as a JSON `[name, value]` pair."""
+        return [
+            f"[{_string(name.decode('latin-1'))},{_string(value.decode('latin-1'))}]"
+            for name, value in headers
+            if name in self.named or (self.everything and name not in self.excluded)
+        ]
 
 
-def _from_scope(scope: Scope, headers: _HeaderChoice) -> dict[str, Any]:
-    return {
-        "v": FORMAT,
-        "method": scope.get("method", "GET"),
-        "path": scope["path"],
-        "root_path": scope.get("root_path", ""),
-        "path_params": {
-            key: _plain(value) for key, value in scope.get("path_params", {}).items()
-        },
-        "query_string": scope.get("query_string", b"").decode("latin-1"),
-        "headers": headers(scope.get("headers", ())),
-    }
+# The label is written with the json module's C string encoder: json.dumps of
+# the whole context cost more than taskiq's making of the message itself.
+_string = json.encoder.encode_basestring
+
+
+def _value(value: Any) -> str:
+    """A path parameter as JSON: FastAPI parses it again in the task."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _string(str(value))
+    return json.dumps(value) if isinstance(value, float) else str(value)
+
+
+def _encode(scope: Scope, headers: _HeaderChoice) -> str:
+    """The label for the request in `scope`: JSON text, see `carried_scope`."""
+    params = ",".join(
+        f"{_string(str(key))}:{_value(value)}"
+        for key, value in scope.get("path_params", {}).items()
+    )
+    return (
+        f'{{"v":{FORMAT},"method":{_string(scope.get("method", "GET"))},'
+        f'"path":{_string(scope["path"])},'
+        f'"root_path":{_string(scope.get("root_path", ""))},'
+        f'"path_params":{{{params}}},'
+        f'"query_string":{_string(scope.get("query_string", b"").decode("latin-1"))},'
+        f'"headers":[{",".join(headers(scope.get("headers", ())))}]}}'
+    )
 
 
 class _KickWithContext(TaskiqMiddleware):
@@ -116,9 +127,7 @@ class _KickWithContext(TaskiqMiddleware):
         if isinstance(current, _Carried):
             encoded = current.label  # passed on as it came
         else:
-            encoded = json.dumps(
-                _from_scope(current, self.headers), separators=(",", ":")
-            )
+            encoded = _encode(current, self.headers)
         size = len(encoded.encode())
         if size > self.max_bytes:
             raise RequestContextTooLargeError(

@@ -1,0 +1,139 @@
+"""Cost of `.kiq()` inside a request: carrying the request context on / off.
+
+Each kick is made inside its own ASGI request (a fresh scope, as a route
+kicks once per request), with and without `CarryRequestContext`, through the
+real Redis (what a user's `.kiq()` costs: making the message and sending it)
+and through a broker that sends nowhere (making the message only: the upper
+bound of the relative cost). Variants are interleaved over rounds, best round
+of each kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from taskiq import AsyncBroker
+from taskiq.message import BrokerMessage
+from redis.asyncio import Redis
+from taskiq_redis import ListQueueBroker
+
+from taskiq_fastapi import CarryRequestContext
+
+KICKS = 5_000
+ROUNDS = 7
+
+# What a browser sends through a proxy, give or take.
+SCOPE: dict[str, Any] = {
+    "type": "http",
+    "method": "GET",
+    "path": "/shops/5/report",
+    "root_path": "",
+    "path_params": {"shop_id": 5},
+    "query_string": b"page=2&sort=name",
+    "headers": [
+        (b"host", b"api.example.com"),
+        (
+            b"user-agent",
+            b"Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/133.0",
+        ),
+        (b"accept", b"application/json"),
+        (b"accept-language", b"fr-FR,fr;q=0.9,en;q=0.8"),
+        (b"accept-encoding", b"gzip, deflate, br"),
+        (b"authorization", b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.signature"),
+        (b"cookie", b"session=abc; theme=dark"),
+        (b"x-request-id", b"9f2c1d3e-5b6a-4c7d-8e9f-0a1b2c3d4e5f"),
+        (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        (b"x-forwarded-for", b"203.0.113.7"),
+    ],
+}
+
+
+QUEUE = "bench-kick"
+
+
+def redis_broker(url: str) -> AsyncBroker:
+    return ListQueueBroker(url, queue_name=QUEUE)
+
+
+async def empty_queue(url: str) -> None:
+    """Nobody consumes the kicks: each run starts with an empty list."""
+    async with Redis.from_url(url) as client:
+        await client.delete(QUEUE)
+
+
+class NullBroker(AsyncBroker):
+    """Sends nowhere: what is left is the cost of making the message."""
+
+    async def kick(self, message: BrokerMessage) -> None:
+        return None
+
+    def listen(self) -> AsyncGenerator[bytes, None]:
+        raise NotImplementedError
+
+
+async def kick_in_requests(broker: AsyncBroker, carry: bool, kicks: int) -> float:
+    """Seconds per `.kiq()`, one per request, timed around the kick only."""
+
+    @broker.task
+    async def report(shop_id: int) -> None:
+        return None
+
+    elapsed = 0.0
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal elapsed
+        start = time.perf_counter()
+        await report.kiq(5)
+        elapsed += time.perf_counter() - start
+
+    app: Any = endpoint
+    if carry:
+        app = CarryRequestContext(
+            endpoint,
+            broker=broker,
+            headers=["x-request-id", "traceparent", "accept-language"],
+        )
+    await broker.startup()
+    for _ in range(200):  # warm up
+        await app(dict(SCOPE), None, None)
+    elapsed = 0.0
+    for _ in range(kicks):
+        await app(dict(SCOPE), None, None)
+    await broker.shutdown()
+    return elapsed / kicks
+
+
+async def measure(url: str) -> dict[str, float]:
+    brokers = {"Redis": lambda: redis_broker(url), "no send": NullBroker}
+    best = {
+        (where, carry): float("inf") for where in brokers for carry in ("off", "on")
+    }
+    for round_ in range(ROUNDS):
+        order = list(best) if round_ % 2 else list(reversed(best))
+        for where, carry in order:
+            await empty_queue(url)
+            seconds = await kick_in_requests(brokers[where](), carry == "on", KICKS)
+            best[where, carry] = min(best[where, carry], seconds)
+    await empty_queue(url)
+    return best
+
+
+def run(url: str) -> list[tuple[str, float, str, float]]:
+    """Return (what, measured ratio, comparison, target) rows."""
+    best = asyncio.run(measure(url))
+    print(f".kiq() inside a request, best of {ROUNDS} rounds of {KICKS} requests:")
+    for (where, carry), seconds in best.items():
+        print(f"  {where:<8} carrying {carry:<4} {seconds * 1e6:8.1f} us/kick")
+    making = best["no send", "on"] / best["no send", "off"]
+    print(f"  making the message only (no target): on / off {making:.3f}x")
+    return [
+        (
+            ".kiq() in a request, Redis: carrying on / off",
+            best["Redis", "on"] / best["Redis", "off"],
+            "<=",
+            1.10,
+        ),
+    ]
