@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from redis.asyncio import Redis
 from taskiq import AsyncBroker
 from taskiq.message import BrokerMessage
-from redis.asyncio import Redis
 from taskiq_redis import ListQueueBroker
 
 from taskiq_fastapi import CarryRequestContext
