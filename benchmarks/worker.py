@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -167,6 +168,12 @@ def plain(broker: str, task: str, *extra: str) -> Variant:
     return Variant([*command, *extra], task)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _show(name: str, values: list[float]) -> None:
     shown = " ".join(f"{v:.3f}" for v in values)
     print(f"  {name:<52} median {statistics.median(values):.3f}  ({shown})")
@@ -193,10 +200,17 @@ def run(url: str) -> list[tuple[str, float, str, float]]:
         plain(native, "with_context", "--workers", "2"),
         10_000,
     )
+    health_rate, _, _ = paired(
+        url,
+        ours("--workers", "1", "--health-port", str(_free_port())),
+        ours("--workers", "1"),
+        5_000,
+    )
     print(f"Real workers on Redis, side by side, {ROUNDS} paired rounds:")
     _show("1 process, 5,000 tasks: Request / Context throughput", one_rate)
     _show("1 process: start to first task, ours / taskiq + init", one_start)
     _show("2 processes, 10,000 tasks: Request / Context throughput", two_rate)
+    _show("1 process, 5,000 tasks: --health-port / without", health_rate)
     print(
         f"  (sharing one core with the other command, ours ran "
         f"{one_speed:.0f} tasks/s with 1 process, {two_speed:.0f} with 2)"
@@ -219,5 +233,11 @@ def run(url: str) -> list[tuple[str, float, str, float]]:
             statistics.median(two_rate),
             ">=",
             0.97,
+        ),
+        (
+            "1 proc throughput: --health-port / without",
+            statistics.median(health_rate),
+            ">=",
+            0.98,
         ),
     ]

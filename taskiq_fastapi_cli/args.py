@@ -10,7 +10,7 @@ from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
 
-from taskiq_fastapi_cli.cli import DEFAULT_BROKER_RETRY_TIMEOUT
+from taskiq_fastapi_cli.cli import DEFAULT_BROKER_RETRY_TIMEOUT, DEFAULT_STALL_TIMEOUT
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 
@@ -27,6 +27,9 @@ class FastAPIWorkerArgs(WorkerArgs):
     broker_retry_timeout: float = DEFAULT_BROKER_RETRY_TIMEOUT
     reload_includes: list[str] = field(default_factory=list)
     reload_excludes: list[str] = field(default_factory=list)
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # Set by the process manager with --health-port: the workers' health rows.
+    health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.
     failures: Any = None
 

@@ -21,6 +21,12 @@ BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
 BROKER_RETRY_TIMEOUT_ENV = "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT"
 # Covers a broker that starts after its workers (docker-compose) and restarts.
 DEFAULT_BROKER_RETRY_TIMEOUT = 120.0
+HEALTH_PORT_ENV = "TASKIQ_FASTAPI_HEALTH_PORT"
+HEALTH_HOST_ENV = "TASKIQ_FASTAPI_HEALTH_HOST"
+STALL_TIMEOUT_ENV = "TASKIQ_FASTAPI_STALL_TIMEOUT"
+DEFAULT_HEALTH_HOST = "127.0.0.1"
+# Longer than any await-based task holds the loop; a blocked loop exceeds it.
+DEFAULT_STALL_TIMEOUT = 60.0
 
 
 class StartMethod(str, enum.Enum):
@@ -116,6 +122,17 @@ def _print_versions(value: bool) -> None:
         raise typer.Exit()
 
 
+HealthHostOption = Annotated[
+    str,
+    typer.Option(
+        "--health-host",
+        envvar=HEALTH_HOST_ENV,
+        metavar="HOST",
+        help="Address the health endpoint listens on.",
+    ),
+]
+
+
 VersionOption = Annotated[
     bool,
     typer.Option(
@@ -184,6 +201,30 @@ def worker(
             "this directory (repeatable). Default: .*, .py[cod], .sw.*, ~*.",
         ),
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            envvar=HEALTH_PORT_ENV,
+            metavar="PORT",
+            min=1,
+            max=65535,
+            help="Serve /readyz and /livez on this port from the main process, "
+            "for container probes (see `taskiq-fastapi health`).",
+        ),
+    ] = None,
+    health_host: HealthHostOption = DEFAULT_HEALTH_HOST,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout",
+            envvar=STALL_TIMEOUT_ENV,
+            metavar="SECONDS",
+            callback=_not_negative,
+            help="With --health-port: /livez fails while a worker's event "
+            "loop has not run for this long (a task blocking it). 0: off.",
+        ),
+    ] = DEFAULT_STALL_TIMEOUT,
     broker_retry_timeout: Annotated[
         float,
         typer.Option(
@@ -201,13 +242,15 @@ def worker(
 
     code = start_worker(
         taskiq_args or [],
-        app_path,
-        factory,
-        base_url,
-        start_method.value if start_method else None,
-        broker_retry_timeout,
-        reload_include or [],
-        reload_exclude or [],
+        app=app_path,
+        factory=factory,
+        base_url=base_url,
+        start_method=start_method.value if start_method else None,
+        broker_retry_timeout=broker_retry_timeout,
+        reload_includes=reload_include or [],
+        reload_excludes=reload_exclude or [],
+        health=(health_host, health_port) if health_port else None,
+        stall_timeout=stall_timeout,
     )
     if code:
         raise typer.Exit(code)
@@ -237,6 +280,41 @@ def check(
     code = run_check(taskiq_args or [], app_path, factory, as_json)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def health(
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port",
+            envvar=HEALTH_PORT_ENV,
+            metavar="PORT",
+            min=1,
+            max=65535,
+            help="The worker's --health-port.",
+        ),
+    ],
+    host: HealthHostOption = DEFAULT_HEALTH_HOST,
+    ready: Annotated[
+        bool,
+        typer.Option("--ready", help="Ask whether it is ready, not only live."),
+    ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", metavar="SECONDS", help="How long to wait."),
+    ] = 5.0,
+) -> None:
+    """Exit 0 when the worker is live (ready, with --ready), 1 otherwise.
+
+    For Docker HEALTHCHECK and exec probes in images without curl.
+    """
+    from taskiq_fastapi_cli.probe import probe
+
+    healthy, line = probe(host, port, ready, timeout)
+    typer.echo(line, err=not healthy)
+    if not healthy:
+        raise typer.Exit(1)
 
 
 def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:

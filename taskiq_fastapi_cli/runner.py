@@ -11,11 +11,12 @@ of the broker's path returns that broker (`_listen`).
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +30,8 @@ from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
+from taskiq_fastapi_cli.health_server import HealthServer
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
 from taskiq_fastapi_cli.supervisor import SafeProcessManager, release_stop_signals
@@ -49,7 +52,12 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
             args.broker_retry_timeout,
             give_up=lambda message: _stop_command(args, message),
         )
-        ShutdownGuard(broker, on_signal=outages.stop)
+        on_signal = outages.stop
+        if args.health_slots is not None:
+            health = WorkerHealth(args.health_slots, worker_slot())
+            health.install(broker)
+            on_signal = _both(outages.stop, health.stopping)
+        ShutdownGuard(broker, on_signal=on_signal)
         _listen(args, broker)
     except (WorkerStopped, KeyboardInterrupt):
         # Stopped by a signal while starting or waiting for the broker.
@@ -59,6 +67,14 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # forever.
         _stop_command(args, str(exc))
         sys.exit(EXIT_STARTUP_FAILURE)
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        first()
+        second()
+
+    return call
 
 
 def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker) -> None:
@@ -124,14 +140,17 @@ def _taskiq_run_uses(**names: Any) -> Iterator[None]:
             setattr(taskiq_run, name, value)
 
 
-def run(args: FastAPIWorkerArgs) -> int:
+def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = Failures()
     args.failures = failures
-    with _taskiq_run_uses(
-        start_listen=worker_process, ProcessManager=SafeProcessManager
-    ):
-        status = taskiq_run.run_worker(args)
+    manager = functools.partial(SafeProcessManager, health=health)
+    try:
+        with _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager):
+            status = taskiq_run.run_worker(args)
+    finally:
+        if health is not None:
+            health.stop()
     message = failures.first()
     if message is not None:
         raise CLIError(message, EXIT_STARTUP_FAILURE)

@@ -47,20 +47,30 @@ from taskiq.cli.worker.process_manager import (
     ShutdownAction,
 )
 
+from taskiq_fastapi_cli.health import Slots
+from taskiq_fastapi_cli.health_server import HealthServer, HealthView
+
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 
 
 def signal_handler(
-    actions: queue.SimpleQueue[ProcessActionBase], action: ProcessActionBase
+    actions: queue.SimpleQueue[ProcessActionBase],
+    action: ProcessActionBase,
+    also: Callable[[], None] | None = None,
 ) -> Callable[[int, Any], None]:
-    """A handler that takes no lock: it may interrupt any code, any time."""
+    """A handler that takes no lock: it may interrupt any code, any time.
+
+    `also` must be as safe: the health view's `drain` only sets an attribute.
+    """
 
     def handle(_signum: int, _frame: Any) -> None:
         # As taskiq's: a forked worker that has not installed its own
         # handlers yet stops at once.
         if current_process().name.startswith("worker"):
             raise KeyboardInterrupt
+        if also is not None:
+            also()
         actions.put(action)
 
     return handle
@@ -114,9 +124,17 @@ class SafeProcessManager(ProcessManager):
         args: FastAPIWorkerArgs,
         worker_function: Callable[[Any], None],
         observer: Any = None,
+        health: HealthServer | None = None,
     ) -> None:
         # Without the observer, taskiq's constructor schedules no watcher.
         super().__init__(args=args, worker_function=worker_function)
+        view = None
+        if health is not None:
+            # Here, where taskiq has settled the number of processes (1 with
+            # --reload), and before any starts: they inherit the rows.
+            args.health_slots = Slots(args.workers)
+            view = HealthView(args.health_slots, args.stall_timeout)
+            health.start(view, lambda: self.workers)
         actions = ActionQueue()
         self.action_queue = actions  # type: ignore[assignment]
         if args.reload and observer is not None:
@@ -130,7 +148,9 @@ class SafeProcessManager(ProcessManager):
                 actions.put,
                 use_gitignore=not args.no_gitignore,
             )
-        shutdown = signal_handler(actions, ShutdownAction())
+        shutdown = signal_handler(
+            actions, ShutdownAction(), view.drain if view else None
+        )
         signal.signal(signal.SIGINT, shutdown)
         signal.signal(signal.SIGTERM, shutdown)
         if sys.platform != "win32":

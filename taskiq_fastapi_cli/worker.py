@@ -25,6 +25,7 @@ from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 def start_worker(
     taskiq_argv: Sequence[str],
+    *,
     app: str | None,
     factory: bool,
     base_url: str | None,
@@ -32,6 +33,8 @@ def start_worker(
     broker_retry_timeout: float,
     reload_includes: Sequence[str],
     reload_excludes: Sequence[str],
+    health: tuple[str, int] | None,
+    stall_timeout: float,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
@@ -41,6 +44,7 @@ def start_worker(
         broker_retry_timeout=broker_retry_timeout,
         reload_includes=list(reload_includes),
         reload_excludes=list(reload_excludes),
+        stall_timeout=stall_timeout,
     )
     if (reload_includes or reload_excludes) and not args.reload:
         raise CLIError(
@@ -59,7 +63,12 @@ def start_worker(
 
     from taskiq_fastapi_cli.runner import run
 
-    return run(args)
+    server = None
+    if health is not None:
+        from taskiq_fastapi_cli.health_server import HealthServer
+
+        server = HealthServer(*health)  # bound now: a port in use stops here
+    return run(args, server)
 
 
 NO_APP = (

@@ -27,8 +27,11 @@ def captured_run(monkeypatch: pytest.MonkeyPatch) -> list[FastAPIWorkerArgs]:
     """Stop at the hand-over to taskiq's runner and keep what it would get."""
     calls: list[FastAPIWorkerArgs] = []
 
-    def fake_run(args: FastAPIWorkerArgs) -> int:
+    def fake_run(args: FastAPIWorkerArgs, health: Any = None) -> int:
         calls.append(args)
+        if health is not None:
+            args.health_server = health  # type: ignore[attr-defined]  # for the tests to see
+            health.stop()
         return 0
 
     import taskiq_fastapi_cli.runner

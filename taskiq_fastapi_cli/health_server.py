@@ -1,0 +1,190 @@
+"""`/readyz` and `/livez`, served by the main process for container probes.
+
+The main process runs taskiq's process manager and serves nothing else, so
+probes never compete with tasks: a stdlib HTTP server on its own thread reads
+the rows the workers write (`health.py`) and which worker processes are
+alive. The socket is bound before any worker starts, so a port in use is an
+error of the command, not of a probe.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from taskiq_fastapi_cli.exceptions import CLIError
+from taskiq_fastapi_cli.health import (
+    BEAT,
+    DONE,
+    LAST_DONE,
+    PID,
+    READY,
+    READY_AT,
+    STARTED,
+    STATE,
+    STATES,
+    Slots,
+)
+
+# taskiq's manager notices a dead process within a second and starts another;
+# a slot empty for longer than this is down, not restarting.
+RESTART_GRACE_SECONDS = 10.0
+
+
+def _when(timestamp: float) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+class HealthView:
+    """Judges readiness and liveness from the slots and the live processes."""
+
+    def __init__(self, slots: Slots, stall_timeout: float) -> None:
+        self.slots = slots
+        self.stall_timeout = stall_timeout
+        self.processes: Callable[[], Sequence[BaseProcess]] = list
+        self.draining = False
+        self.down_since: dict[int, float] = {}
+
+    def drain(self) -> None:
+        """A stop signal reached the main process: not ready from now on.
+
+        Called from a signal handler: it only sets an attribute.
+        """
+        self.draining = True
+
+    def report(self) -> tuple[bool, bool, dict[str, Any]]:
+        """(ready, live, JSON body)."""
+        now = time.time()
+        processes = list(self.processes())
+        workers, not_ready, not_live = [], [], []
+        for slot in range(self.slots.workers):
+            process = processes[slot] if slot < len(processes) else None
+            worker, ready, why = self._worker(slot, process, now)
+            workers.append(worker)
+            if why is not None:
+                not_live.append(why)
+            elif not ready:
+                not_ready.append(_describe(worker))
+        if self.draining:
+            not_ready.insert(0, "shutting down: a stop signal arrived")
+        ready = not not_ready and not not_live
+        body = {
+            "status": "ready" if ready else ("live" if not not_live else "failing"),
+            "ready": ready,
+            "live": not not_live,
+            "problems": not_live + not_ready,
+            "workers": workers,
+        }
+        return ready, not not_live, body
+
+    def _worker(
+        self, slot: int, process: BaseProcess | None, now: float
+    ) -> tuple[dict[str, Any], bool, str | None]:
+        """A worker's row; whether it is ready; why it is not live, if so."""
+        row = self.slots.row(slot)
+        name = f"worker-{slot}"
+        alive = process is not None and process.is_alive()
+        pid = process.pid if process is not None else None
+        state = STATES.get(row[STATE], "absent")
+        if process is None:
+            state = "starting"  # the manager has not started it yet
+        elif not alive:
+            state = "restarting"
+            self.down_since.setdefault(slot, now)
+        else:
+            self.down_since.pop(slot, None)
+            if pid != int(row[PID]):
+                state = "starting"  # a new process, not yet reporting
+        silent = now - row[BEAT] if alive and pid == int(row[PID]) else None
+        worker = {
+            "worker": name,
+            "pid": pid,
+            "state": state,
+            "started": _when(row[STARTED]) if state != "restarting" else None,
+            "ready_since": _when(row[READY_AT]) if state == "ready" else None,
+            "tasks_finished": int(row[DONE]),
+            "last_task_finished": _when(row[LAST_DONE]),
+            "loop_silent_seconds": None if silent is None else round(silent, 3),
+        }
+        why = None
+        if silent is not None and self.stall_timeout and silent > self.stall_timeout:
+            why = (
+                f"{name} (pid {pid}) is stalled: its event loop has not run for "
+                f"{silent:.1f} s (--stall-timeout {self.stall_timeout:g})"
+            )
+        down = now - self.down_since.get(slot, now)
+        if not alive and down > RESTART_GRACE_SECONDS:
+            why = f"{name} has been down for {down:.0f} s"
+        ready = alive and row[STATE] == READY and pid == int(row[PID])
+        return worker, ready and why is None, why
+
+
+def _describe(worker: dict[str, Any]) -> str:
+    pid = f" (pid {worker['pid']})" if worker["pid"] else ""
+    return f"{worker['worker']}{pid} is {worker['state']}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    view: HealthView
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path not in ("/readyz", "/livez"):
+            self._answer(404, {"error": f"no such path {path!r}: /readyz, /livez"})
+            return
+        ready, live, body = self.view.report()
+        healthy = ready if path == "/readyz" else live
+        self._answer(200 if healthy else 503, body)
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body, indent=2).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds would flood the worker's log."""
+
+
+class HealthServer:
+    """Bound by the command before any worker starts; served by the manager."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.handler: type[_Handler] = type("Handler", (_Handler,), {})
+        try:
+            self.server = ThreadingHTTPServer((host, port), self.handler)
+        except socket.gaierror as exc:
+            raise CLIError(f"--health-host {host!r}: {exc.strerror}.", 2) from None
+        except OSError as exc:
+            raise CLIError(
+                f"--health-port {port}: cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc}.",
+            ) from None
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="health", daemon=True
+        )
+
+    def start(
+        self, view: HealthView, processes: Callable[[], Sequence[BaseProcess]]
+    ) -> None:
+        view.processes = processes
+        self.handler.view = view
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
