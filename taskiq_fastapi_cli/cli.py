@@ -122,17 +122,6 @@ def _print_versions(value: bool) -> None:
         raise typer.Exit()
 
 
-HealthHostOption = Annotated[
-    str,
-    typer.Option(
-        "--health-host",
-        envvar=HEALTH_HOST_ENV,
-        metavar="HOST",
-        help="Address the health endpoint listens on.",
-    ),
-]
-
-
 VersionOption = Annotated[
     bool,
     typer.Option(
@@ -213,7 +202,15 @@ def worker(
             "for container probes (see `taskiq-fastapi health`).",
         ),
     ] = None,
-    health_host: HealthHostOption = DEFAULT_HEALTH_HOST,
+    health_host: Annotated[
+        str,
+        typer.Option(
+            "--health-host",
+            envvar=HEALTH_HOST_ENV,
+            metavar="HOST",
+            help="Address the health endpoint listens on.",
+        ),
+    ] = DEFAULT_HEALTH_HOST,
     stall_timeout: Annotated[
         float,
         typer.Option(
@@ -295,7 +292,15 @@ def health(
             help="The worker's --health-port.",
         ),
     ],
-    host: HealthHostOption = DEFAULT_HEALTH_HOST,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            envvar=HEALTH_HOST_ENV,
+            metavar="HOST",
+            help="The worker's --health-host.",
+        ),
+    ] = DEFAULT_HEALTH_HOST,
     ready: Annotated[
         bool,
         typer.Option("--ready", help="Ask whether it is ready, not only live."),

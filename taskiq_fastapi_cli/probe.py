@@ -25,7 +25,8 @@ def probe(host: str, port: int, ready: bool, timeout: float) -> tuple[bool, str]
         reason = getattr(exc, "reason", exc)
         return False, f"Not {what}: cannot reach {url}: {reason}."
     if status == 200:
-        workers = body.get("workers", [])
-        return True, f"{what.capitalize()}: {len(workers)} worker process(es) {what}."
+        count = len(body.get("workers", []))
+        processes = "process" if count == 1 else "processes"
+        return True, f"{what.capitalize()}: {count} worker {processes} {what}."
     problems = body.get("problems") or [f"HTTP {status}"]
     return False, f"Not {what}: {problems[0]}."

@@ -92,7 +92,7 @@ def test_ready_only_once_every_lifespan_has_started(run: WorkerRun) -> None:
     result = health_command(probe.port, "--ready")
     assert (result.returncode, result.stdout) == (
         0,
-        "Ready: 2 worker process(es) ready.\n",
+        "Ready: 2 worker processes ready.\n",
     )
     assert run.stop(worker) == 0
 
@@ -235,4 +235,20 @@ def test_spawned_workers_report_too(run: WorkerRun) -> None:
     worker, probe = start(run, "--workers", "2", "--start-method", "spawn")
     _, body = probe.until("/readyz", lambda s, b: s == 200)
     assert {w["pid"] for w in body["workers"]} == set(run.count("startup"))
+    assert run.stop(worker) == 0
+
+
+def test_the_health_command_reads_the_workers_environment(run: WorkerRun) -> None:
+    run.env["SLOW_STARTUP"] = "0"
+    worker, probe = start(run, "--workers", "1")
+    probe.until("/readyz", lambda s, b: s == 200)
+    env = {**run.env, "TASKIQ_FASTAPI_HEALTH_PORT": str(probe.port)}
+    result = subprocess.run(
+        [COMMAND, "health", "--host", "localhost", "--ready"],
+        capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (
+        0,
+        "Ready: 1 worker process ready.\n",
+    )
     assert run.stop(worker) == 0
