@@ -48,8 +48,10 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# The example on Redis; `make demo BROKER=nats` on NATS JetStream instead.
+BROKER ?= redis
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	BROKER=$(BROKER) $(BIN)/python examples/demo.py
 
 build: $(STAMP)
 	rm -rf dist

@@ -1,8 +1,10 @@
-"""`make demo`: the sign-up service end to end, on a real Redis, in one command.
+"""`make demo`: the sign-up service end to end, on real servers, in one command.
 
-Starts a Redis server (or uses REDIS_URL), the API under uvicorn and two
-worker processes with `taskiq-fastapi worker`, signs up a few users over
-HTTP, prints what each welcome-e-mail task did and where, then stops all.
+Starts a Redis server (or uses REDIS_URL) for the app's data and, with
+`make demo BROKER=nats`, a NATS server with JetStream (or uses NATS_URL) as
+the broker instead of Redis; then the API under uvicorn and two worker
+processes with `taskiq-fastapi worker`, signs up a few users over HTTP,
+prints what each welcome-e-mail task did and where, then stops all.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository's tools/, when run directly
+from tools.nats_server import nats_url  # noqa: E402
 from tools.redis_server import redis_url  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -76,10 +80,24 @@ def stop(process: subprocess.Popen[bytes]) -> int:
 
 
 def main() -> int:
-    with redis_url() as redis, tempfile.TemporaryDirectory() as logs:
+    broker = os.environ.get("BROKER") or "redis"
+    if broker not in ("redis", "nats"):
+        print(f"BROKER={broker!r}: expected redis or nats.", file=sys.stderr)
+        return 2
+    with ExitStack() as servers:
+        redis = servers.enter_context(redis_url())
+        env = {**os.environ, "REDIS_URL": redis, "SIGNUP_BROKER": broker}
+        where = f"Redis at {redis}"
+        if broker == "nats":
+            env["NATS_URL"] = servers.enter_context(nats_url())
+            where += f" (the app's data); NATS JetStream at {env['NATS_URL']} (broker)"
+        return run(env, where)
+
+
+def run(env: dict[str, str], where: str) -> int:
+    with tempfile.TemporaryDirectory() as logs:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "REDIS_URL": redis}
         log = Path(logs)
         api = subprocess.Popen(
             [str(BIN / "uvicorn"), "signup.app:app", "--port", str(port)],
@@ -97,7 +115,7 @@ def main() -> int:
         )  # fmt: skip
         ok = False
         try:
-            print(f"Redis at {redis}; API at {base} (uvicorn); 2 worker processes.\n")
+            print(f"{where}; API at {base} (uvicorn); 2 worker processes.\n")
             wait_until_up(base, [api, worker])
             with ThreadPoolExecutor(len(PEOPLE)) as pool:
                 replies = list(

@@ -24,6 +24,21 @@ off exponentially with jitter, one WARNING line each, and one line when the
 broker is back. Past `--broker-retry-timeout` without a successful fetch, the
 process asks the whole command to stop gracefully and the command exits 3.
 
+- Broker clients that retry connecting on their own inside the broker's
+  startup: nats-py tries 60 times, 2 s apart, before it raises, so a
+  `--broker-retry-timeout` shorter than that was never applied. Once the
+  worker's startup handlers (the app's lifespan) are done, the rest of the
+  broker's startup is bounded by the retry timeout too.
+- A broker whose startup never connected may fail to shut down: taskiq-nats
+  closes its client first, which raises for a client that never connected,
+  and so never ran the shutdown handlers, the app's lifespan among them
+  (taskiq then logged the error with a traceback). Then the handlers run
+  through taskiq's base `AsyncBroker.shutdown`, and the error is logged at
+  DEBUG: the process is stopping because the broker was unreachable.
+- nats-py logs each failed connection attempt with a full traceback (its
+  default error callback). In worker processes those records keep their
+  message and cause, on one line, without the traceback.
+
 Per message, a fetch passes through one more generator and an ackable
 message gets its ack wrapped; the retries themselves only run on failures.
 """
@@ -31,13 +46,14 @@ message gets its ack wrapped; the retries themselves only run on failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from taskiq import AckableMessage, AsyncBroker
+from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
@@ -96,7 +112,11 @@ class BrokerOutages:
         self.outage_since: float | None = None
         self.attempts = 0
         self.stopping = asyncio.Event()
+        self.connecting_since: float | None = None
+        logging.getLogger("nats.aio.client").addFilter(_one_line)
+        self.started = False
         self._wrap_startup(broker)
+        self._wrap_shutdown(broker)
         self._wrap_listen(broker)
         self._wrap_results(broker)
 
@@ -106,11 +126,14 @@ class BrokerOutages:
 
     def _wrap_startup(self, broker: AsyncBroker) -> None:
         startup = broker.startup
+        # Registered after the app's lifespan handler: from then on, what is
+        # left of the startup is the broker connecting.
+        broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, self._connecting)
 
         async def startup_until_reachable() -> None:
             while True:
                 try:
-                    await startup()
+                    await self._bounded(startup())
                 except TaskiqFastAPIError:
                     raise
                 except Exception as exc:
@@ -122,9 +145,54 @@ class BrokerOutages:
                         raise WorkerStopped from exc
                     continue
                 self._recovered()
+                self.started = True
                 return
 
         broker.startup = startup_until_reachable  # type: ignore[method-assign]
+
+    def _wrap_shutdown(self, broker: AsyncBroker) -> None:
+        shutdown = broker.shutdown
+
+        async def shutdown_even_if_never_connected() -> None:
+            try:
+                await shutdown()
+            except Exception as exc:
+                if self.started:
+                    raise
+                logger.debug(
+                    "Broker %r, which never connected, failed to shut down (%s).",
+                    self.path,
+                    _cause(exc),
+                )
+                try:
+                    await AsyncBroker.shutdown(broker)  # handlers, then backend
+                except Exception as backend_exc:  # a backend never started either
+                    logger.debug("Its result backend too: %s", _cause(backend_exc))
+
+        broker.shutdown = shutdown_even_if_never_connected  # type: ignore[method-assign]
+
+    def _connecting(self, _state: TaskiqState) -> None:
+        self.connecting_since = time.monotonic()
+
+    async def _bounded(self, startup: Awaitable[None]) -> None:
+        """Run the broker's startup; past the retry timeout of connecting, fail.
+
+        The app's lifespan is not bounded: only the time since it finished.
+        """
+        self.connecting_since = None
+        running = asyncio.ensure_future(startup)
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=0.25)
+            if done:
+                return running.result()
+            since = self.connecting_since
+            if since is not None and time.monotonic() - since > self.retry_timeout:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await running
+                raise ConnectionError(
+                    f"its startup was still connecting after {self.retry_timeout:g} s"
+                )
 
     def _wrap_listen(self, broker: AsyncBroker) -> None:
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
@@ -248,6 +316,35 @@ class BrokerOutages:
             )
         self.outage_since = None
         self.attempts = 0
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """A client's logged error with its cause on the line, not a traceback."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {_cause(record.exc_info[1])}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+def unrenewed_fetch(broker: AsyncBroker) -> str | None:
+    """Why the broker could not ride out a server restart, when we can tell.
+
+    taskiq-nats' pull-based JetStream broker fetches with no timeout by
+    default; a NATS server that restarts forgets the pending fetch, and the
+    worker waits for its answer for ever. Said before any worker starts.
+    """
+    if (
+        type(broker).__name__ == "PullBasedJetStreamBroker"
+        and getattr(broker, "pull_consume_timeout", 0) is None
+    ):
+        return (
+            "PullBasedJetStreamBroker has no pull_consume_timeout: after a NATS "
+            "server restart its workers would wait for ever on a fetch the "
+            "server forgot. Pass pull_consume_timeout=5 (seconds)."
+        )
+    return None
 
 
 async def _wait_for(waiting: Awaitable[Any], seconds: float) -> bool:

@@ -30,6 +30,7 @@ from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.forksafe import renew_after_fork
 from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
 from taskiq_fastapi_cli.health_server import HealthServer
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
@@ -42,6 +43,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     try:
         release_stop_signals()
         broker = load_broker(args.broker)
+        renew_after_fork(broker)
         # Without --app, the broker module's own init names the app (the main
         # process checked that it did).
         source = args.app or app_source(broker)

@@ -21,6 +21,7 @@ from taskiq_fastapi.request import base_url_scope
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
 from taskiq_fastapi_cli.discover import check_app, import_task_modules, load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
+from taskiq_fastapi_cli.outages import unrenewed_fetch
 
 
 def start_worker(
@@ -104,8 +105,9 @@ def load_project(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
-    if warning:
-        typer.echo(f"Warning: {warning}", err=True)
+    for said in (warning, unrenewed_fetch(broker)):
+        if said:
+            typer.echo(f"Warning: {said}", err=True)
     return broker
 
 

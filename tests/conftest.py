@@ -10,6 +10,7 @@ from sampleapp import apps
 from taskiq import InMemoryBroker
 from workers import WorkerRun
 
+from tools.nats_server import nats_url as running_nats
 from tools.redis_server import redis_url as running_redis
 
 # A project with its own test suite; test_template_project.py runs it apart.
@@ -65,5 +66,20 @@ def run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
 def stream_run(redis_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
     """The same on a stream broker, which acknowledges and redelivers."""
     worker_run = WorkerRun(redis_url, tmp_path, streams=True)
+    yield worker_run
+    worker_run.kill_all()
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A real NATS server with JetStream for the session (NATS_URL's, if set)."""
+    with running_nats() as url:
+        yield url
+
+
+@pytest.fixture
+def nats_run(redis_url: str, nats_url: str, tmp_path: Path) -> Iterator[WorkerRun]:
+    """Worker commands on NATS JetStream; whatever is left running is killed."""
+    worker_run = WorkerRun(redis_url, tmp_path, nats_url=nats_url)
     yield worker_run
     worker_run.kill_all()

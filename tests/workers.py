@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from taskiq.kicker import AsyncKicker
-from workerapp.brokers import make_broker
+from workerapp.brokers import make_broker, make_nats_broker
 
 TESTS_DIR = Path(__file__).parent
 COMMAND = str(Path(sys.executable).with_name("taskiq-fastapi"))
@@ -25,7 +25,12 @@ class WorkerRun:
     """One worker command, its environment, and the lifespan events it logs."""
 
     def __init__(
-        self, redis_url: str, tmp_path: Path, *, streams: bool = False
+        self,
+        redis_url: str,
+        tmp_path: Path,
+        *,
+        streams: bool = False,
+        nats_url: str | None = None,
     ) -> None:
         self.queue = f"test-{uuid.uuid4().hex}"
         self.events_file = tmp_path / f"events-{self.queue}.log"
@@ -38,7 +43,12 @@ class WorkerRun:
             "EVENTS_FILE": str(self.events_file),
             "PYTHONUNBUFFERED": "1",
         }
-        self.sender = make_broker(redis_url, self.queue, streams=streams)
+        if nats_url is not None:  # the workers' broker: NATS JetStream
+            self.env["NATS_URL"] = nats_url
+            self.sender = make_nats_broker(nats_url, self.queue)
+        else:
+            self.env.pop("NATS_URL", None)
+            self.sender = make_broker(redis_url, self.queue, streams=streams)
         self.tmp_path = tmp_path
         self.processes: list[subprocess.Popen[bytes]] = []
         self.stopped: list[subprocess.Popen[bytes]] = []

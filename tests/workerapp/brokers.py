@@ -1,7 +1,28 @@
-"""Brokers on a real Redis: the workers' (broker.py) and the tests' senders."""
+"""Brokers on a real server: the workers' (broker.py) and the tests' senders."""
 
+from nats.js.api import ConsumerConfig
 from taskiq import AsyncBroker
+from taskiq_nats import NATSObjectStoreResultBackend, PullBasedJetStreamBroker
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+
+# JetStream redelivers a message not acknowledged within this; short, so the
+# kill -9 test need not wait the default 30 s.
+NATS_ACK_WAIT_SECONDS = 2.0
+NATS_FETCH_SECONDS = 5.0
+
+
+def make_nats_broker(url: str, queue: str) -> AsyncBroker:
+    """A JetStream stream and durable pull consumer of the test's own."""
+    consumer = ConsumerConfig(durable_name=queue, ack_wait=NATS_ACK_WAIT_SECONDS)
+    return PullBasedJetStreamBroker(
+        url,
+        subject=queue,
+        stream_name=queue,
+        durable=queue,
+        consumer_config=consumer,
+        # A fetch the server forgot in a restart is renewed within this.
+        pull_consume_timeout=NATS_FETCH_SECONDS,
+    ).with_result_backend(NATSObjectStoreResultBackend(url, bucket_name=queue))
 
 
 def make_broker(

