@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import sys
 
-from benchmarks import cli_startup, inprocess, kick, worker
+from benchmarks import cli_startup, inprocess, kick, memory, worker
 from tools.redis_server import redis_url
 
 
@@ -18,6 +18,8 @@ def main() -> int:
         rows += kick.run(url)
         print()
         rows += worker.run(url)
+        print()
+        rows += memory.run(url)
     print()
     print(f"{'ratio':<52} {'measured':>9} {'target':>9}")
     missed = 0

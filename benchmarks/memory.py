@@ -1,0 +1,144 @@
+"""Memory of a 4-process worker: `taskiq-fastapi worker` against the 0.5 way.
+
+The 0.5 way is plain `taskiq worker` with `init` in the broker module: each
+worker process imports the broker, the app and FastAPI for itself. Ours
+imports them once in the main process, before the fork, and the workers
+share those pages. Measured as the total PSS (proportional set size: each
+shared page counted once, split among the processes sharing it) of the main
+process and its workers, from `/proc/PID/smaps_rollup`, which needs no root,
+once all workers have started and again after 2,000 tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from taskiq.kicker import AsyncKicker
+
+from benchmarks.worker import BIN, ROOT, TASKS
+from benchmarks.workerbench.brokers import make_broker
+
+WORKERS = 4
+TASK_COUNT = 2_000
+ROUNDS = 2
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces: the fields after it are fixed.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def tree_pss_mib(pid: int) -> float:
+    """PSS of `pid` and its descendants, in MiB."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += _pss_kib(current)
+        todo += _children(current)
+    return total / 1024
+
+
+async def _run_tasks(url: str, queue: str, task: str, count: int) -> None:
+    sender = make_broker(url, queue)
+    await sender.startup()
+    try:
+        body = AsyncKicker(f"{TASKS}:{task}", sender, {})
+        sent = [await body.kiq() for _ in range(count)]
+        for task_sent in sent:
+            await task_sent.wait_result(timeout=120, check_interval=0.05)
+    finally:
+        await sender.shutdown()
+
+
+def measure(url: str, command: list[str], task: str) -> tuple[float, float]:
+    """(MiB after startup, MiB after TASK_COUNT tasks) for one command."""
+    queue = f"bench-{uuid.uuid4().hex}"
+    env = {**os.environ, "BENCH_REDIS_URL": url, "BENCH_QUEUE": queue}
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(process.pid)) < WORKERS:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{command[0]} did not start {WORKERS} workers")
+            time.sleep(0.1)
+        # Every worker has served a task: startup is over in all of them.
+        asyncio.run(_run_tasks(url, queue, task, WORKERS * 10))
+        time.sleep(1)
+        started = tree_pss_mib(process.pid)
+        asyncio.run(_run_tasks(url, queue, task, TASK_COUNT))
+        time.sleep(1)
+        return started, tree_pss_mib(process.pid)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run(url: str) -> list[tuple[str, float, str, float]]:
+    """Return (what, measured ratio, comparison, target) rows."""
+    ours = [str(BIN / "taskiq-fastapi"), "worker"]
+    ours += ["benchmarks.workerbench.broker:broker", TASKS]
+    ours += ["--app", "benchmarks.workerbench.app:app"]
+    theirs = [str(BIN / "taskiq"), "worker"]
+    theirs += ["benchmarks.workerbench.broker_with_init:broker", TASKS]
+    common = ["--workers", str(WORKERS), "--no-configure-logging"]
+    results: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
+    for _ in range(ROUNDS):
+        results["ours"].append(measure(url, [*ours, *common], "with_request"))
+        results["theirs"].append(measure(url, [*theirs, *common], "with_request"))
+    best: dict[str, Any] = {
+        name: tuple(min(r[i] for r in rounds) for i in (0, 1))
+        for name, rounds in results.items()
+    }
+    print(f"Memory, total PSS of the command's {WORKERS + 1} processes (MiB):")
+    print(f"  {'':<44} {'started':>8} {'+2,000 tasks':>13}")
+    for name, label in (
+        ("ours", "taskiq-fastapi worker"),
+        ("theirs", "taskiq worker, init in the broker module"),
+    ):
+        started, after = best[name]
+        print(f"  {label:<44} {started:8.1f} {after:13.1f}")
+    return [
+        (
+            "4 procs PSS after startup: ours / taskiq + init",
+            best["ours"][0] / best["theirs"][0],
+            "<=",
+            0.85,
+        ),
+        (
+            "4 procs PSS after 2,000 tasks: ours / taskiq + init",
+            best["ours"][1] / best["theirs"][1],
+            "<=",
+            0.85,
+        ),
+    ]
