@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -83,3 +84,28 @@ def nats_run(redis_url: str, nats_url: str, tmp_path: Path) -> Iterator[WorkerRu
     worker_run = WorkerRun(redis_url, tmp_path, nats_url=nats_url)
     yield worker_run
     worker_run.kill_all()
+
+
+def _descendants(pid: int) -> list[str]:
+    """Command lines of the processes `pid` started that are still running."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every server and worker a test started is stopped, also after a failure."""
+    left = _descendants(os.getpid())
+    if left:
+        print("\nStill running after the tests:\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
