@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskiq import AsyncBroker
 from taskiq.cli.worker import run as taskiq_run
@@ -31,11 +31,12 @@ from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
 from taskiq_fastapi_cli.forksafe import renew_after_fork
-from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
-from taskiq_fastapi_cli.health_server import HealthServer
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
 from taskiq_fastapi_cli.supervisor import SafeProcessManager, release_stop_signals
+
+if TYPE_CHECKING:
+    from taskiq_fastapi_cli.health_server import HealthServer
 
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
@@ -56,6 +57,8 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         )
         on_signal = outages.stop
         if args.health_slots is not None:
+            from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
+
             health = WorkerHealth(args.health_slots, worker_slot())
             health.install(broker)
             on_signal = _both(outages.stop, health.stopping)

@@ -47,11 +47,9 @@ from taskiq.cli.worker.process_manager import (
     ShutdownAction,
 )
 
-from taskiq_fastapi_cli.health import Slots
-from taskiq_fastapi_cli.health_server import HealthServer, HealthView
-
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.args import FastAPIWorkerArgs
+    from taskiq_fastapi_cli.health_server import HealthServer
 
 
 def signal_handler(
@@ -130,6 +128,9 @@ class SafeProcessManager(ProcessManager):
         super().__init__(args=args, worker_function=worker_function)
         view = None
         if health is not None:
+            from taskiq_fastapi_cli.health import Slots
+            from taskiq_fastapi_cli.health_server import HealthView
+
             # Here, where taskiq has settled the number of processes (1 with
             # --reload), and before any starts: they inherit the rows.
             args.health_slots = Slots(args.workers)
