@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
-from weakref import WeakSet
+from weakref import WeakKeyDictionary
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
@@ -56,7 +56,6 @@ class _Carried:
 _current: ContextVar[Scope | _Carried | None] = ContextVar(
     "taskiq_fastapi_request", default=None
 )
-_carrying: WeakSet[AsyncBroker] = WeakSet()
 
 
 class _HeaderChoice:
@@ -116,6 +115,9 @@ class _KickWithContext(TaskiqMiddleware):
 
     def __init__(self, headers: _HeaderChoice, max_bytes: int, pass_on: bool) -> None:
         super().__init__()
+        self.configure(headers, max_bytes, pass_on)
+
+    def configure(self, headers: _HeaderChoice, max_bytes: int, pass_on: bool) -> None:
         self.headers = headers
         self.max_bytes = max_bytes
         self.pass_on = pass_on
@@ -146,6 +148,10 @@ class _KickWithContext(TaskiqMiddleware):
             # Set in the task's own context, which ends with the task.
             _current.set(_Carried(carried) if carried else None)
         return message
+
+
+# The middleware on each broker an app carries request context for.
+_carrying: WeakKeyDictionary[AsyncBroker, _KickWithContext] = WeakKeyDictionary()
 
 
 def _largest_part(carried: Mapping[str, Any]) -> str:
@@ -187,11 +193,14 @@ class CarryRequestContext:
                 f"string {headers!r}."
             )
         self.app = app
-        if broker not in _carrying:
-            _carrying.add(broker)
-            broker.add_middlewares(
-                _KickWithContext(_HeaderChoice(headers), max_bytes, pass_on)
-            )
+        settings = (_HeaderChoice(headers), max_bytes, pass_on)
+        kicks = _carrying.get(broker)
+        if kicks is None:
+            _carrying[broker] = kicks = _KickWithContext(*settings)
+            broker.add_middlewares(kicks)
+        else:
+            # One setting per broker: an app built again (in tests) replaces it.
+            kicks.configure(*settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -313,3 +313,15 @@ def test_a_task_passes_its_context_on_only_when_configured(pass_on: bool) -> Non
 
     labels = contextvars.Context().run(in_the_task)
     assert labels == ({LABEL: label} if pass_on else {})
+
+
+def test_an_app_built_again_for_the_same_broker_replaces_the_setting() -> None:
+    """As test suites do: one module-level broker, an app per test."""
+    broker = InMemoryBroker()
+    first, _ = make_app(broker, carry={"headers": ["x-request-id"]})
+    get(first, "/users/1/seen")
+    second, _ = make_app(broker, carry={"headers": ["accept-language"]})
+    seen = get(second, "/users/1/seen", headers=HEADERS)
+    assert seen["headers"] == {"host": "localhost:8000", "accept-language": "fr"}
+    kicks = [m for m in broker.middlewares if type(m).__name__ == "_KickWithContext"]
+    assert len(kicks) == 1
