@@ -24,25 +24,11 @@ from taskiq.kicker import AsyncKicker
 
 from benchmarks.worker import BIN, ROOT, TASKS
 from benchmarks.workerbench.brokers import make_broker
+from tools.processes import children
 
 WORKERS = 4
 TASK_COUNT = 2_000
 ROUNDS = 2
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces: the fields after it are fixed.
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.append(int(entry))
-    return found
 
 
 def _pss_kib(pid: int) -> int:
@@ -58,7 +44,7 @@ def tree_pss_mib(pid: int) -> float:
     while todo:
         current = todo.pop()
         total += _pss_kib(current)
-        todo += _children(current)
+        todo += children(current)
     return total / 1024
 
 
@@ -88,7 +74,7 @@ def measure(url: str, command: list[str], task: str) -> tuple[float, float]:
     )
     try:
         deadline = time.monotonic() + 60
-        while len(_children(process.pid)) < WORKERS:
+        while len(children(process.pid)) < WORKERS:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"{command[0]} did not start {WORKERS} workers")
             time.sleep(0.1)

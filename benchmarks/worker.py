@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 from taskiq.kicker import AsyncKicker
 
 from benchmarks.workerbench.brokers import make_broker
+from tools.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -168,12 +168,6 @@ def plain(broker: str, task: str, *extra: str) -> Variant:
     return Variant([*command, *extra], task)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _show(name: str, values: list[float]) -> None:
     shown = " ".join(f"{v:.3f}" for v in values)
     print(f"  {name:<52} median {statistics.median(values):.3f}  ({shown})")
@@ -202,7 +196,7 @@ def run(url: str) -> list[tuple[str, float, str, float]]:
     )
     health_rate, _, _ = paired(
         url,
-        ours("--workers", "1", "--health-port", str(_free_port())),
+        ours("--workers", "1", "--health-port", str(free_port())),
         ours("--workers", "1"),
         5_000,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository's tools/, when run directly
 from tools.nats_server import nats_url  # noqa: E402
+from tools.processes import free_port  # noqa: E402
 from tools.redis_server import redis_url  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -36,12 +36,6 @@ PEOPLE = [
     ("alan@example.com", "Alan"),
     ("barbara@example.com", "Barbara"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call(method: str, url: str, body: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -12,6 +12,7 @@ from taskiq import InMemoryBroker
 from workers import WorkerRun
 
 from tools.nats_server import nats_url as running_nats
+from tools.processes import children
 from tools.redis_server import redis_url as running_redis
 
 # A project with its own test suite; test_template_project.py runs it apart.
@@ -86,26 +87,21 @@ def nats_run(redis_url: str, nats_url: str, tmp_path: Path) -> Iterator[WorkerRu
     worker_run.kill_all()
 
 
-def _descendants(pid: int) -> list[str]:
-    """Command lines of the processes `pid` started that are still running."""
+def _still_running(pid: int) -> list[str]:
+    """Command lines of the processes `pid` started that have not exited."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in children(pid, keep=lambda state: state != "Z"):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+            continue  # exited meanwhile
+        found.append(command.replace(b"\0", b" ").decode(errors="replace"))
     return found
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every server and worker a test started is stopped, also after a failure."""
-    left = _descendants(os.getpid())
+    left = _still_running(os.getpid())
     if left:
         print("\nStill running after the tests:\n  " + "\n  ".join(left))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 import urllib.request
@@ -12,15 +11,11 @@ from pathlib import Path
 import pytest
 from workers import TASKIQ, WorkerRun
 
+from tools.processes import free_port
+
 pytestmark = pytest.mark.anyio
 
 UVICORN = str(Path(sys.executable).with_name("uvicorn"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 30) -> object:

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 from taskiq.kicker import AsyncKicker
-from test_dependencies_worker import free_port
 from workers import COMMAND, TESTS_DIR, WorkerRun
+
+from tools.processes import free_port
 
 pytestmark = pytest.mark.anyio
 

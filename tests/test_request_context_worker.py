@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from taskiq.kicker import AsyncKicker
-from test_dependencies_worker import free_port, get_json
+from test_dependencies_worker import get_json
 from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun
 
 from taskiq_fastapi.request_context import LABEL
+from tools.processes import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools.redis_server import _free_port
-
-STARTUP_TIMEOUT = 10.0
+from tools.processes import ServerProcess, greets
 
 
 def server_binary() -> Path:
@@ -33,46 +28,29 @@ def server_binary() -> Path:
     return Path(found)
 
 
-def _answers_info(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            return sock.recv(5).startswith(b"INFO ")
-    except OSError:
-        return False
-
-
-class NatsServer:
+class NatsServer(ServerProcess):
     """One nats-server with JetStream on a fixed port; it can stop and start."""
 
+    name = "nats-server"
+
     def __init__(self, workdir: str) -> None:
-        self.port = _free_port()
+        super().__init__()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         command = [str(server_binary()), "--addr", "127.0.0.1"]
-        command += [
+        return [
+            *command,
             "--port",
             str(self.port),
             "--jetstream",
             "--store_dir",
             self.workdir,
         ]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _answers_info(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server did not start on port {self.port}.")
-            time.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+    def answers(self) -> bool:
+        return greets(self.port, b"", b"INFO ")
 
 
 @contextmanager

@@ -1,0 +1,84 @@
+"""Processes for tests, the demo and benchmarks: servers, and trees to read.
+
+Linux /proc only, which the suite and `make bench` run on; no root needed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STARTUP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server on a fixed loopback port that can stop and start again."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start on port {self.port}.")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def greets(port: int, send: bytes, expect: bytes) -> bool:
+    """Whether something on the port answers `send` with `expect` first."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if send:
+                sock.sendall(send)
+            return sock.recv(len(expect)).startswith(expect)
+    except OSError:
+        return False
+
+
+def children(pid: int, keep: Callable[[str], bool] = lambda state: True) -> list[int]:
+    """Pids of the running processes whose parent is `pid`.
+
+    `keep` sees each one's state letter (`Z` for an exited, unreaped one).
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces: the fields after it are fixed.
+        state, parent = stat.rpartition(")")[2].split()[:2]
+        if int(parent) == pid and keep(state):
+            found.append(int(entry))
+    return found
