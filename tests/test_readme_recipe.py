@@ -48,7 +48,9 @@ def test_the_recipe_has_the_files_of_a_project() -> None:
     ]
 
 
-def test_the_recipes_tests_pass_without_the_deprecated_testclient_path(project: Path) -> None:
+def test_the_recipes_tests_pass_without_the_deprecated_testclient_path(
+    project: Path,
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "tests"],
         cwd=project, capture_output=True, text=True, timeout=120,
