@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from workers import COMMAND, TESTS_DIR, WorkerRun
 
-from tools.nats_server import NatsServer
+from tools.nats_server import NatsServer, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -118,13 +117,8 @@ async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
 @pytest.fixture
 def own_server() -> Iterator[NatsServer]:
     """A server of the test's own, to stop and start; stopped also on failure."""
-    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-nats-") as store:
-        server = NatsServer(store)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_server() as server:
+        yield server
 
 
 async def test_an_outage_shorter_than_the_retry_timeout_is_ridden_out(

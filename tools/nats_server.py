@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools.processes import ServerProcess, greets
+from tools.processes import ServerProcess, greets, started
 
 
 def server_binary() -> Path:
@@ -56,13 +55,8 @@ class NatsServer(ServerProcess):
 @contextmanager
 def running_server() -> Iterator[NatsServer]:
     """A started NatsServer, stopped afterwards, also when the caller fails."""
-    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-nats-") as workdir:
-        server = NatsServer(workdir)
-        try:
-            server.start()
-            yield server
-        finally:
-            server.stop()
+    with started(NatsServer, "nats") as server:
+        yield server
 
 
 @contextmanager

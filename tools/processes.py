@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 STARTUP_TIMEOUT = 10.0
 
@@ -51,6 +54,24 @@ class ServerProcess:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+Server = TypeVar("Server", bound=ServerProcess)
+
+
+@contextmanager
+def started(make: Callable[[str], Server], name: str) -> Iterator[Server]:
+    """A server made with a work directory of its own, started, then stopped.
+
+    Stopped also when the caller fails; the directory goes with it.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"taskiq-fastapi-{name}-") as workdir:
+        server = make(workdir)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
 
 
 def greets(port: int, send: bytes, expect: bytes) -> bool:

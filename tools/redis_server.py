@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools.processes import ServerProcess, greets
+from tools.processes import ServerProcess, greets, started
 
 
 def server_binary() -> Path:
@@ -57,14 +56,9 @@ class RedisServer(ServerProcess):
 
 @contextmanager
 def running_server(persistent: bool = False) -> Iterator[RedisServer]:
-    """A started RedisServer, stopped afterwards."""
-    with tempfile.TemporaryDirectory(prefix="taskiq-fastapi-redis-") as workdir:
-        server = RedisServer(workdir, persistent)
-        try:
-            server.start()
-            yield server
-        finally:
-            server.stop()
+    """A started RedisServer, stopped afterwards, also when the caller fails."""
+    with started(lambda workdir: RedisServer(workdir, persistent), "redis") as server:
+        yield server
 
 
 @contextmanager
