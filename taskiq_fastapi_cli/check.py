@@ -40,9 +40,11 @@ def run_check(
     args = with_app(parse_taskiq_args(taskiq_argv), app or "", None)
     broker = load_project(args, factory)
     plans = dependencies.plans(broker)
+    source = app_source(broker)
+    assert source is not None  # load_project wired the broker to its app
     # As the worker decides: from the app, so a factory is called here.
     try:
-        carrying = request_context.carrying(load_app(args.app or app_source(broker)))  # type: ignore[arg-type]
+        carrying = request_context.carrying(load_app(source))
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
     problems = [problem for plan in plans for problem in plan.problems_when(carrying)]
