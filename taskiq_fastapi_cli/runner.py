@@ -30,6 +30,7 @@ from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.fetch_limit import fetch_at_most
 from taskiq_fastapi_cli.forksafe import renew_after_fork
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.shutdown import ShutdownGuard
@@ -55,6 +56,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
             args.broker_retry_timeout,
             give_up=lambda message: _stop_command(args, message),
         )
+        fetch_at_most(broker, args.max_tasks_per_child)
         on_signal = outages.stop
         if args.health_slots is not None:
             from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
