@@ -9,14 +9,13 @@ that server is used instead and nothing is started.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from tools.processes import ServerProcess, greets, started
+from tools.processes import ServerProcess, greets, started, url_of
 
 
 def server_binary() -> Path:
@@ -59,11 +58,6 @@ def running_server() -> Iterator[NatsServer]:
         yield server
 
 
-@contextmanager
-def nats_url() -> Iterator[str]:
-    """Yield the URL of a running server: NATS_URL's, or one started here."""
-    if os.environ.get("NATS_URL"):
-        yield os.environ["NATS_URL"]
-        return
-    with running_server() as server:
-        yield server.url
+def nats_url() -> AbstractContextManager[str]:
+    """The URL of a running server: NATS_URL's, or one started here."""
+    return url_of("NATS_URL", running_server)

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +28,7 @@ class ServerProcess:
     """A server on a fixed loopback port that can stop and start again."""
 
     name = "server"
+    url: str
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -72,6 +73,18 @@ def started(make: Callable[[str], Server], name: str) -> Iterator[Server]:
             yield server
         finally:
             server.stop()
+
+
+@contextmanager
+def url_of(
+    variable: str, running: Callable[[], AbstractContextManager[ServerProcess]]
+) -> Iterator[str]:
+    """The URL in the environment `variable`, or that of a server started here."""
+    if os.environ.get(variable):
+        yield os.environ[variable]
+        return
+    with running() as server:
+        yield server.url
 
 
 def greets(port: int, send: bytes, expect: bytes) -> bool:

@@ -8,12 +8,11 @@ server is used instead and nothing is started.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from tools.processes import ServerProcess, greets, started
+from tools.processes import ServerProcess, greets, started, url_of
 
 
 def server_binary() -> Path:
@@ -61,11 +60,6 @@ def running_server(persistent: bool = False) -> Iterator[RedisServer]:
         yield server
 
 
-@contextmanager
-def redis_url() -> Iterator[str]:
-    """Yield the URL of a running server: REDIS_URL's, or one started here."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    with running_server() as server:
-        yield server.url
+def redis_url() -> AbstractContextManager[str]:
+    """The URL of a running server: REDIS_URL's, or one started here."""
+    return url_of("REDIS_URL", running_server)
