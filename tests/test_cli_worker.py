@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from workers import TASKIQ, WorkerRun
+from workers import APP, TASKIQ, WorkerRun
 
 pytestmark = pytest.mark.anyio
-
-APP = ["--app", "workerapp.app:app"]
 
 
 async def gather_results(run: WorkerRun, count: int) -> list[dict[str, object]]:

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
-from workers import TASKIQ, WorkerRun
-
-from tools.processes import free_port
+from workers import TASKIQ, WorkerRun, get_json
 
 pytestmark = pytest.mark.anyio
-
-UVICORN = str(Path(sys.executable).with_name("uvicorn"))
-
-
-def get_json(url: str, timeout: float = 30) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 async def test_route_chain_runs_unmodified_in_a_task_with_the_apps_override(
     run: WorkerRun,
 ) -> None:
-    port = free_port()
-    api = run.start(
-        "workerapp.app:app", "--port", str(port), "--log-level", "warning",
-        command=(UVICORN,),
-    )  # fmt: skip
+    api, port = run.serve("workerapp.app:app")
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks",
         "--app", "workerapp.app:app",

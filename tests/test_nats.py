@@ -8,28 +8,23 @@ a JetStream object store, and the real `taskiq-fastapi worker` command.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from workers import COMMAND, TESTS_DIR, WorkerRun
+from delivery import (
+    each_task_runs_once_across_two_commands,
+    killed_mid_task_is_redelivered_to_a_fresh_process,
+)
+from workers import APP, BROKER, COMMAND, TESTS_DIR, WorkerRun
 
 from tools.nats_server import NatsServer, running_server
 
 pytestmark = pytest.mark.anyio
-
-APP = ["--app", "workerapp.app:app"]
-BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
-
-
-async def kiq_all(run: WorkerRun, task: str, args: list[tuple[Any, ...]]) -> list[Any]:
-    return [await run.kiq(task, *a) for a in args]
 
 
 def count_events(run: WorkerRun, prefix: str, suffix: str = "") -> int:
@@ -39,26 +34,7 @@ def count_events(run: WorkerRun, prefix: str, suffix: str = "") -> int:
 async def test_two_commands_two_processes_each_task_exactly_once(
     nats_run: WorkerRun,
 ) -> None:
-    run = nats_run
-    first = run.start("worker", *BROKER, *APP, "--workers", "2")
-    second = run.start("worker", *BROKER, *APP, "--workers", "2")
-    run.wait_for("startup", processes=4)
-    await run.sender.startup()
-    try:
-        tasks = await kiq_all(run, "mark", [(n,) for n in range(400)])
-        results = await asyncio.gather(*(t.wait_result(timeout=120) for t in tasks))
-    finally:
-        await run.sender.shutdown()
-    assert [r.return_value for r in results] == list(range(400))
-    assert run.stop(first) == 0
-    assert run.stop(second) == 0
-    ran = Counter(event for _, event in run.events() if event.startswith("ran "))
-    assert ran == Counter({f"ran {n}": 1 for n in range(400)})
-    startups, shutdowns = run.count("startup"), run.count("shutdown")
-    assert len(startups) == 4
-    assert startups == shutdowns == Counter(dict.fromkeys(startups, 1))
-    workers_that_ran = {pid for pid, event in run.events() if event.startswith("ran ")}
-    assert len(workers_that_ran) >= 2
+    await each_task_runs_once_across_two_commands(nats_run, tasks=400)
 
 
 async def test_sigterm_with_tasks_in_flight_loses_none(nats_run: WorkerRun) -> None:
@@ -67,7 +43,7 @@ async def test_sigterm_with_tasks_in_flight_loses_none(nats_run: WorkerRun) -> N
     run.wait_for("startup", processes=2)
     await run.sender.startup()
     try:
-        tasks = await kiq_all(run, "slow", [(n, 2.0) for n in range(30)])
+        tasks = await run.kiq_all("slow", [(n, 2.0) for n in range(30)])
         deadline = time.monotonic() + 30
         while count_events(run, "task ", " started") < 10:
             assert time.monotonic() < deadline, run.events()
@@ -89,29 +65,8 @@ async def test_sigterm_with_tasks_in_flight_loses_none(nats_run: WorkerRun) -> N
 async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
     nats_run: WorkerRun,
 ) -> None:
-    run = nats_run
-    worker = run.start(
-        "worker", *BROKER, *APP, "--workers", "1", "--ack-type", "when_executed"
-    )
-    run.wait_for("startup", processes=1)
-    await run.sender.startup()
-    try:
-        task = await run.kiq("slow", 7, 1.5)
-        run.wait_for("task 7 started", processes=1)
-        (victim,) = run.count("startup")
-        os.kill(victim, signal.SIGKILL)
-        run.wait_for("startup", processes=2)  # the replacement, with its lifespan
-        # JetStream redelivers once the consumer's ack wait (2 s) has passed.
-        result = await task.wait_result(timeout=60)
-    finally:
-        await run.sender.shutdown()
-    assert result.return_value == 7
-    replacement = next(pid for pid in run.count("startup") if pid != victim)
-    assert (replacement, "task 7 done") in run.events()
-    assert (victim, "task 7 done") not in run.events()
-    assert (victim, "shutdown") not in run.events()
-    assert run.stop(worker) == 0
-    assert run.count("shutdown") == Counter({replacement: 1})
+    # JetStream redelivers by itself once the consumer's ack wait (2 s) has passed.
+    await killed_mid_task_is_redelivered_to_a_fresh_process(nats_run, 1.5)
 
 
 @pytest.fixture

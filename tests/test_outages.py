@@ -14,20 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workers import WorkerRun
+from workers import APP, BROKER, WorkerRun
 
 from tools.redis_server import RedisServer, running_server
 
 pytestmark = pytest.mark.anyio
 
-BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
 # Gave up at the deadline (2 s), give or take the last attempt's own time.
 GAVE_UP = re.compile(
     r"^Error: Broker 'workerapp\.broker:broker' unreachable for [23] s "
     r"\(--broker-retry-timeout 2\): ConnectionError: ",
     re.MULTILINE,
 )
-APP = ["--app", "workerapp.app:app"]
 
 
 @pytest.fixture

@@ -9,12 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from workers import WorkerRun
+from workers import APP, BROKER, WorkerRun
 
 from taskiq_fastapi_cli.reload import ReloadFilter
-
-BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
-APP = ["--app", "workerapp.app:app"]
 
 
 @pytest.mark.parametrize(

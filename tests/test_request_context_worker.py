@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 from taskiq.kicker import AsyncKicker
-from test_dependencies_worker import get_json
-from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun
+from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun, get_json
 
 from taskiq_fastapi.request_context import LABEL
-from tools.processes import free_port
 
 pytestmark = pytest.mark.anyio
 
-UVICORN = str(Path(sys.executable).with_name("uvicorn"))
 CARRIED = [
     "workerapp.broker:broker",
     "workerapp.carried",
@@ -38,11 +33,7 @@ def get(url: str, headers: dict[str, str]) -> Any:
 def test_a_route_kicks_a_task_whose_header_and_query_dependencies_see_the_request(
     run: WorkerRun,
 ) -> None:
-    port = free_port()
-    api = run.start(
-        "workerapp.carried:app", "--port", str(port), "--log-level", "warning",
-        command=(UVICORN,),
-    )  # fmt: skip
+    api, port = run.serve("workerapp.carried:app")
     worker = run.start("worker", *CARRIED)
     run.wait_for("startup", processes=2)
     headers = {"X-Request-ID": "req-1234", "X-Internal-Secret": "do-not-send"}

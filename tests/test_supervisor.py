@@ -9,12 +9,9 @@ import time
 
 import pytest
 from taskiq.cli.worker.process_manager import ReloadOneAction, ShutdownAction
-from workers import WorkerRun
+from workers import APP, BROKER, WorkerRun
 
 from taskiq_fastapi_cli.supervisor import ActionQueue, HeldRestart, signal_handler
-
-BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
-APP = ["--app", "workerapp.app:app"]
 
 
 @pytest.mark.timeout(10)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -16,9 +18,28 @@ from typing import Any
 from taskiq.kicker import AsyncKicker
 from workerapp.brokers import make_broker, make_nats_broker
 
+from tools.processes import free_port
+
 TESTS_DIR = Path(__file__).parent
 COMMAND = str(Path(sys.executable).with_name("taskiq-fastapi"))
 TASKIQ = str(Path(sys.executable).with_name("taskiq"))
+UVICORN = str(Path(sys.executable).with_name("uvicorn"))
+# The worker app's broker, task module and app, as the command takes them.
+BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
+APP = ["--app", "workerapp.app:app"]
+
+
+def get_json(url: str, timeout: float = 30) -> Any:
+    """GET `url` as JSON, retrying until a server that is starting answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class WorkerRun:
@@ -69,6 +90,14 @@ class WorkerRun:
         self.processes.append(process)
         return process
 
+    def serve(self, app: str) -> tuple[subprocess.Popen[bytes], int]:
+        """A real uvicorn serving `app` on a free port, and that port."""
+        port = free_port()
+        api = self.start(
+            app, "--port", str(port), "--log-level", "warning", command=(UVICORN,)
+        )
+        return api, port
+
     def output(self, process: subprocess.Popen[bytes]) -> str:
         return process.log.read_text()  # type: ignore[attr-defined,no-any-return]
 
@@ -115,3 +144,6 @@ class WorkerRun:
             f"workerapp.tasks:{task}", self.sender, {}
         )
         return await kicker.kiq(*args, **kwargs)
+
+    async def kiq_all(self, task: str, args: list[tuple[Any, ...]]) -> list[Any]:
+        return [await self.kiq(task, *a) for a in args]

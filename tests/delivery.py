@@ -1,0 +1,71 @@
+"""Delivery scenarios each broker family runs the same way (Redis, NATS).
+
+test_reliability.py and test_nats.py call these with their broker's run and
+the figures that suit it; what the user would see is asserted here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from workers import APP, BROKER, WorkerRun
+
+
+async def each_task_runs_once_across_two_commands(run: WorkerRun, tasks: int) -> None:
+    """Two commands of two processes each share `tasks` tasks, each run once."""
+    first = run.start("worker", *BROKER, *APP, "--workers", "2")
+    second = run.start("worker", *BROKER, *APP, "--workers", "2")
+    run.wait_for("startup", processes=4)
+    await run.sender.startup()
+    try:
+        kicked = await run.kiq_all("mark", [(n,) for n in range(tasks)])
+        results = await asyncio.gather(*(t.wait_result(timeout=120) for t in kicked))
+    finally:
+        await run.sender.shutdown()
+    assert [r.return_value for r in results] == list(range(tasks))
+    assert run.stop(first) == 0
+    assert run.stop(second) == 0
+    ran = Counter(event for _, event in run.events() if event.startswith("ran "))
+    assert ran == Counter({f"ran {n}": 1 for n in range(tasks)})
+    startups, shutdowns = run.count("startup"), run.count("shutdown")
+    assert len(startups) == 4
+    assert startups == shutdowns == Counter(dict.fromkeys(startups, 1))
+    # Both commands shared the work.
+    workers_that_ran = {pid for pid, event in run.events() if event.startswith("ran ")}
+    assert len(workers_that_ran) >= 2
+
+
+async def killed_mid_task_is_redelivered_to_a_fresh_process(
+    run: WorkerRun,
+    seconds: float,
+    reclaim: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """kill -9 during a task of `seconds`; `reclaim` is what makes the broker
+    hand it out again, once the replacement process has started."""
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "1", "--ack-type", "when_executed"
+    )
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        task = await run.kiq("slow", 7, seconds)
+        run.wait_for("task 7 started", processes=1)
+        (victim,) = run.count("startup")
+        os.kill(victim, signal.SIGKILL)
+        run.wait_for("startup", processes=2)  # the replacement, with its lifespan
+        if reclaim is not None:
+            await reclaim()
+        result = await task.wait_result(timeout=60)
+    finally:
+        await run.sender.shutdown()
+    assert result.return_value == 7
+    replacement = next(pid for pid in run.count("startup") if pid != victim)
+    assert (replacement, "task 7 done") in run.events()
+    assert (victim, "task 7 done") not in run.events()
+    assert (victim, "shutdown") not in run.events()  # killed: no shutdown code ran
+    assert run.stop(worker) == 0
+    assert run.count("shutdown") == Counter({replacement: 1})
