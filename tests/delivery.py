@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -69,3 +70,29 @@ async def killed_mid_task_is_redelivered_to_a_fresh_process(
     assert (victim, "shutdown") not in run.events()  # killed: no shutdown code ran
     assert run.stop(worker) == 0
     assert run.count("shutdown") == Counter({replacement: 1})
+
+
+def unreachable_broker_is_exit_3(
+    run: WorkerRun, retry_timeout: int, cause: str, within: float
+) -> None:
+    """A broker nothing listens for: one line naming it and `cause`, exit 3."""
+    started = time.monotonic()
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2",
+        "--broker-retry-timeout", str(retry_timeout),
+    )  # fmt: skip
+    try:
+        code = worker.wait(timeout=60)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    line = (
+        f"Error: Broker 'workerapp.broker:broker' unreachable for {retry_timeout} s "
+        f"(--broker-retry-timeout {retry_timeout}): {cause}"
+    )
+    errors = [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(line), output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < within

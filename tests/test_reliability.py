@@ -15,6 +15,7 @@ import pytest
 from delivery import (
     each_task_runs_once_across_two_commands,
     killed_mid_task_is_redelivered_to_a_fresh_process,
+    unreachable_broker_is_exit_3,
 )
 from workers import APP, BROKER, WorkerRun
 
@@ -100,25 +101,9 @@ async def test_500_concurrent_tasks_in_one_process_never_share_state(
     assert run.stop(worker) == 0
 
 
-async def test_unreachable_broker_is_a_clear_error_not_a_hang(
-    tmp_path: Path,
-) -> None:
+def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     # Nothing listens on port 1 of the loopback.
     run = WorkerRun("redis://127.0.0.1:1/0", tmp_path, streams=True)
-    started = time.monotonic()
-    worker = run.start(
-        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "0"
+    unreachable_broker_is_exit_3(
+        run, retry_timeout=0, cause="ConnectionError: ", within=20
     )
-    try:
-        code = worker.wait(timeout=30)
-    finally:
-        run.kill_all()
-    output = run.output(worker)
-    assert code == 3, output
-    line = (
-        "Error: Broker 'workerapp.broker:broker' unreachable for 0 s "
-        "(--broker-retry-timeout 0): ConnectionError: "
-    )
-    assert output.count(line) == 1, output
-    assert "Traceback" not in output
-    assert time.monotonic() - started < 20
