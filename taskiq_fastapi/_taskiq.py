@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi.params import Depends as FastAPIDepends
@@ -38,17 +39,42 @@ Task = AsyncTaskiqDecoratedTask[Any, Any]
 MakeRequest = Callable[[Mapping[str, Any] | None], Request]
 
 
+class _TaskValues:
+    """One task's own entries of the dependency cache: its Context and Request.
+
+    The Request is made on first use, so tasks that never ask pay nothing.
+    """
+
+    __slots__ = ("context", "request")
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.request: Request | None = None
+
+
+# The task the running asyncio task is resolving dependencies for: set by
+# `PerTaskContext.update`, which taskiq's receiver calls in the task's own
+# asyncio task (one per message) just before resolving its dependencies.
+_task_values: ContextVar[_TaskValues | None] = ContextVar(
+    "taskiq_fastapi_task_values", default=None
+)
+
+
 class PerTaskContext(dict[Any, Any]):
     """A broker dependency context that gives every task its own Request.
 
-    taskiq's receiver passes `broker.custom_dependency_context` to
-    taskiq-dependencies as the initial cache, and taskiq-dependencies takes a
-    `copy.copy` of that cache once per resolution, and only when the task has
-    dependencies. Adding the Request at copy time gives each task a fresh
-    object at no cost to tasks without dependencies, and keeps taskiq's
-    prebuilt dependency graphs (overrides would rebuild them for every task).
-    The receiver puts the task's `Context` in the cache just before, so its
-    message's labels are the ones of the task being resolved.
+    taskiq's receiver writes each task's `Context` into the broker's one
+    `custom_dependency_context` (with `update`) and passes that shared dict
+    to taskiq-dependencies, which takes a `copy.copy` of it for the task and
+    again for every `use_cache=False` sub-dependency, those after earlier
+    awaits, when other tasks of the process may have written their own
+    Context into it meanwhile. So nothing per task is read from the shared
+    dict after `update`: the task's Context is kept in a context variable of
+    its own asyncio task, and every copy made for that task gets that Context
+    and one Request, made once per task from its message's labels. Tasks
+    without dependencies are never copied, so they pay for no Request; and
+    taskiq's prebuilt dependency graphs are kept (overrides would rebuild
+    them for every task).
     """
 
     def __init__(
@@ -59,14 +85,26 @@ class PerTaskContext(dict[Any, Any]):
         super().__init__(values)
         self.make_request = make_request
 
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        context = self.get(Context)
+        if isinstance(context, Context):
+            _task_values.set(_TaskValues(context))
+
     def __copy__(self) -> dict[Any, Any]:
         values = dict(self)
-        context = values.get(Context)
-        labels = context.message.labels if isinstance(context, Context) else None
-        request = self.make_request(labels)
+        own = _task_values.get()
+        if own is None:  # copied outside taskiq's receiver: this dict's Context
+            own = _TaskValues(values.get(Context))
+        if own.request is None:
+            context = own.context
+            labels = context.message.labels if isinstance(context, Context) else None
+            own.request = self.make_request(labels)
+        if own.context is not None:
+            values[Context] = own.context
         # FastAPI hands the Request itself to HTTPConnection parameters too.
-        values[Request] = request
-        values[HTTPConnection] = request
+        values[Request] = own.request
+        values[HTTPConnection] = own.request
         return values
 
 

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sampleapp import apps
 from taskiq import InMemoryBroker
 from workers import WorkerRun
@@ -105,3 +106,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         print("\nStill running after the tests:\n  " + "\n  ".join(left))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Generated examples: a fixed set in CI and by default, more on demand
+# (HYPOTHESIS_PROFILE=deep); nothing is written to a .hypothesis directory.
+settings.register_profile(
+    "ci", max_examples=25, derandomize=True, deadline=None, database=None
+)
+settings.register_profile("deep", max_examples=400, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

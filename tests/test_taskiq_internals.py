@@ -74,6 +74,30 @@ async def test_receiver_reads_the_broker_context_for_every_task() -> None:
     assert broker.dependency_overrides == {}
 
 
+async def test_receiver_writes_each_tasks_context_with_update_before_resolving() -> (
+    None
+):
+    """PerTaskContext keeps each task's own Context from the receiver's `update`."""
+    broker = InMemoryBroker()
+    announced: list[Any] = []
+
+    class Watching(PerTaskContext):
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            super().update(*args, **kwargs)
+            announced.append(self[Context].message.task_id)
+
+    @broker.task
+    async def task_id(context: Context = TaskiqDepends()) -> str:
+        return context.message.task_id
+
+    broker.custom_dependency_context = Watching({}, _factory())
+    await broker.startup()
+    kicked = await task_id.kiq()
+    result = await kicked.wait_result(timeout=5)
+    await broker.shutdown()
+    assert announced == [kicked.task_id] == [result.return_value]
+
+
 def test_add_cwd_in_path_puts_the_working_directory_first() -> None:
     cwd = os.getcwd()
     saved = list(sys.path)
