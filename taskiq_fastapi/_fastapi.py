@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import params
 from fastapi.dependencies.models import Dependant
@@ -29,6 +29,7 @@ __all__ = [
     "Dependant",
     "DependencyMarker",
     "ParamMarker",
+    "RequestOnly",
     "RequestRejected",
     "SecurityBase",
     "analyse",
@@ -59,27 +60,38 @@ def analyse(parameters: list[inspect.Parameter]) -> Dependant:
     return get_dependant(path="", call=root)
 
 
-def request_only_parameters(
-    dependant: Dependant,
-) -> Iterator[tuple[str, str, Any, bool]]:
-    """(parameter, what, default, carried) for each value only a request has.
+class RequestOnly(NamedTuple):
+    """A value of a dependency that only an HTTP request has.
 
-    `carried`: a carried request context provides it (query, header, cookie
-    and path parameters, which FastAPI parses from the scope).
+    `carried` says which part of the request has it when a carried request
+    context can provide it: "query", "path", or the lower-case name of the
+    header it is read from ("cookie" for cookies); None when it never can.
     """
-    carried = (
-        dependant.path_params
-        + dependant.query_params
-        + dependant.header_params
-        + dependant.cookie_params
-    )
-    for field in carried + dependant.body_params:
+
+    name: str
+    what: str
+    default: Any
+    carried: str | None
+
+
+def request_only_parameters(dependant: Dependant) -> Iterator[RequestOnly]:
+    """Each value of `dependant` (not of its dependencies) only a request has."""
+    carried: list[tuple[Any, Callable[[Any], str]]] = [
+        *((field, lambda _: "path") for field in dependant.path_params),
+        *((field, lambda _: "query") for field in dependant.query_params),
+        # FastAPI has already turned the parameter's name into its header's.
+        *((field, lambda f: str(f.alias).lower()) for field in dependant.header_params),
+        *((field, lambda _: "cookie") for field in dependant.cookie_params),
+    ]
+    for field, part in carried:
         kind = type(field.field_info).__name__
-        yield (
-            field.name,
-            f"a {kind} parameter",
-            field.field_info.default,
-            field in carried,
+        yield RequestOnly(
+            field.name, f"a {kind} parameter", field.field_info.default, part(field)
+        )
+    for field in dependant.body_params:
+        kind = type(field.field_info).__name__
+        yield RequestOnly(
+            field.name, f"a {kind} parameter", field.field_info.default, None
         )
     special = {
         "WebSocket": dependant.websocket_param_name,
@@ -89,7 +101,7 @@ def request_only_parameters(
     }
     for kind, name in special.items():
         if name is not None:
-            yield name, f"a {kind}", None, False
+            yield RequestOnly(name, f"a {kind}", None, None)
 
 
 class RequestRejected(Exception):  # noqa: N818 - a signal to the caller, who words it

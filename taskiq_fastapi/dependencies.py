@@ -42,6 +42,7 @@ from taskiq_fastapi._taskiq import (
     replace_task_function,
 )
 from taskiq_fastapi.exceptions import DependencyError, RequestContextError
+from taskiq_fastapi.request_context import CarrySettings, looks_like_a_credential
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -77,6 +78,8 @@ class Node:
     source: str
     target: str
     dependencies: list[Node] = field(default_factory=list)
+    # For a "carried" node: what the app must carry for it.
+    need: CarriedNeed | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, for `check --json`."""
@@ -89,19 +92,58 @@ class Node:
 
 
 @dataclass
+class CarriedNeed:
+    """A query, header, cookie or path parameter of a dependency.
+
+    The request that kicked the task has it when the app carries it: query
+    and path always, a header or a cookie only when the app's
+    `CarryRequestContext` carries that header.
+    """
+
+    owner: str
+    parameter: str
+    what: str
+    part: str
+
+    def problem(self, task_name: str, carry: CarrySettings | None) -> str | None:
+        """What stops the worker, given what the app carries; None if nothing."""
+        if carry is None:
+            return (
+                f"Task {task_name!r}: parameter {self.parameter!r} of {self.owner} "
+                f"is {self.what}, which only an HTTP request has{_CARRY_HINT}."
+            )
+        if self.part in ("query", "path") or carry.carries_header(self.part):
+            return None
+        cookie = "Cookie" in self.what
+        subject = f"cookie {self.parameter!r}" if cookie else f"header {self.part!r}"
+        why = f"{carry!r} does not name the {self.part!r} header"
+        if carry.headers.everything and looks_like_a_credential(self.part):
+            why += ', and "*" leaves out headers that look like credentials'
+        return (
+            f"Task {task_name!r}: {subject} of {self.owner} is not carried: "
+            f"{why} (name it in headers=[...] to carry it)."
+        )
+
+
+@dataclass
 class TaskPlan:
     """What the walk found for one task, and the stand-in workers call."""
 
     task_name: str
     tree: list[Node]
     problems: list[str]
-    # Problems only when the app does not carry request context to tasks.
-    needs_carried: list[str] = field(default_factory=list)
+    # Problems or not, depending on what the app carries to tasks.
+    needs_carried: list[CarriedNeed] = field(default_factory=list)
     replacement: Callable[..., Any] | None = None
 
-    def problems_when(self, carrying: bool) -> list[str]:
-        """What stops the worker, given whether request context is carried."""
-        return self.problems if carrying else self.problems + self.needs_carried
+    def problems_when(self, carry: CarrySettings | None) -> list[str]:
+        """What stops the worker, given what the app carries to tasks."""
+        found = list(self.problems)
+        for need in self.needs_carried:
+            problem = need.problem(self.task_name, carry)
+            if problem is not None:
+                found.append(problem)
+        return found
 
 
 def describe(target: Any) -> str:
@@ -179,7 +221,7 @@ class _Planner:
         self.broker = broker
         self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
         self.problems: list[str] = []
-        self.needs_carried: list[str] = []
+        self.needs_carried: list[CarriedNeed] = []
         # Each FastAPI parameter: its node, the parameter, the function that
         # declares it, and the parameter FastAPI analyses (renamed to its key).
         self.fastapi: list[tuple[Node, inspect.Parameter, Any, inspect.Parameter]] = []
@@ -196,11 +238,8 @@ class _Planner:
             plan.replacement = _replacement(function, signature, plan)
         return plan
 
-    def problem(
-        self, owner: Any, parameter: str, what: str, carried: bool = False
-    ) -> None:
-        found = self.needs_carried if carried else self.problems
-        found.append(
+    def problem(self, owner: Any, parameter: str, what: str) -> None:
+        self.problems.append(
             f"Task {self.task_name!r}: parameter {parameter!r} of "
             f"{describe(owner)} {what}.",
         )
@@ -309,7 +348,11 @@ class _Planner:
             typed = _fastapi.typed_signature(owner).parameters[parameter.name]
         except Exception:  # FastAPI's own analysis below reports it
             typed = parameter
-        node = Node(parameter.name, "fastapi", describe(marker.dependency))
+        # `Annotated[Pager, Depends()]`: FastAPI calls the annotated class.
+        target = marker.dependency
+        if target is None:
+            target = _strip_annotated(typed.annotation)
+        node = Node(parameter.name, "fastapi", describe(target))
         self.fastapi.append((node, parameter, owner, typed.replace(name=key)))
         return node, _marked(parameter, TaskiqMarker(self._getter(key)))
 
@@ -358,7 +401,8 @@ class _Planner:
         ):
             if name is not None:
                 yield Node(name, "request", "Request")
-        for name, what, default, carried in _fastapi.request_only_parameters(dependant):
+        for name, what, default, part in _fastapi.request_only_parameters(dependant):
+            need = None
             if isinstance(default, TaskiqMarker):
                 self.problem(
                     call,
@@ -366,15 +410,16 @@ class _Planner:
                     "uses TaskiqDepends inside a FastAPI "
                     "dependency, which FastAPI solves: use Depends",
                 )
+            elif part is None:
+                self.problem(call, name, f"is {what}, which only an HTTP request has")
             else:
-                hint = _CARRY_HINT if carried else ""
-                self.problem(
-                    call,
-                    name,
-                    f"is {what}, which only an HTTP request has{hint}",
-                    carried,
-                )
-            yield Node(name, "carried" if carried else "http", what.removeprefix("a "))
+                need = CarriedNeed(describe(call), name, what, part)
+                self.needs_carried.append(need)
+            target = what.removeprefix("a ")
+            if need is None:
+                yield Node(name, "http", target)
+            else:
+                yield Node(name, "carried", target, need=need)
 
     def _getter(self, key: str) -> Callable[..., Any]:
         def fastapi_dependency(values: Any = TaskiqDepends(self.solve)) -> Any:
@@ -547,14 +592,15 @@ def plans(broker: AsyncBroker) -> list[TaskPlan]:
     return found
 
 
-def check(broker: AsyncBroker, carrying: bool = False) -> None:
+def check(broker: AsyncBroker, carry: CarrySettings | None = None) -> None:
     """Raise DependencyError for the first problem, before any task runs.
 
-    With `carrying`, the app carries request context to tasks, so query,
-    header, cookie and path parameters of dependencies are not problems.
+    `carry` is what the app carries to tasks (`request_context.carried`):
+    query and path parameters of dependencies, and the headers and cookies
+    it names, come from the request that kicked the task.
     """
     problems = [
-        problem for plan in plans(broker) for problem in plan.problems_when(carrying)
+        problem for plan in plans(broker) for problem in plan.problems_when(carry)
     ]
     if not problems:
         return

@@ -47,7 +47,7 @@ class _Integration:
         if not self.broker.is_worker_process or self.lifespan is not None:
             return
         app = load_app(self.source)
-        dependencies.check(self.broker, carrying=request_context.carrying(app))
+        dependencies.check(self.broker, carry=request_context.carried(app))
         lifespan = AppLifespan(app)
         started = time.monotonic()
         try:

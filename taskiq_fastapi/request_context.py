@@ -16,11 +16,13 @@ task's dependencies.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakSet
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
@@ -28,18 +30,40 @@ from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 from taskiq_fastapi.exceptions import RequestContextTooLargeError
 
 LABEL = "taskiq_fastapi_request"
+# Present when the kicking app passes its context on to tasks kicked by tasks.
+PASS_ON_LABEL = "taskiq_fastapi_pass_on"
 # Bumped if what the label holds changes: a worker ignores a format it does
 # not know, as one of an older version ignores the whole label.
 FORMAT = 1
 DEFAULT_MAX_BYTES = 8192
-# Credentials: carried only when named one by one, never by "*".
+# Credentials: carried only when named one by one, never by "*". Beside
+# these names, "*" leaves out every header whose name has a word in
+# _CREDENTIAL_WORDS (X-Auth-Token, X-CSRF-Token, X-Amz-Security-Token, ...).
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "cookie", "proxy-authorization", "x-api-key"}
+)
+_CREDENTIAL_WORDS = re.compile(
+    rb"auth|token|secret|key|session|passw|signature|csrf|xsrf|jwt|credential"
+    rb"|cookie|bearer"
 )
 # Describe the hop or the body, not the request the task is about.
 _NEVER_CARRIED = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
 )
+
+
+def looks_like_a_credential(name: str) -> bool:
+    """Whether "*" leaves the header out: carried only when named."""
+    return _credential(name.lower().encode("latin-1"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _credential(name: bytes) -> bool:
+    return name in _SENSITIVE or _CREDENTIAL_WORDS.search(name) is not None
+
+
+_SENSITIVE = frozenset(name.encode() for name in SENSITIVE_HEADERS)
+_NEVER = frozenset(name.encode() for name in _NEVER_CARRIED)
 
 
 class _Carried:
@@ -49,13 +73,6 @@ class _Carried:
 
     def __init__(self, label: str) -> None:
         self.label = label
-
-
-# The request the running code serves: its HTTP scope in the API; in a worker
-# task that passes its context on, what that task carried.
-_current: ContextVar[Scope | _Carried | None] = ContextVar(
-    "taskiq_fastapi_request", default=None
-)
 
 
 class _HeaderChoice:
@@ -69,17 +86,49 @@ class _HeaderChoice:
         self.everything = "*" in named
         wanted = (named - {"*"}) - _NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
-        self.excluded = frozenset(
-            name.encode("latin-1") for name in SENSITIVE_HEADERS | _NEVER_CARRIED
-        )
+
+    def carries(self, name: bytes) -> bool:
+        """Whether the header `name` (lower case) is carried."""
+        if name in self.named:
+            return True
+        return self.everything and name not in _NEVER and not _credential(name)
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""
         return [
             f"[{_string(name.decode('latin-1'))},{_string(value.decode('latin-1'))}]"
             for name, value in headers
-            if name in self.named or (self.everything and name not in self.excluded)
+            if self.carries(name)
         ]
+
+
+class CarrySettings:
+    """What one app carries: its `CarryRequestContext` arguments, checked."""
+
+    def __init__(self, headers: Iterable[str], max_bytes: int, pass_on: bool) -> None:
+        if isinstance(headers, str):
+            raise TypeError(
+                f"CarryRequestContext headers must be a list of names, not the "
+                f"string {headers!r}."
+            )
+        self.names = list(headers)
+        self.headers = _HeaderChoice(self.names)
+        self.max_bytes = max_bytes
+        self.pass_on = pass_on
+
+    def carries_header(self, name: str) -> bool:
+        """Whether a header of this name reaches the task (case-insensitive)."""
+        return self.headers.carries(name.lower().encode("latin-1"))
+
+    def __repr__(self) -> str:
+        return f"CarryRequestContext(headers={self.names!r})"
+
+
+# The request the running code serves, with its app's settings, in the API;
+# in a worker task whose kicker passed its context on, what that task carried.
+_current: ContextVar[tuple[Scope, CarrySettings] | _Carried | None] = ContextVar(
+    "taskiq_fastapi_request", default=None
+)
 
 
 # The label is written with the json module's C string encoder: json.dumps of
@@ -111,47 +160,55 @@ def _encode(scope: Scope, headers: _HeaderChoice) -> str:
 
 
 class _KickWithContext(TaskiqMiddleware):
-    """On the broker: labels each message kicked while a request is handled."""
+    """On the broker: labels each message kicked while a request is handled.
 
-    def __init__(self, headers: _HeaderChoice, max_bytes: int, pass_on: bool) -> None:
-        super().__init__()
-        self.configure(headers, max_bytes, pass_on)
-
-    def configure(self, headers: _HeaderChoice, max_bytes: int, pass_on: bool) -> None:
-        self.headers = headers
-        self.max_bytes = max_bytes
-        self.pass_on = pass_on
+    It holds no setting: what a message carries is decided by the app whose
+    request is being handled (its `CarryRequestContext`), so apps sharing a
+    broker each carry exactly what they named.
+    """
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         current = _current.get()
         if current is None:
             return message
         if isinstance(current, _Carried):
-            encoded = current.label  # passed on as it came
-        else:
-            encoded = _encode(current, self.headers)
+            message.labels[LABEL] = current.label  # passed on as it came
+            message.labels[PASS_ON_LABEL] = "1"
+            return message
+        scope, settings = current
+        encoded = _encode(scope, settings.headers)
         size = len(encoded.encode())
-        if size > self.max_bytes:
+        if size > settings.max_bytes:
             raise RequestContextTooLargeError(
                 f"Task {message.task_name!r}: the request context to carry is "
-                f"{size} bytes, over the limit of {self.max_bytes} "
+                f"{size} bytes, over the limit of {settings.max_bytes} "
                 f"(CarryRequestContext max_bytes); the largest part is "
                 f"{_largest_part(json.loads(encoded))}.",
             )
         message.labels[LABEL] = encoded
+        if settings.pass_on:
+            message.labels[PASS_ON_LABEL] = "1"
         return message
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        """In a worker, tasks kicked by this task carry what it was kicked with."""
-        if self.pass_on:
-            carried = message.labels.get(LABEL)
-            # Set in the task's own context, which ends with the task.
-            _current.set(_Carried(carried) if carried else None)
+        """Tasks this task kicks carry what it was kicked with, if asked.
+
+        The app that kicked it asks, with `pass_on` (a label says so).
+        Otherwise they carry nothing, as in a worker, also where the task
+        runs in the process that kicked it (an in-memory broker), whose
+        asyncio task would otherwise inherit the kicking request.
+        """
+        carried = message.labels.get(LABEL)
+        passed_on = message.labels.get(PASS_ON_LABEL)
+        # Set in the task's own context, which ends with the task.
+        _current.set(
+            _Carried(carried) if isinstance(carried, str) and passed_on else None
+        )
         return message
 
 
-# The middleware on each broker an app carries request context for.
-_carrying: WeakKeyDictionary[AsyncBroker, _KickWithContext] = WeakKeyDictionary()
+# The brokers given the (setting-free) middleware above.
+_labelling: WeakSet[AsyncBroker] = WeakSet()
 
 
 def _largest_part(carried: Mapping[str, Any]) -> str:
@@ -173,9 +230,12 @@ class CarryRequestContext:
     `app.add_middleware(CarryRequestContext, broker=broker, headers=[...])`.
     `headers` names the headers to carry (case-insensitive); `"*"` carries
     all except credentials (`authorization`, `cookie`, `proxy-authorization`,
-    `x-api-key`), which are carried only when named. `max_bytes` bounds what
-    one message carries: over it, `.kiq()` raises. With `pass_on`, a task
-    that kicks another task in the worker passes on what it was kicked with.
+    `x-api-key`, and any header whose name has a word such as token, secret,
+    key, auth, session, password, signature, csrf or jwt in it), which are
+    carried only when named. `max_bytes` bounds what one message carries:
+    over it, `.kiq()` raises. With `pass_on`, a task that kicks another task
+    in the worker passes on what it was kicked with. The settings are this
+    app's: other apps on the same broker carry what they name.
     """
 
     def __init__(
@@ -187,26 +247,17 @@ class CarryRequestContext:
         max_bytes: int = DEFAULT_MAX_BYTES,
         pass_on: bool = False,
     ) -> None:
-        if isinstance(headers, str):
-            raise TypeError(
-                f"CarryRequestContext headers must be a list of names, not the "
-                f"string {headers!r}."
-            )
         self.app = app
-        settings = (_HeaderChoice(headers), max_bytes, pass_on)
-        kicks = _carrying.get(broker)
-        if kicks is None:
-            _carrying[broker] = kicks = _KickWithContext(*settings)
-            broker.add_middlewares(kicks)
-        else:
-            # One setting per broker: an app built again (in tests) replaces it.
-            kicks.configure(*settings)
+        self.settings = CarrySettings(headers, max_bytes, pass_on)
+        if broker not in _labelling:
+            _labelling.add(broker)
+            broker.add_middlewares(_KickWithContext())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _current.set(scope)
+        token = _current.set((scope, self.settings))
         try:
             await self.app(scope, receive, send)
         finally:
@@ -240,9 +291,18 @@ def carried_scope(label: Any, template: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def carrying(app: Any) -> bool:
-    """Whether the app carries request context to its tasks (the worker asks)."""
-    return any(
-        getattr(middleware, "cls", None) is CarryRequestContext
-        for middleware in getattr(app, "user_middleware", ())
-    )
+def carried(app: Any) -> CarrySettings | None:
+    """What the app carries to its tasks, if anything (the worker and `check` ask).
+
+    Read from the app's middleware list, so the app's middleware stack is not
+    built and nothing is started.
+    """
+    for middleware in getattr(app, "user_middleware", ()):
+        if getattr(middleware, "cls", None) is CarryRequestContext:
+            options = getattr(middleware, "kwargs", {})
+            return CarrySettings(
+                options.get("headers", ()),
+                options.get("max_bytes", DEFAULT_MAX_BYTES),
+                options.get("pass_on", False),
+            )
+    return None

@@ -17,6 +17,7 @@ from taskiq_fastapi.dependencies import Node, TaskPlan
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import load_app
+from taskiq_fastapi.request_context import CarrySettings
 from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
 from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.worker import load_project
@@ -31,6 +32,7 @@ SOURCES = {
     "http": "only in an HTTP request: PROBLEM",
 }
 NOT_CARRIED = "only in an HTTP request, and the app carries none: PROBLEM"
+NOT_CARRIED_BY_APP = "only in an HTTP request, and the app does not carry it: PROBLEM"
 
 
 def run_check(
@@ -44,36 +46,40 @@ def run_check(
     assert source is not None  # load_project wired the broker to its app
     # As the worker decides: from the app, so a factory is called here.
     try:
-        carrying = request_context.carrying(load_app(source))
+        carry = request_context.carried(load_app(source))
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
-    problems = [problem for plan in plans for problem in plan.problems_when(carrying)]
+    problems = [problem for plan in plans for problem in plan.problems_when(carry)]
     if as_json:
         report = {
             "tasks": [
                 {
                     "name": plan.task_name,
                     "dependencies": [node.as_dict() for node in plan.tree],
-                    "problems": plan.problems_when(carrying),
+                    "problems": plan.problems_when(carry),
                 }
                 for plan in plans
             ],
             "problems": problems,
-            # Whether "carried" parameters get the kicking request's values.
-            "carrying": carrying,
+            # Whether "carried" parameters get the kicking request's values,
+            # and which headers (cookies: the "cookie" header) it carries.
+            "carrying": carry is not None,
+            "carried_headers": None if carry is None else carry.names,
         }
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo("\n".join(_text(plans, problems, carrying)))
+        typer.echo("\n".join(_text(plans, problems, carry)))
     return 1 if problems else 0
 
 
-def _text(plans: list[TaskPlan], problems: list[str], carrying: bool) -> Iterator[str]:
+def _text(
+    plans: list[TaskPlan], problems: list[str], carry: CarrySettings | None
+) -> Iterator[str]:
     if not plans:
         yield "No tasks found: name the task modules after the broker."
     for plan in plans:
         yield plan.task_name
-        yield from _nodes(plan.tree, "  ", carrying)
+        yield from _nodes(plan.tree, "  ", carry)
     yield ""
     if not problems:
         yield f"{len(plans)} task{'s' if len(plans) > 1 else ''} checked, no problems."
@@ -82,11 +88,13 @@ def _text(plans: list[TaskPlan], problems: list[str], carrying: bool) -> Iterato
     yield from (f"- {problem}" for problem in problems)
 
 
-def _nodes(nodes: list[Node], indent: str, carrying: bool) -> Iterator[str]:
+def _nodes(
+    nodes: list[Node], indent: str, carry: CarrySettings | None
+) -> Iterator[str]:
     for node in nodes:
         target = "" if node.source == "message" else f"{node.target}  "
         source = SOURCES[node.source]
-        if node.source == "carried" and not carrying:
-            source = NOT_CARRIED
+        if node.need is not None and node.need.problem("", carry) is not None:
+            source = NOT_CARRIED if carry is None else NOT_CARRIED_BY_APP
         yield f"{indent}{node.parameter}: {target}[{source}]"
-        yield from _nodes(node.dependencies, indent + "  ", carrying)
+        yield from _nodes(node.dependencies, indent + "  ", carry)

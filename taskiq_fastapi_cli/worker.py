@@ -11,16 +11,22 @@ import sys
 from collections.abc import Sequence
 
 import typer
+from fastapi import FastAPI
 from taskiq import AsyncBroker
 
 import taskiq_fastapi
-from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi import dependencies, request_context
+from taskiq_fastapi.exceptions import DependencyError, TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
 from taskiq_fastapi_cli.discover import check_app, import_task_modules, load_broker
-from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
+from taskiq_fastapi_cli.exceptions import (
+    EXIT_STARTUP_FAILURE,
+    EXIT_USAGE_ERROR,
+    CLIError,
+)
 from taskiq_fastapi_cli.outages import unrenewed_fetch
 
 
@@ -59,7 +65,7 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
-    load_project(args, factory)
+    _check_dependencies(load_project(args, factory))
     _set_start_method(start_method or ("spawn" if args.reload else None))
 
     from taskiq_fastapi_cli.runner import run
@@ -109,6 +115,23 @@ def load_project(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
         if said:
             typer.echo(f"Warning: {said}", err=True)
     return broker
+
+
+def _check_dependencies(broker: AsyncBroker) -> None:
+    """Refuse tasks whose dependencies cannot work, before any worker starts.
+
+    Only for an app that is a module attribute: what a factory's app carries
+    is known once the factory runs, which is in each worker process, where
+    the same check runs before the lifespan starts.
+    """
+    source = app_source(broker)
+    app = None if source is None else resolve_app(source)
+    if not isinstance(app, FastAPI):
+        return
+    try:
+        dependencies.check(broker, carry=request_context.carried(app))
+    except DependencyError as exc:
+        raise CLIError(str(exc), EXIT_STARTUP_FAILURE) from None
 
 
 def _check_reload_installed() -> None:

@@ -147,3 +147,55 @@ def test_worker_refuses_to_start_with_a_task_it_cannot_serve(run: WorkerRun) -> 
     assert f"Error: {PROBLEM}\n" in output
     assert "Traceback" not in output
     assert run.count("startup") == {}  # no lifespan started, no task ran
+
+
+NOT_CARRIED = (
+    "Task 'workerapp.bad_tasks:audit': header 'authorization' of current_user() "
+    "is not carried: CarryRequestContext(headers=['X-Request-ID']) does not name "
+    "the 'authorization' header (name it in headers=[...] to carry it)."
+)
+
+
+def test_check_names_a_header_the_app_carries_but_not_this_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = check(
+        capsys, *BROKER, "workerapp.bad_tasks", "--app", "workerapp.carried:app"
+    )
+    assert code == 1
+    assert (
+        "    authorization: Header parameter  "
+        "[only in an HTTP request, and the app does not carry it: PROBLEM]" in out
+    )
+    # What it does carry is not a problem.
+    assert (
+        "    x_request_id: Header parameter  [from the request that kicked the task]"
+        in out
+    )
+    assert out.endswith(f"1 problem:\n- {NOT_CARRIED}\n")
+
+
+@pytest.mark.parametrize(
+    ("app", "problem"),
+    [("workerapp.app:app", PROBLEM), ("workerapp.carried:app", NOT_CARRIED)],
+)
+def test_worker_finds_dependency_problems_before_any_worker_process(
+    run: WorkerRun, app: str, problem: str
+) -> None:
+    """An app that is a module attribute: checked in the main process."""
+    worker = run.start("worker", *BROKER, "workerapp.bad_tasks", "--app", app)
+    assert worker.wait(timeout=60) == 3
+    # One line and nothing else: no worker process started, no lifespan ran.
+    assert run.output(worker).splitlines() == [f"Error: {problem}"]
+    assert run.count("startup") == {}
+
+
+def test_check_names_a_class_dependency_by_its_class(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = check(
+        capsys, *BROKER, "workerapp.shorthand", "--app", "workerapp.carried:app"
+    )
+    assert code == 0
+    assert "  pager: Pager()  [FastAPI Depends]" in out
+    assert "    page: Query parameter  [from the request that kicked the task]" in out

@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: FastAPI reads the annotations of
 # the functions defined inside the tests.
-import contextvars
 import json
 import re
 from typing import Annotated, Any
@@ -21,7 +20,7 @@ from fastapi import (
     Path as PathParam,
 )
 from fastapi.testclient import TestClient
-from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage
+from taskiq import AsyncBroker, InMemoryBroker
 
 import taskiq_fastapi
 from taskiq_fastapi import dependencies
@@ -253,9 +252,7 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
     broker = InMemoryBroker()
     app, report = dependency_app(broker, carry=False)
     with pytest.raises(taskiq_fastapi.DependencyError) as raised:
-        dependencies.check(
-            broker, carrying=taskiq_fastapi.request_context.carrying(app)
-        )
+        dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
     assert str(raised.value) == (
         f"Task {report.task_name!r}: parameter 'user_id' of listing() is a Path "
         "parameter, which only an HTTP request has (the app can carry it from "
@@ -265,7 +262,7 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
 
     broker = InMemoryBroker()
     app, _ = dependency_app(broker, carry=True)
-    dependencies.check(broker, carrying=taskiq_fastapi.request_context.carrying(app))
+    dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
 
 
 def test_the_label_is_plain_json_any_broker_transports() -> None:
@@ -294,25 +291,23 @@ def test_the_label_is_plain_json_any_broker_transports() -> None:
 
 
 @pytest.mark.parametrize("pass_on", [False, True])
-def test_a_task_passes_its_context_on_only_when_configured(pass_on: bool) -> None:
+def test_a_task_passes_its_context_on_only_when_its_app_asks(pass_on: bool) -> None:
     broker = InMemoryBroker()
-    app, _ = make_app(broker, carry={"headers": ["x-request-id"], "pass_on": pass_on})
-    with TestClient(app):  # builds the middleware stack, as a worker's lifespan does
-        pass
-    (kicks,) = [m for m in broker.middlewares if type(m).__name__ == "_KickWithContext"]
-    label = json.dumps({"v": 1, "method": "GET", "path": "/x", "root_path": "",
-                        "path_params": {}, "query_string": "a=1", "headers": []})  # fmt: skip
-    running = TaskiqMessage(
-        task_id="1", task_name="t", labels={LABEL: label}, args=[], kwargs={}
+    app, seen = make_app(
+        broker, carry={"headers": ["x-request-id"], "pass_on": pass_on}
     )
-    kicked = TaskiqMessage(task_id="2", task_name="u", labels={}, args=[], kwargs={})
 
-    def in_the_task() -> dict[str, Any]:
-        kicks.pre_execute(running)
-        return kicks.pre_send(kicked).labels
+    @broker.task
+    async def relay() -> Any:
+        return (await (await seen.kiq()).wait_result(timeout=5)).return_value
 
-    labels = contextvars.Context().run(in_the_task)
-    assert labels == ({LABEL: label} if pass_on else {})
+    @app.get("/relay")
+    async def route() -> Any:
+        return (await (await relay.kiq()).wait_result(timeout=5)).return_value
+
+    got = get(app, "/relay?page=2", headers=HEADERS)
+    assert got["headers"].get("x-request-id") == ("req-42" if pass_on else None)
+    assert got["query"] == ({"page": "2"} if pass_on else {})
 
 
 def test_an_app_built_again_for_the_same_broker_replaces_the_setting() -> None:
@@ -325,3 +320,46 @@ def test_an_app_built_again_for_the_same_broker_replaces_the_setting() -> None:
     assert seen["headers"] == {"host": "localhost:8000", "accept-language": "fr"}
     kicks = [m for m in broker.middlewares if type(m).__name__ == "_KickWithContext"]
     assert len(kicks) == 1
+
+
+def test_two_apps_on_one_broker_each_carry_what_they_name() -> None:
+    """A public API and an internal admin app share a broker: the public
+    app's kicks never carry the credentials only the admin app names."""
+    broker = InMemoryBroker()
+    public, _ = make_app(broker, carry={"headers": ["x-request-id"]})
+    admin, _ = make_app(broker, carry={"headers": ["authorization", "x-request-id"]})
+    with TestClient(public) as public_client, TestClient(admin) as admin_client:
+        seen = [
+            client.get("/users/1/seen", headers=HEADERS).json()["headers"]
+            for client in (public_client, admin_client, public_client, admin_client)
+        ]
+    public_sees = {"host": "localhost:8000", "x-request-id": "req-42"}
+    admin_sees = {**public_sees, "authorization": "Bearer secret"}
+    assert seen == [public_sees, admin_sees, public_sees, admin_sees]
+
+
+CREDENTIAL_LIKE = [
+    "X-Auth-Token", "X-Access-Token", "X-CSRF-Token", "X-XSRF-TOKEN",
+    "X-Amz-Security-Token", "X-Client-Secret", "X-Session-Id", "X-Api-Key",
+    "X-Hub-Signature-256", "X-JWT-Assertion", "X-Forwarded-Authorization",
+    "X-Password", "X-Credentials", "Proxy-Authorization", "Cookie",
+]  # fmt: skip
+
+
+def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
+    headers = {name: f"value of {name}" for name in CREDENTIAL_LIKE}
+    ordinary = {"X-Request-ID": "req-42", "Accept-Language": "fr", "X-Tenant": "t1"}
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"]})
+    seen = get(app, "/users/1/seen", headers={**headers, **ordinary})["headers"]
+    assert seen == {
+        "host": "localhost:8000", "x-request-id": "req-42",
+        "accept-language": "fr", "x-tenant": "t1",
+        # What the test client sends on its own.
+        "accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": "testclient",
+    }  # fmt: skip
+    # Each is carried when named one by one.
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*", *CREDENTIAL_LIKE]})
+    seen = get(app, "/users/1/seen", headers={**headers, **ordinary})["headers"]
+    assert {name.lower(): value for name, value in headers.items()}.items() <= (
+        seen.items()
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import urllib.request
 from typing import Any
 
+import httpx2
 import pytest
 from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun, get_json
@@ -87,3 +89,30 @@ async def test_a_worker_that_does_not_know_the_label_ignores_it(run: WorkerRun) 
     assert result.return_value == 5
     run.kill_all()
     assert worker.returncode is not None
+
+
+async def test_hundreds_of_concurrent_requests_each_task_sees_its_own(
+    run: WorkerRun,
+) -> None:
+    """A real uvicorn and a real worker running many tasks at once per process."""
+    api, port = run.serve("workerapp.carried:app")
+    worker = run.start("worker", *CARRIED, "--max-async-tasks", "100")
+    run.wait_for("startup", processes=2)
+    base = f"http://127.0.0.1:{port}"
+    get_json(base + "/openapi.json", timeout=30)  # uvicorn is up
+    limits = httpx2.Limits(max_connections=300)
+    async with httpx2.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        responses = await asyncio.gather(
+            *(
+                client.get("/shops/1/whose", headers={"X-Request-ID": f"req-{i}"})
+                for i in range(300)
+            )
+        )
+    results = [response.json() for response in responses]
+    assert results == [
+        {"task": {"own": f"req-{i}", "uncached": f"req-{i}", "header": f"req-{i}"},
+         "error": ""}
+        for i in range(300)
+    ]  # fmt: skip
+    assert run.stop(worker) == 0
+    run.stop(api)

@@ -3,10 +3,12 @@
 Served by a real uvicorn and a real worker in tests/test_request_context.py.
 """
 
+import asyncio
 import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from taskiq import TaskiqDepends
 
 import taskiq_fastapi
 from workerapp.app import lifespan
@@ -40,6 +42,35 @@ async def relay() -> Any:
     return (await task.wait_result(timeout=30)).return_value
 
 
+async def request_id(request: Request) -> str | None:
+    await asyncio.sleep(0.01)
+    return request.headers.get("x-request-id")
+
+
+def header_id(x_request_id: Annotated[str | None, Header()] = None) -> str | None:
+    return x_request_id
+
+
+async def through_fastapi(seen: str | None = Depends(header_id)) -> str | None:
+    await asyncio.sleep(0.01)
+    return seen
+
+
+@broker.task
+async def whose(
+    request: Request,
+    uncached: str | None = TaskiqDepends(request_id, use_cache=False),
+    header: str | None = TaskiqDepends(through_fastapi, use_cache=False),
+) -> dict[str, Any]:
+    """Whose request each way of reading it saw (issue 17's reproducer)."""
+    await asyncio.sleep(0.01)
+    return {
+        "own": request.headers.get("x-request-id"),
+        "uncached": uncached,
+        "header": header,
+    }
+
+
 app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker, lifespan))
 app.add_middleware(
     taskiq_fastapi.CarryRequestContext,
@@ -51,6 +82,6 @@ app.add_middleware(
 
 @app.get("/shops/{shop_id}/{name}")
 async def kick(shop_id: int, name: str) -> dict[str, Any]:
-    task = await {"report": report, "relay": relay}[name].kiq()
+    task = await {"report": report, "relay": relay, "whose": whose}[name].kiq()
     result = await task.wait_result(timeout=30)
     return {"task": result.return_value, "error": str(result.error or "")}
