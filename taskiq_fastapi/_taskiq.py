@@ -39,24 +39,13 @@ Task = AsyncTaskiqDecoratedTask[Any, Any]
 MakeRequest = Callable[[Mapping[str, Any] | None], Request]
 
 
-class _TaskValues:
-    """One task's own entries of the dependency cache: its Context and Request.
-
-    The Request is made on first use, so tasks that never ask pay nothing.
-    """
-
-    __slots__ = ("context", "request")
-
-    def __init__(self, context: Any) -> None:
-        self.context = context
-        self.request: Request | None = None
-
-
-# The task the running asyncio task is resolving dependencies for: set by
-# `PerTaskContext.update`, which taskiq's receiver calls in the task's own
-# asyncio task (one per message) just before resolving its dependencies.
-_task_values: ContextVar[_TaskValues | None] = ContextVar(
-    "taskiq_fastapi_task_values", default=None
+# The Context of the task whose dependencies the running asyncio task
+# resolves: set by `PerTaskContext.update`, which taskiq's receiver calls in
+# the task's own asyncio task (one per message) just before resolving them.
+_task_context: ContextVar[Any] = ContextVar("taskiq_fastapi_task_context")
+# That task's Request, once made, with the Context it was made for.
+_task_request: ContextVar[tuple[Any, Request] | None] = ContextVar(
+    "taskiq_fastapi_task_request", default=None
 )
 
 
@@ -87,25 +76,29 @@ class PerTaskContext(dict[Any, Any]):
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
-        context = self.get(Context)
-        if isinstance(context, Context):
-            _task_values.set(_TaskValues(context))
+        _task_context.set(self.get(Context))
 
     def __copy__(self) -> dict[Any, Any]:
         values = dict(self)
-        own = _task_values.get()
-        if own is None:  # copied outside taskiq's receiver: this dict's Context
-            own = _TaskValues(values.get(Context))
-        if own.request is None:
-            context = own.context
-            labels = context.message.labels if isinstance(context, Context) else None
-            own.request = self.make_request(labels)
-        if own.context is not None:
-            values[Context] = own.context
+        context = _task_context.get(None)
+        if context is None:  # outside taskiq's receiver: a Request per copy
+            request = self._request_for(values.get(Context))
+        else:
+            values[Context] = context
+            made = _task_request.get()
+            if made is not None and made[0] is context:
+                request = made[1]
+            else:
+                request = self._request_for(context)
+                _task_request.set((context, request))
         # FastAPI hands the Request itself to HTTPConnection parameters too.
-        values[Request] = own.request
-        values[HTTPConnection] = own.request
+        values[Request] = request
+        values[HTTPConnection] = request
         return values
+
+    def _request_for(self, context: Any) -> Request:
+        labels = context.message.labels if isinstance(context, Context) else None
+        return self.make_request(labels)
 
 
 def install_request_context(broker: AsyncBroker, make_request: MakeRequest) -> None:
