@@ -34,6 +34,7 @@ __all__ = [
     "SecurityBase",
     "analyse",
     "request_only_parameters",
+    "solve",
     "solved",
     "typed_signature",
 ]
@@ -119,34 +120,47 @@ class _Overrides:
         self.dependency_overrides = overrides
 
 
+async def solve(
+    request: Request,
+    dependant: Dependant,
+    broker_overrides: dict[Any, Any],
+    request_stack: AsyncExitStack,
+    function_stack: AsyncExitStack,
+) -> dict[str, Any]:
+    """Solve `dependant` for one task as FastAPI does for one request.
+
+    FastAPI's request handler opens two exit stacks and puts them in the
+    scope: generator dependencies with `scope="function"` close on the inner
+    one (`function_stack`), the others on the outer one. The caller opens
+    them around the task, so an exception the task raises reaches the
+    dependencies as it reaches them from an endpoint.
+    """
+    app = request.scope["app"]
+    provider: Any = app
+    if broker_overrides:
+        provider = _Overrides({**app.dependency_overrides, **broker_overrides})
+    request.scope["fastapi_inner_astack"] = request_stack
+    request.scope["fastapi_function_astack"] = function_stack
+    result = await solve_dependencies(
+        request=request,
+        dependant=dependant,
+        dependency_overrides_provider=provider,
+        async_exit_stack=request_stack,
+        embed_body_fields=False,
+    )
+    if result.errors:
+        raise RequestRejected(result.errors)
+    return result.values
+
+
 @asynccontextmanager
 async def solved(
     request: Request,
     dependant: Dependant,
     broker_overrides: dict[Any, Any],
 ) -> AsyncIterator[dict[str, Any]]:
-    """Solve `dependant` for one task as FastAPI does for one request.
-
-    FastAPI's request handler opens two exit stacks and puts them in the
-    scope: generator dependencies with `scope="function"` close on the inner
-    one, the others on the outer one. An exception raised by the task while
-    this is open reaches them as it reaches them from an endpoint.
-    """
-    app = request.scope["app"]
-    provider: Any = app
-    if broker_overrides:
-        provider = _Overrides({**app.dependency_overrides, **broker_overrides})
-    async with AsyncExitStack() as request_stack:
-        request.scope["fastapi_inner_astack"] = request_stack
-        async with AsyncExitStack() as function_stack:
-            request.scope["fastapi_function_astack"] = function_stack
-            result = await solve_dependencies(
-                request=request,
-                dependant=dependant,
-                dependency_overrides_provider=provider,
-                async_exit_stack=request_stack,
-                embed_body_fields=False,
-            )
-            if result.errors:
-                raise RequestRejected(result.errors)
-            yield result.values
+    """`solve` with FastAPI's two exit stacks open while the caller runs."""
+    async with AsyncExitStack() as request_stack, AsyncExitStack() as function_stack:
+        yield await solve(
+            request, dependant, broker_overrides, request_stack, function_stack
+        )

@@ -32,6 +32,7 @@ __all__ = [
     "marker_of",
     "on_registration",
     "replace_task_function",
+    "task_request",
 ]
 
 Task = AsyncTaskiqDecoratedTask[Any, Any]
@@ -82,23 +83,49 @@ class PerTaskContext(dict[Any, Any]):
         values = dict(self)
         context = _task_context.get(None)
         if context is None:  # outside taskiq's receiver: a Request per copy
-            request = self._request_for(values.get(Context))
+            request = _request_for(self.make_request, values.get(Context))
         else:
             values[Context] = context
-            made = _task_request.get()
-            if made is not None and made[0] is context:
-                request = made[1]
-            else:
-                request = self._request_for(context)
-                _task_request.set((context, request))
+            request = _this_tasks_request(self.make_request, context)
         # FastAPI hands the Request itself to HTTPConnection parameters too.
         values[Request] = request
         values[HTTPConnection] = request
         return values
 
-    def _request_for(self, context: Any) -> Request:
-        labels = context.message.labels if isinstance(context, Context) else None
-        return self.make_request(labels)
+
+def _request_for(make_request: MakeRequest, context: Any) -> Request:
+    labels = context.message.labels if isinstance(context, Context) else None
+    return make_request(labels)
+
+
+def _this_tasks_request(make_request: MakeRequest, context: Any) -> Request:
+    """The Request of the task whose Context this is, made on first use."""
+    made = _task_request.get()
+    if made is not None and made[0] is context:
+        return made[1]
+    request = _request_for(make_request, context)
+    _task_request.set((context, request))
+    return request
+
+
+def task_request(broker: AsyncBroker) -> Request:
+    """The running task's Request: the one its dependencies get, made once.
+
+    For code that runs inside the task's call rather than in taskiq's
+    dependency resolution (tasks whose FastAPI dependencies are solved
+    there); the receiver has announced the task's Context by then.
+    """
+    context = broker.custom_dependency_context
+    if not isinstance(context, PerTaskContext):
+        raise RuntimeError(
+            "This task uses FastAPI dependencies, but its broker was never "
+            "given an app: call taskiq_fastapi.init(broker, app) in the broker "
+            "module, or start the workers with taskiq-fastapi worker --app.",
+        )
+    task_context = _task_context.get(None)
+    if task_context is None:
+        return context.make_request(None)
+    return _this_tasks_request(context.make_request, task_context)
 
 
 def install_request_context(broker: AsyncBroker, make_request: MakeRequest) -> None:

@@ -23,6 +23,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 from weakref import WeakKeyDictionary
@@ -40,6 +41,7 @@ from taskiq_fastapi._taskiq import (
     marker_of,
     on_registration,
     replace_task_function,
+    task_request,
 )
 from taskiq_fastapi.exceptions import DependencyError, RequestContextError
 from taskiq_fastapi.request_context import CarrySettings, looks_like_a_credential
@@ -235,8 +237,28 @@ class _Planner:
         self.solve_fastapi_parameters()
         plan = TaskPlan(self.task_name, tree, self.problems, self.needs_carried)
         if signature is not None and not self.problems:
-            plan.replacement = _replacement(function, signature, plan)
+            direct = self.direct_solve(function)
+            plan.replacement = _replacement(function, signature, plan, direct)
         return plan
+
+    def direct_solve(self, function: Callable[..., Any]) -> _DirectSolve | None:
+        """FastAPI's solve inside the task's call, where that is exact.
+
+        When every FastAPI dependency is a parameter of an async task itself
+        (none under a `TaskiqDepends`), FastAPI solves them around the call,
+        as it does around an endpoint, with no taskiq step in between.
+        Otherwise (a `TaskiqDepends` function that needs a FastAPI value
+        before the task is called, or a sync task, which taskiq runs in its
+        executor), the solve is a taskiq dependency, shared by all.
+        """
+        if self.dependant is None or not inspect.iscoroutinefunction(function):
+            return None
+        if any(owner is not function for _, _, owner, _ in self.fastapi):
+            return None
+        names = [
+            (typed.name, parameter.name) for _, parameter, _, typed in self.fastapi
+        ]
+        return _DirectSolve(self.task_name, self.broker, self.dependant, names)
 
     def problem(self, owner: Any, parameter: str, what: str) -> None:
         self.problems.append(
@@ -465,6 +487,48 @@ class _Planner:
         return solve_fastapi_dependencies
 
 
+class _DirectSolve:
+    """Calls an async task inside FastAPI's solve of its FastAPI parameters."""
+
+    def __init__(
+        self,
+        task_name: str,
+        broker: AsyncBroker,
+        dependant: _fastapi.Dependant,
+        names: list[tuple[str, str]],
+    ) -> None:
+        self.task_name = task_name
+        self.broker = broker
+        self.dependant = dependant
+        # (key FastAPI solved the value as, the task's parameter it goes to)
+        self.names = names
+
+    async def __call__(
+        self, function: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        request = task_request(self.broker)
+        overrides = self.broker.dependency_overrides
+        returned = finished = None
+        try:
+            async with AsyncExitStack() as outer, AsyncExitStack() as inner:
+                values = await _fastapi.solve(
+                    request, self.dependant, overrides, outer, inner
+                )
+                for key, name in self.names:
+                    kwargs[name] = values[key]
+                returned = await function(*args, **kwargs)
+                finished = True
+        except _fastapi.RequestRejected as exc:
+            raise RequestContextError(_rejected(self.task_name, exc.errors)) from None
+        except Exception:
+            if not finished:
+                raise  # the task's own error, or its dependencies'
+            logger.exception(
+                "Task %r: a FastAPI dependency failed while closing", self.task_name
+            )
+        return returned
+
+
 def _rejected(task_name: str, errors: list[Any]) -> str:
     """FastAPI's 422 errors for the carried request, on one line."""
     found = []
@@ -497,16 +561,24 @@ def _marked(parameter: inspect.Parameter, marker: Any) -> inspect.Parameter:
 
 
 def _replacement(
-    function: Callable[..., Any], signature: inspect.Signature, plan: TaskPlan
+    function: Callable[..., Any],
+    signature: inspect.Signature,
+    plan: TaskPlan,
+    direct: _DirectSolve | None,
 ) -> Callable[..., Any]:
     """The function taskiq calls for the task, with `signature` as its own.
 
     In the signature, the task's arguments come first and its dependencies
     after them, keyword-only: FastAPI-style tasks often declare an
     `Annotated` dependency before the arguments, and taskiq maps a message's
-    positional arguments (and parses them) by position.
+    positional arguments (and parses them) by position. With `direct`, the
+    FastAPI parameters are not shown to taskiq at all: `direct` solves them
+    around the call.
     """
     parameters = list(signature.parameters.values())
+    if direct is not None:
+        solved_here = {name for _, name in direct.names}
+        parameters = [p for p in parameters if p.name not in solved_here]
     arguments = [p for p in parameters if not _is_dependency(p)]
     if any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in arguments):
         names: list[str] | None = None  # keep the order: args pass through as is
@@ -525,7 +597,16 @@ def _replacement(
             return None
         return dict(zip(names, args, strict=False))  # fewer is fine: defaults
 
-    if inspect.iscoroutinefunction(function):
+    if direct is not None:
+
+        @functools.wraps(function)
+        async def task(*args: Any, **kwargs: Any) -> Any:
+            mapped = named(args)
+            if mapped is None:
+                return await direct(function, args, kwargs)
+            return await direct(function, (), {**mapped, **kwargs})
+
+    elif inspect.iscoroutinefunction(function):
 
         @functools.wraps(function)
         async def task(*args: Any, **kwargs: Any) -> Any:
