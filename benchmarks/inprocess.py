@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from starlette.requests import HTTPConnection
 from taskiq import Context, InMemoryBroker, TaskiqDepends, TaskiqState
 
@@ -69,53 +69,6 @@ def request_dependencies(broker: InMemoryBroker) -> Callable[[], Awaitable[objec
     return task.kiq
 
 
-def chain(
-    marker: Callable[..., object], sync: bool
-) -> Callable[[InMemoryBroker], Callable[[], Awaitable[object]]]:
-    """settings -> engine from request.app.state -> async-generator session.
-
-    `marker` is FastAPI's `Depends` or `TaskiqDepends`; with `sync`, settings
-    and engine are plain functions, as such dependencies usually are (FastAPI
-    runs those in its threadpool, in a route as in a task).
-    """
-
-    def shape(broker: InMemoryBroker) -> Callable[[], Awaitable[object]]:
-        if sync:
-
-            def get_settings() -> str:
-                return "settings"
-
-            def get_engine(
-                request: Request = TaskiqDepends(),
-                settings: str = marker(get_settings),
-            ) -> str:
-                return str(request.app.state.engine)
-
-        else:
-
-            async def get_settings() -> str:
-                return "settings"
-
-            async def get_engine(
-                request: Request = TaskiqDepends(),
-                settings: str = marker(get_settings),
-            ) -> str:
-                return str(request.app.state.engine)
-
-        async def get_session(
-            engine: str = marker(get_engine),
-        ) -> AsyncIterator[str]:
-            yield engine
-
-        @broker.task
-        async def task(session: str = marker(get_session)) -> None:
-            return None
-
-        return task.kiq
-
-    return shape
-
-
 VARIANTS = {
     "bare, no deps": (bare, no_dependencies),
     "worker setup, no deps": (worker_setup, no_dependencies),
@@ -123,10 +76,6 @@ VARIANTS = {
     "bare, Context deps": (bare, native_dependencies),
     "worker setup, Request deps": (worker_setup, request_dependencies),
     "populate, Request deps": (populated, request_dependencies),
-    "chain, TaskiqDepends, sync": (worker_setup, chain(TaskiqDepends, sync=True)),
-    "chain, Depends, sync": (worker_setup, chain(Depends, sync=True)),
-    "chain, TaskiqDepends, async": (worker_setup, chain(TaskiqDepends, sync=False)),
-    "chain, Depends, async": (worker_setup, chain(Depends, sync=False)),
 }
 
 
@@ -185,17 +134,5 @@ def run() -> list[tuple[str, float, str, float]]:
             best["populate, Request deps"] / best["bare, Context deps"],
             "<=",
             1.15,
-        ),
-        (
-            "3-level chain, async: Depends / TaskiqDepends",
-            best["chain, Depends, async"] / best["chain, TaskiqDepends, async"],
-            "<=",
-            1.25,
-        ),
-        (
-            "3-level chain, sync deps: Depends / TaskiqDepends",
-            best["chain, Depends, sync"] / best["chain, TaskiqDepends, sync"],
-            "<=",
-            1.25,
         ),
     ]

@@ -494,3 +494,44 @@ async def test_dependencies_before_the_arguments_as_fastapi_code_declares_them(
         assert await result_of(send, "7", "hi") == ["db-from-lifespan-state", 7, "hi"]
         result = await (await send.kiq(user_id=3)).wait_result(timeout=5)
         assert result.return_value == ["db-from-lifespan-state", 3, "-"]
+
+
+@pytest.mark.parametrize("style", ["async task", "sync task", "under TaskiqDepends"])
+async def test_a_dependency_failing_while_closing_is_logged_and_the_result_kept(
+    broker: InMemoryBroker, style: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each way a task's FastAPI dependencies are solved keeps the same rule."""
+    taskiq_fastapi.init(broker, apps.build_app())
+
+    async def connection() -> AsyncIterator[str]:
+        yield "conn"
+        raise RuntimeError("cannot close")
+
+    def holder(conn: str = Depends(connection)) -> str:
+        return conn
+
+    if style == "async task":
+
+        @broker.task
+        async def work(conn: str = Depends(connection)) -> str:
+            return conn
+
+    elif style == "sync task":
+
+        @broker.task
+        def work(conn: str = Depends(connection)) -> str:
+            return conn
+
+    else:
+
+        @broker.task
+        async def work(conn: str = TaskiqDepends(holder)) -> str:
+            return conn
+
+    async with as_worker(broker):
+        assert await result_of(work) == "conn"
+    (record,) = [r for r in caplog.records if "failed while closing" in r.message]
+    assert record.message == (
+        f"Task {work.task_name!r}: a FastAPI dependency failed while closing"
+    )
+    assert str(record.exc_info[1]) == "cannot close"  # type: ignore[index]
