@@ -17,7 +17,10 @@ The trees are the ones where taskiq's and FastAPI's rules agree, so that
 FastAPI can judge: a `TaskiqDepends` node has no generator (taskiq closes its
 own generators after FastAPI's), and below an uncached `TaskiqDepends` every
 dependency is an uncached `TaskiqDepends` (taskiq resolves such a node with a
-fresh cache, where FastAPI keeps using the request's).
+fresh cache, where FastAPI keeps using the request's), and a cached
+`TaskiqDepends` declared twice has no uncached dependency below it (taskiq
+takes the second from its cache whole; FastAPI solves a cached dependency's
+own dependencies again for each declaration, calling uncached ones again).
 """
 
 from __future__ import annotations
@@ -83,11 +86,14 @@ def specs(depth: int = 3, only: str | None = None) -> st.SearchStrategy[Spec]:
             children = tuple(
                 draw(st.lists(specs(depth - 1, below), max_size=2)),
             )
+        twice = draw(st.booleans())
+        if kind == "taskiq" and not _all_cached(children):
+            twice = False
         return Spec(
             kind=kind,
             style=style,
             use_cache=use_cache,
-            twice=draw(st.booleans()),
+            twice=twice,
             connection=draw(st.sampled_from(["request", "connection"])),
             header=kind == "fastapi" and draw(st.booleans()),
             query=draw(st.booleans()),
@@ -96,6 +102,10 @@ def specs(depth: int = 3, only: str | None = None) -> st.SearchStrategy[Spec]:
         )
 
     return node()
+
+
+def _all_cached(children: tuple[Spec, ...]) -> bool:
+    return all(c.use_cache and _all_cached(c.children) for c in children)
 
 
 def trees() -> st.SearchStrategy[tuple[Spec, ...]]:

@@ -17,9 +17,11 @@ More examples than the fixed CI set: HYPOTHESIS_PROFILE=deep make test.
 # the functions defined inside the tests.
 import asyncio
 import json
+import os
 from collections import Counter
 from typing import Any
 
+import pytest
 from dependency_trees import (
     REQUEST_ID,
     Built,
@@ -67,6 +69,8 @@ BENCH_CHAIN = (
 )
 
 
+# The deep profile runs far more examples than the suite's per-test timeout.
+@pytest.mark.timeout(1800 if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else 120)
 @given(
     children=trees(),
     raises=st.booleans(),
