@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,16 @@ from workers import COMMAND
 
 README = Path(__file__).parent.parent / "README.md"
 SECTION = "### Tests and in-process brokers"
+PYTEST = str(Path(sys.executable).with_name("pytest"))
 
 
 def recipe_files() -> dict[str, str]:
-    """The section's Python blocks, each named by its first line's comment."""
+    """The section's file blocks, each named by its first line's comment."""
     text = README.read_text()
     section = text[text.index(SECTION) :]
     section = section[: section.index("\n## ")]
     files = {}
-    for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
+    for block in re.findall(r"```(?:python|toml)\n(.*?)```", section, re.DOTALL):
         first = block.partition("\n")[0]
         assert first.startswith("# "), first
         files[first[2:]] = block
@@ -40,6 +42,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_the_recipe_has_the_files_of_a_project() -> None:
     assert sorted(recipe_files()) == [
+        "pyproject.toml",
         "shop/app.py",
         "shop/broker.py",
         "shop/tasks.py",
@@ -51,8 +54,10 @@ def test_the_recipe_has_the_files_of_a_project() -> None:
 def test_the_recipes_tests_pass_without_the_deprecated_testclient_path(
     project: Path,
 ) -> None:
+    """Run as a user runs them: `pytest`, not `python -m pytest` (which would
+    put the current directory on sys.path by itself)."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "tests"],
+        [PYTEST, "-p", "no:cacheprovider", "-rA"],
         cwd=project, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,3 +98,17 @@ def test_the_recipes_project_runs_under_the_worker_on_redis(
         output, _ = worker.communicate(timeout=30)
     assert result.stdout == "4 x apple = 12\n", result.stderr + output
     assert worker.returncode == 0, output
+
+
+def test_the_install_lines_name_extras_the_package_provides() -> None:
+    text = README.read_text()
+    section = text[text.index("### Use it in your project") :]
+    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    named = set()
+    for line in block.group(1).splitlines():
+        (extras,) = re.findall(r'pip install "taskiq-fastapi\[([a-z,]+)\]"', line)
+        named |= set(extras.split(","))
+    provided = set(metadata("taskiq-fastapi").get_all("Provides-Extra") or [])
+    assert named == {"redis", "nats", "reload"}
+    assert named <= provided
