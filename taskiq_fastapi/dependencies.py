@@ -24,6 +24,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 from weakref import WeakKeyDictionary
@@ -450,12 +451,29 @@ class _Planner:
         return fastapi_dependency
 
     def _make_solver(self) -> Callable[..., AsyncIterator[dict[str, Any]]]:
+        """The taskiq step that solves the task's FastAPI dependencies.
+
+        Once per task, as FastAPI solves once per request: taskiq resolves a
+        `use_cache=False` dependency with a fresh cache, so the step can run
+        again in the same task; then it hands out what the first run solved
+        (the task's Request tells the task apart).
+        """
         planner = self
+        solved_for: ContextVar[tuple[Any, dict[str, Any]] | None] = ContextVar(
+            f"taskiq_fastapi_solved_{self.task_name}", default=None
+        )
 
         async def solve_fastapi_dependencies(
             request: Any = TaskiqDepends(Request),
         ) -> AsyncIterator[dict[str, Any]]:
             assert planner.dependant is not None  # a task with problems never runs
+            done = solved_for.get()
+            if done is not None and done[0] is request:
+                try:
+                    yield done[1]
+                except BaseException:
+                    return  # the task's error: the first run's generators see it
+                return
             thrown: BaseException | None = None
             yielded = False
             try:
@@ -463,6 +481,7 @@ class _Planner:
                 async with _fastapi.solved(
                     request, planner.dependant, overrides
                 ) as values:
+                    solved_for.set((request, values))
                     yielded = True
                     try:
                         yield values

@@ -14,13 +14,15 @@ request id it read, and returns what it read, so a value or a log entry that
 came from another request shows up under the wrong id.
 
 The trees are the ones where taskiq's and FastAPI's rules agree, so that
-FastAPI can judge: a `TaskiqDepends` node has no generator (taskiq closes its
-own generators after FastAPI's), and below an uncached `TaskiqDepends` every
-dependency is an uncached `TaskiqDepends` (taskiq resolves such a node with a
-fresh cache, where FastAPI keeps using the request's), and a cached
-`TaskiqDepends` declared twice has no uncached dependency below it (taskiq
-takes the second from its cache whole; FastAPI solves a cached dependency's
-own dependencies again for each declaration, calling uncached ones again).
+FastAPI can judge. A task solves all its FastAPI dependencies once, as a
+route does; taskiq resolves an uncached `TaskiqDepends` with a fresh cache
+of its own (FastAPI keeps the request's), and takes a cached one declared
+twice from its cache whole (FastAPI solves a cached dependency's own
+dependencies again for each declaration, calling uncached ones again). So:
+a `TaskiqDepends` node has no generator (taskiq closes its own generators
+after FastAPI's); below an uncached `TaskiqDepends` a `TaskiqDepends` is
+uncached and a FastAPI dependency is cached, with all below it; and a
+`TaskiqDepends` declared twice has nothing uncached below it.
 """
 
 from __future__ import annotations
@@ -67,22 +69,28 @@ class Log:
 
 
 def specs(depth: int = 3, only: str | None = None) -> st.SearchStrategy[Spec]:
-    """Trees up to `depth` deep; `only` restricts the kind (and forces no cache
-    for "uncached-taskiq", the subtree of an uncached TaskiqDepends)."""
+    """Trees up to `depth` deep. `only`: "fastapi" (FastAPI's, cached or not),
+    "cached-fastapi" (FastAPI's, all cached) or "uncached-taskiq" (below an
+    uncached TaskiqDepends: uncached TaskiqDepends or cached FastAPI ones)."""
 
     @st.composite
     def node(draw: st.DrawFn) -> Spec:
         if only == "uncached-taskiq":
-            kind, use_cache = "taskiq", False
+            kind = draw(st.sampled_from(["fastapi", "taskiq"]))
+            use_cache = kind == "fastapi"
+        elif only == "cached-fastapi":
+            kind, use_cache = "fastapi", True
         else:
             kind = only or draw(st.sampled_from(["fastapi", "taskiq"]))
             use_cache = draw(st.booleans())
         style = draw(st.sampled_from(STYLES[kind]))
         children: tuple[Spec, ...] = ()
         if depth > 1:
-            below = kind if kind == "fastapi" else None
-            if kind == "taskiq" and not use_cache:
-                below = "uncached-taskiq"
+            below = only if kind == "fastapi" and only else kind
+            if kind == "fastapi" and only == "uncached-taskiq":
+                below = "cached-fastapi"
+            elif kind == "taskiq":
+                below = None if use_cache else "uncached-taskiq"
             children = tuple(
                 draw(st.lists(specs(depth - 1, below), max_size=2)),
             )
