@@ -77,7 +77,13 @@ class PerTaskContext(dict[Any, Any]):
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
-        _task_context.set(self.get(Context))
+        # The receiver's update names the task's Context; other updates
+        # (`broker.add_dependency_context` in a task) leave the task's own.
+        written: Mapping[Any, Any] = (
+            args[0] if args and isinstance(args[0], Mapping) else kwargs
+        )
+        if Context in written:
+            _task_context.set(written[Context])
 
     def __copy__(self) -> dict[Any, Any]:
         values = dict(self)

@@ -20,7 +20,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 from weakref import WeakSet
 
@@ -200,11 +200,29 @@ class _KickWithContext(TaskiqMiddleware):
         """
         carried = message.labels.get(LABEL)
         passed_on = message.labels.get(PASS_ON_LABEL)
-        # Set in the task's own context, which ends with the task.
-        _current.set(
+        token = _current.set(
             _Carried(carried) if isinstance(carried, str) and passed_on else None
         )
+        _restore.set((*_restore.get(), token))
         return message
+
+    def post_execute(self, message: TaskiqMessage, result: Any) -> None:
+        """Give back what was current before the task.
+
+        A task run in place (`InMemoryBroker(await_inplace=True)`) runs in
+        the kicking request's own context, which must carry on after it.
+        """
+        tokens = _restore.get()
+        if tokens:
+            _restore.set(tokens[:-1])
+            _current.reset(tokens[-1])
+
+
+# What `pre_execute` replaced, for `post_execute`: a stack, as a task run in
+# place may kick another one in place.
+_restore: ContextVar[tuple[Token[Any], ...]] = ContextVar(
+    "taskiq_fastapi_restore", default=()
+)
 
 
 # The brokers given the (setting-free) middleware above.

@@ -97,3 +97,74 @@ async def test_sixty_concurrent_tasks_each_see_their_own_request() -> None:
         for i in range(N)
     ]
     assert results == expected
+
+
+def carrying_app(broker: InMemoryBroker) -> FastAPI:
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=broker, headers=["x-request-id"]
+    )
+    return app
+
+
+async def test_a_task_adding_to_the_dependency_context_keeps_its_own_request() -> None:
+    """taskiq's `broker.add_dependency_context` in a task, while others run."""
+    broker = InMemoryBroker(max_async_tasks=100, max_stored_results=100)
+    arrived = 0
+    all_arrived = asyncio.Event()
+
+    class Resource: ...
+
+    async def register_lazily() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 20:
+            all_arrived.set()
+        await all_arrived.wait()  # every task has announced its Context
+        broker.add_dependency_context({Resource: Resource()})
+
+    def later(request: Request, context: Context = TaskiqDepends()) -> Any:
+        return request.headers["x-request-id"], context.message.task_id
+
+    @broker.task
+    async def job(
+        request: Request,
+        context: Context = TaskiqDepends(),
+        _: None = TaskiqDepends(register_lazily),
+        seen: Any = TaskiqDepends(later, use_cache=False),
+    ) -> Any:
+        own = (request.headers["x-request-id"], context.message.task_id)
+        return list(seen) == list(own)
+
+    app = carrying_app(broker)
+
+    @app.get("/kick")
+    async def kick() -> Any:
+        return (await (await job.kiq()).wait_result(timeout=10)).return_value
+
+    async with serving(app) as client:
+        responses = await asyncio.gather(
+            *(client.get("/kick", headers={"X-Request-ID": f"r{i}"}) for i in range(20))
+        )
+    assert [response.json() for response in responses] == [True] * 20
+
+
+async def test_tasks_run_in_place_leave_the_kicking_requests_context() -> None:
+    """`InMemoryBroker(await_inplace=True)`: each kick of the request carries it."""
+    broker = InMemoryBroker(await_inplace=True)
+
+    @broker.task
+    async def seen(request: Request) -> Any:
+        return request.headers.get("x-request-id")
+
+    app = carrying_app(broker)
+
+    @app.get("/kick")
+    async def kick() -> Any:
+        first = await (await seen.kiq()).wait_result()
+        second = await (await seen.kiq()).wait_result()
+        return [first.return_value, second.return_value]
+
+    async with serving(app) as client:
+        response = await client.get("/kick", headers={"X-Request-ID": "abc"})
+    assert response.json() == ["abc", "abc"]
