@@ -20,9 +20,12 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import (
     get_dependant,
     get_typed_signature,
+    request_params_to_args,
     solve_dependencies,
 )
 from fastapi.security.base import SecurityBase
+from pydantic import AliasChoices, AliasPath, BaseModel
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 __all__ = [
@@ -64,36 +67,35 @@ def analyse(parameters: list[inspect.Parameter]) -> Dependant:
 class RequestOnly(NamedTuple):
     """A value of a dependency that only an HTTP request has.
 
-    `carried` says which part of the request has it when a carried request
-    context can provide it: "query", "path", or the lower-case name of the
-    header it is read from ("cookie" for cookies); None when it never can.
+    `part` says which part of a carried request context provides it:
+    "query", "path", "header" (from any one of `headers`, lower case) or
+    "cookie" (from the cookie header); None when none can.
     """
 
     name: str
     what: str
     default: Any
-    carried: str | None
+    part: str | None
+    headers: frozenset[str] = frozenset()
 
 
 def request_only_parameters(dependant: Dependant) -> Iterator[RequestOnly]:
     """Each value of `dependant` (not of its dependencies) only a request has."""
-    carried: list[tuple[Any, Callable[[Any], str]]] = [
-        *((field, lambda _: "path") for field in dependant.path_params),
-        *((field, lambda _: "query") for field in dependant.query_params),
-        # FastAPI has already turned the parameter's name into its header's.
-        *((field, lambda f: str(f.alias).lower()) for field in dependant.header_params),
-        *((field, lambda _: "cookie") for field in dependant.cookie_params),
-    ]
-    for field, part in carried:
-        kind = type(field.field_info).__name__
-        yield RequestOnly(
-            field.name, f"a {kind} parameter", field.field_info.default, part(field)
-        )
+
+    def of(field: Any, part: str | None, headers: frozenset[str] = frozenset()) -> Any:
+        what = f"a {type(field.field_info).__name__} parameter"
+        return RequestOnly(field.name, what, field.field_info.default, part, headers)
+
+    for field in dependant.path_params:
+        yield of(field, "path")
+    for field in dependant.query_params:
+        yield of(field, "query")
+    for field in dependant.header_params:
+        yield from (of(field, "header", names) for names in _header_names(field))
+    for field in dependant.cookie_params:
+        yield of(field, "cookie", frozenset({"cookie"}))
     for field in dependant.body_params:
-        kind = type(field.field_info).__name__
-        yield RequestOnly(
-            field.name, f"a {kind} parameter", field.field_info.default, None
-        )
+        yield of(field, None)
     special = {
         "WebSocket": dependant.websocket_param_name,
         "Response": dependant.response_param_name,
@@ -103,6 +105,53 @@ def request_only_parameters(dependant: Dependant) -> Iterator[RequestOnly]:
     for kind, name in special.items():
         if name is not None:
             yield RequestOnly(name, f"a {kind}", None, None)
+
+
+def _header_names(field: Any) -> Iterator[frozenset[str]]:
+    """The headers a Header parameter reads, each as the names that serve.
+
+    As FastAPI reads them: the validation alias (one of `AliasChoices`),
+    else the alias, else the name with underscores as hyphens; a Pydantic
+    model read from the headers reads each of its required fields so.
+    """
+    convert = getattr(field.field_info, "convert_underscores", True)
+    model = field.field_info.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        for name, info in model.model_fields.items():
+            if info.is_required():
+                yield _names(name, info, convert)
+        return
+    # Which names FastAPI takes differs between its versions (alias choices,
+    # for one): ask this one, offering each name it might take alone.
+    names = _names(field.name, field.field_info, convert)
+    candidates = names | {str(field.alias).lower(), field.name.lower()}
+    read = frozenset(name for name in candidates if _reads(field, name))
+    yield read or names
+
+
+_PROBE = "taskiq-fastapi-probe"
+
+
+def _reads(field: Any, name: str) -> bool:
+    """Whether FastAPI reads the header parameter `field` from header `name`."""
+    values, errors = request_params_to_args([field], Headers({name: _PROBE}))
+    if any(error.get("type") != "missing" for error in errors):
+        return True  # it read the value, and could not parse it
+    return not errors and values.get(field.name) == _PROBE
+
+
+def _names(name: str, info: Any, convert: bool) -> frozenset[str]:
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        choices = [c.path[0] if isinstance(c, AliasPath) else c for c in alias.choices]
+        return frozenset(str(c).lower() for c in choices)
+    if isinstance(alias, AliasPath):
+        return frozenset({str(alias.path[0]).lower()})
+    if isinstance(alias, str):
+        return frozenset({alias.lower()})
+    if info.alias and info.alias != name:
+        return frozenset({info.alias.lower()})
+    return frozenset({(name.replace("_", "-") if convert else name).lower()})
 
 
 class RequestRejected(Exception):  # noqa: N818 - a signal to the caller, who words it

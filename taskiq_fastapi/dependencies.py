@@ -45,7 +45,11 @@ from taskiq_fastapi._taskiq import (
     task_request,
 )
 from taskiq_fastapi.exceptions import DependencyError, RequestContextError
-from taskiq_fastapi.request_context import CarrySettings, looks_like_a_credential
+from taskiq_fastapi.request_context import (
+    NEVER_CARRIED,
+    CarrySettings,
+    looks_like_a_credential,
+)
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -100,13 +104,15 @@ class CarriedNeed:
 
     The request that kicked the task has it when the app carries it: query
     and path always, a header or a cookie only when the app's
-    `CarryRequestContext` carries that header.
+    `CarryRequestContext` carries that header (`host` is always there: the
+    worker's base URL).
     """
 
     owner: str
     parameter: str
     what: str
     part: str
+    headers: frozenset[str] = frozenset()
 
     def problem(self, task_name: str, carry: CarrySettings | None) -> str | None:
         """What stops the worker, given what the app carries; None if nothing."""
@@ -115,17 +121,25 @@ class CarriedNeed:
                 f"Task {task_name!r}: parameter {self.parameter!r} of {self.owner} "
                 f"is {self.what}, which only an HTTP request has{_CARRY_HINT}."
             )
-        if self.part in ("query", "path") or carry.carries_header(self.part):
+        if self.part in ("query", "path") or "host" in self.headers:
             return None
-        cookie = "Cookie" in self.what
-        subject = f"cookie {self.parameter!r}" if cookie else f"header {self.part!r}"
-        why = f"{carry!r} does not name the {self.part!r} header"
-        if carry.headers.everything and looks_like_a_credential(self.part):
-            why += ', and "*" leaves out headers that look like credentials'
-        return (
-            f"Task {task_name!r}: {subject} of {self.owner} is not carried: "
-            f"{why} (name it in headers=[...] to carry it)."
-        )
+        if any(carry.carries_header(name) for name in self.headers):
+            return None
+        names = " or ".join(repr(name) for name in sorted(self.headers))
+        if self.part == "cookie":
+            subject = f"cookie {self.parameter!r}"
+        else:
+            subject = f"header {names}"
+        if self.headers <= NEVER_CARRIED:
+            why = "it describes how the request was sent, so no app carries it"
+        else:
+            why = f"{carry!r} does not name the {names} header"
+            if carry.headers.everything and any(
+                looks_like_a_credential(name) for name in self.headers
+            ):
+                why += ', and "*" leaves out headers that look like credentials'
+            why += " (name it in headers=[...] to carry it)"
+        return f"Task {task_name!r}: {subject} of {self.owner} is not carried: {why}."
 
 
 @dataclass
@@ -424,7 +438,9 @@ class _Planner:
         ):
             if name is not None:
                 yield Node(name, "request", "Request")
-        for name, what, default, part in _fastapi.request_only_parameters(dependant):
+        for name, what, default, part, headers in _fastapi.request_only_parameters(
+            dependant
+        ):
             need = None
             if isinstance(default, TaskiqMarker):
                 self.problem(
@@ -436,7 +452,7 @@ class _Planner:
             elif part is None:
                 self.problem(call, name, f"is {what}, which only an HTTP request has")
             else:
-                need = CarriedNeed(describe(call), name, what, part)
+                need = CarriedNeed(describe(call), name, what, part, headers)
                 self.needs_carried.append(need)
             target = what.removeprefix("a ")
             if need is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from typing import Any
 from weakref import WeakSet
@@ -27,7 +27,7 @@ from weakref import WeakSet
 from starlette.types import ASGIApp, Receive, Scope, Send
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
-from taskiq_fastapi.exceptions import RequestContextTooLargeError
+from taskiq_fastapi.exceptions import AppStartupError, RequestContextTooLargeError
 
 LABEL = "taskiq_fastapi_request"
 # Present when the kicking app passes its context on to tasks kicked by tasks.
@@ -37,33 +37,45 @@ PASS_ON_LABEL = "taskiq_fastapi_pass_on"
 FORMAT = 1
 DEFAULT_MAX_BYTES = 8192
 # Credentials: carried only when named one by one, never by "*". Beside
-# these names, "*" leaves out every header whose name has a word in
-# _CREDENTIAL_WORDS (X-Auth-Token, X-CSRF-Token, X-Amz-Security-Token, ...).
+# these names, "*" leaves out every header whose name contains one of
+# _CREDENTIAL_PARTS (X-Auth-Token, X-CSRF-Token, X-Amz-Security-Token, ...)
+# or has one of _CREDENTIAL_WORDS as a word (X-Functions-Key, X-OTP, ...).
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "cookie", "proxy-authorization", "x-api-key"}
 )
-_CREDENTIAL_WORDS = re.compile(
-    rb"auth|token|secret|key|session|passw|signature|csrf|xsrf|jwt|credential"
-    rb"|cookie|bearer"
+_CREDENTIAL_PARTS = re.compile(
+    rb"auth|token|secret|passw|passcode|passphrase|credential|cookie|session"
+    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey"
 )
-# Describe the hop or the body, not the request the task is about.
-_NEVER_CARRIED = frozenset(
+_CREDENTIAL_WORDS = frozenset(
+    {
+        b"key", b"pass", b"pw", b"pin", b"sig", b"otp", b"mfa", b"dpop",
+        b"principal", b"cert", b"certificate", b"private", b"license",
+    }
+)  # fmt: skip
+# Describe how the request was sent, not the request the task is about. The
+# task's Request has the worker's own `host` (its base URL).
+NEVER_CARRIED = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
 )
+# What a header name may be (RFC 9110's token), or "*".
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def looks_like_a_credential(name: str) -> bool:
     """Whether "*" leaves the header out: carried only when named."""
-    return _credential(name.lower().encode("latin-1"))
+    return _credential(name.lower().encode("latin-1", "replace"))
 
 
 @functools.lru_cache(maxsize=1024)
 def _credential(name: bytes) -> bool:
-    return name in _SENSITIVE or _CREDENTIAL_WORDS.search(name) is not None
+    if name in _SENSITIVE or _CREDENTIAL_PARTS.search(name) is not None:
+        return True
+    return any(word in _CREDENTIAL_WORDS for word in re.split(rb"[-_.]", name))
 
 
 _SENSITIVE = frozenset(name.encode() for name in SENSITIVE_HEADERS)
-_NEVER = frozenset(name.encode() for name in _NEVER_CARRIED)
+_NEVER = frozenset(name.encode() for name in NEVER_CARRIED)
 
 
 class _Carried:
@@ -84,7 +96,7 @@ class _HeaderChoice:
     def __init__(self, names: Iterable[str]) -> None:
         named = {name.lower() for name in names}
         self.everything = "*" in named
-        wanted = (named - {"*"}) - _NEVER_CARRIED
+        wanted = (named - {"*"}) - NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
 
     def carries(self, name: bytes) -> bool:
@@ -106,22 +118,45 @@ class CarrySettings:
     """What one app carries: its `CarryRequestContext` arguments, checked."""
 
     def __init__(self, headers: Iterable[str], max_bytes: int, pass_on: bool) -> None:
-        if isinstance(headers, str):
+        self.names = _header_names(headers)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise TypeError(
-                f"CarryRequestContext headers must be a list of names, not the "
-                f"string {headers!r}."
+                f"CarryRequestContext max_bytes must be a number of bytes, "
+                f"not {max_bytes!r}."
             )
-        self.names = list(headers)
         self.headers = _HeaderChoice(self.names)
         self.max_bytes = max_bytes
         self.pass_on = pass_on
 
     def carries_header(self, name: str) -> bool:
         """Whether a header of this name reaches the task (case-insensitive)."""
+        if _HEADER_NAME.fullmatch(name) is None:
+            return False  # not a name any request can have
         return self.headers.carries(name.lower().encode("latin-1"))
 
     def __repr__(self) -> str:
         return f"CarryRequestContext(headers={self.names!r})"
+
+
+def _header_names(headers: Iterable[str]) -> list[str]:
+    """`headers` as a list, each checked to be a header name (or "*")."""
+    if isinstance(headers, str):
+        raise TypeError(
+            f"CarryRequestContext headers must be a list of names, not the "
+            f"string {headers!r}."
+        )
+    try:
+        names = list(headers)
+    except TypeError:
+        raise TypeError(
+            f"CarryRequestContext headers must be a list of names, not {headers!r}."
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"CarryRequestContext headers: {name!r} is not a header name."
+            )
+    return names
 
 
 # The request the running code serves, with its app's settings, in the API;
@@ -313,14 +348,25 @@ def carried(app: Any) -> CarrySettings | None:
     """What the app carries to its tasks, if anything (the worker and `check` ask).
 
     Read from the app's middleware list, so the app's middleware stack is not
-    built and nothing is started.
+    built and nothing is started. An invalid argument is the app's startup
+    failing, as it would fail when the stack is built.
     """
     for middleware in getattr(app, "user_middleware", ()):
         if getattr(middleware, "cls", None) is CarryRequestContext:
             options = getattr(middleware, "kwargs", {})
-            return CarrySettings(
-                options.get("headers", ()),
-                options.get("max_bytes", DEFAULT_MAX_BYTES),
-                options.get("pass_on", False),
-            )
+            headers = options.get("headers", ())
+            try:
+                settings = CarrySettings(
+                    headers,
+                    options.get("max_bytes", DEFAULT_MAX_BYTES),
+                    options.get("pass_on", False),
+                )
+            except (TypeError, ValueError) as exc:
+                raise AppStartupError(
+                    f"The app's CarryRequestContext is invalid: {exc}"
+                ) from None
+            if isinstance(headers, Iterator):
+                # Read once here: the middleware, built later, reads a list.
+                options["headers"] = settings.names
+            return settings
     return None

@@ -16,7 +16,7 @@ from taskiq import AsyncBroker
 
 import taskiq_fastapi
 from taskiq_fastapi import dependencies, request_context
-from taskiq_fastapi.exceptions import DependencyError, TaskiqFastAPIError
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
@@ -130,7 +130,7 @@ def _check_dependencies(broker: AsyncBroker) -> None:
         return
     try:
         dependencies.check(broker, carry=request_context.carried(app))
-    except DependencyError as exc:
+    except TaskiqFastAPIError as exc:  # as a worker process's startup would fail
         raise CLIError(str(exc), EXIT_STARTUP_FAILURE) from None
 
 

@@ -199,3 +199,20 @@ def test_check_names_a_class_dependency_by_its_class(
     assert code == 0
     assert "  pager: Pager()  [FastAPI Depends]" in out
     assert "    page: Query parameter  [from the request that kicked the task]" in out
+
+
+BAD_CARRY = (
+    "The app's CarryRequestContext is invalid: CarryRequestContext headers must "
+    "be a list of names, not the string 'x-request-id'."
+)
+
+
+def test_an_invalid_carry_setting_is_one_line_for_check_and_worker(
+    run: WorkerRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = ["--app", "workerapp.badcarry:app"]
+    code, out, err = check(capsys, *BROKER, "workerapp.tasks", *app)
+    assert (code, out, err) == (1, "", f"Error: {BAD_CARRY}\n")
+    worker = run.start("worker", *BROKER, "workerapp.tasks", *app)
+    assert worker.wait(timeout=60) == 3
+    assert run.output(worker).splitlines() == [f"Error: {BAD_CARRY}"]

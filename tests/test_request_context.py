@@ -20,6 +20,7 @@ from fastapi import (
     Path as PathParam,
 )
 from fastapi.testclient import TestClient
+from pydantic import AliasChoices, BaseModel
 from taskiq import AsyncBroker, InMemoryBroker
 
 import taskiq_fastapi
@@ -343,17 +344,22 @@ CREDENTIAL_LIKE = [
     "X-Amz-Security-Token", "X-Client-Secret", "X-Session-Id", "X-Api-Key",
     "X-Hub-Signature-256", "X-JWT-Assertion", "X-Forwarded-Authorization",
     "X-Password", "X-Credentials", "Proxy-Authorization", "Cookie",
+    "X-Shopify-Hmac-Sha256", "X-OTP", "X-MFA-Code", "X-Passcode", "X-Pass", "DPoP",
+    "X-MS-Client-Principal", "X-Forwarded-Client-Cert", "X-Functions-Key", "X-PIN",
 ]  # fmt: skip
 
 
 def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
     headers = {name: f"value of {name}" for name in CREDENTIAL_LIKE}
-    ordinary = {"X-Request-ID": "req-42", "Accept-Language": "fr", "X-Tenant": "t1"}
+    ordinary = {
+        "X-Request-ID": "req-42", "Accept-Language": "fr", "X-Tenant": "t1",
+        "X-Monkey": "m", "X-Keyword": "k",  # "key" only as a word of the name
+    }  # fmt: skip
     app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"]})
     seen = get(app, "/users/1/seen", headers={**headers, **ordinary})["headers"]
     assert seen == {
         "host": "localhost:8000", "x-request-id": "req-42",
-        "accept-language": "fr", "x-tenant": "t1",
+        "accept-language": "fr", "x-tenant": "t1", "x-monkey": "m", "x-keyword": "k",
         # What the test client sends on its own.
         "accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": "testclient",
     }  # fmt: skip
@@ -363,3 +369,136 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
     assert {name.lower(): value for name, value in headers.items()}.items() <= (
         seen.items()
     )
+
+
+class Trace(BaseModel):
+    x_request_id: str
+    x_span: str = "none"
+
+
+def header_readers() -> dict[str, Any]:
+    """Each way FastAPI reads a header, reading X-Request-ID."""
+
+    def by_validation_alias(
+        rid: Annotated[str, Header(validation_alias="x-request-id")],
+    ) -> str:
+        return rid
+
+    def by_choices(
+        rid: Annotated[str, Header(validation_alias=AliasChoices("x-request-id"))],
+    ) -> str:
+        return rid
+
+    def by_model(trace: Annotated[Trace, Header()]) -> str:
+        return trace.x_request_id
+
+    def by_host(host: Annotated[str, Header()]) -> str:
+        return host
+
+    return {
+        "validation_alias": by_validation_alias,
+        "AliasChoices": by_choices,
+        "a Header model": by_model,
+        "host": by_host,
+    }
+
+
+@pytest.mark.parametrize("way", ["validation_alias", "AliasChoices", "a Header model"])
+def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
+    """The app carries x-request-id: the check passes exactly when the task
+    works (FastAPI before 0.140 or so reads no AliasChoices in headers: then
+    both fail), and with only authorization carried the check says so."""
+    broker = InMemoryBroker()
+    reader = header_readers()[way]
+
+    @broker.task
+    async def task(rid: Annotated[str, Depends(reader)]) -> str:
+        return rid
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=broker, headers=["x-request-id"]
+    )
+
+    @app.get("/kick")
+    async def kick() -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"value": result.return_value, "error": str(result.error or "")}
+
+    carry = taskiq_fastapi.request_context.carried(app)
+    try:
+        dependencies.check(broker, carry=carry)
+    except taskiq_fastapi.DependencyError as exc:
+        problem: str | None = str(exc)
+    else:
+        problem = None
+    got = get(app, "/kick", headers={"X-Request-ID": "abc"})
+    works = got == {"value": "abc", "error": ""}
+    assert (problem is None) == works, (problem, got)
+    if way != "AliasChoices":
+        assert works  # on every FastAPI this package supports
+
+    credential = taskiq_fastapi.request_context.CarrySettings(
+        ["authorization"], 1, False
+    )
+    with pytest.raises(taskiq_fastapi.DependencyError, match="header .* not carried"):
+        dependencies.check(broker, carry=credential)
+
+
+def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
+    broker = InMemoryBroker()
+    by_host = header_readers()["host"]
+
+    def by_length(content_length: Annotated[int, Header()]) -> int:
+        return content_length
+
+    @broker.task
+    async def task(host: str = Depends(by_host), size: int = Depends(by_length)) -> Any:
+        return host, size
+
+    carry = taskiq_fastapi.request_context.CarrySettings(["*"], 8192, False)
+    with pytest.raises(taskiq_fastapi.DependencyError) as raised:
+        dependencies.check(broker, carry=carry)
+    assert str(raised.value) == (
+        f"Task {task.task_name!r}: header 'content-length' of by_length() is not "
+        "carried: it describes how the request was sent, so no app carries it."
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        (
+            "x-request-id",
+            "headers must be a list of names, not the string 'x-request-id'",
+        ),
+        (5, "headers must be a list of names, not 5"),
+        (["x-währung"], "headers: 'x-währung' is not a header name"),
+        (["x id"], "headers: 'x id' is not a header name"),
+        ([None], "headers: None is not a header name"),
+    ],
+)
+def test_invalid_headers_are_one_clear_error_naming_the_value(
+    headers: Any, error: str
+) -> None:
+    app = FastAPI()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=InMemoryBroker(), headers=headers
+    )
+    with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
+        taskiq_fastapi.request_context.carried(app)
+    assert str(raised.value) == (
+        f"The app's CarryRequestContext is invalid: CarryRequestContext {error}."
+    )
+
+
+def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
+    """The worker reads the settings before the middleware is built."""
+    broker = InMemoryBroker()
+    names = map(str.lower, ["X-Request-ID"])
+    app, _ = make_app(broker, carry={"headers": names})
+    carry = taskiq_fastapi.request_context.carried(app)
+    assert carry is not None
+    assert carry.names == ["x-request-id"]
+    seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]
+    assert seen == {"host": "localhost:8000", "x-request-id": "req-42"}
