@@ -16,10 +16,9 @@ Upstream behaviours worked around here:
   an outage were lost ("Can't set result in result backend"). Saving a result
   and acknowledging a message are retried the same way as fetching.
 
-Retried: connection-type errors, that is `OSError` (socket errors, Python's
-ConnectionError and TimeoutError) and errors whose class or a base class is
-named like a connection, timeout or no-servers error, as redis-py, aio-pika
-and nats-py name theirs. Anything else keeps taskiq's behaviour. Retries back
+Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
+(the API process's `broker_lifespan` uses the same rule). Anything else keeps
+taskiq's behaviour. Retries back
 off exponentially with jitter, one WARNING line each, and one line when the
 broker is back. Past `--broker-retry-timeout` without a successful fetch, the
 process asks the whole command to stop gracefully and the command exits 3.
@@ -48,13 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 
+from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
 logger = logging.getLogger("taskiq_fastapi")
@@ -63,7 +62,6 @@ FIRST_DELAY_SECONDS = 0.5
 MAX_DELAY_SECONDS = 30.0
 # A fetch that waited this long before timing out was idle, not cut off.
 IDLE_WAIT_SECONDS = 1.0
-_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
 T = TypeVar("T")
 
 
@@ -75,25 +73,8 @@ class WorkerStopped(Exception):  # noqa: N818 - a stop, not an error
     """A signal stopped the worker while it waited for its broker."""
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """Whether `exc` says the broker cannot be reached (worth a retry)."""
-    if isinstance(exc, OSError):
-        return True
-    return any(
-        fragment in cls.__name__
-        for cls in type(exc).__mro__
-        for fragment in _CONNECTION_NAMES
-    )
-
-
-def _cause(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _backoff(attempt: int) -> float:
-    """Exponential, capped, with jitter so that workers do not retry in step."""
-    delay: float = min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2**attempt)
-    return delay * random.uniform(0.5, 1.0)
+    return backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
 
 
 class BrokerOutages:
@@ -139,7 +120,7 @@ class BrokerOutages:
                 except Exception as exc:
                     if not is_connection_error(exc):
                         raise BrokerStartupError(
-                            f"Broker {self.path!r} failed to start: {_cause(exc)}",
+                            f"Broker {self.path!r} failed to start: {describe(exc)}",
                         ) from exc
                     if await self._wait_or_give_up(exc, starting=True):
                         raise WorkerStopped from exc
@@ -162,12 +143,12 @@ class BrokerOutages:
                 logger.debug(
                     "Broker %r, which never connected, failed to shut down (%s).",
                     self.path,
-                    _cause(exc),
+                    describe(exc),
                 )
                 try:
                     await AsyncBroker.shutdown(broker)  # handlers, then backend
                 except Exception as backend_exc:  # a backend never started either
-                    logger.debug("Its result backend too: %s", _cause(backend_exc))
+                    logger.debug("Its result backend too: %s", describe(backend_exc))
 
         broker.shutdown = shutdown_even_if_never_connected  # type: ignore[method-assign]
 
@@ -263,7 +244,7 @@ class BrokerOutages:
                     "%s waits for broker %r (%s); retrying in %.1f s.",
                     what,
                     self.path,
-                    _cause(exc),
+                    describe(exc),
                     delay,
                 )
                 if await _wait_for(self.stopping.wait(), delay):
@@ -289,7 +270,7 @@ class BrokerOutages:
         if waited >= self.retry_timeout:
             message = (
                 f"Broker {self.path!r} unreachable for {waited:.0f} s "
-                f"(--broker-retry-timeout {self.retry_timeout:g}): {_cause(exc)}"
+                f"(--broker-retry-timeout {self.retry_timeout:g}): {describe(exc)}"
             )
             if starting:
                 raise BrokerStartupError(message) from exc
@@ -302,7 +283,7 @@ class BrokerOutages:
         logger.warning(
             "Broker %r unreachable (%s); retrying in %.1f s.",
             self.path,
-            _cause(exc),
+            describe(exc),
             delay,
         )
         return await _wait_for(self.stopping.wait(), delay)
@@ -321,7 +302,7 @@ class BrokerOutages:
 def _one_line(record: logging.LogRecord) -> bool:
     """A client's logged error with its cause on the line, not a traceback."""
     if record.exc_info and record.exc_info[1] is not None:
-        record.msg = f"{record.getMessage()}: {_cause(record.exc_info[1])}"
+        record.msg = f"{record.getMessage()}: {describe(record.exc_info[1])}"
         record.args = None
         record.exc_info = None
         record.exc_text = None
