@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 
+from taskiq_fastapi._brokers import LostState
 from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
@@ -96,6 +97,7 @@ class BrokerOutages:
         self.connecting_since: float | None = None
         logging.getLogger("nats.aio.client").addFilter(_one_line)
         self.started = False
+        self.lost = LostState(broker)
         self._wrap_startup(broker)
         self._wrap_shutdown(broker)
         self._wrap_listen(broker)
@@ -115,6 +117,7 @@ class BrokerOutages:
             while True:
                 try:
                     await self._bounded(startup())
+                    await self.lost.remember()
                 except TaskiqFastAPIError:
                     raise
                 except Exception as exc:
@@ -192,7 +195,10 @@ class BrokerOutages:
                     except Exception as exc:
                         source = None  # it raised, so it is finished
                         if not is_connection_error(exc):
-                            raise
+                            outage = await self._recover(exc)
+                            if outage is None:
+                                continue  # recreated: fetch again
+                            exc = outage
                         if await self._retry_fetch(exc, time.monotonic() - started):
                             return  # stopping: taskiq finishes in-flight tasks
                         continue
@@ -235,7 +241,12 @@ class BrokerOutages:
             try:
                 return await call()
             except Exception as exc:
-                if not is_connection_error(exc) or self.stopping.is_set():
+                if not is_connection_error(exc):
+                    outage = await self._recover(exc)
+                    if outage is None:
+                        continue  # recreated: try again
+                    exc = outage
+                if self.stopping.is_set():
                     raise
                 delay = _backoff(attempt)
                 attempt += 1
@@ -249,6 +260,24 @@ class BrokerOutages:
                 )
                 if await _wait_for(self.stopping.wait(), delay):
                     raise
+
+    async def _recover(self, exc: Exception) -> Exception | None:
+        """Recreate what the server lost, if `exc` says it lost the broker's state.
+
+        None once recreated (try again); the outage met while recreating, to
+        retry as one; otherwise `exc` is raised, as taskiq would.
+        """
+        try:
+            what = await self.lost.recover(exc)
+        except Exception as recovering:
+            if is_connection_error(recovering):
+                return recovering
+            logger.debug("Could not recreate the broker's state: %s", recovering)
+            raise exc from None
+        if what is None:
+            raise exc
+        logger.warning("Broker %r: %s.", self.path, what)
+        return None
 
     async def _retry_fetch(self, exc: Exception, waited: float) -> bool:
         """Whether the worker is stopping; otherwise fetch again when this returns."""
