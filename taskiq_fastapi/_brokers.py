@@ -36,7 +36,12 @@ from typing import Any
 
 from taskiq import AsyncBroker, BrokerMessage
 
-from taskiq_fastapi.connections import backoff, describe, is_connection_error
+from taskiq_fastapi.connections import (
+    backoff,
+    describe,
+    is_connection_error,
+    one_line,
+)
 from taskiq_fastapi.exceptions import BrokerUnreachableError
 
 logger = logging.getLogger("taskiq_fastapi")
@@ -44,19 +49,37 @@ logger = logging.getLogger("taskiq_fastapi")
 # The API process's retries of getting a connection: short, a request waits.
 FIRST_DELAY_SECONDS = 0.1
 MAX_DELAY_SECONDS = 1.0
+# A JetStream error whose stream, consumer and bucket all exist is tried again
+# after this (another process recreated them; or the server is still starting).
+NOTHING_MISSING_PAUSE_SECONDS = 0.25
 
 
 def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
-    """Make the broker's kicks and result reads ride out a server restart.
+    """Make the API process's kicks and result reads ride out a server restart.
 
     Only what provably sent nothing is retried: getting a connection, and a
     pooled connection found closed before the command went out.
     """
+    _guard_redis_pools(broker, retry_timeout)
+    if _is_jetstream(broker):
+        _guard_nats_kick(broker)
+        logging.getLogger("nats.aio.client").addFilter(one_line)
+
+
+def renew_closed_connections(broker: AsyncBroker) -> None:
+    """In a worker: a pooled connection the server closed is made anew before use.
+
+    Workers retry outages themselves (taskiq_fastapi_cli/outages.py); without
+    this, each connection kept from before a restart failed one ack or one
+    result save first.
+    """
+    _guard_redis_pools(broker, None)
+
+
+def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
     for owner in (broker, broker.result_backend):
         for pool in _redis_pools(owner):
             _guard_redis_pool(pool, type(broker).__name__, retry_timeout)
-    if _is_jetstream(broker):
-        _guard_nats_kick(broker)
 
 
 def _redis_pools(owner: object) -> list[Any]:
@@ -76,7 +99,8 @@ def _where(pool: Any) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float) -> None:
+def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) -> None:
+    """Check each connection the pool hands out; retry getting one if asked to."""
     get_connection = pool.get_connection
 
     async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
@@ -91,7 +115,7 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float) -> None
                     await pool.release(connection)
                     raise
             except Exception as exc:
-                if not is_connection_error(exc):
+                if retry_timeout is None or not is_connection_error(exc):
                     raise
                 now = time.monotonic()
                 deadline = now + retry_timeout if deadline is None else deadline
@@ -152,16 +176,11 @@ def _guard_nats_kick(broker: Any) -> None:
             await kick(message)
         except NoStreamResponseError:
             what = await _recreate_nats_stream(broker)
-            if what is None:
-                raise
-            _warn_recreated(type(broker).__name__, what)
-            await kick(message)
+            if what is not None:
+                logger.warning("Broker %s: %s.", type(broker).__name__, what)
+            await kick(message)  # recreated here or by another process
 
     broker.kick = kick_recreating_stream
-
-
-def _warn_recreated(name: str, what: str) -> None:
-    logger.warning("Broker %s: %s.", name, what)
 
 
 async def _recreate_nats_stream(broker: Any) -> str | None:
@@ -203,12 +222,14 @@ class LostState:
 
     `remember` runs once the broker has started; `recover` is asked about each
     error a fetch, an acknowledgement or a result save raised that is not an
-    outage, and says what it recreated, or None when the error is not about
-    lost state.
+    outage. It logs one WARNING naming what it recreated and why, and says
+    whether to try again; a concurrent task or process may have recreated
+    it first, which is logged at DEBUG.
     """
 
-    def __init__(self, broker: AsyncBroker) -> None:
+    def __init__(self, broker: AsyncBroker, name: str) -> None:
         self.broker = broker
+        self.name = name
         self.run_id: str | None = None
         # Per stream, the newest message id this process fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
@@ -220,18 +241,35 @@ class LostState:
         if _is_redis_stream(self.broker):
             self.run_id = await self._redis_run_id()
 
-    async def recover(self, exc: BaseException) -> str | None:
-        """Recreate what `exc` says the server lost; what was recreated, or None."""
+    async def recover(self, exc: BaseException) -> bool:
+        """Recreate what `exc` says the server lost; whether to try again."""
+        what: str | None = None
         if _is_redis_stream(self.broker) and str(exc).startswith("NOGROUP"):
-            return await self._recreate_redis_group()
-        if _is_jetstream(self.broker):
-            from nats.js.errors import NotFoundError, ServiceUnavailableError
+            what = await self._recreate_redis_group()
+        elif _is_jetstream(self.broker):
+            from nats.js.errors import (
+                NoStreamResponseError,
+                NotFoundError,
+                ServiceUnavailableError,
+            )
 
-            if isinstance(exc, ServiceUnavailableError):
-                return await _recreate_nats_consumer(self.broker)
-            if isinstance(exc, NotFoundError):
-                return await self._recreate_nats_bucket()
-        return None
+            if isinstance(exc, ServiceUnavailableError):  # fetching
+                what = await _recreate_nats_consumer(self.broker)
+            elif isinstance(exc, (NotFoundError, NoStreamResponseError)):  # saving
+                what = await self._recreate_nats_bucket()
+            else:
+                return False
+            if what is None:  # all there: recreated by someone else meanwhile
+                logger.debug("Broker %s: %s; trying again.", self.name, describe(exc))
+                await asyncio.sleep(NOTHING_MISSING_PAUSE_SECONDS)  # never a busy loop
+                return True
+        else:
+            return False
+        if what.startswith("recreated"):
+            logger.warning("Broker %s: %s.", self.name, what)
+        else:
+            logger.debug("Broker %s: %s.", self.name, what)
+        return True
 
     def _track_fetched_ids(self) -> None:
         """taskiq-redis makes each message's ack with its id and stream."""

@@ -13,6 +13,7 @@ and nats-py name theirs.
 
 from __future__ import annotations
 
+import logging
 import random
 
 _CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
@@ -38,3 +39,16 @@ def backoff(attempt: int, first: float, cap: float) -> float:
     """Exponential, capped, with jitter so that processes do not retry in step."""
     delay: float = min(cap, first * 2**attempt)
     return delay * random.uniform(0.5, 1.0)
+
+
+def one_line(record: logging.LogRecord) -> bool:
+    """A log filter: a client's logged error with its cause, not a traceback.
+
+    nats-py logs each failed (re)connection attempt with a full traceback.
+    """
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {describe(record.exc_info[1])}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True

@@ -53,8 +53,13 @@ from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 
-from taskiq_fastapi._brokers import LostState
-from taskiq_fastapi.connections import backoff, describe, is_connection_error
+from taskiq_fastapi._brokers import LostState, renew_closed_connections
+from taskiq_fastapi.connections import (
+    backoff,
+    describe,
+    is_connection_error,
+    one_line,
+)
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
 logger = logging.getLogger("taskiq_fastapi")
@@ -95,9 +100,10 @@ class BrokerOutages:
         self.attempts = 0
         self.stopping = asyncio.Event()
         self.connecting_since: float | None = None
-        logging.getLogger("nats.aio.client").addFilter(_one_line)
+        logging.getLogger("nats.aio.client").addFilter(one_line)
         self.started = False
-        self.lost = LostState(broker)
+        self.lost = LostState(broker, repr(path))
+        renew_closed_connections(broker)
         self._wrap_startup(broker)
         self._wrap_shutdown(broker)
         self._wrap_listen(broker)
@@ -268,15 +274,14 @@ class BrokerOutages:
         retry as one; otherwise `exc` is raised, as taskiq would.
         """
         try:
-            what = await self.lost.recover(exc)
+            recreated = await self.lost.recover(exc)
         except Exception as recovering:
             if is_connection_error(recovering):
                 return recovering
             logger.debug("Could not recreate the broker's state: %s", recovering)
             raise exc from None
-        if what is None:
+        if not recreated:
             raise exc
-        logger.warning("Broker %r: %s.", self.path, what)
         return None
 
     async def _retry_fetch(self, exc: Exception, waited: float) -> bool:
@@ -326,16 +331,6 @@ class BrokerOutages:
             )
         self.outage_since = None
         self.attempts = 0
-
-
-def _one_line(record: logging.LogRecord) -> bool:
-    """A client's logged error with its cause on the line, not a traceback."""
-    if record.exc_info and record.exc_info[1] is not None:
-        record.msg = f"{record.getMessage()}: {describe(record.exc_info[1])}"
-        record.args = None
-        record.exc_info = None
-        record.exc_text = None
-    return True
 
 
 def unrenewed_fetch(broker: AsyncBroker) -> str | None:
