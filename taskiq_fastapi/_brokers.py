@@ -244,7 +244,7 @@ class LostState:
     async def recover(self, exc: BaseException) -> bool:
         """Recreate what `exc` says the server lost; whether to try again."""
         what: str | None = None
-        if _is_redis_stream(self.broker) and str(exc).startswith("NOGROUP"):
+        if _is_redis_stream(self.broker) and _no_group(exc):
             what = await self._recreate_redis_group()
         elif _is_jetstream(self.broker):
             from nats.js.errors import (
@@ -372,6 +372,13 @@ async def _redis(broker: Any) -> AsyncIterator[Any]:
 
     async with Redis(connection_pool=broker.connection_pool) as redis:
         yield redis
+
+
+def _no_group(exc: BaseException) -> bool:
+    """Redis's NOGROUP, alone or as a pipeline's (XAUTOCLAIM) error."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
 def _text(raw: Any) -> str:
