@@ -9,12 +9,15 @@ brokers and their clients do about it, and what this module does instead:
   connection kept from before a restart failed its next command with
   "Connection closed by server", though the command never reached the new
   server. `guard_connections` checks again in the API process, and retries
-  getting a connection (nothing is sent before one is had) for a bounded time.
+  getting a connection (nothing is sent before one is had) for a bounded time;
+  `renew_closed_connections` checks again in workers.
 - taskiq-redis's `RedisStreamBroker` creates its consumer group once, at
   startup, at `$`: after the restart its fetch fails with NOGROUP for ever,
   and a group created again at `$` skips what the API kicked meanwhile.
   `LostState` creates it again in place, at the stream's beginning when the
-  server lost its state (INFO's run_id changed since startup).
+  server lost its state (INFO's run_id changed since startup), else after the
+  newest message this process fetched (it reads ids where taskiq-redis makes
+  each message's ack, `_ack_generator`).
 - taskiq-nats creates its JetStream stream and durable consumer, and its
   result bucket, once, at startup: after the restart publishing fails with
   "no stream", fetching with "service unavailable" (no consumer answers),
@@ -22,7 +25,8 @@ brokers and their clients do about it, and what this module does instead:
   broker's own configuration; `guard_connections` does so for the stream when
   the API publishes.
 
-tests/test_restart_empty.py exercises each through the real command.
+tests/test_restart_empty.py exercises each through the real command, and
+tests/test_restart_rules.py the API's retries and `_ack_generator`.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from tools.redis_server import running_server as running_redis
 pytestmark = pytest.mark.anyio
 
 BEFORE = range(5)  # waited for through the API before the restart
+DURING = 99  # kicked while the server is down
 AFTER = range(100, 120)  # kicked by the API after it
 
 
@@ -104,10 +105,15 @@ async def restart_empty_under_load(
     server.stop()
     hold(pids, signal.SIGSTOP)  # their next fetch comes after the kicks below
     try:
-        await asyncio.sleep(2)
+        await asyncio.sleep(0.5)
+        # A kick while the server is down waits for it (broker_retry_timeout).
+        during = asyncio.ensure_future(asyncio.to_thread(call, port, f"/kick/{DURING}"))
+        await asyncio.sleep(1.5)
+        assert not during.done()
         if isinstance(server, NatsServer):
             server.forget()
         server.start()  # empty, on the same port
+        assert await during == (200, DURING)
         answers = [call(port, f"/kick/{n}") for n in AFTER]
         assert answers == [(200, n) for n in AFTER], run.output(api)
         if isinstance(server, NatsServer):
@@ -115,13 +121,13 @@ async def restart_empty_under_load(
         else:
             streams = run.env["TASKIQ_TEST_STREAMS"] == "1"
             waiting = await waiting_in_redis(server, run.queue, streams)
-        assert waiting == len(AFTER)  # every kick landed in the window
+        assert waiting == len(AFTER) + 1  # every kick landed in the window
     finally:
         hold(pids, signal.SIGCONT)
 
     assert call(port, "/wait/200") == (200, 200)  # a result wait, after the restart
     ran = Counter(event for _, event in run.events() if event.startswith("ran "))
-    for n in [*AFTER, 200]:
+    for n in [DURING, *AFTER, 200]:
         assert ran[f"ran {n}"] == 1, (n, ran)
     assert run.count("startup") == Counter(dict.fromkeys(pids, 1))  # same processes
     assert run.stop(worker) == 0
