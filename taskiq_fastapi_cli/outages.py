@@ -16,12 +16,19 @@ Upstream behaviours worked around here:
   an outage were lost ("Can't set result in result backend"). Saving a result
   and acknowledging a message are retried the same way as fetching.
 
+- A server that restarted without its data (Redis without persistence, NATS
+  without its store): taskiq-redis's stream broker and taskiq-nats create
+  their consumer group, stream, consumer and bucket only at startup, and
+  every fetch then failed. `taskiq_fastapi._brokers.LostState` recreates them
+  in place, one WARNING line; pooled Redis connections the server closed are
+  renewed before use (`renew_closed_connections`).
+
 Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
 (the API process's `broker_lifespan` uses the same rule). Anything else keeps
-taskiq's behaviour. Retries back
-off exponentially with jitter, one WARNING line each, and one line when the
-broker is back. Past `--broker-retry-timeout` without a successful fetch, the
-process asks the whole command to stop gracefully and the command exits 3.
+taskiq's behaviour. Retries back off exponentially with jitter, one WARNING
+line each, and one line when the broker is back. Past `--broker-retry-timeout`
+without a successful fetch, the process asks the whole command to stop
+gracefully and the command exits 3.
 
 - Broker clients that retry connecting on their own inside the broker's
   startup: nats-py tries 60 times, 2 s apart, before it raises, so a
