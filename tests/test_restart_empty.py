@@ -92,10 +92,10 @@ def nats_server() -> Iterator[NatsServer]:
 
 
 async def restart_empty_under_load(
-    run: WorkerRun, server: RedisServer | NatsServer, *worker_args: str
+    run: WorkerRun, server: RedisServer | NatsServer
 ) -> tuple[str, str]:
     """The scenario; returns the worker command's and the API's output."""
-    worker = run.start("worker", *BROKER, *APP, "--workers", "2", *worker_args)
+    worker = run.start("worker", *BROKER, *APP, "--workers", "2")
     run.wait_for("startup", processes=2)
     api, port = run.serve("workerapp.api:app")
     get_json(f"http://127.0.0.1:{port}/openapi.json")  # uvicorn is serving
