@@ -58,6 +58,8 @@ async def queued(url: str, queue: str) -> int:
 async def test_a_kick_waits_for_a_server_that_comes_back_within_the_bound(
     server: RedisServer,
 ) -> None:
+    """Pins redis-py's `_reader` (the connection's asyncio stream), whose
+    end-of-file flag tells a pooled connection the server closed."""
     broker = ListQueueBroker(server.url, queue_name="q")
     async with api(broker, retry_timeout=10):
         await kiq(broker, 1)
