@@ -1,5 +1,9 @@
 """Cost of `.kiq()` inside a request: carrying the request context on / off.
 
+And of a `.kiq()` whose broker `broker_lifespan` started (a pooled connection
+is checked before each command, for a server that restarted) / one started
+bare: the retries themselves only run once a connection fails.
+
 Each kick is made inside its own ASGI request (a fresh scope, as a route
 kicks once per request), with and without `CarryRequestContext`, through the
 real Redis (what a user's `.kiq()` costs: making the message and sending it)
@@ -21,6 +25,7 @@ from taskiq.message import BrokerMessage
 from taskiq_redis import ListQueueBroker
 
 from taskiq_fastapi import CarryRequestContext
+from taskiq_fastapi._brokers import guard_connections
 
 KICKS = 5_000
 ROUNDS = 7
@@ -119,6 +124,32 @@ async def one_round(make: Any) -> tuple[float, float]:
     return sum(times[0]) / KICKS, sum(times[1]) / KICKS
 
 
+async def guarded_round(url: str) -> tuple[float, float]:
+    """Seconds per kick on Redis, bare and guarded, kicks alternating."""
+    brokers = [redis_broker(url), redis_broker(url)]
+    guard_connections(brokers[1], retry_timeout=5)
+    tasks = []
+    for broker in brokers:
+
+        @broker.task
+        async def report(shop_id: int) -> None:
+            return None
+
+        tasks.append(report)
+        await broker.startup()
+    times: list[float] = [0.0, 0.0]
+    for warm_up, count in ((True, 200), (False, KICKS)):
+        for _ in range(count):
+            for i, task in enumerate(tasks):
+                start = time.perf_counter()
+                await task.kiq(5)
+                if not warm_up:
+                    times[i] += time.perf_counter() - start
+    for broker in brokers:
+        await broker.shutdown()
+    return times[0] / KICKS, times[1] / KICKS
+
+
 async def measure(url: str) -> dict[tuple[str, str], float]:
     brokers = {"Redis": lambda: redis_broker(url), "no send": NullBroker}
     best = {
@@ -130,6 +161,10 @@ async def measure(url: str) -> dict[tuple[str, str], float]:
             off, on = await one_round(make)
             best[where, "off"] = min(best[where, "off"], off)
             best[where, "on"] = min(best[where, "on"], on)
+        await empty_queue(url)
+        bare, guarded = await guarded_round(url)
+        best["bare", "guard"] = min(best.get(("bare", "guard"), bare), bare)
+        best["guarded", "guard"] = min(best.get(("guarded", "guard"), guarded), guarded)
     await empty_queue(url)
     return best
 
@@ -139,6 +174,9 @@ def run(url: str) -> list[tuple[str, float, str, float]]:
     best = asyncio.run(measure(url))
     print(f".kiq() inside a request, best of {ROUNDS} rounds of {KICKS} requests:")
     for (where, carry), seconds in best.items():
+        if carry == "guard":
+            print(f"  Redis, {where:<8} {seconds * 1e6:8.1f} us/kick")
+            continue
         print(f"  {where:<8} carrying {carry:<4} {seconds * 1e6:8.1f} us/kick")
     making = best["no send", "on"] / best["no send", "off"]
     print(f"  making the message only (no target): on / off {making:.3f}x")
@@ -148,5 +186,11 @@ def run(url: str) -> list[tuple[str, float, str, float]]:
             best["Redis", "on"] / best["Redis", "off"],
             "<=",
             1.10,
+        ),
+        (
+            ".kiq() on Redis: broker_lifespan's guard / bare",
+            best["guarded", "guard"] / best["bare", "guard"],
+            "<=",
+            1.03,
         ),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
@@ -9,18 +10,33 @@ from typing import Any
 from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
+from taskiq_fastapi._brokers import guard_connections
 from taskiq_fastapi.integration import populate_dependency_context
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+# How long a kick or a result read waits for a broker that restarts.
+BROKER_RETRY_TIMEOUT = 5.0
+_guarded: weakref.WeakSet[AsyncBroker] = weakref.WeakSet()
 
 
-def broker_lifespan(broker: AsyncBroker, lifespan: Lifespan | None = None) -> Lifespan:
+def broker_lifespan(
+    broker: AsyncBroker,
+    lifespan: Lifespan | None = None,
+    *,
+    broker_retry_timeout: float = BROKER_RETRY_TIMEOUT,
+) -> Lifespan:
     """Wrap the app's lifespan so the broker starts after it and stops before it.
 
     `FastAPI(lifespan=broker_lifespan(broker, lifespan))` replaces the
     `on_event` recipe. Tasks executed in this process (InMemoryBroker, tests)
     receive a Request carrying the app's live lifespan state. In a worker,
     where the integration runs this same lifespan, it only runs `lifespan`.
+
+    The broker's kicks and result reads ride out a server restart: where
+    nothing was sent yet (no connection, or a pooled one the server closed),
+    they are retried for up to `broker_retry_timeout` seconds, then fail with
+    `BrokerUnreachableError`. A failure after sending is raised as before, so
+    nothing is sent twice.
     """
 
     @asynccontextmanager
@@ -31,6 +47,9 @@ def broker_lifespan(broker: AsyncBroker, lifespan: Lifespan | None = None) -> Li
                 yield state
                 return
             populate_dependency_context(broker, app, state)
+            if broker not in _guarded:
+                guard_connections(broker, broker_retry_timeout)
+                _guarded.add(broker)
             await broker.startup()
             try:
                 yield state

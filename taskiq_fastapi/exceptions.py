@@ -37,3 +37,11 @@ class RequestContextError(TaskiqFastAPIError):
 
     Fails that task, as the same values would make a route answer 422.
     """
+
+
+class BrokerUnreachableError(TaskiqFastAPIError):
+    """The API process could not reach its broker within `broker_retry_timeout`.
+
+    Raised only where nothing was sent; taskiq reports it as the cause of its
+    SendTaskError or ResultIsReadyError.
+    """

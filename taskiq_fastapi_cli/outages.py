@@ -16,13 +16,19 @@ Upstream behaviours worked around here:
   an outage were lost ("Can't set result in result backend"). Saving a result
   and acknowledging a message are retried the same way as fetching.
 
-Retried: connection-type errors, that is `OSError` (socket errors, Python's
-ConnectionError and TimeoutError) and errors whose class or a base class is
-named like a connection, timeout or no-servers error, as redis-py, aio-pika
-and nats-py name theirs. Anything else keeps taskiq's behaviour. Retries back
-off exponentially with jitter, one WARNING line each, and one line when the
-broker is back. Past `--broker-retry-timeout` without a successful fetch, the
-process asks the whole command to stop gracefully and the command exits 3.
+- A server that restarted without its data (Redis without persistence, NATS
+  without its store): taskiq-redis's stream broker and taskiq-nats create
+  their consumer group, stream, consumer and bucket only at startup, and
+  every fetch then failed. `taskiq_fastapi._brokers.LostState` recreates them
+  in place, one WARNING line; pooled Redis connections the server closed are
+  renewed before use (`renew_closed_connections`).
+
+Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
+(the API process's `broker_lifespan` uses the same rule). Anything else keeps
+taskiq's behaviour. Retries back off exponentially with jitter, one WARNING
+line each, and one line when the broker is back. Past `--broker-retry-timeout`
+without a successful fetch, the process asks the whole command to stop
+gracefully and the command exits 3.
 
 - Broker clients that retry connecting on their own inside the broker's
   startup: nats-py tries 60 times, 2 s apart, before it raises, so a
@@ -48,13 +54,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 
+from taskiq_fastapi._brokers import LostState, renew_closed_connections
+from taskiq_fastapi.connections import (
+    backoff,
+    describe,
+    is_connection_error,
+    one_line,
+)
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
 logger = logging.getLogger("taskiq_fastapi")
@@ -63,7 +75,6 @@ FIRST_DELAY_SECONDS = 0.5
 MAX_DELAY_SECONDS = 30.0
 # A fetch that waited this long before timing out was idle, not cut off.
 IDLE_WAIT_SECONDS = 1.0
-_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
 T = TypeVar("T")
 
 
@@ -75,25 +86,8 @@ class WorkerStopped(Exception):  # noqa: N818 - a stop, not an error
     """A signal stopped the worker while it waited for its broker."""
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """Whether `exc` says the broker cannot be reached (worth a retry)."""
-    if isinstance(exc, OSError):
-        return True
-    return any(
-        fragment in cls.__name__
-        for cls in type(exc).__mro__
-        for fragment in _CONNECTION_NAMES
-    )
-
-
-def _cause(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _backoff(attempt: int) -> float:
-    """Exponential, capped, with jitter so that workers do not retry in step."""
-    delay: float = min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2**attempt)
-    return delay * random.uniform(0.5, 1.0)
+    return backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
 
 
 class BrokerOutages:
@@ -113,8 +107,10 @@ class BrokerOutages:
         self.attempts = 0
         self.stopping = asyncio.Event()
         self.connecting_since: float | None = None
-        logging.getLogger("nats.aio.client").addFilter(_one_line)
+        logging.getLogger("nats.aio.client").addFilter(one_line)
         self.started = False
+        self.lost = LostState(broker, repr(path))
+        renew_closed_connections(broker)
         self._wrap_startup(broker)
         self._wrap_shutdown(broker)
         self._wrap_listen(broker)
@@ -134,12 +130,13 @@ class BrokerOutages:
             while True:
                 try:
                     await self._bounded(startup())
+                    await self.lost.remember()
                 except TaskiqFastAPIError:
                     raise
                 except Exception as exc:
                     if not is_connection_error(exc):
                         raise BrokerStartupError(
-                            f"Broker {self.path!r} failed to start: {_cause(exc)}",
+                            f"Broker {self.path!r} failed to start: {describe(exc)}",
                         ) from exc
                     if await self._wait_or_give_up(exc, starting=True):
                         raise WorkerStopped from exc
@@ -162,12 +159,12 @@ class BrokerOutages:
                 logger.debug(
                     "Broker %r, which never connected, failed to shut down (%s).",
                     self.path,
-                    _cause(exc),
+                    describe(exc),
                 )
                 try:
                     await AsyncBroker.shutdown(broker)  # handlers, then backend
                 except Exception as backend_exc:  # a backend never started either
-                    logger.debug("Its result backend too: %s", _cause(backend_exc))
+                    logger.debug("Its result backend too: %s", describe(backend_exc))
 
         broker.shutdown = shutdown_even_if_never_connected  # type: ignore[method-assign]
 
@@ -211,7 +208,10 @@ class BrokerOutages:
                     except Exception as exc:
                         source = None  # it raised, so it is finished
                         if not is_connection_error(exc):
-                            raise
+                            outage = await self._recover(exc)
+                            if outage is None:
+                                continue  # recreated: fetch again
+                            exc = outage
                         if await self._retry_fetch(exc, time.monotonic() - started):
                             return  # stopping: taskiq finishes in-flight tasks
                         continue
@@ -254,7 +254,12 @@ class BrokerOutages:
             try:
                 return await call()
             except Exception as exc:
-                if not is_connection_error(exc) or self.stopping.is_set():
+                if not is_connection_error(exc):
+                    outage = await self._recover(exc)
+                    if outage is None:
+                        continue  # recreated: try again
+                    exc = outage
+                if self.stopping.is_set():
                     raise
                 delay = _backoff(attempt)
                 attempt += 1
@@ -263,11 +268,28 @@ class BrokerOutages:
                     "%s waits for broker %r (%s); retrying in %.1f s.",
                     what,
                     self.path,
-                    _cause(exc),
+                    describe(exc),
                     delay,
                 )
                 if await _wait_for(self.stopping.wait(), delay):
                     raise
+
+    async def _recover(self, exc: Exception) -> Exception | None:
+        """Recreate what the server lost, if `exc` says it lost the broker's state.
+
+        None once recreated (try again); the outage met while recreating, to
+        retry as one; otherwise `exc` is raised, as taskiq would.
+        """
+        try:
+            recreated = await self.lost.recover(exc)
+        except Exception as recovering:
+            if is_connection_error(recovering):
+                return recovering
+            logger.debug("Could not recreate the broker's state: %s", recovering)
+            raise exc from None
+        if not recreated:
+            raise exc
+        return None
 
     async def _retry_fetch(self, exc: Exception, waited: float) -> bool:
         """Whether the worker is stopping; otherwise fetch again when this returns."""
@@ -289,7 +311,7 @@ class BrokerOutages:
         if waited >= self.retry_timeout:
             message = (
                 f"Broker {self.path!r} unreachable for {waited:.0f} s "
-                f"(--broker-retry-timeout {self.retry_timeout:g}): {_cause(exc)}"
+                f"(--broker-retry-timeout {self.retry_timeout:g}): {describe(exc)}"
             )
             if starting:
                 raise BrokerStartupError(message) from exc
@@ -302,7 +324,7 @@ class BrokerOutages:
         logger.warning(
             "Broker %r unreachable (%s); retrying in %.1f s.",
             self.path,
-            _cause(exc),
+            describe(exc),
             delay,
         )
         return await _wait_for(self.stopping.wait(), delay)
@@ -316,16 +338,6 @@ class BrokerOutages:
             )
         self.outage_since = None
         self.attempts = 0
-
-
-def _one_line(record: logging.LogRecord) -> bool:
-    """A client's logged error with its cause on the line, not a traceback."""
-    if record.exc_info and record.exc_info[1] is not None:
-        record.msg = f"{record.getMessage()}: {_cause(record.exc_info[1])}"
-        record.args = None
-        record.exc_info = None
-        record.exc_text = None
-    return True
 
 
 def unrenewed_fetch(broker: AsyncBroker) -> str | None:

@@ -8,6 +8,7 @@ import json
 import pytest
 import redis.exceptions
 
+from taskiq_fastapi import connections
 from taskiq_fastapi_cli import outages
 
 
@@ -26,7 +27,7 @@ from taskiq_fastapi_cli import outages
     ids=lambda e: type(e).__name__,
 )
 def test_connection_type_errors_are_retried(error: BaseException) -> None:
-    assert outages.is_connection_error(error)
+    assert connections.is_connection_error(error)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_connection_type_errors_are_retried(error: BaseException) -> None:
     ids=lambda e: type(e).__name__,
 )
 def test_other_errors_keep_taskiqs_behaviour(error: BaseException) -> None:
-    assert not outages.is_connection_error(error)
+    assert not connections.is_connection_error(error)
 
 
 def test_backoff_grows_to_the_cap_with_jitter() -> None:

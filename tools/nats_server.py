@@ -50,6 +50,10 @@ class NatsServer(ServerProcess):
     def answers(self) -> bool:
         return greets(self.port, b"", b"INFO ")
 
+    def forget(self) -> None:
+        """Delete the stopped server's store, as a container without its volume."""
+        shutil.rmtree(Path(self.workdir) / "jetstream", ignore_errors=True)
+
 
 @contextmanager
 def running_server() -> Iterator[NatsServer]:

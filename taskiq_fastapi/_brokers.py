@@ -1,0 +1,389 @@
+"""Every reliance on an internal of taskiq-redis, taskiq-nats, redis-py, nats-py.
+
+A broker server that restarts without its data (Redis without persistence, a
+JetStream server without its store directory) comes back empty. What the
+brokers and their clients do about it, and what this module does instead:
+
+- redis-py 8 skips its check of a pooled connection before use when
+  maintenance notifications are on, which is their default ("auto"): each
+  connection kept from before a restart failed its next command with
+  "Connection closed by server", though the command never reached the new
+  server. `guard_connections` checks again in the API process, and retries
+  getting a connection (nothing is sent before one is had) for a bounded time;
+  `renew_closed_connections` checks again in workers.
+- taskiq-redis's `RedisStreamBroker` creates its consumer group once, at
+  startup, at `$`: after the restart its fetch fails with NOGROUP for ever,
+  and a group created again at `$` skips what the API kicked meanwhile.
+  `LostState` creates it again in place, at the stream's beginning when the
+  server lost its state (INFO's run_id changed since startup), else after the
+  newest message this process fetched (it reads ids where taskiq-redis makes
+  each message's ack, `_ack_generator`).
+- taskiq-nats creates its JetStream stream and durable consumer, and its
+  result bucket, once, at startup: after the restart publishing fails with
+  "no stream", fetching with "service unavailable" (no consumer answers),
+  saving a result with "not found". `LostState` creates each again with the
+  broker's own configuration; `guard_connections` does so for the stream when
+  the API publishes.
+
+tests/test_restart_empty.py exercises each through the real command, and
+tests/test_restart_rules.py the API's retries and `_ack_generator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from taskiq import AsyncBroker, BrokerMessage
+
+from taskiq_fastapi.connections import (
+    backoff,
+    describe,
+    is_connection_error,
+    one_line,
+)
+from taskiq_fastapi.exceptions import BrokerUnreachableError
+
+logger = logging.getLogger("taskiq_fastapi")
+
+# The API process's retries of getting a connection: short, a request waits.
+FIRST_DELAY_SECONDS = 0.1
+MAX_DELAY_SECONDS = 1.0
+# A JetStream error whose stream, consumer and bucket all exist is tried again
+# after this (another process recreated them; or the server is still starting).
+NOTHING_MISSING_PAUSE_SECONDS = 0.25
+
+
+def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
+    """Make the API process's kicks and result reads ride out a server restart.
+
+    Only what provably sent nothing is retried: getting a connection, and a
+    pooled connection found closed before the command went out.
+    """
+    _guard_redis_pools(broker, retry_timeout)
+    if _is_jetstream(broker):
+        _guard_nats_kick(broker)
+        logging.getLogger("nats.aio.client").addFilter(one_line)
+
+
+def renew_closed_connections(broker: AsyncBroker) -> None:
+    """In a worker: a pooled connection the server closed is made anew before use.
+
+    Workers retry outages themselves (taskiq_fastapi_cli/outages.py); without
+    this, each connection kept from before a restart failed one ack or one
+    result save first.
+    """
+    _guard_redis_pools(broker, None)
+
+
+def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
+    for owner in (broker, broker.result_backend):
+        for pool in _redis_pools(owner):
+            _guard_redis_pool(pool, type(broker).__name__, retry_timeout)
+
+
+def _redis_pools(owner: object) -> list[Any]:
+    """taskiq-redis keeps its pools as attributes of brokers and backends."""
+    try:
+        from redis.asyncio import ConnectionPool
+    except ImportError:
+        return []
+    return [v for v in vars(owner).values() if isinstance(v, ConnectionPool)]
+
+
+def _where(pool: Any) -> str:
+    """host:port or socket path; never the URL, which may hold a password."""
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) -> None:
+    """Check each connection the pool hands out; retry getting one if asked to."""
+    get_connection = pool.get_connection
+
+    async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        attempt = 0
+        while True:
+            try:
+                connection = await get_connection(*args, **kwargs)
+                try:
+                    await _reconnect_if_closed(connection)
+                except BaseException:
+                    await pool.release(connection)
+                    raise
+            except Exception as exc:
+                if retry_timeout is None or not is_connection_error(exc):
+                    raise
+                now = time.monotonic()
+                deadline = now + retry_timeout if deadline is None else deadline
+                if now >= deadline:
+                    raise BrokerUnreachableError(
+                        f"Broker {broker_name} at {_where(pool)} unreachable for "
+                        f"{retry_timeout:g} s: {describe(exc)}"
+                    ) from exc
+                delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
+                attempt += 1
+                await asyncio.sleep(min(delay, deadline - now))
+                continue
+            return connection
+
+    pool.get_connection = get_live_connection
+
+
+async def _reconnect_if_closed(connection: Any) -> None:
+    """A connection the server closed is made anew before a command goes out.
+
+    What redis-py's pool does itself unless maintenance notifications are on.
+    Reads the end-of-file flag of the connection's asyncio stream (redis-py
+    keeps it as `_reader`): no await, so a live connection costs next to
+    nothing.
+    """
+    reader = getattr(connection, "_reader", None)
+    if reader is None or not reader.at_eof():
+        return
+    logger.debug("Pooled Redis connection found closed by the server; reconnecting.")
+    await connection.disconnect()
+    await connection.connect()
+
+
+def _is_jetstream(broker: AsyncBroker) -> bool:
+    try:
+        from taskiq_nats.broker import BaseJetStreamBroker
+    except ImportError:
+        return False
+    return isinstance(broker, BaseJetStreamBroker)
+
+
+def _guard_nats_kick(broker: Any) -> None:
+    """A publish no stream took is published again once the stream is back.
+
+    "No stream" means nothing stored the message, so sending it again cannot
+    duplicate it.
+    """
+    kick: Callable[[BrokerMessage], Awaitable[None]] = broker.kick
+    from nats.js.errors import NoStreamResponseError
+
+    async def kick_recreating_stream(message: BrokerMessage) -> None:
+        try:
+            await kick(message)
+        except NoStreamResponseError:
+            what = await _recreate_nats_stream(broker)
+            if what is not None:
+                logger.warning("Broker %s: %s.", type(broker).__name__, what)
+            await kick(message)  # recreated here or by another process
+
+    broker.kick = kick_recreating_stream
+
+
+async def _recreate_nats_stream(broker: Any) -> str | None:
+    """Create the broker's stream if the server has none; say what was done."""
+    from nats.js.errors import NotFoundError
+
+    name = broker.stream_config.name or broker.stream_name
+    try:
+        await broker.js.stream_info(name)
+    except NotFoundError:
+        await broker.js.add_stream(config=broker.stream_config)
+        return (
+            f"recreated JetStream stream {name!r}, which the server no longer "
+            "had (it restarted without its store)"
+        )
+    return None
+
+
+async def _recreate_nats_consumer(broker: Any) -> str | None:
+    from nats.js.errors import NotFoundError
+
+    stream = await _recreate_nats_stream(broker)
+    name = broker.stream_config.name or broker.stream_name
+    try:
+        await broker.js.consumer_info(name, broker.durable)
+    except NotFoundError:
+        await broker.js.add_consumer(stream=name, config=broker.consumer_config)
+        consumer = f"durable consumer {broker.durable!r}"
+        what = f"JetStream stream {name!r} and {consumer}" if stream else consumer
+        return (
+            f"recreated {what}, which the server no longer had "
+            "(it restarted without its store)"
+        )
+    return stream
+
+
+class LostState:
+    """A worker's broker and result backend, made again when the server lost them.
+
+    `remember` runs once the broker has started; `recover` is asked about each
+    error a fetch, an acknowledgement or a result save raised that is not an
+    outage. It logs one WARNING naming what it recreated and why, and says
+    whether to try again; a concurrent task or process may have recreated
+    it first, which is logged at DEBUG.
+    """
+
+    def __init__(self, broker: AsyncBroker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.run_id: str | None = None
+        # Per stream, the newest message id this process fetched.
+        self.fetched: dict[str, tuple[int, int]] = {}
+        if _is_redis_stream(broker):
+            self._track_fetched_ids()
+
+    async def remember(self) -> None:
+        """Which server the broker talks to (Redis stream brokers only)."""
+        if _is_redis_stream(self.broker):
+            self.run_id = await self._redis_run_id()
+
+    async def recover(self, exc: BaseException) -> bool:
+        """Recreate what `exc` says the server lost; whether to try again."""
+        what: str | None = None
+        if _is_redis_stream(self.broker) and _no_group(exc):
+            what = await self._recreate_redis_group()
+        elif _is_jetstream(self.broker):
+            from nats.js.errors import (
+                NoStreamResponseError,
+                NotFoundError,
+                ServiceUnavailableError,
+            )
+
+            if isinstance(exc, ServiceUnavailableError):  # fetching
+                what = await _recreate_nats_consumer(self.broker)
+            elif isinstance(exc, (NotFoundError, NoStreamResponseError)):  # saving
+                what = await self._recreate_nats_bucket()
+            else:
+                return False
+            if what is None:  # all there: recreated by someone else meanwhile
+                logger.debug("Broker %s: %s; trying again.", self.name, describe(exc))
+                await asyncio.sleep(NOTHING_MISSING_PAUSE_SECONDS)  # never a busy loop
+                return True
+        else:
+            return False
+        if what.startswith("recreated"):
+            logger.warning("Broker %s: %s.", self.name, what)
+        else:
+            logger.debug("Broker %s: %s.", self.name, what)
+        return True
+
+    def _track_fetched_ids(self) -> None:
+        """taskiq-redis makes each message's ack with its id and stream."""
+        broker: Any = self.broker
+        make_ack = broker._ack_generator
+        fetched = self.fetched
+
+        def ack_generator(id: Any, queue_name: Any) -> Any:
+            stream = _text(queue_name)
+            number = _stream_id(id)
+            if number > fetched.get(stream, (0, 0)):
+                fetched[stream] = number
+            return make_ack(id=id, queue_name=queue_name)
+
+        broker._ack_generator = ack_generator
+
+    async def _redis_run_id(self) -> str | None:
+        try:
+            async with _redis(self.broker) as redis:
+                info = await redis.info("server")
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            logger.debug("No INFO from the Redis server (%s).", describe(exc))
+            return None
+        run_id = info.get("run_id")
+        return None if run_id is None else str(run_id)
+
+    async def _recreate_redis_group(self) -> str:
+        """The consumer group again, where nothing added since it vanished is skipped.
+
+        A server with another run_id restarted: every entry of its streams was
+        added since, so the group starts at the beginning. Same server (the
+        group was destroyed, or the key deleted): the group starts after the
+        newest message this process fetched, else at the beginning.
+        """
+        broker: Any = self.broker
+        run_id = await self._redis_run_id()
+        restarted = self.run_id is not None and run_id != self.run_id
+        self.run_id = run_id
+        streams = [broker.queue_name, *broker.additional_streams]
+        created = []
+        async with _redis(broker) as redis:
+            for stream in streams:
+                start = "0" if restarted else self._after_fetched(stream)
+                try:
+                    await redis.xgroup_create(
+                        stream, broker.consumer_group_name, id=start, mkstream=True
+                    )
+                except Exception as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                    continue  # another worker made it first
+                created.append(f"{stream!r} at {start}")
+        why = (
+            "the Redis server restarted without its data"
+            if restarted
+            else "the server no longer had it"
+        )
+        group = broker.consumer_group_name
+        if not created:
+            return f"consumer group {group!r} was recreated by another worker: {why}"
+        return f"recreated consumer group {group!r} on {', '.join(created)}: {why}"
+
+    def _after_fetched(self, stream: str) -> str:
+        if stream not in self.fetched:
+            return "0"
+        ms, seq = self.fetched[stream]
+        return f"{ms}-{seq}"
+
+    async def _recreate_nats_bucket(self) -> str | None:
+        from nats.js.errors import BucketNotFoundError
+
+        backend: Any = self.broker.result_backend
+        bucket = getattr(backend, "bucket_name", None)
+        if bucket is None:
+            return None
+        try:
+            await backend.nats_jetstream.object_store(bucket)
+        except BucketNotFoundError:
+            await backend.nats_jetstream.create_object_store(bucket)
+            return (
+                f"recreated result bucket {bucket!r}, which the server no "
+                "longer had (it restarted without its store)"
+            )
+        return None
+
+
+def _is_redis_stream(broker: AsyncBroker) -> bool:
+    try:
+        from taskiq_redis import RedisStreamBroker
+    except ImportError:
+        return False
+    return isinstance(broker, RedisStreamBroker)
+
+
+@asynccontextmanager
+async def _redis(broker: Any) -> AsyncIterator[Any]:
+    from redis.asyncio import Redis
+
+    async with Redis(connection_pool=broker.connection_pool) as redis:
+        yield redis
+
+
+def _no_group(exc: BaseException) -> bool:
+    """Redis's NOGROUP, alone or as a pipeline's (XAUTOCLAIM) error."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _stream_id(raw: Any) -> tuple[int, int]:
+    ms, _, seq = _text(raw).partition("-")
+    return int(ms), int(seq or 0)

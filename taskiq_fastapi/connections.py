@@ -1,0 +1,54 @@
+"""Which broker errors are outages, shared by the API process and the workers.
+
+The worker command (`taskiq_fastapi_cli/outages.py`) retries these while a
+broker is unreachable; the API process (`broker_lifespan`) retries them only
+where nothing was sent. Both sides must agree on what an outage is, so the
+rule lives here once.
+
+Connection-type errors are `OSError` (socket errors, Python's
+ConnectionError and TimeoutError) and errors whose class or a base class is
+named like a connection, timeout or no-servers error, as redis-py, aio-pika
+and nats-py name theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` says the broker cannot be reached (worth a retry)."""
+    if isinstance(exc, OSError):
+        return True
+    return any(
+        fragment in cls.__name__
+        for cls in type(exc).__mro__
+        for fragment in _CONNECTION_NAMES
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """`ClassName: message`, or the class name for an error without a message."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def backoff(attempt: int, first: float, cap: float) -> float:
+    """Exponential, capped, with jitter so that processes do not retry in step."""
+    delay: float = min(cap, first * 2**attempt)
+    return delay * random.uniform(0.5, 1.0)
+
+
+def one_line(record: logging.LogRecord) -> bool:
+    """A log filter: a client's logged error with its cause, not a traceback.
+
+    nats-py logs each failed (re)connection attempt with a full traceback.
+    """
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {describe(record.exc_info[1])}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True

@@ -1,0 +1,202 @@
+"""What the API process retries across a broker restart, and what it never does.
+
+With `broker_lifespan`, a kick that could not be sent (no connection to be
+had) is tried again for up to `broker_retry_timeout` seconds; one whose
+command may have reached the server is raised, never sent twice (issue 19).
+Real Redis servers; a proxy in front of one cuts a connection right after a
+command went through, which is how a server restart looks from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from taskiq import AsyncBroker
+from taskiq.exceptions import SendTaskError
+from taskiq.kicker import AsyncKicker
+from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+import taskiq_fastapi
+from taskiq_fastapi._brokers import LostState
+from tools.redis_server import RedisServer, running_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with running_server() as redis:
+        yield redis
+
+
+@asynccontextmanager
+async def api(broker: AsyncBroker, retry_timeout: float) -> AsyncIterator[None]:
+    """The broker as an app with `broker_lifespan` runs it."""
+    lifespan = taskiq_fastapi.broker_lifespan(
+        broker, broker_retry_timeout=retry_timeout
+    )
+    async with lifespan(FastAPI()):
+        yield
+
+
+async def kiq(broker: AsyncBroker, n: int) -> None:
+    await AsyncKicker("workerapp.tasks:mark", broker, {}).kiq(n)
+
+
+async def queued(url: str, queue: str) -> int:
+    async with Redis.from_url(url) as redis:
+        return int(await redis.llen(queue))
+
+
+async def test_a_kick_waits_for_a_server_that_comes_back_within_the_bound(
+    server: RedisServer,
+) -> None:
+    """Pins redis-py's `_reader` (the connection's asyncio stream), whose
+    end-of-file flag tells a pooled connection the server closed."""
+    broker = ListQueueBroker(server.url, queue_name="q")
+    async with api(broker, retry_timeout=10):
+        await kiq(broker, 1)
+        server.stop()
+        await asyncio.sleep(0.2)  # the pooled connection sees the server go
+        kick = asyncio.ensure_future(kiq(broker, 2))
+        await asyncio.sleep(1.5)
+        assert not kick.done()  # waiting, not failed
+        server.start()  # empty: only the kick made after the restart is there
+        await asyncio.wait_for(kick, 10)
+    assert await queued(server.url, "q") == 1
+
+
+async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) -> None:
+    broker = ListQueueBroker(server.url, queue_name="q")
+    async with api(broker, retry_timeout=1):
+        await kiq(broker, 1)
+        server.stop()
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(SendTaskError) as raised:
+            await kiq(broker, 2)
+        waited = time.monotonic() - started
+        server.start()  # for the broker's shutdown
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError)
+    assert str(cause).startswith(
+        f"Broker ListQueueBroker at 127.0.0.1:{server.port} unreachable for 1 s: "
+        "ConnectionError: "
+    ), cause
+    assert 1 <= waited < 5
+
+
+class CuttingProxy:
+    """Relays to Redis; once armed, closes the client's connection right after
+    a command has gone through to the server, before its reply comes back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def relay(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        redis_in, redis_out = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+
+        async def to_redis() -> None:
+            while data := await client_in.read(65536):
+                redis_out.write(data)
+                await redis_out.drain()
+                if self.armed and b"LPUSH" in data:
+                    await asyncio.sleep(0.2)  # the server has it
+                    client_out.transport.abort()
+                    redis_out.close()
+                    return
+
+        async def to_client() -> None:
+            while data := await redis_in.read(65536):
+                if self.armed:
+                    return
+                client_out.write(data)
+                await client_out.drain()
+
+        tasks = [asyncio.ensure_future(to_redis()), asyncio.ensure_future(to_client())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        client_out.close()
+        redis_out.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+
+
+async def test_a_kick_the_server_may_have_received_is_raised_not_sent_again(
+    server: RedisServer,
+) -> None:
+    proxy = CuttingProxy(server.port)
+    port = await proxy.start()
+    broker = ListQueueBroker(f"redis://127.0.0.1:{port}/0", queue_name="q")
+    try:
+        async with api(broker, retry_timeout=10):
+            await kiq(broker, 1)
+            proxy.armed = True
+            with pytest.raises(SendTaskError) as raised:
+                await kiq(broker, 2)
+            proxy.armed = False
+    finally:
+        await proxy.close()
+    assert "Connection" in type(raised.value.__cause__).__name__
+    assert await queued(server.url, "q") == 2  # the first, and the second once
+    assert proxy.connections == 1  # no second connection to send it again
+
+
+async def test_a_group_that_vanished_from_a_kept_stream_restarts_after_the_last_fetch(
+    server: RedisServer,
+) -> None:
+    """The README's choice: nothing added since is skipped; nothing this worker
+    already fetched is fetched again. Pins taskiq-redis's `_ack_generator`."""
+    broker = RedisStreamBroker(server.url, queue_name="s", xread_block=100)
+    sender = RedisStreamBroker(server.url, queue_name="s")
+    broker.is_worker_process = True
+    lost = LostState(broker, "'test:broker'")
+    await broker.startup()
+    await sender.startup()
+    await lost.remember()
+    try:
+        for n in range(3):
+            await kiq(sender, n)
+        fetched = broker.listen()
+        for _ in range(3):
+            await (await anext(fetched)).ack()  # type: ignore[misc]
+        async with Redis.from_url(server.url) as redis:
+            await redis.xgroup_destroy("s", "taskiq")
+        for n in range(3, 5):
+            await kiq(sender, n)
+        with pytest.raises(Exception, match="NOGROUP") as raised:
+            await anext(fetched)
+        assert await lost.recover(raised.value)
+        again = broker.listen()
+        messages = [await anext(again) for _ in range(2)]
+        assert [b'"args": [3]' in m.data for m in messages] == [True, False]
+        assert [b'"args": [4]' in m.data for m in messages] == [False, True]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(anext(again), 1)  # none of the first three
+    finally:
+        await sender.shutdown()
+        await broker.shutdown()
