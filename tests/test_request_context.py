@@ -441,7 +441,7 @@ def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
     credential = taskiq_fastapi.request_context.CarrySettings(
         ["authorization"], 1, False
     )
-    with pytest.raises(taskiq_fastapi.DependencyError, match="header .* not carried"):
+    with pytest.raises(taskiq_fastapi.DependencyError, match=r"header .* not carried"):
         dependencies.check(broker, carry=credential)
 
 
