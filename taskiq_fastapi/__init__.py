@@ -10,10 +10,18 @@ from taskiq_fastapi.exceptions import (
     RequestContextError,
     RequestContextTooLargeError,
     TaskiqFastAPIError,
+    TaskStatusError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
 from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
 from taskiq_fastapi.request_context import CarryRequestContext
+from taskiq_fastapi.task_status import (
+    TaskAccepted,
+    TaskError,
+    TaskRecord,
+    TaskStatus,
+    TaskStatusBase,
+)
 
 __all__ = [
     "BASE_URL_ENV",
@@ -26,6 +34,12 @@ __all__ = [
     "LoadError",
     "RequestContextError",
     "RequestContextTooLargeError",
+    "TaskAccepted",
+    "TaskError",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskStatusBase",
+    "TaskStatusError",
     "TaskiqFastAPIError",
     "broker_lifespan",
     "init",

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context
+from taskiq import AsyncBroker, AsyncResultBackend, Context
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -32,6 +32,7 @@ __all__ = [
     "marker_of",
     "on_registration",
     "replace_task_function",
+    "stores_progress",
     "task_request",
 ]
 
@@ -170,3 +171,13 @@ def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
     and for each message.
     """
     task.original_func = function
+
+
+def stores_progress(backend: AsyncResultBackend[Any]) -> bool:
+    """Whether the result backend stores progress rather than dropping it.
+
+    `AsyncResultBackend.set_progress` does nothing (taskiq#464); the backends
+    that store progress override it: InMemoryBroker's, taskiq-redis', and
+    taskiq-nats' from 0.7.
+    """
+    return type(backend).set_progress is not AsyncResultBackend.set_progress

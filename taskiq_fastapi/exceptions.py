@@ -37,3 +37,7 @@ class RequestContextError(TaskiqFastAPIError):
 
     Fails that task, as the same values would make a route answer 422.
     """
+
+
+class TaskStatusError(TaskiqFastAPIError):
+    """`TaskStatus` cannot serve the broker or tasks it was given."""

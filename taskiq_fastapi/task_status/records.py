@@ -1,0 +1,185 @@
+"""What is recorded about a task kicked with status recording, and when.
+
+A taskiq middleware writes a task's record without the task doing anything:
+`queued` when it is kicked (before the message is sent, so no worker can
+write `started` first), `started` when a worker begins it, `succeeded` or
+`failed` when it ends, with its result as JSON. The record lives in the
+broker's result backend, through its public progress storage under an id
+of its own, so taskiq's `ProgressTracker` keeps the task's own progress
+slot, the backend's expiry applies, and reading a status never reads (and
+so never consumes) the task's result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
+from taskiq.depends.progress_tracker import TaskProgress
+
+State = Literal["queued", "started", "succeeded", "failed"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
+
+# When the task was queued, on the kicking process's clock: the worker writes
+# its records without reading the queued one first.
+QUEUED_LABEL = "taskiq_fastapi_queued_at"
+# When the worker began it: the finished record is written without a read too.
+STARTED_LABEL = "taskiq_fastapi_started_at"
+# Labels of this package, never part of what a record keeps.
+_OWN_LABELS = "taskiq_fastapi_"
+# The record's id in the result backend's progress storage.
+_RECORD_SUFFIX = ".taskiq_fastapi_status"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class TaskError(BaseModel):
+    """How a task failed: its exception's type, and its message if the app opts in."""
+
+    type: str
+    message: str | None = None
+
+
+class TaskRecord(BaseModel):
+    """Everything recorded about one task; what a per-task check is given.
+
+    `labels` are the kick's labels (`task.kicker().with_labels(...)`), so an
+    app can record at kick who may see the task and check it on reads.
+    `result` is the task's return value as JSON, validated against the
+    task's return annotation when it is read.
+    """
+
+    task_id: str
+    task_name: str
+    state: State
+    queued_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    labels: dict[str, Any] = {}
+    result: Any = None
+    error: TaskError | None = None
+
+    @property
+    def changed_at(self) -> dt.datetime:
+        return self.finished_at or self.started_at or self.queued_at
+
+
+def _kick_labels(labels: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in labels.items() if not k.startswith(_OWN_LABELS)}
+
+
+class RecordStore:
+    """Reads and writes records in one broker's result backend."""
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        self.broker = broker
+
+    async def write(self, record: TaskRecord) -> None:
+        progress = TaskProgress[Any](
+            state=record.state, meta=record.model_dump(mode="json")
+        )
+        await self.broker.result_backend.set_progress(
+            record.task_id + _RECORD_SUFFIX, progress
+        )
+
+    async def read(self, task_id: str) -> TaskRecord | None:
+        progress = await self.broker.result_backend.get_progress(
+            task_id + _RECORD_SUFFIX
+        )
+        if progress is None or not isinstance(progress.meta, dict):
+            return None
+        return TaskRecord.model_validate(progress.meta)
+
+    async def progress(self, task_id: str) -> Any:
+        """What the task last reported with taskiq's ProgressTracker, if anything."""
+        progress = await self.broker.result_backend.get_progress(task_id)
+        return None if progress is None else progress.meta
+
+
+class Recorder(TaskiqMiddleware):
+    """Writes the records of the tasks an app exposes; one per broker.
+
+    Only kicks of exposed tasks are recorded, and a worker records only
+    messages whose kick was (they carry QUEUED_LABEL), so a task kicked by a
+    process that records nothing costs nothing anywhere.
+    """
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        super().__init__()
+        self.store = RecordStore(broker)
+        self.task_names: set[str] = set()
+        self.error_messages = False
+
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        if message.task_name not in self.task_names:
+            return message
+        queued_at = _now()
+        await self.store.write(
+            TaskRecord(
+                task_id=message.task_id,
+                task_name=message.task_name,
+                state="queued",
+                queued_at=queued_at,
+                labels=_kick_labels(message.labels),
+            )
+        )
+        message.labels[QUEUED_LABEL] = queued_at.isoformat()
+        return message
+
+    def _record(self, message: TaskiqMessage) -> TaskRecord | None:
+        queued_at = message.labels.get(QUEUED_LABEL)
+        if queued_at is None:
+            return None
+        started_at = message.labels.get(STARTED_LABEL)
+        return TaskRecord(
+            task_id=message.task_id,
+            task_name=message.task_name,
+            state="started",
+            queued_at=dt.datetime.fromisoformat(str(queued_at)),
+            started_at=_now() if started_at is None else started_at,
+            labels=_kick_labels(message.labels),
+        )
+
+    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        # The receiver hands this same message to post_execute.
+        message.labels.pop(STARTED_LABEL, None)  # a redelivery starts again
+        record = self._record(message)
+        if record is not None:
+            message.labels[STARTED_LABEL] = record.started_at
+            await self.store.write(record)
+        return message
+
+    async def post_execute(
+        self, message: TaskiqMessage, result: TaskiqResult[Any]
+    ) -> None:
+        record = self._record(message)
+        if record is None:
+            return
+        record.finished_at = _now()
+        if result.is_err:
+            error = result.error
+            record.state = "failed"
+            record.error = TaskError(
+                type=type(error).__name__,
+                message=str(error) if self.error_messages else None,
+            )
+        else:
+            record.state = "succeeded"
+            record.result = to_jsonable_python(result.return_value, fallback=repr)
+        await self.store.write(record)
+
+
+def recorder(broker: AsyncBroker) -> Recorder:
+    """The broker's Recorder, added to its middlewares on first use."""
+    for middleware in broker.middlewares:
+        if isinstance(middleware, Recorder):
+            return middleware
+    made = Recorder(broker)
+    broker.add_middlewares(made)
+    return made
