@@ -16,6 +16,7 @@ from taskiq_fastapi.integration import init, populate_dependency_context
 from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
 from taskiq_fastapi.request_context import CarryRequestContext
 from taskiq_fastapi.task_status import (
+    Progress,
     TaskAccepted,
     TaskError,
     TaskRecord,
@@ -32,6 +33,7 @@ __all__ = [
     "CarryRequestContext",
     "DependencyError",
     "LoadError",
+    "Progress",
     "RequestContextError",
     "RequestContextTooLargeError",
     "TaskAccepted",

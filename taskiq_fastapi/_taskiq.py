@@ -7,6 +7,7 @@ fails loudly instead of silently breaking injection.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -19,6 +20,7 @@ from taskiq import AsyncBroker, AsyncResultBackend, Context
 # reusing its helper keeps app imports resolving exactly like broker imports.
 from taskiq.cli.utils import add_cwd_in_path as cwd_in_sys_path
 from taskiq.decor import AsyncTaskiqDecoratedTask
+from taskiq.depends.progress_tracker import TaskProgress
 
 # taskiq's marker class: `TaskiqDepends(...)` returns one of these.
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
@@ -26,13 +28,14 @@ from taskiq_dependencies.dependency import Dependency as TaskiqMarker
 __all__ = [
     "MakeRequest",
     "PerTaskContext",
+    "RecordStorage",
     "TaskiqMarker",
     "cwd_in_sys_path",
     "install_request_context",
     "marker_of",
     "on_registration",
+    "record_storage",
     "replace_task_function",
-    "stores_progress",
     "task_request",
 ]
 
@@ -173,11 +176,95 @@ def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
     task.original_func = function
 
 
-def stores_progress(backend: AsyncResultBackend[Any]) -> bool:
-    """Whether the result backend stores progress rather than dropping it.
+class ProgressSlots:
+    """Records kept through the result backend's public progress storage.
+
+    It never deletes what it reads (unlike `get_result` with
+    keep_results=False in taskiq-redis and taskiq-nats), and taskiq-redis
+    gives each entry the result's expiry.
+    """
+
+    def __init__(self, backend: AsyncResultBackend[Any]) -> None:
+        self.backend = backend
+
+    async def put(self, key: str, record: dict[str, Any]) -> None:
+        progress = TaskProgress[Any](state=str(record.get("state")), meta=record)
+        await self.backend.set_progress(key, progress)
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        progress = await self.backend.get_progress(key)
+        if progress is None or not isinstance(progress.meta, dict):
+            return None
+        return progress.meta
+
+    async def delete(self, key: str) -> None:
+        """Left to the backend's own expiry: the API has no delete."""
+
+
+class NatsKeyValues:
+    """Records in a JetStream key-value bucket next to taskiq-nats' results.
+
+    taskiq-nats 0.6 stores no progress (its backend keeps the base class's
+    no-op `set_progress`), and its object store (`backend.object_store`)
+    has no expiry, and a read racing a rewrite of the same object can wait
+    forever for chunks the rewrite purged. A key-value bucket has neither
+    problem: each value is one message, and the bucket's `ttl` is
+    TaskStatus' `keep_for`. It uses the backend's JetStream context
+    (`backend.nats_jetstream`, made by its startup).
+    """
+
+    def __init__(self, backend: AsyncResultBackend[Any], ttl: float) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.bucket: Any = None
+
+    async def _bucket(self) -> Any:
+        if self.bucket is None:
+            from nats.js.errors import BucketNotFoundError
+
+            jetstream = self.backend.nats_jetstream  # type: ignore[attr-defined]
+            name = f"{self.backend.bucket_name}-taskiq-fastapi"  # type: ignore[attr-defined]
+            try:
+                self.bucket = await jetstream.key_value(name)
+            except BucketNotFoundError:
+                self.bucket = await jetstream.create_key_value(
+                    bucket=name, ttl=self.ttl
+                )
+        return self.bucket
+
+    async def put(self, key: str, record: dict[str, Any]) -> None:
+        await (await self._bucket()).put(key, json.dumps(record).encode())
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await (await self._bucket()).get(key)
+        except KeyNotFoundError:  # and KeyDeletedError, its subclass
+            return None
+        return json.loads(entry.value)  # type: ignore[no-any-return]
+
+    async def delete(self, key: str) -> None:
+        await (await self._bucket()).delete(key)
+
+
+RecordStorage = ProgressSlots | NatsKeyValues
+
+
+def record_storage(
+    backend: AsyncResultBackend[Any], keep_for: float
+) -> RecordStorage | None:
+    """Where TaskStatus can keep records in this result backend; None: nowhere.
 
     `AsyncResultBackend.set_progress` does nothing (taskiq#464); the backends
     that store progress override it: InMemoryBroker's, taskiq-redis', and
-    taskiq-nats' from 0.7.
+    taskiq-nats' from 0.7; for taskiq-nats, at every version, records go to
+    a key-value bucket of their own instead (NatsKeyValues says why).
     """
-    return type(backend).set_progress is not AsyncResultBackend.set_progress
+    if type(backend).__name__ == "NATSObjectStoreResultBackend" and type(
+        backend
+    ).__module__.startswith("taskiq_nats"):
+        return NatsKeyValues(backend, keep_for)
+    if type(backend).set_progress is not AsyncResultBackend.set_progress:
+        return ProgressSlots(backend)
+    return None

@@ -85,6 +85,18 @@ def test_202_location_and_the_states_by_polling(
     assert client.get(url, headers=ALICE).json() == done
 
 
+def test_progress_from_taskiqs_own_progress_tracker_is_shown(
+    client: TestClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    url = client.post("/tracked", params={"gate": str(gate)}, headers=ALICE).headers[
+        "location"
+    ]
+    wait_for(client, url, "started", progress={"done": 1, "of": 2})
+    gate.touch()
+    assert wait_for(client, url, "succeeded")["result"] == 2
+
+
 def test_the_event_stream_sends_each_change_until_the_end(
     client: TestClient, tmp_path: Path
 ) -> None:
@@ -140,6 +152,7 @@ def test_openapi_shows_each_tasks_result_model(client: TestClient) -> None:
         "#/components/schemas/FailStatus",
         "#/components/schemas/ListReportsStatus",
         "#/components/schemas/MakeReportStatus",
+        "#/components/schemas/TrackedStatus",
     ]
     assert ok["discriminator"]["propertyName"] == "task"
     models = schema["components"]["schemas"]

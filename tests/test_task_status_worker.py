@@ -1,6 +1,7 @@
-"""Tasks from the API with a real uvicorn, a real worker and a real Redis (issue 22).
+"""Tasks from the API: a real uvicorn, the real worker, a real Redis (issue 22).
 
-The app's result backend deletes a result once read (keep_results=False).
+And the same on NATS JetStream with taskiq-nats' object store. The app's
+result backend deletes a result once read (keep_results=False).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ STATUS_APP = [
 REPORT = {"title": "Q4", "pages": 2, "made_at": "2026-12-02T00:00:00Z"}
 
 
-@pytest.fixture
-def api(run: WorkerRun) -> str:
+@pytest.fixture(params=["run", "nats_run"], ids=["redis", "nats"])
+def api(request: pytest.FixtureRequest) -> str:
     """uvicorn serving the status app, and one worker command, both started."""
+    run: WorkerRun = request.getfixturevalue(request.param)
     _, port = run.serve("workerapp.statusapp:app")
     run.start("worker", *STATUS_APP)
     base = f"http://127.0.0.1:{port}"

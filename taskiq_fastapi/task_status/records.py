@@ -18,8 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
-from taskiq.depends.progress_tracker import TaskProgress
+from taskiq import (
+    AsyncBroker,
+    Context,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+)
+
+from taskiq_fastapi._taskiq import RecordStorage
 
 State = Literal["queued", "started", "succeeded", "failed"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
@@ -33,6 +41,8 @@ STARTED_LABEL = "taskiq_fastapi_started_at"
 _OWN_LABELS = "taskiq_fastapi_"
 # The record's id in the result backend's progress storage.
 _RECORD_SUFFIX = ".taskiq_fastapi_status"
+# Where `Progress` keeps what a task reports.
+_PROGRESS_SUFFIX = ".taskiq_fastapi_progress"
 
 
 def _now() -> dt.datetime:
@@ -77,27 +87,31 @@ def _kick_labels(labels: Mapping[str, Any]) -> dict[str, Any]:
 class RecordStore:
     """Reads and writes records in one broker's result backend."""
 
-    def __init__(self, broker: AsyncBroker) -> None:
+    def __init__(self, broker: AsyncBroker, storage: RecordStorage) -> None:
         self.broker = broker
+        self.storage = storage
 
     async def write(self, record: TaskRecord) -> None:
-        progress = TaskProgress[Any](
-            state=record.state, meta=record.model_dump(mode="json")
-        )
-        await self.broker.result_backend.set_progress(
-            record.task_id + _RECORD_SUFFIX, progress
+        await self.storage.put(
+            record.task_id + _RECORD_SUFFIX, record.model_dump(mode="json")
         )
 
     async def read(self, task_id: str) -> TaskRecord | None:
-        progress = await self.broker.result_backend.get_progress(
-            task_id + _RECORD_SUFFIX
-        )
-        if progress is None or not isinstance(progress.meta, dict):
-            return None
-        return TaskRecord.model_validate(progress.meta)
+        found = await self.storage.get(task_id + _RECORD_SUFFIX)
+        return None if found is None else TaskRecord.model_validate(found)
+
+    async def delete(self, task_id: str) -> None:
+        await self.storage.delete(task_id + _RECORD_SUFFIX)
+
+    async def set_progress(self, task_id: str, progress: Any) -> None:
+        value = {"progress": to_jsonable_python(progress, fallback=repr)}
+        await self.storage.put(task_id + _PROGRESS_SUFFIX, value)
 
     async def progress(self, task_id: str) -> Any:
-        """What the task last reported with taskiq's ProgressTracker, if anything."""
+        """What the task last reported (Progress, else taskiq's ProgressTracker)."""
+        own = await self.storage.get(task_id + _PROGRESS_SUFFIX)
+        if own is not None:
+            return own.get("progress")
         progress = await self.broker.result_backend.get_progress(task_id)
         return None if progress is None else progress.meta
 
@@ -110,9 +124,9 @@ class Recorder(TaskiqMiddleware):
     process that records nothing costs nothing anywhere.
     """
 
-    def __init__(self, broker: AsyncBroker) -> None:
+    def __init__(self, store: RecordStore) -> None:
         super().__init__()
-        self.store = RecordStore(broker)
+        self.store = store
         self.task_names: set[str] = set()
         self.error_messages = False
 
@@ -175,11 +189,33 @@ class Recorder(TaskiqMiddleware):
         await self.store.write(record)
 
 
-def recorder(broker: AsyncBroker) -> Recorder:
+def recorder(store: RecordStore) -> Recorder:
     """The broker's Recorder, added to its middlewares on first use."""
-    for middleware in broker.middlewares:
+    for middleware in store.broker.middlewares:
         if isinstance(middleware, Recorder):
             return middleware
-    made = Recorder(broker)
-    broker.add_middlewares(made)
+    made = Recorder(store)
+    store.broker.add_middlewares(made)
     return made
+
+
+class Progress:
+    """A task's dependency to report progress, shown by TaskStatus.
+
+    `progress: Progress = TaskiqDepends()`, then `await progress.set(value)`
+    with anything JSON can hold. Unlike taskiq's ProgressTracker (which
+    TaskStatus shows too), it works with every result backend TaskStatus
+    does, taskiq-nats 0.6's included. Where TaskStatus records nothing for
+    the task, it does nothing.
+    """
+
+    def __init__(self, context: Context = TaskiqDepends()) -> None:
+        self.context = context
+
+    async def set(self, progress: Any) -> None:
+        message = self.context.message
+        if QUEUED_LABEL not in message.labels:
+            return
+        for middleware in self.context.broker.middlewares:
+            if isinstance(middleware, Recorder):
+                await middleware.store.set_progress(message.task_id, progress)

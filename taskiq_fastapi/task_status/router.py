@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, create_model
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, AsyncTaskiqTask
 
-from taskiq_fastapi._taskiq import stores_progress
+from taskiq_fastapi._taskiq import record_storage
 from taskiq_fastapi.exceptions import TaskStatusError
 from taskiq_fastapi.task_status.records import (
     FINISHED,
@@ -99,7 +99,8 @@ class TaskStatus:
         poll_interval: float = 0.25,
         name: str = "task_status",
     ) -> None:
-        if not stores_progress(broker.result_backend):
+        storage = record_storage(broker.result_backend, keep_for.total_seconds())
+        if storage is None:
             raise TaskStatusError(
                 f"TaskStatus needs a result backend that stores progress; "
                 f"the broker's is {type(broker.result_backend).__name__}: "
@@ -114,24 +115,26 @@ class TaskStatus:
                     f"Task {task.task_name!r} is not a task of this broker."
                 )
             self.models[task.task_name] = _status_model(task, taken)
-        self.store = RecordStore(broker)
+        self.store = RecordStore(broker, storage)
         self.keep_for = keep_for
         self.poll_interval = poll_interval
         self.name = name
-        self._recorder = recorder(broker)
+        self._recorder = recorder(self.store)
         self._recorder.task_names.update(self.models)
         self._recorder.error_messages |= error_messages
 
     async def kicked(self, task_id: str) -> TaskRecord:
         """What was recorded about the path's task; 404 if it is not shown."""
         record = await self.store.read(task_id)
-        if (
-            record is None
-            or record.task_name not in self.models
-            or dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
-        ):
+        if record is not None and self._expired(record):
+            await self.store.delete(task_id)
+            record = None
+        if record is None or record.task_name not in self.models:
             raise HTTPException(status_code=404, detail="Task not found")
         return record
+
+    def _expired(self, record: TaskRecord) -> bool:
+        return dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
 
     async def _status(self, record: TaskRecord) -> dict[str, Any]:
         """The record as the task's own status model, in JSON form."""

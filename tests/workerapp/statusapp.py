@@ -2,7 +2,8 @@
 
 `build(broker)` makes it on any broker: the in-process tests pass an
 InMemoryBroker; under uvicorn and the worker command (TASKIQ_TEST_QUEUE set)
-it runs on Redis with a result backend that deletes results once read.
+it runs on Redis (or NATS JetStream, NATS_URL set) with a result backend
+that deletes results once read.
 """
 
 import asyncio
@@ -36,12 +37,10 @@ def build(
 ) -> tuple[FastAPI, taskiq_fastapi.TaskStatus]:
     @broker.task
     async def make_report(
-        title: str,
-        gate: str,
-        progress: ProgressTracker[dict[str, int]] = TaskiqDepends(),
+        title: str, gate: str, progress: taskiq_fastapi.Progress = TaskiqDepends()
     ) -> Report:
         """Reports progress, then waits until the test creates the file `gate`."""
-        await progress.set_progress(TaskState.STARTED, {"done": 1, "of": 2})
+        await progress.set({"done": 1, "of": 2})
         while not Path(gate).exists():
             await asyncio.sleep(0.02)
         return Report(
@@ -49,6 +48,16 @@ def build(
             pages=2,
             made_at=dt.datetime(2026, 12, 2, tzinfo=dt.timezone.utc),
         )
+
+    @broker.task
+    async def tracked(
+        gate: str, tracker: ProgressTracker[dict[str, int]] = TaskiqDepends()
+    ) -> int:
+        """The same with taskiq's own ProgressTracker, where the backend stores it."""
+        await tracker.set_progress(TaskState.STARTED, {"done": 1, "of": 2})
+        while not Path(gate).exists():
+            await asyncio.sleep(0.02)
+        return 2
 
     @broker.task
     async def list_reports(count: int) -> list[Report]:
@@ -65,7 +74,7 @@ def build(
 
     status = taskiq_fastapi.TaskStatus(
         broker,
-        [make_report, list_reports, fail],
+        [make_report, tracked, list_reports, fail],
         error_messages=error_messages,
         poll_interval=0.05,
     )
@@ -106,6 +115,11 @@ def build(
         task = await fail.kicker().with_labels(owner=user).kiq(message)
         return status.accepted(task, request)
 
+    @app.post("/tracked", **accepted)
+    async def start_tracked(request: Request, user: User, gate: str) -> Any:
+        task = await tracked.kicker().with_labels(owner=user).kiq(gate)
+        return status.accepted(task, request)
+
     @app.post("/unlisted")
     async def start_unlisted(user: User) -> dict[str, str]:
         task = await unlisted.kicker().with_labels(owner=user).kiq()
@@ -120,7 +134,17 @@ def build(
     return app, status
 
 
-if os.environ.get("TASKIQ_TEST_QUEUE"):  # under uvicorn and the worker command
+if os.environ.get("NATS_URL"):  # the same, on NATS JetStream
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    from workerapp.brokers import make_nats_broker
+
+    _url, _queue = os.environ["NATS_URL"], os.environ["TASKIQ_TEST_QUEUE"]
+    broker = make_nats_broker(_url, _queue).with_result_backend(
+        NATSObjectStoreResultBackend(_url, keep_results=False, bucket_name=_queue)
+    )
+    app, status = build(broker)
+elif os.environ.get("TASKIQ_TEST_QUEUE"):  # under uvicorn and the worker command
     from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
     _url = os.environ["REDIS_URL"]
