@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, AsyncResultBackend, Context
+from taskiq import AsyncBroker, AsyncResultBackend, Context, TaskiqResult
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -32,8 +32,10 @@ __all__ = [
     "TaskiqMarker",
     "cwd_in_sys_path",
     "install_request_context",
+    "keeps_results",
     "marker_of",
     "on_registration",
+    "peek_result",
     "record_storage",
     "replace_task_function",
     "task_request",
@@ -268,3 +270,21 @@ def record_storage(
     if type(backend).set_progress is not AsyncResultBackend.set_progress:
         return ProgressSlots(backend)
     return None
+
+
+def keeps_results(backend: AsyncResultBackend[Any]) -> bool:
+    """Whether reading a result leaves it in the backend.
+
+    taskiq-redis' and taskiq-nats' backends delete it on read with
+    `keep_results=False`; InMemoryBroker's never does (it has no such flag).
+    """
+    return getattr(backend, "keep_results", True) is not False
+
+
+async def peek_result(
+    backend: AsyncResultBackend[Any], task_id: str
+) -> TaskiqResult[Any] | None:
+    """The task's result if it is ready and reading it does not take it."""
+    if not keeps_results(backend) or not await backend.is_result_ready(task_id):
+        return None
+    return await backend.get_result(task_id)

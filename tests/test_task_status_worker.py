@@ -73,6 +73,7 @@ def test_polling_and_the_event_stream_see_each_state_from_the_worker(
                 event = json.loads(line[len("data: ") :])
                 seen.append(event)
                 if event["progress"] == {"done": 1, "of": 2} and not gate.exists():
+                    assert event["state"] == "started"  # it reported progress
                     # Polled while it runs: started, with its progress.
                     running = poll(
                         client, url, "started", progress={"done": 1, "of": 2}

@@ -12,6 +12,7 @@ so never consumes) the task's result.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -27,7 +28,7 @@ from taskiq import (
     TaskiqResult,
 )
 
-from taskiq_fastapi._taskiq import RecordStorage
+from taskiq_fastapi._taskiq import RecordStorage, keeps_results, peek_result
 
 State = Literal["queued", "started", "succeeded", "failed"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
@@ -37,6 +38,10 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
 QUEUED_LABEL = "taskiq_fastapi_queued_at"
 # When the worker began it: the finished record is written without a read too.
 STARTED_LABEL = "taskiq_fastapi_started_at"
+# When it ended; both are saved with the result, in its labels.
+FINISHED_LABEL = "taskiq_fastapi_finished_at"
+# A task's `started` record is written once it has run this long (seconds).
+STARTED_AFTER = 0.05
 # Labels of this package, never part of what a record keeps.
 _OWN_LABELS = "taskiq_fastapi_"
 # The record's id in the result backend's progress storage.
@@ -103,6 +108,14 @@ class RecordStore:
     async def delete(self, task_id: str) -> None:
         await self.storage.delete(task_id + _RECORD_SUFFIX)
 
+    async def current(self, task_id: str, error_messages: bool) -> TaskRecord | None:
+        """The task's record, with its outcome where the result holds it."""
+        record = await self.read(task_id)
+        if record is None or record.state in FINISHED:
+            return record
+        result = await peek_result(self.broker.result_backend, task_id)
+        return record if result is None else finished(record, result, error_messages)
+
     async def set_progress(self, task_id: str, progress: Any) -> None:
         value = {"progress": to_jsonable_python(progress, fallback=repr)}
         await self.storage.put(task_id + _PROGRESS_SUFFIX, value)
@@ -116,12 +129,71 @@ class RecordStore:
         return None if progress is None else progress.meta
 
 
+def finished(
+    record: TaskRecord, result: TaskiqResult[Any], error_messages: bool
+) -> TaskRecord:
+    """The record of a task that ended with `result`.
+
+    Its start and end times come from the result's labels, where the worker
+    put them (post_execute, before taskiq saves the result).
+    """
+    done = record.model_dump()
+    done["started_at"] = result.labels.get(STARTED_LABEL, record.started_at)
+    done["finished_at"] = result.labels.get(FINISHED_LABEL, record.finished_at)
+    if result.is_err:
+        done["state"] = "failed"
+        done["error"] = TaskError(
+            type=type(result.error).__name__,
+            message=str(result.error) if error_messages else None,
+        )
+    else:
+        done["state"] = "succeeded"
+        done["result"] = to_jsonable_python(result.return_value, fallback=repr)
+    return TaskRecord.model_validate(done)
+
+
+class _Start:
+    """A running task's `started` write: due after STARTED_AFTER, or sooner."""
+
+    def __init__(self, store: RecordStore, record: TaskRecord) -> None:
+        self.store = store
+        self.record = record
+        self.write: asyncio.Future[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(STARTED_AFTER, self.begin)
+
+    def begin(self) -> asyncio.Future[None]:
+        if self.write is None:
+            self.timer.cancel()
+            self.write = asyncio.ensure_future(self.store.write(self.record))
+        return self.write
+
+    async def now(self) -> None:
+        await self.begin()
+
+    async def settle(self) -> None:
+        """At the task's end: no write if none began, else wait for it.
+
+        So that a `started` record cannot land after the outcome.
+        """
+        self.timer.cancel()
+        if self.write is not None:
+            await self.write
+
+
 class Recorder(TaskiqMiddleware):
     """Writes the records of the tasks an app exposes; one per broker.
 
     Only kicks of exposed tasks are recorded, and a worker records only
     messages whose kick was (they carry QUEUED_LABEL), so a task kicked by a
     process that records nothing costs nothing anywhere.
+
+    A worker writes as little as it can: `started` only once the task has
+    run for STARTED_AFTER seconds (a shorter task goes from `queued` to its
+    outcome, its start time kept), and the outcome not at all where the
+    result backend keeps results: the result is the outcome, read without
+    taking it, with the start and end times the worker put in its labels.
+    Where reading a result deletes it (keep_results=False), the outcome is
+    written as a record too.
     """
 
     def __init__(self, store: RecordStore) -> None:
@@ -129,6 +201,8 @@ class Recorder(TaskiqMiddleware):
         self.store = store
         self.task_names: set[str] = set()
         self.error_messages = False
+        # The `started` write of each running task, by task id.
+        self._starting: dict[str, _Start] = {}
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         if message.task_name not in self.task_names:
@@ -150,24 +224,30 @@ class Recorder(TaskiqMiddleware):
         queued_at = message.labels.get(QUEUED_LABEL)
         if queued_at is None:
             return None
-        started_at = message.labels.get(STARTED_LABEL)
         return TaskRecord(
             task_id=message.task_id,
             task_name=message.task_name,
             state="started",
             queued_at=dt.datetime.fromisoformat(str(queued_at)),
-            started_at=_now() if started_at is None else started_at,
+            started_at=message.labels.get(STARTED_LABEL),
             labels=_kick_labels(message.labels),
         )
 
-    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         # The receiver hands this same message to post_execute.
-        message.labels.pop(STARTED_LABEL, None)  # a redelivery starts again
+        message.labels[STARTED_LABEL] = _now().isoformat()
         record = self._record(message)
-        if record is not None:
-            message.labels[STARTED_LABEL] = record.started_at
-            await self.store.write(record)
+        if record is None:
+            del message.labels[STARTED_LABEL]
+            return message
+        self._starting[message.task_id] = _Start(self.store, record)
         return message
+
+    async def started(self, message: TaskiqMessage) -> None:
+        """Write the task's `started` record now, if it is still to come."""
+        start = self._starting.get(message.task_id)
+        if start is not None:
+            await start.now()
 
     async def post_execute(
         self, message: TaskiqMessage, result: TaskiqResult[Any]
@@ -175,18 +255,14 @@ class Recorder(TaskiqMiddleware):
         record = self._record(message)
         if record is None:
             return
-        record.finished_at = _now()
-        if result.is_err:
-            error = result.error
-            record.state = "failed"
-            record.error = TaskError(
-                type=type(error).__name__,
-                message=str(error) if self.error_messages else None,
-            )
-        else:
-            record.state = "succeeded"
-            record.result = to_jsonable_python(result.return_value, fallback=repr)
-        await self.store.write(record)
+        # Saved with the result, which taskiq writes after post_execute.
+        result.labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
+        result.labels[FINISHED_LABEL] = _now().isoformat()
+        start = self._starting.pop(message.task_id, None)
+        if start is not None:
+            await start.settle()
+        if not keeps_results(self.store.broker.result_backend):
+            await self.store.write(finished(record, result, self.error_messages))
 
 
 def recorder(store: RecordStore) -> Recorder:
@@ -218,4 +294,6 @@ class Progress:
             return
         for middleware in self.context.broker.middlewares:
             if isinstance(middleware, Recorder):
+                # A task reporting progress has started, however soon.
+                await middleware.started(message)
                 await middleware.store.set_progress(message.task_id, progress)

@@ -122,10 +122,11 @@ class TaskStatus:
         self._recorder = recorder(self.store)
         self._recorder.task_names.update(self.models)
         self._recorder.error_messages |= error_messages
+        self.error_messages = error_messages
 
     async def kicked(self, task_id: str) -> TaskRecord:
         """What was recorded about the path's task; 404 if it is not shown."""
-        record = await self.store.read(task_id)
+        record = await self.store.current(task_id, self.error_messages)
         if record is not None and self._expired(record):
             await self.store.delete(task_id)
             record = None
@@ -207,7 +208,7 @@ class TaskStatus:
             if record.state in FINISHED:
                 return
             await asyncio.sleep(self.poll_interval)
-            record = await self.store.read(record.task_id)
+            record = await self.store.current(record.task_id, self.error_messages)
 
     def accepted(self, task: AsyncTaskiqTask[Any], request: Request) -> JSONResponse:
         """`202 Accepted` for a kicked task: its id, and its status URL as Location.
