@@ -152,19 +152,36 @@ def finished(
     return TaskRecord.model_validate(done)
 
 
+def _record(message: TaskiqMessage) -> TaskRecord | None:
+    queued_at = message.labels.get(QUEUED_LABEL)
+    if queued_at is None:
+        return None
+    return TaskRecord(
+        task_id=message.task_id,
+        task_name=message.task_name,
+        state="started",
+        queued_at=dt.datetime.fromisoformat(str(queued_at)),
+        started_at=message.labels.get(STARTED_LABEL),
+        labels=_kick_labels(message.labels),
+    )
+
+
 class _Start:
     """A running task's `started` write: due after STARTED_AFTER, or sooner."""
 
-    def __init__(self, store: RecordStore, record: TaskRecord) -> None:
+    def __init__(self, store: RecordStore, message: TaskiqMessage) -> None:
         self.store = store
-        self.record = record
+        self.message = message
         self.write: asyncio.Future[None] | None = None
         self.timer = asyncio.get_running_loop().call_later(STARTED_AFTER, self.begin)
 
     def begin(self) -> asyncio.Future[None]:
         if self.write is None:
             self.timer.cancel()
-            self.write = asyncio.ensure_future(self.store.write(self.record))
+            # Made only now: most tasks end before, and never need it.
+            record = _record(self.message)
+            assert record is not None  # only made for messages with QUEUED_LABEL
+            self.write = asyncio.ensure_future(self.store.write(record))
         return self.write
 
     async def now(self) -> None:
@@ -220,27 +237,11 @@ class Recorder(TaskiqMiddleware):
         message.labels[QUEUED_LABEL] = queued_at.isoformat()
         return message
 
-    def _record(self, message: TaskiqMessage) -> TaskRecord | None:
-        queued_at = message.labels.get(QUEUED_LABEL)
-        if queued_at is None:
-            return None
-        return TaskRecord(
-            task_id=message.task_id,
-            task_name=message.task_name,
-            state="started",
-            queued_at=dt.datetime.fromisoformat(str(queued_at)),
-            started_at=message.labels.get(STARTED_LABEL),
-            labels=_kick_labels(message.labels),
-        )
-
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         # The receiver hands this same message to post_execute.
-        message.labels[STARTED_LABEL] = _now().isoformat()
-        record = self._record(message)
-        if record is None:
-            del message.labels[STARTED_LABEL]
-            return message
-        self._starting[message.task_id] = _Start(self.store, record)
+        if QUEUED_LABEL in message.labels:
+            message.labels[STARTED_LABEL] = _now().isoformat()
+            self._starting[message.task_id] = _Start(self.store, message)
         return message
 
     async def started(self, message: TaskiqMessage) -> None:
@@ -252,16 +253,16 @@ class Recorder(TaskiqMiddleware):
     async def post_execute(
         self, message: TaskiqMessage, result: TaskiqResult[Any]
     ) -> None:
-        record = self._record(message)
-        if record is None:
+        start = self._starting.pop(message.task_id, None)
+        if start is None:
             return
         # Saved with the result, which taskiq writes after post_execute.
         result.labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
         result.labels[FINISHED_LABEL] = _now().isoformat()
-        start = self._starting.pop(message.task_id, None)
-        if start is not None:
-            await start.settle()
+        await start.settle()
         if not keeps_results(self.store.broker.result_backend):
+            record = _record(message)
+            assert record is not None  # it has QUEUED_LABEL, as it has a _Start
             await self.store.write(finished(record, result, self.error_messages))
 
 
