@@ -189,7 +189,8 @@ class ProgressSlots:
     def __init__(self, backend: AsyncResultBackend[Any]) -> None:
         self.backend = backend
 
-    async def put(self, key: str, record: dict[str, Any]) -> None:
+    async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
+        """Write it; `first`: the first write of a key (a worker's never are)."""
         progress = TaskProgress[Any](state=str(record.get("state")), meta=record)
         await self.backend.set_progress(key, progress)
 
@@ -234,7 +235,7 @@ class NatsKeyValues:
                 )
         return self.bucket
 
-    async def put(self, key: str, record: dict[str, Any]) -> None:
+    async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
         await (await self._bucket()).put(key, json.dumps(record).encode())
 
     async def get(self, key: str) -> dict[str, Any] | None:
@@ -250,7 +251,43 @@ class NatsKeyValues:
         await (await self._bucket()).delete(key)
 
 
-RecordStorage = ProgressSlots | NatsKeyValues
+class RedisRecords:
+    """Records as keys of taskiq-redis' `RedisAsyncResultBackend`'s server.
+
+    Through its connection pool (`backend.redis_pool`) with one client for
+    the process, as JSON, expiring with the backend's results
+    (`result_ex_time` / `result_px_time`) or, where it sets none, after
+    `keep_for`: half the cost of its `set_progress`, which makes a client
+    and pickles a model per call, so that recording a kick stays cheap. A
+    kick's write is `SET NX`, so it can never overwrite a worker's.
+    """
+
+    def __init__(self, backend: AsyncResultBackend[Any], keep_for: float) -> None:
+        from redis.asyncio import Redis
+
+        self.client = Redis(connection_pool=backend.redis_pool)  # type: ignore[attr-defined]
+        self.prefix = backend.prefix_str  # type: ignore[attr-defined]
+        self.ex: int | None = backend.result_ex_time  # type: ignore[attr-defined]
+        self.px: int | None = backend.result_px_time  # type: ignore[attr-defined]
+        if not (self.ex or self.px):
+            self.ex = max(1, int(keep_for))
+
+    def _key(self, key: str) -> str:
+        return key if self.prefix is None else f"{self.prefix}:{key}"
+
+    async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
+        value = json.dumps(record)
+        await self.client.set(self._key(key), value, ex=self.ex, px=self.px, nx=first)
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        found = await self.client.get(self._key(key))
+        return None if found is None else json.loads(found)
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete(self._key(key))
+
+
+RecordStorage = ProgressSlots | NatsKeyValues | RedisRecords
 
 
 def record_storage(
@@ -261,12 +298,18 @@ def record_storage(
     `AsyncResultBackend.set_progress` does nothing (taskiq#464); the backends
     that store progress override it: InMemoryBroker's, taskiq-redis', and
     taskiq-nats' from 0.7; for taskiq-nats, at every version, records go to
-    a key-value bucket of their own instead (NatsKeyValues says why).
+    a key-value bucket of their own instead (NatsKeyValues says why), and
+    for taskiq-redis' RedisAsyncResultBackend to keys of their own
+    (RedisRecords says why).
     """
     if type(backend).__name__ == "NATSObjectStoreResultBackend" and type(
         backend
     ).__module__.startswith("taskiq_nats"):
         return NatsKeyValues(backend, keep_for)
+    if type(backend).__name__ == "RedisAsyncResultBackend" and type(
+        backend
+    ).__module__.startswith("taskiq_redis"):
+        return RedisRecords(backend, keep_for)
     if type(backend).set_progress is not AsyncResultBackend.set_progress:
         return ProgressSlots(backend)
     return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ from taskiq import (
 )
 
 from taskiq_fastapi._taskiq import RecordStorage, keeps_results, peek_result
+
+logger = logging.getLogger("taskiq_fastapi")
 
 State = Literal["queued", "started", "succeeded", "failed"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
@@ -96,9 +99,9 @@ class RecordStore:
         self.broker = broker
         self.storage = storage
 
-    async def write(self, record: TaskRecord) -> None:
+    async def write(self, record: TaskRecord, first: bool = False) -> None:
         await self.storage.put(
-            record.task_id + _RECORD_SUFFIX, record.model_dump(mode="json")
+            record.task_id + _RECORD_SUFFIX, record.model_dump(mode="json"), first
         )
 
     async def read(self, task_id: str) -> TaskRecord | None:
@@ -218,6 +221,8 @@ class Recorder(TaskiqMiddleware):
         self.store = store
         self.task_names: set[str] = set()
         self.error_messages = False
+        # The `queued` write of each kick being sent, by task id.
+        self._queueing: dict[str, asyncio.Future[None]] = {}
         # The `started` write of each running task, by task id.
         self._starting: dict[str, _Start] = {}
 
@@ -225,17 +230,35 @@ class Recorder(TaskiqMiddleware):
         if message.task_name not in self.task_names:
             return message
         queued_at = _now()
-        await self.store.write(
-            TaskRecord(
-                task_id=message.task_id,
-                task_name=message.task_name,
-                state="queued",
-                queued_at=queued_at,
-                labels=_kick_labels(message.labels),
-            )
+        record = TaskRecord(
+            task_id=message.task_id,
+            task_name=message.task_name,
+            state="queued",
+            queued_at=queued_at,
+            labels=_kick_labels(message.labels),
         )
+        # Written while the message is sent; post_send waits for it, so the
+        # status URL answers once kiq() returns.
+        write = asyncio.ensure_future(self._queue(record))
+        self._queueing[message.task_id] = write
+        write.add_done_callback(lambda _: self._queueing.pop(message.task_id, None))
         message.labels[QUEUED_LABEL] = queued_at.isoformat()
         return message
+
+    async def _queue(self, record: TaskRecord) -> None:
+        """The kick's write; it failing fails no kick (the task is sent)."""
+        try:
+            await self.store.write(record, first=True)
+        except Exception as exc:
+            logger.warning(
+                "Task %s (%s): its queued state was not recorded: %s: %s",
+                record.task_id, record.task_name, type(exc).__name__, exc,
+            )  # fmt: skip
+
+    async def post_send(self, message: TaskiqMessage) -> None:
+        write = self._queueing.get(message.task_id)
+        if write is not None:
+            await write
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         # The receiver hands this same message to post_execute.
