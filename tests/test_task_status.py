@@ -258,3 +258,103 @@ def test_nothing_is_recorded_for_a_broker_without_task_status() -> None:
     with TestClient(app):
         pass
     assert broker.middlewares == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("ex_time", "ttl"), [(600, 600), (None, 3600)])
+async def test_redis_records_expire_with_the_results_or_after_keep_for(
+    redis_url: str, ex_time: int | None, ttl: int
+) -> None:
+    """Pins taskiq-redis' backend attributes RedisRecords reads (redis_pool,
+    prefix_str, result_ex_time): a record's key gets the results' expiry, or
+    keep_for where the backend sets none."""
+    import datetime as dt
+
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name="status-expiry").with_result_backend(
+        RedisAsyncResultBackend(redis_url, result_ex_time=ex_time, prefix_str="pfx")
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    taskiq_fastapi.TaskStatus(broker, [job], keep_for=dt.timedelta(hours=1))
+    await broker.startup()
+    try:
+        task = await job.kiq()
+        async with Redis.from_url(redis_url) as client:
+            keys = [k async for k in client.scan_iter(f"pfx:{task.task_id}*")]
+            assert [k.decode() for k in keys] == [
+                f"pfx:{task.task_id}.taskiq_fastapi_status"
+            ]
+            assert ttl - 5 <= await client.ttl(keys[0]) <= ttl
+            await client.delete(*keys, "status-expiry")
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_nats_records_live_in_a_key_value_bucket_whose_ttl_is_keep_for(
+    nats_url: str,
+) -> None:
+    """Pins taskiq-nats' backend attributes NatsKeyValues reads (nats_jetstream,
+    bucket_name): the bucket is made next to the results' with keep_for as ttl."""
+    import datetime as dt
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    bucket = f"status-{uuid.uuid4().hex}"
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=bucket
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job], keep_for=dt.timedelta(minutes=5))
+    await backend.startup()  # alone: InMemoryBroker 0.11 does not start it
+    try:
+        record = taskiq_fastapi.TaskRecord(
+            task_id="t1", task_name=job.task_name, state="queued",
+            queued_at=dt.datetime.now(dt.timezone.utc), labels={"owner": "ann"},
+        )  # fmt: skip
+        await status.store.write(record)
+        assert await status.store.read("t1") == record
+        kv = await backend.nats_jetstream.key_value(f"{bucket}-taskiq-fastapi")
+        assert (await kv.status()).ttl == 300
+    finally:
+        await backend.shutdown()
+
+
+def test_a_task_another_task_status_lists_is_404_here() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def public() -> int:
+        return 1
+
+    @broker.task
+    async def internal() -> int:
+        return 2
+
+    shown = taskiq_fastapi.TaskStatus(broker, [public])
+    admin = taskiq_fastapi.TaskStatus(broker, [internal], name="admin_status")
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(shown.router())
+    app.include_router(admin.router(prefix="/admin/tasks"))
+
+    @app.post("/internal")
+    async def kick() -> dict[str, str]:
+        return {"task_id": (await internal.kiq()).task_id}
+
+    with TestClient(app) as client:
+        task_id = client.post("/internal").json()["task_id"]
+        wait_for(client, f"/admin/tasks/{task_id}", "succeeded")
+        assert client.get(f"/tasks/{task_id}").status_code == 404
+        assert client.get(f"/tasks/{task_id}/events").status_code == 404
