@@ -6,6 +6,7 @@ fails loudly instead of silently breaking injection.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from collections.abc import Callable, Mapping
@@ -236,7 +237,14 @@ class NatsKeyValues:
         return self.bucket
 
     async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
-        await (await self._bucket()).put(key, json.dumps(record).encode())
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        bucket, value = await self._bucket(), json.dumps(record).encode()
+        if not first:
+            await bucket.put(key, value)
+            return
+        with contextlib.suppress(KeyWrongLastSequenceError):  # a worker's is there
+            await bucket.create(key, value)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         from nats.js.errors import KeyNotFoundError

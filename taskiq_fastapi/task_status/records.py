@@ -1,13 +1,12 @@
 """What is recorded about a task kicked with status recording, and when.
 
-A taskiq middleware writes a task's record without the task doing anything:
-`queued` when it is kicked (before the message is sent, so no worker can
-write `started` first), `started` when a worker begins it, `succeeded` or
-`failed` when it ends, with its result as JSON. The record lives in the
-broker's result backend, through its public progress storage under an id
-of its own, so taskiq's `ProgressTracker` keeps the task's own progress
-slot, the backend's expiry applies, and reading a status never reads (and
-so never consumes) the task's result.
+A taskiq middleware records a task's states without the task doing
+anything: `queued` when it is kicked (written while the message is sent, and
+never over a worker's record), `started` when a worker begins it, and its
+outcome. Records live in the broker's result backend under ids of their own
+(`_taskiq.record_storage` says where, per backend), so the backend's expiry
+applies, taskiq's `ProgressTracker` keeps the task's own progress slot, and
+reading a status never takes a result that reading would delete.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ FINISHED_LABEL = "taskiq_fastapi_finished_at"
 STARTED_AFTER = 0.05
 # Labels of this package, never part of what a record keeps.
 _OWN_LABELS = "taskiq_fastapi_"
-# The record's id in the result backend's progress storage.
+# The record's id in the result backend.
 _RECORD_SUFFIX = ".taskiq_fastapi_status"
 # Where `Progress` keeps what a task reports.
 _PROGRESS_SUFFIX = ".taskiq_fastapi_progress"
