@@ -358,3 +358,28 @@ def test_a_task_another_task_status_lists_is_404_here() -> None:
         wait_for(client, f"/admin/tasks/{task_id}", "succeeded")
         assert client.get(f"/tasks/{task_id}").status_code == 404
         assert client.get(f"/tasks/{task_id}/events").status_code == 404
+
+
+@pytest.mark.anyio
+async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The task is queued all the same: failing the kick would have it sent twice."""
+    from taskiq_redis import RedisAsyncResultBackend
+
+    dead: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend("redis://127.0.0.1:1")
+    broker = InMemoryBroker().with_result_backend(dead)
+    ran: list[int] = []
+
+    @broker.task
+    async def job(n: int) -> None:
+        ran.append(n)
+
+    taskiq_fastapi.TaskStatus(broker, [job])
+    task = await job.kiq(3)
+    await broker.wait_all()
+    assert ran == [3]
+    assert (
+        f"Task {task.task_id} (test_task_status:job): its queued state was not "
+        "recorded: ConnectionError: " in caplog.text
+    )
