@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from taskiq import InMemoryBroker
 from workerapp.statusapp import build
@@ -383,3 +384,51 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
         f"Task {task.task_id} (test_task_status:job): its queued state was not "
         "recorded: ConnectionError: " in caplog.text
     )
+
+
+@pytest.mark.parametrize("keep_results", [True, False])
+def test_a_retried_task_is_not_failed_while_its_retry_runs(
+    redis_url: str, tmp_path: Path, keep_results: bool
+) -> None:
+    """With a backend that deletes results on read, the outcome is recorded:
+    the failed run's (no result: a retry follows) must not be."""
+    from taskiq import SimpleRetryMiddleware
+    from taskiq_redis import RedisAsyncResultBackend
+
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        redis_url, keep_results=keep_results, result_ex_time=60
+    )
+    broker = (
+        InMemoryBroker()
+        .with_result_backend(backend)
+        .with_middlewares(SimpleRetryMiddleware())
+    )
+    gate = tmp_path / "gate"
+    runs: list[int] = []
+
+    @broker.task(retry_on_error=True, max_retries=3)
+    async def flaky() -> int:
+        runs.append(1)
+        if len(runs) < 2:
+            raise ValueError("first run")
+        while not gate.exists():
+            await asyncio.sleep(0.02)
+        return len(runs)
+
+    status = taskiq_fastapi.TaskStatus(broker, [flaky])
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/flaky", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await flaky.kiq(), request)
+
+    with TestClient(app) as client:
+        url = client.post("/flaky").headers["location"]
+        running = wait_for(client, url, "started")  # the retry, after 50 ms
+        assert len(runs) == 2
+        assert running["error"] is None
+        gate.touch()
+        done = wait_for(client, url, "succeeded")
+    assert done["result"] == 2
+    assert done["queued_at"] <= done["started_at"] <= done["finished_at"]

@@ -22,6 +22,7 @@ from pydantic_core import to_jsonable_python
 from taskiq import (
     AsyncBroker,
     Context,
+    NoResultError,
     TaskiqDepends,
     TaskiqMessage,
     TaskiqMiddleware,
@@ -222,8 +223,10 @@ class Recorder(TaskiqMiddleware):
         self.error_messages = False
         # The `queued` write of each kick being sent, by task id.
         self._queueing: dict[str, asyncio.Future[None]] = {}
-        # The `started` write of each running task, by task id.
-        self._starting: dict[str, _Start] = {}
+        # The `started` write of each running task.
+        # By the message object's id: a retry (same task id) can begin in this
+        # process before the failed run's post_execute.
+        self._starting: dict[int, _Start] = {}
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         if message.task_name not in self.task_names:
@@ -263,25 +266,27 @@ class Recorder(TaskiqMiddleware):
         # The receiver hands this same message to post_execute.
         if QUEUED_LABEL in message.labels:
             message.labels[STARTED_LABEL] = _now().isoformat()
-            self._starting[message.task_id] = _Start(self.store, message)
+            self._starting[id(message)] = _Start(self.store, message)
         return message
 
     async def started(self, message: TaskiqMessage) -> None:
         """Write the task's `started` record now, if it is still to come."""
-        start = self._starting.get(message.task_id)
+        start = self._starting.get(id(message))
         if start is not None:
             await start.now()
 
     async def post_execute(
         self, message: TaskiqMessage, result: TaskiqResult[Any]
     ) -> None:
-        start = self._starting.pop(message.task_id, None)
+        start = self._starting.pop(id(message), None)
         if start is None:
             return
         # Saved with the result, which taskiq writes after post_execute.
         result.labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
         result.labels[FINISHED_LABEL] = _now().isoformat()
         await start.settle()
+        if isinstance(result.error, NoResultError):
+            return  # no outcome: saved by no one (a retry's will be)
         if not keeps_results(self.store.broker.result_backend):
             record = _record(message)
             assert record is not None  # it has QUEUED_LABEL, as it has a _Start
