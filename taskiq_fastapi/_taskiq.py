@@ -22,6 +22,7 @@ from taskiq import AsyncBroker, AsyncResultBackend, Context, TaskiqResult
 from taskiq.cli.utils import add_cwd_in_path as cwd_in_sys_path
 from taskiq.decor import AsyncTaskiqDecoratedTask
 from taskiq.depends.progress_tracker import TaskProgress
+from taskiq.message import BrokerMessage
 
 # taskiq's marker class: `TaskiqDepends(...)` returns one of these.
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
@@ -273,7 +274,8 @@ class RedisRecords:
     def __init__(self, backend: AsyncResultBackend[Any], keep_for: float) -> None:
         from redis.asyncio import Redis
 
-        self.client = Redis(connection_pool=backend.redis_pool)  # type: ignore[attr-defined]
+        self.pool = backend.redis_pool  # type: ignore[attr-defined]
+        self.client = Redis(connection_pool=self.pool)
         self.prefix = backend.prefix_str  # type: ignore[attr-defined]
         self.ex: int | None = backend.result_ex_time  # type: ignore[attr-defined]
         self.px: int | None = backend.result_px_time  # type: ignore[attr-defined]
@@ -293,6 +295,64 @@ class RedisRecords:
 
     async def delete(self, key: str) -> None:
         await self.client.delete(self._key(key))
+
+    def send_with_kicks(
+        self, broker: AsyncBroker
+    ) -> Callable[[str, str, dict[str, Any]], bool]:
+        """Send each kick's first write in the kick's own command, if it can.
+
+        For taskiq-redis' ListQueueBroker on the records' server, whose
+        `kick` is an LPUSH of the message to its `queue_name` label or its
+        queue (`broker.queue_name`, through `broker.connection_pool`): the
+        broker's kick is replaced by one that runs a script doing the SET NX
+        and the LPUSH, one round trip and one command (a pipeline of two
+        costs nearly as much as two). Returns what stashes a record for its
+        task's kick; it returns False where kicks cannot carry it (write it
+        yourself then).
+        """
+        from redis.asyncio import Redis
+        from taskiq_redis import ListQueueBroker
+
+        if type(broker) is not ListQueueBroker or _server(
+            broker.connection_pool
+        ) != _server(self.pool):
+            return lambda _task_id, _key, _record: False
+        stashed: dict[str, tuple[str, str]] = {}
+        kick = broker.kick
+        script = Redis(connection_pool=broker.connection_pool).register_script(
+            _SET_AND_LPUSH
+        )
+        expiry = ["EX", self.ex] if self.ex else ["PX", self.px]
+
+        async def kick_with_record(message: BrokerMessage) -> None:
+            record = stashed.pop(message.task_id, None)
+            if record is None:
+                await kick(message)
+                return
+            queue = message.labels.get("queue_name") or broker.queue_name
+            key, value = record
+            await script(keys=[key, queue], args=[value, message.message, *expiry])
+
+        def stash(task_id: str, key: str, record: dict[str, Any]) -> bool:
+            stashed[task_id] = (self._key(key), json.dumps(record))
+            return True
+
+        broker.kick = kick_with_record  # type: ignore[method-assign]
+        return stash
+
+
+# A kick's record (unless a worker's is there) and its message, at once.
+_SET_AND_LPUSH = """
+redis.call('SET', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 'NX')
+return redis.call('LPUSH', KEYS[2], ARGV[2])
+"""
+
+
+def _server(pool: Any) -> tuple[Any, ...]:
+    """What tells two redis-py connection pools' servers apart."""
+    kwargs = {"port": 6379, "db": 0, **pool.connection_kwargs}  # redis-py's defaults
+    fields = ("host", "port", "path", "db", "username", "password")
+    return (pool.connection_class, *(kwargs.get(f) for f in fields))
 
 
 RecordStorage = ProgressSlots | NatsKeyValues | RedisRecords

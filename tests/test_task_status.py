@@ -381,8 +381,8 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
     await broker.wait_all()
     assert ran == [3]
     assert (
-        f"Task {task.task_id} (test_task_status:job): its queued state was not "
-        "recorded: ConnectionError: " in caplog.text
+        f"Task {task.task_id}: its queued state was not recorded: ConnectionError: "
+        in caplog.text
     )
 
 
@@ -432,3 +432,40 @@ def test_a_retried_task_is_not_failed_while_its_retry_runs(
         done = wait_for(client, url, "succeeded")
     assert done["result"] == 2
     assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db", [0, 1])
+async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
+    redis_url: str, db: int
+) -> None:
+    """Pins taskiq-redis' ListQueueBroker.kick that the kick replaces: LPUSH of
+    the message to its queue_name label, else the broker's queue. The results
+    on another database: the broker's own kick, and the record written apart."""
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name="status-kick").with_result_backend(
+        RedisAsyncResultBackend(f"{redis_url}/{db}", result_ex_time=60)
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    assert (broker.kick.__name__ == "kick_with_record") == (db == 0)
+    await broker.startup()
+    try:
+        first = await job.kiq()
+        second = await job.kicker().with_labels(queue_name="status-other").kiq()
+        async with Redis.from_url(redis_url) as client:
+            assert await client.llen("status-kick") == 1
+            assert await client.llen("status-other") == 1
+            await client.delete("status-kick", "status-other")
+        for task in (first, second):
+            record = await status.store.read(task.task_id)
+            assert record is not None
+            assert record.state == "queued"
+    finally:
+        await broker.shutdown()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -29,7 +29,12 @@ from taskiq import (
     TaskiqResult,
 )
 
-from taskiq_fastapi._taskiq import RecordStorage, keeps_results, peek_result
+from taskiq_fastapi._taskiq import (
+    RecordStorage,
+    RedisRecords,
+    keeps_results,
+    peek_result,
+)
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -51,6 +56,13 @@ _OWN_LABELS = "taskiq_fastapi_"
 _RECORD_SUFFIX = ".taskiq_fastapi_status"
 # Where `Progress` keeps what a task reports.
 _PROGRESS_SUFFIX = ".taskiq_fastapi_progress"
+
+
+def _not_queued(task_id: str, exc: Exception) -> None:
+    logger.warning(
+        "Task %s: its queued state was not recorded: %s: %s",
+        task_id, type(exc).__name__, exc,
+    )  # fmt: skip
 
 
 def _now() -> dt.datetime:
@@ -98,6 +110,22 @@ class RecordStore:
     def __init__(self, broker: AsyncBroker, storage: RecordStorage) -> None:
         self.broker = broker
         self.storage = storage
+        self._with_kick: Callable[[str, str, dict[str, Any]], bool] = (
+            lambda _task_id, _key, _record: False
+        )
+
+    def send_with_kicks(self) -> None:
+        """Send kicks' records with their messages where the broker allows."""
+        if isinstance(self.storage, RedisRecords):
+            self._with_kick = self.storage.send_with_kicks(self.broker)
+
+    def with_kick(self, record: TaskRecord) -> bool:
+        """Send the record with its task's kick; False: write it yourself."""
+        return self._with_kick(
+            record.task_id,
+            record.task_id + _RECORD_SUFFIX,
+            record.model_dump(mode="json"),
+        )
 
     async def write(self, record: TaskRecord, first: bool = False) -> None:
         await self.storage.put(
@@ -239,12 +267,14 @@ class Recorder(TaskiqMiddleware):
             queued_at=queued_at,
             labels=_kick_labels(message.labels),
         )
+        message.labels[QUEUED_LABEL] = queued_at.isoformat()
+        if self.store.with_kick(record):
+            return message
         # Written while the message is sent; post_send waits for it, so the
         # status URL answers once kiq() returns.
         write = asyncio.ensure_future(self._queue(record))
         self._queueing[message.task_id] = write
         write.add_done_callback(lambda _: self._queueing.pop(message.task_id, None))
-        message.labels[QUEUED_LABEL] = queued_at.isoformat()
         return message
 
     async def _queue(self, record: TaskRecord) -> None:
@@ -252,10 +282,7 @@ class Recorder(TaskiqMiddleware):
         try:
             await self.store.write(record, first=True)
         except Exception as exc:
-            logger.warning(
-                "Task %s (%s): its queued state was not recorded: %s: %s",
-                record.task_id, record.task_name, type(exc).__name__, exc,
-            )  # fmt: skip
+            _not_queued(record.task_id, exc)
 
     async def post_send(self, message: TaskiqMessage) -> None:
         write = self._queueing.get(message.task_id)
@@ -298,6 +325,7 @@ def recorder(store: RecordStore) -> Recorder:
     for middleware in store.broker.middlewares:
         if isinstance(middleware, Recorder):
             return middleware
+    store.send_with_kicks()
     made = Recorder(store)
     store.broker.add_middlewares(made)
     return made
