@@ -469,3 +469,20 @@ async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
             assert record.state == "queued"
     finally:
         await broker.shutdown()
+
+
+def test_tasks_of_another_broker_or_none_are_one_clear_error() -> None:
+    broker, other = InMemoryBroker(), InMemoryBroker()
+
+    @other.task
+    async def elsewhere() -> None: ...
+
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [elsewhere])
+    assert str(raised.value) == (
+        "Task 'test_task_status:elsewhere' is not a task of this broker."
+    )
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [])
+    assert str(raised.value) == "TaskStatus was given no tasks to show."
+    assert broker.middlewares == []

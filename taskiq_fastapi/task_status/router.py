@@ -107,6 +107,8 @@ class TaskStatus:
                 f"give the broker one with .with_result_backend(...) "
                 f"(taskiq-redis' RedisAsyncResultBackend, for instance)."
             )
+        if not tasks:
+            raise TaskStatusError("TaskStatus was given no tasks to show.")
         taken: set[str] = set()
         self.models: dict[str, type[TaskStatusBase]] = {}
         for task in tasks:
