@@ -1,7 +1,10 @@
 """Every reliance on an internal of taskiq or taskiq-dependencies lives here.
 
-tests/test_taskiq_internals.py pins each one, so an upgrade that changes them
-fails loudly instead of silently breaking injection.
+And those of taskiq-redis, taskiq-nats, redis-py and nats-py that TaskStatus
+relies on (its record storage). tests/test_taskiq_internals.py pins the
+first, tests/test_task_status.py and tests/test_task_status_worker.py the
+others, so an upgrade that changes them fails loudly instead of silently
+breaking injection or status.
 """
 
 from __future__ import annotations
