@@ -19,7 +19,11 @@ def main() -> int:
     with redis_url() as url:
         rows += kick.run(url)
         print()
+        rows += kick.run_recording(url)
+        print()
         rows += worker.run(url)
+        print()
+        rows += worker.recording(url)
         print()
         rows += memory.run(url)
     print()

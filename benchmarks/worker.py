@@ -27,6 +27,7 @@ from typing import Any
 from taskiq.kicker import AsyncKicker
 
 from benchmarks.workerbench.brokers import make_broker
+from taskiq_fastapi import TaskStatus
 from tools.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ CHECKPOINTS = 20
 class Variant:
     command: list[str]
     task: str
+    record: bool = False  # kicked through TaskStatus, which records its states
 
 
 @dataclass
@@ -62,8 +64,13 @@ class Drain:
         return float(points[-1][1] if moment > points[-1][0] else 0)
 
 
-async def _fill(url: str, queue: str, task: str, count: int) -> tuple[Any, list[Any]]:
+async def _fill(
+    url: str, queue: str, task: str, count: int, record: bool = False
+) -> tuple[Any, list[Any]]:
     sender = make_broker(url, queue)
+    if record:  # as the API process does: its TaskStatus lists the task
+        listed = sender.register_task(lambda: None, f"{TASKS}:{task}")
+        TaskStatus(sender, [listed])
     await sender.startup()
     stamp = AsyncKicker(f"{TASKS}:stamp", sender, {})
     body = AsyncKicker(f"{TASKS}:{task}", sender, {})
@@ -101,7 +108,7 @@ def run_together(url: str, variants: list[Variant], count: int) -> list[Drain]:
         for variant in variants:
             queue = f"bench-{uuid.uuid4().hex}"
             sender, markers = loop.run_until_complete(
-                _fill(url, queue, variant.task, count)
+                _fill(url, queue, variant.task, count, variant.record)
             )
             filled.append((queue, sender, markers))
         launched = time.time()
@@ -156,11 +163,28 @@ def paired(
     return rates, startups, statistics.mean(ours_rate)
 
 
-def ours(*extra: str) -> Variant:
+def ours(*extra: str, app: str = "benchmarks.workerbench.app:app") -> Variant:
     command = [str(BIN / "taskiq-fastapi"), "worker"]
     command += ["benchmarks.workerbench.broker:broker", TASKS]
-    command += ["--app", "benchmarks.workerbench.app:app", "--no-configure-logging"]
+    command += ["--app", app, "--no-configure-logging"]
     return Variant([*command, *extra], "with_request")
+
+
+def recording(url: str) -> list[tuple[str, float, str, float]]:
+    """Throughput with the app's TaskStatus recording each task's states."""
+    recorded = ours("--workers", "1", app="benchmarks.workerbench.status_app:app")
+    recorded.record = True
+    rate, _, _ = paired(url, recorded, ours("--workers", "1"), 3_000)
+    print(f"Real workers on Redis, side by side, {ROUNDS} paired rounds:")
+    _show("1 process, 3,000 tasks: recording states / without", rate)
+    return [
+        (
+            "1 proc throughput: recording states / without",
+            statistics.median(rate),
+            ">=",
+            0.95,
+        )
+    ]
 
 
 def plain(broker: str, task: str, *extra: str) -> Variant:

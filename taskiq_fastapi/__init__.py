@@ -11,10 +11,19 @@ from taskiq_fastapi.exceptions import (
     RequestContextError,
     RequestContextTooLargeError,
     TaskiqFastAPIError,
+    TaskStatusError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
 from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
 from taskiq_fastapi.request_context import CarryRequestContext
+from taskiq_fastapi.task_status import (
+    Progress,
+    TaskAccepted,
+    TaskError,
+    TaskRecord,
+    TaskStatus,
+    TaskStatusBase,
+)
 
 __all__ = [
     "BASE_URL_ENV",
@@ -26,8 +35,15 @@ __all__ = [
     "CarryRequestContext",
     "DependencyError",
     "LoadError",
+    "Progress",
     "RequestContextError",
     "RequestContextTooLargeError",
+    "TaskAccepted",
+    "TaskError",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskStatusBase",
+    "TaskStatusError",
     "TaskiqFastAPIError",
     "broker_lifespan",
     "init",

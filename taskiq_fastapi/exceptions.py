@@ -45,3 +45,7 @@ class BrokerUnreachableError(TaskiqFastAPIError):
     Raised only where nothing was sent; taskiq reports it as the cause of its
     SendTaskError or ResultIsReadyError.
     """
+
+
+class TaskStatusError(TaskiqFastAPIError):
+    """`TaskStatus` cannot serve the broker or tasks it was given."""

@@ -1,0 +1,355 @@
+"""What is recorded about a task kicked with status recording, and when.
+
+A taskiq middleware records a task's states without the task doing
+anything: `queued` when it is kicked (written while the message is sent, and
+never over a worker's record), `started` when a worker begins it, and its
+outcome. Records live in the broker's result backend under ids of their own
+(`_taskiq.record_storage` says where, per backend), so the backend's expiry
+applies, taskiq's `ProgressTracker` keeps the task's own progress slot, and
+reading a status never takes a result that reading would delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from taskiq import (
+    AsyncBroker,
+    Context,
+    NoResultError,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+)
+
+from taskiq_fastapi._taskiq import (
+    RecordStorage,
+    RedisRecords,
+    keeps_results,
+    peek_result,
+)
+
+logger = logging.getLogger("taskiq_fastapi")
+
+State = Literal["queued", "started", "succeeded", "failed"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
+
+# When the task was queued, on the kicking process's clock: the worker writes
+# its records without reading the queued one first.
+QUEUED_LABEL = "taskiq_fastapi_queued_at"
+# When the worker began it: the finished record is written without a read too.
+STARTED_LABEL = "taskiq_fastapi_started_at"
+# When it ended; both are saved with the result, in its labels.
+FINISHED_LABEL = "taskiq_fastapi_finished_at"
+# A task's `started` record is written once it has run this long (seconds).
+STARTED_AFTER = 0.05
+# Labels of this package, never part of what a record keeps.
+_OWN_LABELS = "taskiq_fastapi_"
+# The record's id in the result backend.
+_RECORD_SUFFIX = ".taskiq_fastapi_status"
+# Where `Progress` keeps what a task reports.
+_PROGRESS_SUFFIX = ".taskiq_fastapi_progress"
+
+
+def _not_queued(task_id: str, exc: Exception) -> None:
+    logger.warning(
+        "Task %s: its queued state was not recorded: %s: %s",
+        task_id, type(exc).__name__, exc,
+    )  # fmt: skip
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class TaskError(BaseModel):
+    """How a task failed: its exception's type, and its message if the app opts in."""
+
+    type: str
+    message: str | None = None
+
+
+class TaskRecord(BaseModel):
+    """Everything recorded about one task; what a per-task check is given.
+
+    `labels` are the kick's labels (`task.kicker().with_labels(...)`), so an
+    app can record at kick who may see the task and check it on reads.
+    `result` is the task's return value as JSON, validated against the
+    task's return annotation when it is read.
+    """
+
+    task_id: str
+    task_name: str
+    state: State
+    queued_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    labels: dict[str, Any] = {}
+    result: Any = None
+    error: TaskError | None = None
+
+    @property
+    def changed_at(self) -> dt.datetime:
+        return self.finished_at or self.started_at or self.queued_at
+
+
+def _kick_labels(labels: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in labels.items() if not k.startswith(_OWN_LABELS)}
+
+
+class RecordStore:
+    """Reads and writes records in one broker's result backend."""
+
+    def __init__(self, broker: AsyncBroker, storage: RecordStorage) -> None:
+        self.broker = broker
+        self.storage = storage
+        self._with_kick: Callable[[str, str, dict[str, Any]], bool] = (
+            lambda _task_id, _key, _record: False
+        )
+
+    def send_with_kicks(self) -> None:
+        """Send kicks' records with their messages where the broker allows."""
+        if isinstance(self.storage, RedisRecords):
+            self._with_kick = self.storage.send_with_kicks(self.broker)
+
+    def with_kick(self, record: TaskRecord) -> bool:
+        """Send the record with its task's kick; False: write it yourself."""
+        return self._with_kick(
+            record.task_id,
+            record.task_id + _RECORD_SUFFIX,
+            record.model_dump(mode="json"),
+        )
+
+    async def write(self, record: TaskRecord, first: bool = False) -> None:
+        await self.storage.put(
+            record.task_id + _RECORD_SUFFIX, record.model_dump(mode="json"), first
+        )
+
+    async def read(self, task_id: str) -> TaskRecord | None:
+        found = await self.storage.get(task_id + _RECORD_SUFFIX)
+        return None if found is None else TaskRecord.model_validate(found)
+
+    async def delete(self, task_id: str) -> None:
+        await self.storage.delete(task_id + _RECORD_SUFFIX)
+
+    async def current(self, task_id: str, error_messages: bool) -> TaskRecord | None:
+        """The task's record, with its outcome where the result holds it."""
+        record = await self.read(task_id)
+        if record is None or record.state in FINISHED:
+            return record
+        result = await peek_result(self.broker.result_backend, task_id)
+        return record if result is None else finished(record, result, error_messages)
+
+    async def set_progress(self, task_id: str, progress: Any) -> None:
+        value = {"progress": to_jsonable_python(progress, fallback=repr)}
+        await self.storage.put(task_id + _PROGRESS_SUFFIX, value)
+
+    async def progress(self, task_id: str) -> Any:
+        """What the task last reported (Progress, else taskiq's ProgressTracker)."""
+        own = await self.storage.get(task_id + _PROGRESS_SUFFIX)
+        if own is not None:
+            return own.get("progress")
+        progress = await self.broker.result_backend.get_progress(task_id)
+        return None if progress is None else progress.meta
+
+
+def finished(
+    record: TaskRecord, result: TaskiqResult[Any], error_messages: bool
+) -> TaskRecord:
+    """The record of a task that ended with `result`.
+
+    Its start and end times come from the result's labels, where the worker
+    put them (post_execute, before taskiq saves the result).
+    """
+    done = record.model_dump()
+    done["started_at"] = result.labels.get(STARTED_LABEL, record.started_at)
+    done["finished_at"] = result.labels.get(FINISHED_LABEL, record.finished_at)
+    if result.is_err:
+        done["state"] = "failed"
+        done["error"] = TaskError(
+            type=type(result.error).__name__,
+            message=str(result.error) if error_messages else None,
+        )
+    else:
+        done["state"] = "succeeded"
+        done["result"] = to_jsonable_python(result.return_value, fallback=repr)
+    return TaskRecord.model_validate(done)
+
+
+def _record(message: TaskiqMessage) -> TaskRecord | None:
+    queued_at = message.labels.get(QUEUED_LABEL)
+    if queued_at is None:
+        return None
+    return TaskRecord(
+        task_id=message.task_id,
+        task_name=message.task_name,
+        state="started",
+        queued_at=dt.datetime.fromisoformat(str(queued_at)),
+        started_at=message.labels.get(STARTED_LABEL),
+        labels=_kick_labels(message.labels),
+    )
+
+
+class _Start:
+    """A running task's `started` write: due after STARTED_AFTER, or sooner."""
+
+    def __init__(self, store: RecordStore, message: TaskiqMessage) -> None:
+        self.store = store
+        self.message = message
+        self.write: asyncio.Future[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(STARTED_AFTER, self.begin)
+
+    def begin(self) -> asyncio.Future[None]:
+        if self.write is None:
+            self.timer.cancel()
+            # Made only now: most tasks end before, and never need it.
+            record = _record(self.message)
+            assert record is not None  # only made for messages with QUEUED_LABEL
+            self.write = asyncio.ensure_future(self.store.write(record))
+        return self.write
+
+    async def now(self) -> None:
+        await self.begin()
+
+    async def settle(self) -> None:
+        """At the task's end: no write if none began, else wait for it.
+
+        So that a `started` record cannot land after the outcome.
+        """
+        self.timer.cancel()
+        if self.write is not None:
+            await self.write
+
+
+class Recorder(TaskiqMiddleware):
+    """Writes the records of the tasks an app exposes; one per broker.
+
+    Only kicks of exposed tasks are recorded, and a worker records only
+    messages whose kick was (they carry QUEUED_LABEL), so a task kicked by a
+    process that records nothing costs nothing anywhere.
+
+    A worker writes as little as it can: `started` only once the task has
+    run for STARTED_AFTER seconds (a shorter task goes from `queued` to its
+    outcome, its start time kept), and the outcome not at all where the
+    result backend keeps results: the result is the outcome, read without
+    taking it, with the start and end times the worker put in its labels.
+    Where reading a result deletes it (keep_results=False), the outcome is
+    written as a record too.
+    """
+
+    def __init__(self, store: RecordStore) -> None:
+        super().__init__()
+        self.store = store
+        self.task_names: set[str] = set()
+        self.error_messages = False
+        # The `queued` write of each kick being sent, by task id.
+        self._queueing: dict[str, asyncio.Future[None]] = {}
+        # The `started` write of each running task.
+        # By the message object's id: a retry (same task id) can begin in this
+        # process before the failed run's post_execute.
+        self._starting: dict[int, _Start] = {}
+
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        if message.task_name not in self.task_names:
+            return message
+        queued_at = _now()
+        record = TaskRecord(
+            task_id=message.task_id,
+            task_name=message.task_name,
+            state="queued",
+            queued_at=queued_at,
+            labels=_kick_labels(message.labels),
+        )
+        message.labels[QUEUED_LABEL] = queued_at.isoformat()
+        if self.store.with_kick(record):
+            return message
+        # Written while the message is sent; post_send waits for it, so the
+        # status URL answers once kiq() returns.
+        write = asyncio.ensure_future(self._queue(record))
+        self._queueing[message.task_id] = write
+        write.add_done_callback(lambda _: self._queueing.pop(message.task_id, None))
+        return message
+
+    async def _queue(self, record: TaskRecord) -> None:
+        """The kick's write; it failing fails no kick (the task is sent)."""
+        try:
+            await self.store.write(record, first=True)
+        except Exception as exc:
+            _not_queued(record.task_id, exc)
+
+    async def post_send(self, message: TaskiqMessage) -> None:
+        write = self._queueing.get(message.task_id)
+        if write is not None:
+            await write
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        # The receiver hands this same message to post_execute.
+        if QUEUED_LABEL in message.labels:
+            message.labels[STARTED_LABEL] = _now().isoformat()
+            self._starting[id(message)] = _Start(self.store, message)
+        return message
+
+    async def started(self, message: TaskiqMessage) -> None:
+        """Write the task's `started` record now, if it is still to come."""
+        start = self._starting.get(id(message))
+        if start is not None:
+            await start.now()
+
+    async def post_execute(
+        self, message: TaskiqMessage, result: TaskiqResult[Any]
+    ) -> None:
+        start = self._starting.pop(id(message), None)
+        if start is None:
+            return
+        # Saved with the result, which taskiq writes after post_execute.
+        result.labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
+        result.labels[FINISHED_LABEL] = _now().isoformat()
+        await start.settle()
+        if isinstance(result.error, NoResultError):
+            return  # no outcome: saved by no one (a retry's will be)
+        if not keeps_results(self.store.broker.result_backend):
+            record = _record(message)
+            assert record is not None  # it has QUEUED_LABEL, as it has a _Start
+            await self.store.write(finished(record, result, self.error_messages))
+
+
+def recorder(store: RecordStore) -> Recorder:
+    """The broker's Recorder, added to its middlewares on first use."""
+    for middleware in store.broker.middlewares:
+        if isinstance(middleware, Recorder):
+            return middleware
+    store.send_with_kicks()
+    made = Recorder(store)
+    store.broker.add_middlewares(made)
+    return made
+
+
+class Progress:
+    """A task's dependency to report progress, shown by TaskStatus.
+
+    `progress: Progress = TaskiqDepends()`, then `await progress.set(value)`
+    with anything JSON can hold. Unlike taskiq's ProgressTracker (which
+    TaskStatus shows too), it works with every result backend TaskStatus
+    does, taskiq-nats 0.6's included. Where TaskStatus records nothing for
+    the task, it does nothing.
+    """
+
+    def __init__(self, context: Context = TaskiqDepends()) -> None:
+        self.context = context
+
+    async def set(self, progress: Any) -> None:
+        message = self.context.message
+        if QUEUED_LABEL not in message.labels:
+            return
+        for middleware in self.context.broker.middlewares:
+            if isinstance(middleware, Recorder):
+                # A task reporting progress has started, however soon.
+                await middleware.started(message)
+                await middleware.store.set_progress(message.task_id, progress)

@@ -1,0 +1,225 @@
+"""`TaskStatus`: the routes that show an app's tasks, and `202 Accepted` for kicks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import inspect
+import json
+import typing
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, create_model
+from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, AsyncTaskiqTask
+
+from taskiq_fastapi._taskiq import record_storage
+from taskiq_fastapi.exceptions import TaskStatusError
+from taskiq_fastapi.task_status.records import (
+    FINISHED,
+    RecordStore,
+    State,
+    TaskError,
+    TaskRecord,
+    recorder,
+)
+
+Task = AsyncTaskiqDecoratedTask[Any, Any]
+
+
+class TaskAccepted(BaseModel):
+    """The body of a `202 Accepted`: the task's id and where its status is."""
+
+    task_id: str
+    status_url: str
+
+
+class TaskStatusBase(BaseModel):
+    """A task's status as the API shows it; each exposed task has its own model."""
+
+    task_id: str
+    task: str
+    state: State
+    queued_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    progress: Any = None
+    error: TaskError | None = None
+
+
+def _return_annotation(task: Task) -> Any:
+    """The task function's return annotation; Any where it has none."""
+    function = inspect.unwrap(task.original_func)
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except Exception:  # an unresolvable forward reference: shown as Any
+        return Any
+    return hints.get("return", Any)
+
+
+def _status_model(task: Task, taken: set[str]) -> type[TaskStatusBase]:
+    """`<Function>Status`, whose `result` is the task's return type."""
+    # From the task's name: taskiq renames the function (`f__taskiq_original`).
+    short = task.task_name.rpartition(":")[2].rpartition(".")[2]
+    base = "".join(p[:1].upper() + p[1:] for p in short.split("_"))
+    name, n = f"{base}Status", 1
+    while name in taken:
+        n += 1
+        name = f"{base}Status{n}"
+    taken.add(name)
+    result = _return_annotation(task)
+    literal: Any = Literal[task.task_name]
+    return create_model(
+        name,
+        __base__=TaskStatusBase,
+        task=(literal, ...),
+        result=(result | None, None),
+    )
+
+
+class TaskStatus:
+    """Records the listed tasks' states and serves them to the app's clients.
+
+    Creating it turns recording on for these tasks (a taskiq middleware on
+    the broker); `router()` gives the routes to include, `kicked` is a
+    dependency giving the record of the path's task (404 where there is
+    none, or it belongs to a task not listed), for per-task checks, and
+    `accepted()` answers a route that kicked a task.
+    """
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        tasks: Sequence[Task],
+        *,
+        error_messages: bool = False,
+        keep_for: dt.timedelta = dt.timedelta(days=1),
+        poll_interval: float = 0.25,
+        name: str = "task_status",
+    ) -> None:
+        storage = record_storage(broker.result_backend, keep_for.total_seconds())
+        if storage is None:
+            raise TaskStatusError(
+                f"TaskStatus needs a result backend that stores progress; "
+                f"the broker's is {type(broker.result_backend).__name__}: "
+                f"give the broker one with .with_result_backend(...) "
+                f"(taskiq-redis' RedisAsyncResultBackend, for instance)."
+            )
+        if not tasks:
+            raise TaskStatusError("TaskStatus was given no tasks to show.")
+        taken: set[str] = set()
+        self.models: dict[str, type[TaskStatusBase]] = {}
+        for task in tasks:
+            if broker.find_task(task.task_name) is not task:
+                raise TaskStatusError(
+                    f"Task {task.task_name!r} is not a task of this broker."
+                )
+            self.models[task.task_name] = _status_model(task, taken)
+        self.store = RecordStore(broker, storage)
+        self.keep_for = keep_for
+        self.poll_interval = poll_interval
+        self.name = name
+        self._recorder = recorder(self.store)
+        self._recorder.task_names.update(self.models)
+        self._recorder.error_messages |= error_messages
+        self.error_messages = error_messages
+
+    async def kicked(self, task_id: str) -> TaskRecord:
+        """What was recorded about the path's task; 404 if it is not shown."""
+        record = await self.store.current(task_id, self.error_messages)
+        if record is not None and self._expired(record):
+            await self.store.delete(task_id)
+            record = None
+        if record is None or record.task_name not in self.models:
+            raise HTTPException(status_code=404, detail="Task not found")
+        return record
+
+    def _expired(self, record: TaskRecord) -> bool:
+        return dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
+
+    async def _status(self, record: TaskRecord) -> dict[str, Any]:
+        """The record as the task's own status model, in JSON form."""
+        status = self.models[record.task_name].model_validate(
+            {
+                "task": record.task_name,
+                "progress": await self.store.progress(record.task_id),
+                **record.model_dump(exclude={"task_name", "labels"}),
+            }
+        )
+        return status.model_dump(mode="json")
+
+    def router(self, *, prefix: str = "/tasks", **kwargs: Any) -> APIRouter:
+        """The routes: `GET {prefix}/{task_id}` and `GET {prefix}/{task_id}/events`.
+
+        Keyword arguments go to APIRouter: `dependencies=[Depends(...)]`
+        authenticate, and a dependency using `Depends(status.kicked)` can
+        check a task's kick labels against the caller.
+        """
+        router = APIRouter(prefix=prefix, **kwargs)
+        models = list(self.models.values())
+        response_model: Any = (
+            Annotated[typing.Union[tuple(models)], Field(discriminator="task")]  # noqa: UP007
+            if len(models) > 1
+            else models[0]
+        )
+
+        @router.get(
+            "/{task_id}",
+            name=self.name,
+            response_model=response_model,
+            responses={404: {"description": "No such task, or not shown"}},
+        )
+        async def task_status(
+            record: TaskRecord = Depends(self.kicked),
+        ) -> JSONResponse:
+            return JSONResponse(await self._status(record))
+
+        @router.get(
+            "/{task_id}/events",
+            name=f"{self.name}_events",
+            response_class=StreamingResponse,
+            responses={
+                200: {
+                    "description": "Server-sent events: one `status` event per "
+                    "change, the current status first, until the task ends",
+                    "content": {"text/event-stream": {}},
+                },
+                404: {"description": "No such task, or not shown"},
+            },
+        )
+        async def task_events(
+            record: TaskRecord = Depends(self.kicked),
+        ) -> StreamingResponse:
+            return StreamingResponse(
+                self._events(record),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        return router
+
+    async def _events(self, record: TaskRecord | None) -> AsyncIterator[str]:
+        sent = None
+        while record is not None:
+            status = await self._status(record)
+            if status != sent:
+                sent = status
+                yield f"event: status\ndata: {json.dumps(status)}\n\n"
+            if record.state in FINISHED:
+                return
+            await asyncio.sleep(self.poll_interval)
+            record = await self.store.current(record.task_id, self.error_messages)
+
+    def accepted(self, task: AsyncTaskiqTask[Any], request: Request) -> JSONResponse:
+        """`202 Accepted` for a kicked task: its id, and its status URL as Location.
+
+        Declare the route with `status_code=202, response_model=TaskAccepted`
+        so its OpenAPI says so too.
+        """
+        url = str(request.url_for(self.name, task_id=task.task_id))
+        body = TaskAccepted(task_id=task.task_id, status_url=url)
+        return JSONResponse(
+            body.model_dump(), status_code=202, headers={"Location": url}
+        )

@@ -1,0 +1,488 @@
+"""Tasks from the API, in-process: InMemoryBroker and TestClient (issue 22)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from taskiq import InMemoryBroker
+from workerapp.statusapp import build
+
+import taskiq_fastapi
+
+ALICE = {"X-User": "alice"}
+REPORT = {
+    "title": "Q4",
+    "pages": 2,
+    "made_at": "2026-12-02T00:00:00Z",
+}
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    app, _ = build(InMemoryBroker())
+    with TestClient(app) as client:
+        yield client
+
+
+def wait_for(client: TestClient, url: str, state: str, **fields: Any) -> dict[str, Any]:
+    """Poll the status URL until it shows `state` (and `fields`), as a client would."""
+    deadline = time.monotonic() + 10
+    while True:
+        status = client.get(url, headers=ALICE).json()
+        if status.get("state") == state and all(
+            status.get(k) == v for k, v in fields.items()
+        ):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.01)
+
+
+def events(lines: Iterator[str]) -> list[dict[str, Any]]:
+    """The `status` events of a server-sent event stream."""
+    found = []
+    kind = None
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            assert kind == "status", line
+            found.append(json.loads(line[len("data: ") :]))
+    return found
+
+
+def test_202_location_and_the_states_by_polling(
+    client: TestClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    response = client.post(
+        "/reports", params={"title": "Q4", "gate": str(gate)}, headers=ALICE
+    )
+    assert response.status_code == 202
+    body = response.json()
+    url = response.headers["location"]
+    assert url == f"http://testserver/tasks/{body['task_id']}"
+    assert body == {"task_id": body["task_id"], "status_url": url}
+
+    started = wait_for(client, url, "started", progress={"done": 1, "of": 2})
+    assert started["task"] == "workerapp.statusapp:make_report"
+    assert started["result"] is None
+    assert started["finished_at"] is None
+    assert started["queued_at"] <= started["started_at"]
+    gate.touch()
+    done = wait_for(client, url, "succeeded")
+    assert done["result"] == REPORT
+    assert done["started_at"] <= done["finished_at"]
+    assert done["error"] is None
+    # Read again: still there (reading never consumes).
+    assert client.get(url, headers=ALICE).json() == done
+
+
+def test_progress_from_taskiqs_own_progress_tracker_is_shown(
+    client: TestClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    url = client.post("/tracked", params={"gate": str(gate)}, headers=ALICE).headers[
+        "location"
+    ]
+    wait_for(client, url, "started", progress={"done": 1, "of": 2})
+    gate.touch()
+    assert wait_for(client, url, "succeeded")["result"] == 2
+
+
+def test_the_event_stream_sends_each_change_until_the_end(
+    client: TestClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    response = client.post(
+        "/reports", params={"title": "Q4", "gate": str(gate)}, headers=ALICE
+    )
+    url = response.headers["location"]
+    wait_for(client, url, "started", progress={"done": 1, "of": 2})
+    # TestClient hands the body over once the response ends: read it in a
+    # thread while this one lets the task finish.
+    got: list[dict[str, Any]] = []
+
+    def read() -> None:
+        with client.stream("GET", url + "/events", headers=ALICE) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            got.extend(events(stream.iter_lines()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.3)
+    gate.touch()
+    reader.join(timeout=10)
+    assert [e["state"] for e in got] == ["started", "succeeded"]  # current first
+    assert got[0]["progress"] == {"done": 1, "of": 2}
+    assert got[-1]["result"] == REPORT
+
+
+def test_a_finished_task_streams_its_final_state_and_ends(client: TestClient) -> None:
+    url = client.post("/lists", params={"count": 2}, headers=ALICE).headers["location"]
+    wait_for(client, url, "succeeded")
+    with client.stream("GET", url + "/events", headers=ALICE) as stream:
+        got = events(stream.iter_lines())
+    assert [e["state"] for e in got] == ["succeeded"]
+
+
+def test_a_list_of_models_comes_back_as_that(client: TestClient) -> None:
+    url = client.post("/lists", params={"count": 2}, headers=ALICE).headers["location"]
+    done = wait_for(client, url, "succeeded")
+    assert done["result"] == [
+        {"title": "r0", "pages": 0, "made_at": "2026-12-01T00:00:00Z"},
+        {"title": "r1", "pages": 1, "made_at": "2026-12-01T00:00:00Z"},
+    ]
+
+
+def test_openapi_shows_each_tasks_result_model(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    get = schema["paths"]["/tasks/{task_id}"]["get"]
+    ok = get["responses"]["200"]["content"]["application/json"]["schema"]
+    refs = sorted(o["$ref"] for o in ok["oneOf"])
+    assert refs == [
+        "#/components/schemas/FailStatus",
+        "#/components/schemas/ListReportsStatus",
+        "#/components/schemas/MakeReportStatus",
+        "#/components/schemas/TrackedStatus",
+    ]
+    assert ok["discriminator"]["propertyName"] == "task"
+    models = schema["components"]["schemas"]
+    make = models["MakeReportStatus"]["properties"]
+    assert make["task"]["const"] == "workerapp.statusapp:make_report"
+    assert {"$ref": "#/components/schemas/Report"} in make["result"]["anyOf"]
+    listed = models["ListReportsStatus"]["properties"]["result"]["anyOf"]
+    assert {"type": "array", "items": {"$ref": "#/components/schemas/Report"}} in listed
+    assert set(models["Report"]["properties"]) == {"title", "pages", "made_at"}
+    assert "404" in get["responses"]
+    post = schema["paths"]["/reports"]["post"]["responses"]
+    assert post["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskAccepted"
+    }
+    events = schema["paths"]["/tasks/{task_id}/events"]["get"]["responses"]["200"]
+    assert "text/event-stream" in events["content"]
+
+
+def test_a_failure_shows_the_exception_type_and_not_its_message(
+    client: TestClient,
+) -> None:
+    response = client.post("/failures", params={"message": "card 4242"}, headers=ALICE)
+    done = wait_for(client, response.headers["location"], "failed")
+    assert done["error"] == {"type": "ValueError", "message": None}
+    assert done["result"] is None
+    assert "4242" not in json.dumps(done)
+
+
+def test_the_message_is_shown_when_the_app_opts_in() -> None:
+    app, _ = build(InMemoryBroker(), error_messages=True)
+    with TestClient(app) as client:
+        response = client.post(
+            "/failures", params={"message": "no paper"}, headers=ALICE
+        )
+        done = wait_for(client, response.headers["location"], "failed")
+    assert done["error"] == {"type": "ValueError", "message": "no paper"}
+
+
+def test_unknown_ids_and_unlisted_tasks_are_404(client: TestClient) -> None:
+    for path in ("/tasks/0123abc", "/tasks/0123abc/events"):
+        response = client.get(path, headers=ALICE)
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Task not found"}
+    task_id = client.post("/unlisted", headers=ALICE).json()["task_id"]
+    time.sleep(0.1)  # it has run
+    assert client.get(f"/tasks/{task_id}", headers=ALICE).status_code == 404
+    assert client.get(f"/tasks/{task_id}/events", headers=ALICE).status_code == 404
+
+
+def test_the_apps_auth_dependency_and_per_task_check_apply(client: TestClient) -> None:
+    url = client.post("/lists", params={"count": 1}, headers=ALICE).headers["location"]
+    wait_for(client, url, "succeeded")
+    for path in (url, url + "/events"):
+        assert client.get(path).status_code == 401  # the app's auth dependency
+        # Knowing the id is not enough: bob did not kick it.
+        response = client.get(path, headers={"X-User": "bob"})
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Task not found"}
+        assert client.get(path, headers=ALICE).status_code == 200
+
+
+def test_records_are_not_shown_after_keep_for(tmp_path: Path) -> None:
+    import datetime as dt
+
+    app, status = build(InMemoryBroker())
+    with TestClient(app) as client:
+        url = client.post("/lists", params={"count": 1}, headers=ALICE).headers[
+            "location"
+        ]
+        wait_for(client, url, "succeeded")
+        status.keep_for = dt.timedelta(0)
+        assert client.get(url, headers=ALICE).status_code == 404
+
+
+def test_a_broker_without_a_result_backend_is_one_clear_error() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def job() -> None: ...
+
+    from taskiq_redis import ListQueueBroker
+
+    plain = ListQueueBroker("redis://127.0.0.1:1")
+    other = plain.register_task(job.original_func, "job")
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(plain, [other])
+    assert str(raised.value) == (
+        "TaskStatus needs a result backend that stores progress; the broker's "
+        "is DummyResultBackend: give the broker one with .with_result_backend(...) "
+        "(taskiq-redis' RedisAsyncResultBackend, for instance)."
+    )
+    assert plain.middlewares == []
+
+
+def test_nothing_is_recorded_for_a_broker_without_task_status() -> None:
+    broker = InMemoryBroker()
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    with TestClient(app):
+        pass
+    assert broker.middlewares == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("ex_time", "ttl"), [(600, 600), (None, 3600)])
+async def test_redis_records_expire_with_the_results_or_after_keep_for(
+    redis_url: str, ex_time: int | None, ttl: int
+) -> None:
+    """Pins taskiq-redis' backend attributes RedisRecords reads (redis_pool,
+    prefix_str, result_ex_time): a record's key gets the results' expiry, or
+    keep_for where the backend sets none."""
+    import datetime as dt
+
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name="status-expiry").with_result_backend(
+        RedisAsyncResultBackend(redis_url, result_ex_time=ex_time, prefix_str="pfx")
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    taskiq_fastapi.TaskStatus(broker, [job], keep_for=dt.timedelta(hours=1))
+    await broker.startup()
+    try:
+        task = await job.kiq()
+        async with Redis.from_url(redis_url) as client:
+            keys = [k async for k in client.scan_iter(f"pfx:{task.task_id}*")]
+            assert [k.decode() for k in keys] == [
+                f"pfx:{task.task_id}.taskiq_fastapi_status"
+            ]
+            assert ttl - 5 <= await client.ttl(keys[0]) <= ttl
+            await client.delete(*keys, "status-expiry")
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_nats_records_live_in_a_key_value_bucket_whose_ttl_is_keep_for(
+    nats_url: str,
+) -> None:
+    """Pins taskiq-nats' backend attributes NatsKeyValues reads (nats_jetstream,
+    bucket_name): the bucket is made next to the results' with keep_for as ttl."""
+    import datetime as dt
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    bucket = f"status-{uuid.uuid4().hex}"
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=bucket
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job], keep_for=dt.timedelta(minutes=5))
+    await backend.startup()  # alone: InMemoryBroker 0.11 does not start it
+    try:
+        record = taskiq_fastapi.TaskRecord(
+            task_id="t1", task_name=job.task_name, state="queued",
+            queued_at=dt.datetime.now(dt.timezone.utc), labels={"owner": "ann"},
+        )  # fmt: skip
+        await status.store.write(record)
+        assert await status.store.read("t1") == record
+        kv = await backend.nats_jetstream.key_value(f"{bucket}-taskiq-fastapi")
+        assert (await kv.status()).ttl == 300
+    finally:
+        await backend.shutdown()
+
+
+def test_a_task_another_task_status_lists_is_404_here() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def public() -> int:
+        return 1
+
+    @broker.task
+    async def internal() -> int:
+        return 2
+
+    shown = taskiq_fastapi.TaskStatus(broker, [public])
+    admin = taskiq_fastapi.TaskStatus(broker, [internal], name="admin_status")
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(shown.router())
+    app.include_router(admin.router(prefix="/admin/tasks"))
+
+    @app.post("/internal")
+    async def kick() -> dict[str, str]:
+        return {"task_id": (await internal.kiq()).task_id}
+
+    with TestClient(app) as client:
+        task_id = client.post("/internal").json()["task_id"]
+        wait_for(client, f"/admin/tasks/{task_id}", "succeeded")
+        assert client.get(f"/tasks/{task_id}").status_code == 404
+        assert client.get(f"/tasks/{task_id}/events").status_code == 404
+
+
+@pytest.mark.anyio
+async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The task is queued all the same: failing the kick would have it sent twice."""
+    from taskiq_redis import RedisAsyncResultBackend
+
+    dead: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend("redis://127.0.0.1:1")
+    broker = InMemoryBroker().with_result_backend(dead)
+    ran: list[int] = []
+
+    @broker.task
+    async def job(n: int) -> None:
+        ran.append(n)
+
+    taskiq_fastapi.TaskStatus(broker, [job])
+    task = await job.kiq(3)
+    await broker.wait_all()
+    assert ran == [3]
+    assert (
+        f"Task {task.task_id}: its queued state was not recorded: ConnectionError: "
+        in caplog.text
+    )
+
+
+@pytest.mark.parametrize("keep_results", [True, False])
+def test_a_retried_task_is_not_failed_while_its_retry_runs(
+    redis_url: str, tmp_path: Path, keep_results: bool
+) -> None:
+    """With a backend that deletes results on read, the outcome is recorded:
+    the failed run's (no result: a retry follows) must not be."""
+    from taskiq import SimpleRetryMiddleware
+    from taskiq_redis import RedisAsyncResultBackend
+
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        redis_url, keep_results=keep_results, result_ex_time=60
+    )
+    broker = (
+        InMemoryBroker()
+        .with_result_backend(backend)
+        .with_middlewares(SimpleRetryMiddleware())
+    )
+    gate = tmp_path / "gate"
+    runs: list[int] = []
+
+    @broker.task(retry_on_error=True, max_retries=3)
+    async def flaky() -> int:
+        runs.append(1)
+        if len(runs) < 2:
+            raise ValueError("first run")
+        while not gate.exists():
+            await asyncio.sleep(0.02)
+        return len(runs)
+
+    status = taskiq_fastapi.TaskStatus(broker, [flaky])
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/flaky", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await flaky.kiq(), request)
+
+    with TestClient(app) as client:
+        url = client.post("/flaky").headers["location"]
+        running = wait_for(client, url, "started")  # the retry, after 50 ms
+        assert len(runs) == 2
+        assert running["error"] is None
+        gate.touch()
+        done = wait_for(client, url, "succeeded")
+    assert done["result"] == 2
+    assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db", [0, 1])
+async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
+    redis_url: str, db: int
+) -> None:
+    """Pins taskiq-redis' ListQueueBroker.kick that the kick replaces: LPUSH of
+    the message to its queue_name label, else the broker's queue. The results
+    on another database: the broker's own kick, and the record written apart."""
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name="status-kick").with_result_backend(
+        RedisAsyncResultBackend(f"{redis_url}/{db}", result_ex_time=60)
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    assert (broker.kick.__name__ == "kick_with_record") == (db == 0)
+    await broker.startup()
+    try:
+        first = await job.kiq()
+        second = await job.kicker().with_labels(queue_name="status-other").kiq()
+        async with Redis.from_url(redis_url) as client:
+            assert await client.llen("status-kick") == 1
+            assert await client.llen("status-other") == 1
+            await client.delete("status-kick", "status-other")
+        for task in (first, second):
+            record = await status.store.read(task.task_id)
+            assert record is not None
+            assert record.state == "queued"
+    finally:
+        await broker.shutdown()
+
+
+def test_tasks_of_another_broker_or_none_are_one_clear_error() -> None:
+    broker, other = InMemoryBroker(), InMemoryBroker()
+
+    @other.task
+    async def elsewhere() -> None: ...
+
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [elsewhere])
+    assert str(raised.value) == (
+        "Task 'test_task_status:elsewhere' is not a task of this broker."
+    )
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [])
+    assert str(raised.value) == "TaskStatus was given no tasks to show."
+    assert broker.middlewares == []
