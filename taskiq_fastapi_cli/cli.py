@@ -168,8 +168,8 @@ def worker(
         StartMethod | None,
         typer.Option(
             "--start-method",
-            help="How worker processes start. Default: taskiq's (fork; spawn "
-            "on macOS), spawn with --reload.",
+            help="How worker processes start. Default: fork (spawn on macOS), "
+            "on Python 3.14+ too; spawn with --reload.",
         ),
     ] = None,
     reload_include: Annotated[

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,15 +104,21 @@ def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker) -> None:
 def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:
     """End the whole command with `message`, once, whichever process fails.
 
-    The first failing process reports its cause and asks the main process to
-    stop every worker gracefully; the command then exits 3.
+    The first failing process reports its cause; the main process's loop
+    sees it within a second and stops every worker gracefully; the command
+    then exits 3.
     """
-    if args.failures.report(message):
-        os.kill(os.getppid(), signal.SIGTERM)
+    args.failures.report(message)
 
 
 class Failures:
-    """Shared by all worker processes: the first failure that ends the command."""
+    """The channel from worker processes to the main process: fatal failures.
+
+    Shared memory and a pipe created by the main process and handed to each
+    worker in its arguments, which multiprocessing supports under fork, spawn
+    and forkserver alike. Not a signal to the parent: under forkserver a
+    worker's parent is the fork server, not the main process.
+    """
 
     def __init__(self) -> None:
         self._messages: Any = multiprocessing.SimpleQueue()
@@ -125,9 +129,13 @@ class Failures:
         with self._reported.get_lock():
             if self._reported.value:
                 return False
-            self._reported.value = 1
             self._messages.put(message)
+            self._reported.value = 1
             return True
+
+    def reported(self) -> bool:
+        """Whether a worker reported a failure (read by the main process's loop)."""
+        return bool(self._reported.value)
 
     def first(self) -> str | None:
         """The first failure reported, if any."""

@@ -105,9 +105,28 @@ class HeldRestart(ReloadOneAction):
 
 
 class ActionQueue(queue.SimpleQueue[ProcessActionBase]):
-    """The manager's queue: reentrant `put`, restarts that hold signals."""
+    """The manager's queue: reentrant `put`, restarts that hold signals.
+
+    It also carries the workers' failure channel into taskiq's loop, which
+    reads this queue every second: once `failed()` says a worker reported a
+    fatal failure, the next action is a shutdown, ahead of any restart.
+    """
+
+    def __init__(self, failed: Callable[[], bool] = lambda: False) -> None:
+        super().__init__()
+        self.failed = failed
+        self.failure_seen = False
+
+    def _failure_pending(self) -> bool:
+        return not self.failure_seen and self.failed()
+
+    def empty(self) -> bool:
+        return super().empty() and not self._failure_pending()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if self._failure_pending():
+            self.failure_seen = True
+            return ShutdownAction()
         action = super().get(block, timeout)
         if type(action) is ReloadOneAction:
             return HeldRestart(action.worker_num, action.is_reload_all)
@@ -136,7 +155,7 @@ class SafeProcessManager(ProcessManager):
             args.health_slots = Slots(args.workers)
             view = HealthView(args.health_slots, args.stall_timeout)
             health.start(view, lambda: self.workers)
-        actions = ActionQueue()
+        actions = ActionQueue(args.failures.reported)
         self.action_queue = actions  # type: ignore[assignment]
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
