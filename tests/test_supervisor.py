@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -14,17 +15,38 @@ from workers import APP, BROKER, WorkerRun
 from taskiq_fastapi_cli.supervisor import ActionQueue, HeldRestart, signal_handler
 
 
-@pytest.mark.timeout(10)
-def test_the_handler_runs_while_the_interrupted_code_holds_every_lock() -> None:
-    # What taskiq's handler took (logging's lock, a multiprocessing queue's)
-    # held by this very thread, as the interrupted main loop would hold it: a
-    # handler that took one of them would never return.
+def test_the_handler_takes_no_lock_the_interrupted_code_may_hold() -> None:
+    # What taskiq's handler took: logging's locks (the module's and each
+    # handler's), held here by another thread as the interrupted main loop
+    # would hold them. Held by this thread they would prove nothing: both are
+    # RLocks, which the thread holding them enters again. A handler that
+    # took one would block until the join times out.
     actions = ActionQueue()
     handler = signal_handler(actions, ShutdownAction())
-    with logging._lock:  # type: ignore[attr-defined]
-        for _ in range(25):
-            handler(signal.SIGTERM, None)
-    assert not actions.empty()
+    log_handler = logging.StreamHandler()
+    logging.getLogger().addHandler(log_handler)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with logging._lock, log_handler.lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        signalled = threading.Thread(
+            target=lambda: [handler(signal.SIGTERM, None) for _ in range(25)],
+            daemon=True,
+        )
+        signalled.start()
+        signalled.join(5)
+        assert not signalled.is_alive(), "the handler waited for a lock"
+    finally:
+        release.set()
+        holder.join()
+        logging.getLogger().removeHandler(log_handler)
     assert isinstance(actions.get(), ShutdownAction)
 
 

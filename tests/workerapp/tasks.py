@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import os
 
 from fastapi import Request
@@ -42,17 +43,26 @@ async def mark(n: int) -> int:
 
 
 _in_flight = 0
+_all_started: asyncio.Event | None = None
 
 
 @broker.task
-async def isolated(n: int, request: Request = TaskiqDepends()) -> list[object]:
-    """Owns request.state for a while, with hundreds of others in flight."""
-    global _in_flight
+async def isolated(
+    n: int, together: int, request: Request = TaskiqDepends()
+) -> list[object]:
+    """Owns request.state until `together` tasks are in flight (or 10 s pass)."""
+    global _in_flight, _all_started
+    if _all_started is None:
+        _all_started = asyncio.Event()
     _in_flight += 1
+    if _in_flight >= together:
+        _all_started.set()
     before = getattr(request.state, "owner", None)
     request.state.owner = n
-    await asyncio.sleep(0.5)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_all_started.wait(), 10)
     peak = _in_flight
+    await asyncio.sleep(0)  # every other task sees the same peak
     _in_flight -= 1
     return [before, request.state.owner, peak]
 
