@@ -32,6 +32,8 @@ class FastAPIWorkerArgs(WorkerArgs):
     health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.
     failures: Any = None
+    # Set by the runner: the stop stage the main process's signals reached.
+    stop_stage: Any = None
 
 
 def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:

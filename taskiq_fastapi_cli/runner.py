@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,12 +28,20 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.discover import load_broker
-from taskiq_fastapi_cli.exceptions import EXIT_STARTUP_FAILURE, CLIError
+from taskiq_fastapi_cli.exceptions import (
+    EXIT_STARTUP_FAILURE,
+    EXIT_STOPPED_UNCLEAN,
+    CLIError,
+)
 from taskiq_fastapi_cli.fetch_limit import fetch_at_most
 from taskiq_fastapi_cli.forksafe import renew_after_fork
 from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
-from taskiq_fastapi_cli.shutdown import ShutdownGuard
-from taskiq_fastapi_cli.supervisor import SafeProcessManager, release_stop_signals
+from taskiq_fastapi_cli.shutdown import ShutdownGuard, StopStage
+from taskiq_fastapi_cli.supervisor import (
+    STOP_SIGNALS,
+    SafeProcessManager,
+    release_stop_signals,
+)
 
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.health_server import HealthServer
@@ -62,8 +71,12 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
             health = WorkerHealth(args.health_slots, worker_slot())
             health.install(broker)
             on_signal = _both(outages.stop, health.stopping)
-        ShutdownGuard(broker, on_signal=on_signal)
-        _listen(args, broker)
+        guard = ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
+        _listen(args, broker, guard)
+        if not guard.clean:
+            # A second signal cancelled tasks, or the lifespan did not shut
+            # down within --shutdown-timeout: the command must not exit 0.
+            sys.exit(EXIT_STOPPED_UNCLEAN)
     except (WorkerStopped, KeyboardInterrupt):
         # Stopped by a signal while starting or waiting for the broker.
         sys.exit(0)
@@ -72,6 +85,13 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # forever.
         _stop_command(args, str(exc))
         sys.exit(EXIT_STARTUP_FAILURE)
+    finally:
+        # Done: the main process's next stop signal (it signals every worker
+        # as it shuts down) must not kill this process as Python finalizes,
+        # when the default handlers are back, and turn its exit status into
+        # "killed by SIGINT".
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
@@ -82,20 +102,24 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
     return call
 
 
-def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker) -> None:
+def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) -> None:
     """Run taskiq's `start_listen` with the broker this process initialised.
 
     `start_listen` imports the broker by its path with the run module's
     `import_object` (taskiq 0.12 also takes an instance, 0.11 does not), so
     for that path it returns this instance: a broker factory is called once
-    and `init` applies to its result. Other imports (the receiver) are taskiq's.
+    and `init` applies to its result. For the receiver's path it returns the
+    receiver class made stoppable by `guard` (shutdown.py).
     """
     import_object = taskiq_run.import_object  # type: ignore[attr-defined]
 
     def this_broker(spec: str, *args_: Any, **kwargs: Any) -> Any:
         if spec == args.broker:
             return broker
-        return import_object(spec, *args_, **kwargs)
+        imported = import_object(spec, *args_, **kwargs)
+        if spec == args.receiver:
+            return guard.receiver(imported)
+        return imported
 
     with _taskiq_run_uses(import_object=this_broker):
         taskiq_start_listen(args)  # taskiq's own: the module name is ours here
@@ -159,6 +183,7 @@ def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = Failures()
     args.failures = failures
+    args.stop_stage = StopStage()
     manager = functools.partial(SafeProcessManager, health=health)
     try:
         with _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 from workers import TASKIQ, WorkerRun, get_json
 
@@ -64,10 +60,7 @@ async def test_plain_taskiq_worker_with_init_in_the_broker_module_too(
     assert result.return_value["session"] == (
         f"session(engine(overridden, db-of-{pid}))"
     )
-    # Idle, plain taskiq worker ignores SIGTERM (the README's upstream issues,
-    # which `taskiq-fastapi worker` fixes): its processes keep their lifespan
-    # up. The fixture kills them.
-    os.killpg(worker.pid, signal.SIGTERM)
-    time.sleep(3)
+    # Still serving after the task; how plain taskiq stops differs between
+    # taskiq versions (idle, 0.13 ignores SIGTERM and 0.11 stops), so the fixture
+    # kills it.
     assert worker.poll() is None
-    assert run.count("shutdown") == {}

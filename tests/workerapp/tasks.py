@@ -1,6 +1,7 @@
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 
 from fastapi import Request
 from taskiq import TaskiqDepends
@@ -32,6 +33,17 @@ async def whoami(
 async def slow(n: int, seconds: float, request: Request = TaskiqDepends()) -> int:
     record(f"task {n} started")
     await asyncio.sleep(seconds)
+    record(f"task {n} done")
+    return n
+
+
+@broker.task
+async def slow_first_time(n: int) -> int:
+    """Takes an hour the first time it runs, no time when it runs again."""
+    again = f"task {n} started" in Path(os.environ["EVENTS_FILE"]).read_text()
+    record(f"task {n} started")
+    if not again:
+        await asyncio.sleep(3600)
     record(f"task {n} done")
     return n
 
