@@ -106,8 +106,12 @@ class WorkerHealth:
         async def listen_ready() -> AsyncGenerator[Any, None]:
             self.slots.set(self.slot, READY_AT, time.time())
             self.slots.set(self.slot, STATE, READY)
-            async for message in listen():
-                yield message
+            source = listen()
+            try:
+                async for message in source:
+                    yield message
+            finally:
+                await source.aclose()  # closed with this one, not by the GC
 
         broker.startup = beating_startup  # type: ignore[method-assign]
         broker.listen = listen_ready  # type: ignore[method-assign]
