@@ -12,8 +12,8 @@ from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
 from taskiq.utils import maybe_awaitable
 
-from taskiq_fastapi_cli.health import Slots, WorkerHealth
-from taskiq_fastapi_cli.outages import BrokerOutages
+from taskiq_fastapi_cli.health.report import Slots, WorkerHealth
+from taskiq_fastapi_cli.runtime.outages import BrokerOutages
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from workers import TASKIQ, TESTS_DIR, WorkerRun
 
-from taskiq_fastapi_cli import cli
+from taskiq_fastapi_cli.commands import cli
 
 BROKER = ["workerapp.broker:broker"]
 APP = ["--app", "workerapp.app:app"]

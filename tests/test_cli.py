@@ -17,10 +17,10 @@ from sampleapp import apps
 from taskiq.cli.worker.args import WorkerArgs
 from workers import COMMAND, TASKIQ, TESTS_DIR
 
-from taskiq_fastapi_cli import args as cli_args
-from taskiq_fastapi_cli import cli
-from taskiq_fastapi_cli.args import FastAPIWorkerArgs
-from taskiq_fastapi_cli.plugin import FastAPICMD
+from taskiq_fastapi_cli.commands import cli
+from taskiq_fastapi_cli.commands.plugin import FastAPICMD
+from taskiq_fastapi_cli.runtime import args as cli_args
+from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
 
 
 @pytest.fixture
@@ -35,9 +35,9 @@ def captured_run(monkeypatch: pytest.MonkeyPatch) -> list[FastAPIWorkerArgs]:
             health.stop()
         return 0
 
-    import taskiq_fastapi_cli.runner
+    import taskiq_fastapi_cli.runtime.runner
 
-    monkeypatch.setattr(taskiq_fastapi_cli.runner, "run", fake_run)
+    monkeypatch.setattr(taskiq_fastapi_cli.runtime.runner, "run", fake_run)
     monkeypatch.chdir(TESTS_DIR)
     return calls
 
@@ -331,7 +331,7 @@ def test_taskiq_lists_the_plugin_and_python_m_works() -> None:
 
 def test_help_and_version_do_not_import_taskiq_or_fastapi() -> None:
     probe = (
-        "import sys; from taskiq_fastapi_cli.cli import main; code = main({argv!r}); "
+        "import sys; from taskiq_fastapi_cli.commands.cli import main; code = main({argv!r}); "
         "heavy = sorted(m for m in ('taskiq', 'fastapi', 'sampleapp') if m in sys.modules); "
         "print(code, heavy)"
     )

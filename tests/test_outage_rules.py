@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.exceptions
 
-from taskiq_fastapi_cli import outages
+from taskiq_fastapi_cli.runtime import outages
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import pytest
 from taskiq import AckableMessage, InMemoryBroker
 from taskiq.utils import maybe_awaitable
 
-from taskiq_fastapi_cli import shutdown
-from taskiq_fastapi_cli.shutdown import ShutdownGuard
+from taskiq_fastapi_cli.runtime import shutdown
+from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard
 
 pytestmark = pytest.mark.anyio
 

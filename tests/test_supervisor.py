@@ -13,8 +13,8 @@ import pytest
 from taskiq.cli.worker.process_manager import ReloadOneAction, ShutdownAction
 from workers import APP, BROKER, WorkerRun
 
-from taskiq_fastapi_cli.shutdown import GRACEFUL, KILL, NOW, StopStage
-from taskiq_fastapi_cli.supervisor import (
+from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
+from taskiq_fastapi_cli.runtime.supervisor import (
     ActionQueue,
     HeldRestart,
     StopSignals,

@@ -101,11 +101,11 @@ def test_install_keeps_existing_context_entries() -> None:
 def test_run_worker_starts_processes_with_the_module_level_start_listen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """taskiq_fastapi_cli.runner swaps `start_listen` for the call's duration."""
+    """taskiq_fastapi_cli.runtime.runner swaps `start_listen` for the call's duration."""
     from taskiq.cli.worker import run as taskiq_run
 
-    from taskiq_fastapi_cli import runner
-    from taskiq_fastapi_cli.args import parse_taskiq_args
+    from taskiq_fastapi_cli.runtime import runner
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args
 
     seen: list[object] = []
 
@@ -140,14 +140,14 @@ def test_run_worker_creates_the_module_level_process_manager(
             return None
 
     monkeypatch.setattr(taskiq_run, "ProcessManager", Probe)
-    from taskiq_fastapi_cli.args import parse_taskiq_args
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args
 
     taskiq_run.run_worker(parse_taskiq_args(["b:b", "--no-configure-logging"]))
     assert len(created) == 1
 
 
 def sleep_a_minute(args: Any) -> None:
-    from taskiq_fastapi_cli.supervisor import release_stop_signals
+    from taskiq_fastapi_cli.runtime.supervisor import release_stop_signals
 
     release_stop_signals()  # as worker_process does: a SIGINT stops it
     time.sleep(60)
@@ -161,10 +161,10 @@ def test_taskiq_manager_loop_acts_on_what_our_action_queue_says() -> None:
     queue's empty()/get() turn into a shutdown) ends taskiq's own loop, and
     the worker it started is stopped, long before it would end by itself.
     """
-    from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
-    from taskiq_fastapi_cli.runner import Failures
-    from taskiq_fastapi_cli.shutdown import StopStage
-    from taskiq_fastapi_cli.supervisor import SafeProcessManager
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args, with_app
+    from taskiq_fastapi_cli.runtime.runner import Failures
+    from taskiq_fastapi_cli.runtime.shutdown import StopStage
+    from taskiq_fastapi_cli.runtime.supervisor import SafeProcessManager
 
     args = with_app(parse_taskiq_args(["b:b", "--workers", "1"]), "", None)
     args.failures, args.stop_stage = Failures(), StopStage()
@@ -186,15 +186,15 @@ def test_taskiq_manager_loop_acts_on_what_our_action_queue_says() -> None:
 def test_start_listen_imports_the_broker_through_the_run_modules_import_object() -> (
     None
 ):
-    """taskiq_fastapi_cli.runner makes that import return the broker it initialised."""
+    """taskiq_fastapi_cli.runtime.runner makes that import return the broker it initialised."""
     import subprocess
     import sys
 
     probe = (
         "from taskiq import InMemoryBroker\n"
-        "from taskiq_fastapi_cli import runner\n"
-        "from taskiq_fastapi_cli.args import parse_taskiq_args\n"
-        "from taskiq_fastapi_cli.shutdown import ShutdownGuard\n"
+        "from taskiq_fastapi_cli.runtime import runner\n"
+        "from taskiq_fastapi_cli.runtime.args import parse_taskiq_args\n"
+        "from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard\n"
         "broker = InMemoryBroker()\n"
         "args = parse_taskiq_args(['not.a.module:broker', '--no-configure-logging'])\n"
         "try:\n"

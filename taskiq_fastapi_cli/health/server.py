@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from taskiq_fastapi_cli.exceptions import CLIError
-from taskiq_fastapi_cli.health import (
+from taskiq_fastapi_cli.health.report import (
     BEAT,
     DONE,
     LAST_DONE,

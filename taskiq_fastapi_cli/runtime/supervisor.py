@@ -52,11 +52,11 @@ from taskiq.cli.worker.process_manager import (
 )
 
 from taskiq_fastapi_cli.exceptions import EXIT_STOPPED_UNCLEAN
-from taskiq_fastapi_cli.shutdown import GRACEFUL, KILL, NOW, StopStage
+from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
 
 if TYPE_CHECKING:
-    from taskiq_fastapi_cli.args import FastAPIWorkerArgs
-    from taskiq_fastapi_cli.health_server import HealthServer
+    from taskiq_fastapi_cli.health.server import HealthServer
+    from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -214,8 +214,8 @@ class SafeProcessManager(ProcessManager):
         super().__init__(args=args, worker_function=worker_function)
         view = None
         if health is not None:
-            from taskiq_fastapi_cli.health import Slots
-            from taskiq_fastapi_cli.health_server import HealthView
+            from taskiq_fastapi_cli.health.report import Slots
+            from taskiq_fastapi_cli.health.server import HealthView
 
             # Here, where taskiq has settled the number of processes (1 with
             # --reload), and before any starts: they inherit the rows.
@@ -226,7 +226,7 @@ class SafeProcessManager(ProcessManager):
         self.action_queue = actions  # type: ignore[assignment]
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
-            from taskiq_fastapi_cli import reload
+            from taskiq_fastapi_cli.runtime import reload
 
             reload.watch(
                 observer,

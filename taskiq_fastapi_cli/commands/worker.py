@@ -18,10 +18,18 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
-from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
-from taskiq_fastapi_cli.discover import check_app, import_task_modules, load_broker
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
-from taskiq_fastapi_cli.outages import unrenewed_fetch
+from taskiq_fastapi_cli.runtime.args import (
+    FastAPIWorkerArgs,
+    parse_taskiq_args,
+    with_app,
+)
+from taskiq_fastapi_cli.runtime.discover import (
+    check_app,
+    import_task_modules,
+    load_broker,
+)
+from taskiq_fastapi_cli.runtime.outages import unrenewed_fetch
 
 
 def start_worker(
@@ -64,11 +72,11 @@ def start_worker(
         start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
     )
 
-    from taskiq_fastapi_cli.runner import run
+    from taskiq_fastapi_cli.runtime.runner import run
 
     server = None
     if health is not None:
-        from taskiq_fastapi_cli.health_server import HealthServer
+        from taskiq_fastapi_cli.health.server import HealthServer
 
         server = HealthServer(*health)  # bound now: a port in use stops here
     return run(args, server)
@@ -147,4 +155,4 @@ def _project_modules(args: FastAPIWorkerArgs) -> list[str]:
     """What a worker imports first: our worker code, the broker, tasks, app."""
     paths = [args.broker, args.app] if args.app else [args.broker]
     modules = [path.partition(":")[0] for path in paths]
-    return ["__main__", "taskiq_fastapi_cli.runner", *modules, *args.modules]
+    return ["__main__", "taskiq_fastapi_cli.runtime.runner", *modules, *args.modules]

@@ -26,25 +26,25 @@ from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 import taskiq_fastapi
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
-from taskiq_fastapi_cli.args import FastAPIWorkerArgs
-from taskiq_fastapi_cli.discover import load_broker
 from taskiq_fastapi_cli.exceptions import (
     EXIT_STARTUP_FAILURE,
     EXIT_STOPPED_UNCLEAN,
     CLIError,
 )
-from taskiq_fastapi_cli.fetch_limit import fetch_at_most
-from taskiq_fastapi_cli.forksafe import renew_after_fork
-from taskiq_fastapi_cli.outages import BrokerOutages, WorkerStopped
-from taskiq_fastapi_cli.shutdown import ShutdownGuard, StopStage
-from taskiq_fastapi_cli.supervisor import (
+from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
+from taskiq_fastapi_cli.runtime.discover import load_broker
+from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
+from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
+from taskiq_fastapi_cli.runtime.outages import BrokerOutages, WorkerStopped
+from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard, StopStage
+from taskiq_fastapi_cli.runtime.supervisor import (
     STOP_SIGNALS,
     SafeProcessManager,
     release_stop_signals,
 )
 
 if TYPE_CHECKING:
-    from taskiq_fastapi_cli.health_server import HealthServer
+    from taskiq_fastapi_cli.health.server import HealthServer
 
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
@@ -66,7 +66,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         fetch_at_most(broker, args.max_tasks_per_child)
         on_signal = outages.stop
         if args.health_slots is not None:
-            from taskiq_fastapi_cli.health import WorkerHealth, worker_slot
+            from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
 
             health = WorkerHealth(args.health_slots, worker_slot())
             health.install(broker)

@@ -10,7 +10,10 @@ from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
 
-from taskiq_fastapi_cli.cli import DEFAULT_BROKER_RETRY_TIMEOUT, DEFAULT_STALL_TIMEOUT
+from taskiq_fastapi_cli.commands.cli import (
+    DEFAULT_BROKER_RETRY_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+)
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 

@@ -63,7 +63,7 @@ class WorkerCommand(TyperCommand):
             formatter.write_dl(ARGUMENTS_HELP)
         self.format_options(ctx, formatter)
         self.format_epilog(ctx, formatter)
-        from taskiq_fastapi_cli.args import taskiq_options_help
+        from taskiq_fastapi_cli.runtime.args import taskiq_options_help
 
         formatter.write("\nOptions passed through to `taskiq worker` unchanged:\n\n")
         formatter.write(taskiq_options_help())
@@ -235,7 +235,7 @@ def worker(
     ] = DEFAULT_BROKER_RETRY_TIMEOUT,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
-    from taskiq_fastapi_cli.worker import start_worker
+    from taskiq_fastapi_cli.commands.worker import start_worker
 
     code = start_worker(
         taskiq_args or [],
@@ -272,7 +272,7 @@ def check(
     Exits 1 when a task has a problem (the worker would refuse to start), so
     CI can run it; starts nothing.
     """
-    from taskiq_fastapi_cli.check import run_check
+    from taskiq_fastapi_cli.commands.check import run_check
 
     code = run_check(taskiq_args or [], app_path, factory, as_json)
     if code:
@@ -314,7 +314,7 @@ def health(
 
     For Docker HEALTHCHECK and exec probes in images without curl.
     """
-    from taskiq_fastapi_cli.probe import probe
+    from taskiq_fastapi_cli.commands.probe import probe
 
     healthy, line = probe(host, port, ready, timeout)
     typer.echo(line, err=not healthy)
