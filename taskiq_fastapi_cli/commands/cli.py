@@ -14,19 +14,19 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from taskiq_fastapi_cli.defaults import (
+    DEFAULT_BROKER_RETRY_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+)
 from taskiq_fastapi_cli.exceptions import CLIError
 
 APP_ENV = "TASKIQ_FASTAPI_APP"
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
 BROKER_RETRY_TIMEOUT_ENV = "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT"
-# Covers a broker that starts after its workers (docker-compose) and restarts.
-DEFAULT_BROKER_RETRY_TIMEOUT = 120.0
 HEALTH_PORT_ENV = "TASKIQ_FASTAPI_HEALTH_PORT"
 HEALTH_HOST_ENV = "TASKIQ_FASTAPI_HEALTH_HOST"
 STALL_TIMEOUT_ENV = "TASKIQ_FASTAPI_STALL_TIMEOUT"
 DEFAULT_HEALTH_HOST = "127.0.0.1"
-# Longer than any await-based task holds the loop; a blocked loop exceeds it.
-DEFAULT_STALL_TIMEOUT = 60.0
 
 
 class StartMethod(str, enum.Enum):

@@ -2,7 +2,7 @@
 
 One row of shared memory per worker slot (taskiq's `worker-N`; a restarted
 process takes over its slot), written by the worker without locks and read
-by the main process's health endpoint (`health_server.py`): the pid, a state,
+by the main process's health endpoint (`server.py`): the pid, a state,
 when it started and became ready, tasks finished and when the last one did,
 and a heartbeat its event loop writes every second. A loop blocked by a task
 (a sync `time.sleep`, a CPU loop) stops writing it, which is what the

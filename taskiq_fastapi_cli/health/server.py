@@ -2,7 +2,7 @@
 
 The main process runs taskiq's process manager and serves nothing else, so
 probes never compete with tasks: a stdlib HTTP server on its own thread reads
-the rows the workers write (`health.py`) and which worker processes are
+the rows the workers write (`report.py`) and which worker processes are
 alive. The socket is bound before any worker starts, so a port in use is an
 error of the command, not of a probe.
 """

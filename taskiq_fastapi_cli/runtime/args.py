@@ -10,7 +10,7 @@ from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
 
-from taskiq_fastapi_cli.commands.cli import (
+from taskiq_fastapi_cli.defaults import (
     DEFAULT_BROKER_RETRY_TIMEOUT,
     DEFAULT_STALL_TIMEOUT,
 )
