@@ -52,26 +52,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     try:
         release_stop_signals()
         broker = load_broker(args.broker)
-        renew_after_fork(broker)
-        # Without --app, the broker module's own init names the app (the main
-        # process checked that it did).
-        source = args.app or app_source(broker)
-        taskiq_fastapi.init(broker, source, base_url=args.base_url)  # type: ignore[arg-type]
-        outages = BrokerOutages(
-            broker,
-            args.broker,
-            args.broker_retry_timeout,
-            give_up=lambda message: _stop_command(args, message),
-        )
-        fetch_at_most(broker, args.max_tasks_per_child)
-        on_signal = outages.stop
-        if args.health_slots is not None:
-            from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
-
-            health = WorkerHealth(args.health_slots, worker_slot())
-            health.install(broker)
-            on_signal = _both(outages.stop, health.stopping)
-        guard = ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
+        guard = compose(broker, args)
         _listen(args, broker, guard)
         if not guard.clean:
             # A second signal cancelled tasks, or the lifespan did not shut
@@ -92,6 +73,55 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # "killed by SIGINT".
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
+    """Put the worker runtime's layers around the broker, in this order.
+
+    Each layer replaces some of `broker.startup`, `shutdown`, `listen` and
+    the result backend's `set_result` with a wrapper around what is there,
+    so the later a layer, the further out it sits:
+
+    1. fork safety (forksafe.py): the broker's clients renewed, before any
+       of them connects;
+    2. `taskiq_fastapi.init`: the app's lifespan in the worker startup and
+       shutdown events, FastAPI dependencies in tasks;
+    3. outage retries (outages.py): startup, fetch, results and acks retried
+       while the broker is unreachable, innermost so that every layer above
+       sees a fetch that waits instead of failing;
+    4. the fetch limit (fetch_limit.py): counts the messages the retries
+       hand out;
+    5. health (health/report.py): ready once listening, one counter per task;
+    6. the stop (shutdown.py), outermost: it remembers the fetch the
+       receiver awaits, decides whether a result is saved and a message
+       acknowledged, and notes that the whole shutdown completed.
+
+    One close discipline: every `listen` wrapper closes the fetch it wraps
+    when it is closed itself. One failure path: a layer that must end the
+    command reports to the main process through `Failures` (`give_up`,
+    `_stop_command`), which stops every worker gracefully and exits 3; a stop
+    signal reaches every layer through the guard's `on_signal`.
+    """
+    renew_after_fork(broker)
+    # Without --app, the broker module's own init names the app (the main
+    # process checked that it did).
+    source = args.app or app_source(broker)
+    taskiq_fastapi.init(broker, source, base_url=args.base_url)  # type: ignore[arg-type]
+    outages = BrokerOutages(
+        broker,
+        args.broker,
+        args.broker_retry_timeout,
+        give_up=lambda message: _stop_command(args, message),
+    )
+    fetch_at_most(broker, args.max_tasks_per_child)
+    on_signal = outages.stop
+    if args.health_slots is not None:
+        from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
+
+        health = WorkerHealth(args.health_slots, worker_slot())
+        health.install(broker)
+        on_signal = _both(outages.stop, health.stopping)
+    return ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
