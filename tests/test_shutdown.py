@@ -133,3 +133,19 @@ async def test_a_finished_task_saves_and_acks_even_with_a_sync_ack() -> None:
     message = AckableMessage(data=b"x", ack=lambda: acked.append("sync ack"))
     await asyncio.create_task(guard.run(callback, message, False))
     assert acked == ["sync ack"]
+
+
+async def test_after_stop_now_a_prefetched_task_is_neither_run_nor_acked() -> None:
+    stage = shutdown.StopStage()
+    guard = ShutdownGuard(InMemoryBroker(), stage)
+    stage.reach(shutdown.NOW)
+    guard.on_signal()
+    ran: list[str] = []
+
+    async def callback(message: AckableMessage, _raise_err: bool) -> None:
+        ran.append("ran")
+
+    message = AckableMessage(data=b"x", ack=lambda: ran.append("acked"))
+    await asyncio.create_task(guard.run(callback, message, False))
+    assert ran == []
+    assert not guard.clean

@@ -89,6 +89,7 @@ class ShutdownGuard:
         self.watchdog: asyncio.Task[None] | None = None
         self.finish: asyncio.Event | None = None
         self.stopping = False
+        self.now = False
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.cancelled: set[asyncio.Task[Any]] = set()
         self.shut_down = False
@@ -183,6 +184,10 @@ class ShutdownGuard:
         """One task: remembered while in flight; no ack once cancelled."""
         task = asyncio.current_task()
         assert task is not None
+        if self.now:
+            # Fetched before the stop, started after it: not run, not acked.
+            self.cancelled.add(task)
+            return
         if isinstance(message, AckableMessage):
             message = self._ack_unless_cancelled(message, task)
         self.in_flight.add(task)
@@ -208,13 +213,14 @@ class ShutdownGuard:
     def on_signal(self) -> None:
         """A stop signal: apply the stage the supervisor has reached."""
         stage = max(GRACEFUL, self.stage.value if self.stage is not None else 0)
+        self.now = stage >= NOW
         if not self.stopping:
             self.stopping = True
             self.notify()
             if self.finish is not None:
                 self.finish.set()
             self.watchdog = asyncio.get_running_loop().create_task(self.unstick())
-        cut = self.in_flight - self.cancelled if stage >= NOW else set()
+        cut = self.in_flight - self.cancelled if self.now else set()
         if cut:
             logger.warning(
                 "Stopping now: %d task(s) cancelled, with no result and no "
