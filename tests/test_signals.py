@@ -62,10 +62,25 @@ def expected_codes(state: str, signals: int) -> set[int]:
 async def test_stop_signals_leave_no_process_behind(
     run: WorkerRun, tmp_path: Path, state: str, signals: int
 ) -> None:
+    await stop_in_state(run, tmp_path, state, signals)
+
+
+@pytest.mark.parametrize("signals", [1, 2, 3])
+@pytest.mark.parametrize("state", ["idle", "awaiting task"])
+async def test_the_same_under_forkserver(
+    run: WorkerRun, tmp_path: Path, state: str, signals: int
+) -> None:
+    # Python 3.14's default on Linux; its workers are the fork server's children.
+    await stop_in_state(run, tmp_path, state, signals, "--start-method", "forkserver")
+
+
+async def stop_in_state(
+    run: WorkerRun, tmp_path: Path, state: str, signals: int, *options: str
+) -> None:
     run.env["SLOW_STARTUP"] = "3" if state == "starting" else "0"
     # One signal waits for the task: short then; long when it must be cut.
     seconds = 3.0 if signals == 1 else 3600.0
-    extra = ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
+    extra = ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), *options]
     if state == "reload restart":
         watched = tmp_path / "watched"
         watched.mkdir()
