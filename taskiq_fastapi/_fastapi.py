@@ -10,6 +10,7 @@ tests/test_fastapi_internals.py pins what is used here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -194,8 +195,8 @@ async def solve(
         request=request,
         dependant=dependant,
         dependency_overrides_provider=provider,
-        async_exit_stack=request_stack,
         embed_body_fields=False,
+        **_exit_stack_argument(request_stack),
     )
     if result.errors:
         raise RequestRejected(result.errors)
@@ -213,3 +214,59 @@ async def solved(
         yield await solve(
             request, dependant, broker_overrides, request_stack, function_stack
         )
+
+
+# What `solve` passes to `solve_dependencies` in every FastAPI it supports.
+SOLVE_ARGUMENTS = (
+    "request",
+    "dependant",
+    "dependency_overrides_provider",
+    "embed_body_fields",
+)
+
+
+def _exit_stack_argument(stack: AsyncExitStack) -> dict[str, Any]:
+    """`async_exit_stack`, while FastAPI still takes it.
+
+    FastAPI marks it "no longer used ... remove this parameter later" (the
+    stacks in the scope replaced it): once it is gone, it is not passed.
+    """
+    if _takes_exit_stack(solve_dependencies):
+        return {"async_exit_stack": stack}
+    return {}
+
+
+@functools.cache
+def _takes_exit_stack(solve: Callable[..., Any]) -> bool:
+    return "async_exit_stack" in inspect.signature(solve).parameters
+
+
+def unsupported() -> str | None:
+    """Why this FastAPI's `solve_dependencies` cannot solve tasks' dependencies.
+
+    Checked when a broker is wired to an app, so that a FastAPI release that
+    changed it stops the worker at startup, naming both versions, instead of
+    every task with FastAPI dependencies failing as it runs.
+    """
+    parameters = inspect.signature(solve_dependencies).parameters
+    missing = [name for name in SOLVE_ARGUMENTS if name not in parameters]
+    passed = {*SOLVE_ARGUMENTS, "async_exit_stack"}
+    required = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        and name not in passed
+    ]
+    if not missing and not required:
+        return None
+    from importlib.metadata import version
+
+    changes = [f"no longer takes {name!r}" for name in missing]
+    changes += [f"requires {name!r}" for name in required]
+    return (
+        f"taskiq-fastapi {version('taskiq-fastapi')} cannot solve FastAPI "
+        f"dependencies with fastapi {version('fastapi')}: its "
+        f"solve_dependencies {', '.join(changes)}. Install a fastapi release "
+        "this taskiq-fastapi supports, or a taskiq-fastapi that supports it."
+    )

@@ -11,9 +11,13 @@ from weakref import WeakKeyDictionary
 from fastapi import FastAPI
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from taskiq_fastapi import dependencies, request_context
+from taskiq_fastapi import _fastapi, dependencies, request_context
 from taskiq_fastapi._taskiq import install_request_context
-from taskiq_fastapi.exceptions import AppConflictError, AppStartupError
+from taskiq_fastapi.exceptions import (
+    AppConflictError,
+    AppStartupError,
+    DependencyError,
+)
 from taskiq_fastapi.lifespan import AppLifespan, LifespanFailedError
 from taskiq_fastapi.loader import AppSource, describe, import_target, load_app
 from taskiq_fastapi.request import RequestFactory, base_url_scope, resolve_base_url
@@ -106,6 +110,9 @@ def init(
         base_url_scope(base_url)  # reject a malformed URL now, not at startup
     existing = _integrations.get(broker)
     if existing is None:
+        problem = _fastapi.unsupported()
+        if problem is not None:
+            raise DependencyError(problem)
         dependencies.adopt(broker)
         integration = _Integration(broker, app_or_path, base_url)
         _integrations[broker] = integration

@@ -4,6 +4,6 @@ Importing this package stays cheap (no taskiq, FastAPI or user code) so that
 `--help` and `--version` answer at once.
 """
 
-from taskiq_fastapi_cli.cli import app, main
+from taskiq_fastapi_cli.commands.cli import app, main
 
 __all__ = ["app", "main"]

@@ -2,7 +2,7 @@
 
 import sys
 
-from taskiq_fastapi_cli.cli import main
+from taskiq_fastapi_cli.commands.cli import main
 
 # Guarded: the spawn start method imports this module again in every worker.
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
 EXIT_LOAD_ERROR = 1
 EXIT_USAGE_ERROR = 2
 EXIT_STARTUP_FAILURE = 3
+# Ours: stopped, but not cleanly (a second signal cancelled in-flight tasks,
+# a lifespan did not shut down in time, a process had to be killed).
+EXIT_STOPPED_UNCLEAN = 4
 
 
 class CLIError(Exception):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from workers import TASKIQ, TESTS_DIR, WorkerRun
 
-from taskiq_fastapi_cli import cli
+from taskiq_fastapi_cli.commands import cli
 
 BROKER = ["workerapp.broker:broker"]
 APP = ["--app", "workerapp.app:app"]
@@ -55,7 +55,7 @@ def test_check_prints_every_task_with_its_tree_and_passes(
         "      request: Request  [per-task Request, state from the app's lifespan]",
     ]
     assert "  db: database()  [TaskiqDepends]" in out
-    assert out.endswith("5 tasks checked, no problems.\n")
+    assert out.endswith("6 tasks checked, no problems.\n")
 
 
 def test_check_fails_naming_the_task_the_function_and_the_parameter(

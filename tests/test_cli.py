@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from sampleapp import apps
 from taskiq.cli.worker.args import WorkerArgs
 from workers import COMMAND, TASKIQ, TESTS_DIR
 
-from taskiq_fastapi_cli import args as cli_args
-from taskiq_fastapi_cli import cli
-from taskiq_fastapi_cli.args import FastAPIWorkerArgs
-from taskiq_fastapi_cli.plugin import FastAPICMD
+from taskiq_fastapi_cli.commands import cli
+from taskiq_fastapi_cli.commands.plugin import FastAPICMD
+from taskiq_fastapi_cli.runtime import args as cli_args
+from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
 
 
 @pytest.fixture
@@ -34,9 +35,9 @@ def captured_run(monkeypatch: pytest.MonkeyPatch) -> list[FastAPIWorkerArgs]:
             health.stop()
         return 0
 
-    import taskiq_fastapi_cli.runner
+    import taskiq_fastapi_cli.runtime.runner
 
-    monkeypatch.setattr(taskiq_fastapi_cli.runner, "run", fake_run)
+    monkeypatch.setattr(taskiq_fastapi_cli.runtime.runner, "run", fake_run)
     monkeypatch.chdir(TESTS_DIR)
     return calls
 
@@ -106,10 +107,15 @@ def test_every_taskiq_worker_option_passes_through_unchanged(
 
 def test_our_options_never_shadow_taskiq_ones() -> None:
     taskiq_flags = {flag for a in ACTIONS for flag in a.option_strings}
+    # Every option the worker command declares, read from the command itself.
+    command = typer.main.get_command(cli.app).commands["worker"]  # type: ignore[attr-defined]
     ours = {
-        "--app", "--factory", "--base-url", "--start-method", "--version",
-        "--broker-retry-timeout",
-    }  # fmt: skip
+        flag
+        for param in command.params
+        for flag in [*param.opts, *param.secondary_opts]
+        if flag.startswith("-")
+    }
+    assert {"--app", "--health-port", "--stall-timeout", "--version"} <= ours
     assert taskiq_flags & ours == set()
     assert {"--workers", "-w", "--app-dir", "-d", "--ack-type"} <= taskiq_flags
 
@@ -325,7 +331,7 @@ def test_taskiq_lists_the_plugin_and_python_m_works() -> None:
 
 def test_help_and_version_do_not_import_taskiq_or_fastapi() -> None:
     probe = (
-        "import sys; from taskiq_fastapi_cli.cli import main; code = main({argv!r}); "
+        "import sys; from taskiq_fastapi_cli.commands.cli import main; code = main({argv!r}); "
         "heavy = sorted(m for m in ('taskiq', 'fastapi', 'sampleapp') if m in sys.modules); "
         "print(code, heavy)"
     )
@@ -380,7 +386,7 @@ def test_taskiq_option_help_drops_argparse_usage() -> None:
     text = cli_args.taskiq_options_help()
     assert text.startswith("options:")
     assert "usage:" not in text
-    assert Path(COMMAND).exists()
+    assert "--max-async-tasks" in text
 
 
 def test_app_and_broker_import_from_app_dir(

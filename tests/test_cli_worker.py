@@ -13,6 +13,9 @@ from workers import APP, TASKIQ, WorkerRun
 
 pytestmark = pytest.mark.anyio
 
+# Python 3.14 makes forkserver the default on Linux; 3.11-3.13 stand in for it.
+START_METHODS = ["fork", "spawn", "forkserver"]
+
 
 async def gather_results(run: WorkerRun, count: int) -> list[dict[str, object]]:
     await run.sender.startup()
@@ -32,10 +35,14 @@ def assert_each_process_ran_its_lifespan_once(run: WorkerRun, processes: int) ->
     assert shutdowns == startups
 
 
-async def test_several_worker_processes_serve_the_app(run: WorkerRun) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+async def test_several_worker_processes_serve_the_app(
+    run: WorkerRun, start_method: str
+) -> None:
     worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP, "--workers", "2"
-    )
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "2", "--start-method", start_method,
+    )  # fmt: skip
     run.wait_for("startup", processes=2)
     results = await gather_results(run, 40)
     assert [r["n"] for r in results] == list(range(40))
@@ -113,13 +120,15 @@ async def test_taskiq_fastapi_worker_through_taskiq_entry_point(run: WorkerRun) 
     assert_each_process_ran_its_lifespan_once(run, 1)
 
 
+@pytest.mark.parametrize("start_method", START_METHODS)
 async def test_startup_failure_exits_3_quickly_printing_the_cause_once(
-    run: WorkerRun,
+    run: WorkerRun, start_method: str
 ) -> None:
     started = time.monotonic()
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks",
         "--app", "workerapp.app:failing_app", "--workers", "2",
+        "--start-method", start_method,
     )  # fmt: skip
     assert worker.wait(timeout=30) == 3
     elapsed = time.monotonic() - started
@@ -130,15 +139,20 @@ async def test_startup_failure_exits_3_quickly_printing_the_cause_once(
     )
     assert output.count(cause) == 1, output
     assert "Traceback" not in output
-    # Not restarted in a loop: each process tried once at most.
-    assert set(run.count("startup attempt").values()) == {1}
+    # Not restarted in a loop: two processes, at most one attempt each (a
+    # restarted process has a new pid, so counting per pid could not see it).
+    assert 1 <= sum(run.count("startup attempt").values()) <= 2, run.events()
     assert elapsed < 20
 
 
-async def test_graceful_shutdown_finishes_in_flight_tasks(run: WorkerRun) -> None:
+@pytest.mark.parametrize("start_method", START_METHODS)
+async def test_graceful_shutdown_finishes_in_flight_tasks(
+    run: WorkerRun, start_method: str
+) -> None:
     worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP, "--workers", "1"
-    )
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1", "--start-method", start_method,
+    )  # fmt: skip
     run.wait_for("startup", processes=1)
     await run.sender.startup()
     try:

@@ -84,3 +84,57 @@ async def test_solved_runs_a_chain_with_the_apps_overrides() -> None:
         assert values == {"p0": "session(override)"}
     async with _fastapi.solved(request, dependant, {settings: lambda: "b"}) as values:
         assert values == {"p0": "session(b)"}
+
+
+@pytest.mark.anyio
+async def test_once_fastapi_drops_async_exit_stack_it_is_not_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FastAPI marks the parameter "remove later"; a FastAPI without it works.
+    real = _fastapi.solve_dependencies
+
+    async def without_exit_stack(
+        *, request: Any, dependant: Any, dependency_overrides_provider: Any,
+        embed_body_fields: bool,
+    ) -> Any:  # fmt: skip
+        return await real(
+            request=request,
+            dependant=dependant,
+            dependency_overrides_provider=dependency_overrides_provider,
+            embed_body_fields=embed_body_fields,
+            async_exit_stack=request.scope["fastapi_inner_astack"],
+        )
+
+    monkeypatch.setattr(_fastapi, "solve_dependencies", without_exit_stack)
+    assert _fastapi.unsupported() is None
+    app = FastAPI()
+
+    def settings() -> str:
+        return "real"
+
+    parameter = inspect.Parameter(
+        "p0", inspect.Parameter.KEYWORD_ONLY, default=Depends(settings)
+    )
+    request = RequestFactory(app, {}, "http://localhost:8000")()
+    async with _fastapi.solved(request, _fastapi.analyse([parameter]), {}) as values:
+        assert values == {"p0": "real"}
+
+
+def test_a_fastapi_whose_solve_dependencies_changed_stops_init_naming_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskiq import InMemoryBroker
+
+    import taskiq_fastapi
+    from taskiq_fastapi.exceptions import DependencyError
+
+    async def changed(*, request: Any, dependant: Any, new_required: Any) -> Any: ...
+
+    monkeypatch.setattr(_fastapi, "solve_dependencies", changed)
+    with pytest.raises(DependencyError) as raised:
+        taskiq_fastapi.init(InMemoryBroker(), FastAPI())
+    message = str(raised.value)
+    assert "fastapi " in message
+    assert "taskiq-fastapi " in message
+    assert "no longer takes 'dependency_overrides_provider'" in message
+    assert "requires 'new_required'" in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,7 +151,17 @@ async def test_a_task_blocking_its_loop_makes_livez_fail_naming_it(
     _, body = probe.until("/livez", lambda s, b: s == 200, timeout=15)
     assert body["workers"][0]["tasks_finished"] == 1
     assert body["workers"][0]["last_task_finished"] is not None
+    time.sleep(1.5)  # the stall log reads the rows every second
     assert run.stop(worker) == 0
+    # In the log too, once each way, whether or not anything probed.
+    output = run.output(worker)
+    stalled = re.findall(
+        rf"WARNING.*worker-0 \(pid {pid}\) is stalled: its event loop has not "
+        r"run for \d+\.\d s \(--stall-timeout 1\.5\)\.",
+        output,
+    )
+    assert len(stalled) == 1, output
+    assert output.count(f"worker-0 (pid {pid}): its event loop runs again.") == 1
 
 
 async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(

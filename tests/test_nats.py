@@ -136,7 +136,7 @@ def test_each_worker_process_gets_nats_clients_of_its_own() -> None:
     from nats.nuid import NUID
     from sampleapp.nats_broker import broker
 
-    from taskiq_fastapi_cli.forksafe import renew_after_fork
+    from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
 
     assert isinstance(Client()._nuid, NUID)
     inherited = broker.client._nuid  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import pytest
 import redis.exceptions
 
 from taskiq_fastapi import connections
-from taskiq_fastapi_cli import outages
+from taskiq_fastapi_cli.runtime import outages
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from workers import APP, BROKER, WorkerRun
 
-from taskiq_fastapi_cli.reload import ReloadFilter
+from taskiq_fastapi_cli.runtime.reload import ReloadFilter
 
 
 @pytest.mark.parametrize(

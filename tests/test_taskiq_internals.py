@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
+import time
 from typing import Annotated, Any
 
 import pytest
@@ -123,11 +125,11 @@ def test_install_keeps_existing_context_entries() -> None:
 def test_run_worker_starts_processes_with_the_module_level_start_listen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """taskiq_fastapi_cli.runner swaps `start_listen` for the call's duration."""
+    """taskiq_fastapi_cli.runtime.runner swaps `start_listen` for the call's duration."""
     from taskiq.cli.worker import run as taskiq_run
 
-    from taskiq_fastapi_cli import runner
-    from taskiq_fastapi_cli.args import parse_taskiq_args
+    from taskiq_fastapi_cli.runtime import runner
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args
 
     seen: list[object] = []
 
@@ -149,10 +151,7 @@ def test_run_worker_starts_processes_with_the_module_level_start_listen(
 def test_run_worker_creates_the_module_level_process_manager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """runner swaps in SafeProcessManager; the loop reads its queue's empty/get."""
-    import inspect
-
-    from taskiq.cli.worker import process_manager
+    """runner swaps in SafeProcessManager by the module-level name."""
     from taskiq.cli.worker import run as taskiq_run
 
     created: list[object] = []
@@ -165,30 +164,65 @@ def test_run_worker_creates_the_module_level_process_manager(
             return None
 
     monkeypatch.setattr(taskiq_run, "ProcessManager", Probe)
-    from taskiq_fastapi_cli.args import parse_taskiq_args
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args
 
     taskiq_run.run_worker(parse_taskiq_args(["b:b", "--no-configure-logging"]))
     assert len(created) == 1
-    loop = inspect.getsource(process_manager.ProcessManager.start)
-    assert "self.action_queue.empty()" in loop
-    assert "self.action_queue.get()" in loop
+
+
+def sleep_a_minute(args: Any) -> None:
+    from taskiq_fastapi_cli.runtime.supervisor import release_stop_signals
+
+    release_stop_signals()  # as worker_process does: a SIGINT stops it
+    time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_taskiq_manager_loop_acts_on_what_our_action_queue_says() -> None:
+    """taskiq's loop reads the manager's `action_queue` through empty()/get().
+
+    Pinned by behaviour: a failure reported on our channel (which only our
+    queue's empty()/get() turn into a shutdown) ends taskiq's own loop, and
+    the worker it started is stopped, long before it would end by itself.
+    """
+    from taskiq_fastapi_cli.runtime.args import parse_taskiq_args, with_app
+    from taskiq_fastapi_cli.runtime.runner import Failures
+    from taskiq_fastapi_cli.runtime.shutdown import StopStage
+    from taskiq_fastapi_cli.runtime.supervisor import SafeProcessManager
+
+    args = with_app(parse_taskiq_args(["b:b", "--workers", "1"]), "", None)
+    args.failures, args.stop_stage = Failures(), StopStage()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hup = signal.getsignal(signal.SIGHUP)
+    try:
+        manager = SafeProcessManager(args, worker_function=sleep_a_minute)
+        args.failures.report("a worker failed")
+        started = time.monotonic()
+        manager.start()
+        assert time.monotonic() - started < 30
+        assert not manager.workers[0].is_alive()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.signal(signal.SIGHUP, hup)
 
 
 def test_start_listen_imports_the_broker_through_the_run_modules_import_object() -> (
     None
 ):
-    """taskiq_fastapi_cli.runner makes that import return the broker it initialised."""
+    """taskiq_fastapi_cli.runtime.runner makes that import return the broker it initialised."""
     import subprocess
     import sys
 
     probe = (
         "from taskiq import InMemoryBroker\n"
-        "from taskiq_fastapi_cli import runner\n"
-        "from taskiq_fastapi_cli.args import parse_taskiq_args\n"
+        "from taskiq_fastapi_cli.runtime import runner\n"
+        "from taskiq_fastapi_cli.runtime.args import parse_taskiq_args\n"
+        "from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard\n"
         "broker = InMemoryBroker()\n"
         "args = parse_taskiq_args(['not.a.module:broker', '--no-configure-logging'])\n"
         "try:\n"
-        "    runner._listen(args, broker)\n"
+        "    runner._listen(args, broker, ShutdownGuard(broker))\n"
         "except BaseException as exc:\n"
         "    inner = getattr(exc, 'exceptions', [exc])[0]\n"
         "    print(broker.is_worker_process, inner)\n"

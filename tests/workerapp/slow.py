@@ -27,5 +27,6 @@ app = FastAPI(lifespan=lifespan)
 @broker.task
 async def block_loop(seconds: float) -> int:
     """Holds the event loop itself, as a CPU-bound or blocking call would."""
+    record("blocking")
     time.sleep(seconds)
     return os.getpid()

@@ -1,5 +1,7 @@
 import asyncio
+import contextlib
 import os
+from pathlib import Path
 
 from fastapi import Request
 from taskiq import TaskiqDepends
@@ -36,23 +38,43 @@ async def slow(n: int, seconds: float, request: Request = TaskiqDepends()) -> in
 
 
 @broker.task
+async def slow_first_time(n: int) -> int:
+    """Takes an hour the first time it runs, no time when it runs again."""
+    again = f"task {n} started" in Path(os.environ["EVENTS_FILE"]).read_text()
+    record(f"task {n} started")
+    if not again:
+        await asyncio.sleep(3600)
+    record(f"task {n} done")
+    return n
+
+
+@broker.task
 async def mark(n: int) -> int:
     record(f"ran {n}")
     return n
 
 
 _in_flight = 0
+_all_started: asyncio.Event | None = None
 
 
 @broker.task
-async def isolated(n: int, request: Request = TaskiqDepends()) -> list[object]:
-    """Owns request.state for a while, with hundreds of others in flight."""
-    global _in_flight
+async def isolated(
+    n: int, together: int, request: Request = TaskiqDepends()
+) -> list[object]:
+    """Owns request.state until `together` tasks are in flight (or 10 s pass)."""
+    global _in_flight, _all_started
+    if _all_started is None:
+        _all_started = asyncio.Event()
     _in_flight += 1
+    if _in_flight >= together:
+        _all_started.set()
     before = getattr(request.state, "owner", None)
     request.state.owner = n
-    await asyncio.sleep(0.5)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_all_started.wait(), 10)
     peak = _in_flight
+    await asyncio.sleep(0)  # every other task sees the same peak
     _in_flight -= 1
     return [before, request.state.owner, peak]
 

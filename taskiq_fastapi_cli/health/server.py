@@ -2,7 +2,7 @@
 
 The main process runs taskiq's process manager and serves nothing else, so
 probes never compete with tasks: a stdlib HTTP server on its own thread reads
-the rows the workers write (`health.py`) and which worker processes are
+the rows the workers write (`report.py`) and which worker processes are
 alive. The socket is bound before any worker starts, so a port in use is an
 error of the command, not of a probe.
 """
@@ -10,6 +10,7 @@ error of the command, not of a probe.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from taskiq_fastapi_cli.exceptions import CLIError
-from taskiq_fastapi_cli.health import (
+from taskiq_fastapi_cli.health.report import (
     BEAT,
     DONE,
     LAST_DONE,
@@ -36,6 +37,8 @@ from taskiq_fastapi_cli.health import (
 # taskiq's manager notices a dead process within a second and starts another;
 # a slot empty for longer than this is down, not restarting.
 RESTART_GRACE_SECONDS = 10.0
+STALL_CHECK_SECONDS = 1.0
+logger = logging.getLogger("taskiq_fastapi")
 
 
 def _when(timestamp: float) -> str | None:
@@ -128,6 +131,50 @@ class HealthView:
         return worker, ready and why is None, why
 
 
+class StallLog:
+    """One WARNING line when a worker's loop stalls, one when it runs again.
+
+    The probes only answer when asked; this reads the same rows every second
+    on the health endpoint's own thread, so a stall is in the log even where
+    nothing probes.
+    """
+
+    def __init__(self, slots: Slots, stall_timeout: float) -> None:
+        self.slots = slots
+        self.stall_timeout = stall_timeout
+        self.stalled: dict[int, float] = {}  # slot: its pid
+
+    def check(self, processes: Sequence[BaseProcess], now: float) -> None:
+        for slot, process in enumerate(processes[: self.slots.workers]):
+            row = self.slots.row(slot)
+            pid = int(row[PID])
+            silent = now - row[BEAT]
+            live = process.is_alive() and process.pid == pid
+            stalled = live and silent > self.stall_timeout
+            if stalled and slot not in self.stalled:
+                self.stalled[slot] = pid
+                logger.warning(
+                    "worker-%d (pid %d) is stalled: its event loop has not run "
+                    "for %.1f s (--stall-timeout %g).",
+                    slot,
+                    pid,
+                    silent,
+                    self.stall_timeout,
+                )
+            elif not stalled and slot in self.stalled:
+                was = self.stalled.pop(slot)
+                if live:
+                    logger.warning(
+                        "worker-%d (pid %d): its event loop runs again.", slot, was
+                    )
+
+    def watch(
+        self, processes: Callable[[], Sequence[BaseProcess]], stop: threading.Event
+    ) -> None:
+        while not stop.wait(STALL_CHECK_SECONDS):
+            self.check(list(processes()), time.time())
+
+
 def _describe(worker: dict[str, Any]) -> str:
     pid = f" (pid {worker['pid']})" if worker["pid"] else ""
     return f"{worker['worker']}{pid} is {worker['state']}"
@@ -176,6 +223,8 @@ class HealthServer:
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="health", daemon=True
         )
+        self.stopping = threading.Event()
+        self.watcher: threading.Thread | None = None
 
     def start(
         self, view: HealthView, processes: Callable[[], Sequence[BaseProcess]]
@@ -183,8 +232,18 @@ class HealthServer:
         view.processes = processes
         self.handler.view = view
         self.thread.start()
+        if view.stall_timeout:
+            stalls = StallLog(view.slots, view.stall_timeout)
+            self.watcher = threading.Thread(
+                target=stalls.watch,
+                args=(processes, self.stopping),
+                name="stall-log",
+                daemon=True,
+            )
+            self.watcher.start()
 
     def stop(self) -> None:
+        self.stopping.set()
         if self.thread.is_alive():
             self.server.shutdown()
         self.server.server_close()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from taskiq.abc.cmd import TaskiqCMD
 
-from taskiq_fastapi_cli.cli import main
+from taskiq_fastapi_cli.commands.cli import main
 
 
 class FastAPICMD(TaskiqCMD):

@@ -10,7 +10,10 @@ from typing import Any
 
 from taskiq.cli.worker.args import WorkerArgs
 
-from taskiq_fastapi_cli.cli import DEFAULT_BROKER_RETRY_TIMEOUT, DEFAULT_STALL_TIMEOUT
+from taskiq_fastapi_cli.defaults import (
+    DEFAULT_BROKER_RETRY_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+)
 from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 
@@ -32,6 +35,8 @@ class FastAPIWorkerArgs(WorkerArgs):
     health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.
     failures: Any = None
+    # Set by the runner: the stop stage the main process's signals reached.
+    stop_stage: Any = None
 
 
 def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:

@@ -20,14 +20,22 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import resolve_app
 from taskiq_fastapi.request import base_url_scope
-from taskiq_fastapi_cli.args import FastAPIWorkerArgs, parse_taskiq_args, with_app
-from taskiq_fastapi_cli.discover import check_app, import_task_modules, load_broker
 from taskiq_fastapi_cli.exceptions import (
     EXIT_STARTUP_FAILURE,
     EXIT_USAGE_ERROR,
     CLIError,
 )
-from taskiq_fastapi_cli.outages import unrenewed_fetch
+from taskiq_fastapi_cli.runtime.args import (
+    FastAPIWorkerArgs,
+    parse_taskiq_args,
+    with_app,
+)
+from taskiq_fastapi_cli.runtime.discover import (
+    check_app,
+    import_task_modules,
+    load_broker,
+)
+from taskiq_fastapi_cli.runtime.outages import unrenewed_fetch
 
 
 def start_worker(
@@ -66,13 +74,15 @@ def start_worker(
     if args.reload:
         _check_reload_installed()
     _check_dependencies(load_project(args, factory))
-    _set_start_method(start_method or ("spawn" if args.reload else None))
+    _set_start_method(
+        start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
+    )
 
-    from taskiq_fastapi_cli.runner import run
+    from taskiq_fastapi_cli.runtime.runner import run
 
     server = None
     if health is not None:
-        from taskiq_fastapi_cli.health_server import HealthServer
+        from taskiq_fastapi_cli.health.server import HealthServer
 
         server = HealthServer(*health)  # bound now: a port in use stops here
     return run(args, server)
@@ -145,11 +155,27 @@ def _check_reload_installed() -> None:
         ) from None
 
 
-def _set_start_method(method: str | None) -> None:
-    """Apply --start-method; --reload spawns so that workers import fresh code.
+def _set_start_method(method: str, preload: list[str]) -> None:
+    """Apply --start-method; by default fork, and spawn with --reload.
 
-    On macOS taskiq always uses spawn and sets it itself.
+    Fork on every Python, 3.14 included (whose default on Linux became
+    forkserver, because forking a process with threads can deadlock): when
+    the workers fork, the main process has imported the project and runs no
+    thread but, with --health-port, the health endpoint's, which holds no
+    lock a worker takes; forked workers share the imports' memory. --reload
+    spawns so that workers import fresh code. Under forkserver the fork
+    server imports the project first (`preload`), so its workers share those
+    imports too. On macOS taskiq always uses spawn and sets it itself.
     """
-    if method is None or sys.platform == "darwin":
+    if sys.platform == "darwin":
         return
     multiprocessing.set_start_method(method, force=True)
+    if method == "forkserver":
+        multiprocessing.set_forkserver_preload(preload)
+
+
+def _project_modules(args: FastAPIWorkerArgs) -> list[str]:
+    """What a worker imports first: our worker code, the broker, tasks, app."""
+    paths = [args.broker, args.app] if args.app else [args.broker]
+    modules = [path.partition(":")[0] for path in paths]
+    return ["__main__", "taskiq_fastapi_cli.runtime.runner", *modules, *args.modules]

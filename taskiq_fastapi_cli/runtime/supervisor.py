@@ -30,13 +30,17 @@ a startup failure) made the supervisor crash with ProcessLookupError and exit
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing import current_process
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 from taskiq.cli.worker.process_manager import (
@@ -47,9 +51,18 @@ from taskiq.cli.worker.process_manager import (
     ShutdownAction,
 )
 
+from taskiq_fastapi_cli.exceptions import EXIT_STOPPED_UNCLEAN
+from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
+
 if TYPE_CHECKING:
-    from taskiq_fastapi_cli.args import FastAPIWorkerArgs
-    from taskiq_fastapi_cli.health_server import HealthServer
+    from taskiq_fastapi_cli.health.server import HealthServer
+    from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
+
+logger = logging.getLogger("taskiq_fastapi")
+
+# After a second signal: time for a worker to exit once its lifespan has shut
+# down (--shutdown-timeout), before it is killed.
+KILL_GRACE_SECONDS = 3.0
 
 
 def signal_handler(
@@ -72,6 +85,60 @@ def signal_handler(
         actions.put(action)
 
     return handle
+
+
+class StopSignals:
+    """The main process's SIGINT/SIGTERM handler: counts them, takes no lock.
+
+    One Ctrl-C reaching the whole process group is one signal here, however
+    many processes it reached. The first stops gracefully (taskiq's shutdown,
+    which signals each worker); the second tells each worker to stop now
+    (in-flight tasks cancelled, lifespans still shut down) and sets the
+    deadline past which a worker still running is killed; taskiq's
+    --hardkill-count (at least 2) kills every worker at once.
+    """
+
+    def __init__(
+        self,
+        actions: queue.SimpleQueue[ProcessActionBase],
+        args: FastAPIWorkerArgs,
+        workers: Callable[[], Sequence[BaseProcess]],
+        also: Callable[[], None] | None = None,
+    ) -> None:
+        self.actions = actions
+        self.stage: StopStage = args.stop_stage
+        self.hardkill_count = max(2, args.hardkill_count)
+        self.kill_after = args.shutdown_timeout + KILL_GRACE_SECONDS
+        self.workers = workers
+        self.also = also
+        self.count = 0
+        self.kill_at: float | None = None
+
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        # As taskiq's: a forked worker that has not installed its own
+        # handlers yet stops at once.
+        if current_process().name.startswith("worker"):
+            raise KeyboardInterrupt
+        self.count += 1
+        if self.count == 1:
+            if self.also is not None:
+                self.also()
+            self.stage.reach(GRACEFUL)
+            self.actions.put(ShutdownAction())
+        elif self.count < self.hardkill_count:
+            self.stage.reach(NOW)
+            if self.kill_at is None:
+                self.kill_at = time.monotonic() + self.kill_after
+            self.send(signal.SIGTERM)  # each worker reads the stage: now
+        else:
+            self.stage.reach(KILL)
+            self.send(signal.SIGKILL)
+
+    def send(self, signum: int) -> None:
+        for worker in self.workers():
+            if worker.pid:
+                with suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
 
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -105,9 +172,28 @@ class HeldRestart(ReloadOneAction):
 
 
 class ActionQueue(queue.SimpleQueue[ProcessActionBase]):
-    """The manager's queue: reentrant `put`, restarts that hold signals."""
+    """The manager's queue: reentrant `put`, restarts that hold signals.
+
+    It also carries the workers' failure channel into taskiq's loop, which
+    reads this queue every second: once `failed()` says a worker reported a
+    fatal failure, the next action is a shutdown, ahead of any restart.
+    """
+
+    def __init__(self, failed: Callable[[], bool] = lambda: False) -> None:
+        super().__init__()
+        self.failed = failed
+        self.failure_seen = False
+
+    def _failure_pending(self) -> bool:
+        return not self.failure_seen and self.failed()
+
+    def empty(self) -> bool:
+        return super().empty() and not self._failure_pending()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if self._failure_pending():
+            self.failure_seen = True
+            return ShutdownAction()
         action = super().get(block, timeout)
         if type(action) is ReloadOneAction:
             return HeldRestart(action.worker_num, action.is_reload_all)
@@ -128,19 +214,19 @@ class SafeProcessManager(ProcessManager):
         super().__init__(args=args, worker_function=worker_function)
         view = None
         if health is not None:
-            from taskiq_fastapi_cli.health import Slots
-            from taskiq_fastapi_cli.health_server import HealthView
+            from taskiq_fastapi_cli.health.report import Slots
+            from taskiq_fastapi_cli.health.server import HealthView
 
             # Here, where taskiq has settled the number of processes (1 with
             # --reload), and before any starts: they inherit the rows.
             args.health_slots = Slots(args.workers)
             view = HealthView(args.health_slots, args.stall_timeout)
             health.start(view, lambda: self.workers)
-        actions = ActionQueue()
+        actions = ActionQueue(args.failures.reported)
         self.action_queue = actions  # type: ignore[assignment]
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
-            from taskiq_fastapi_cli import reload
+            from taskiq_fastapi_cli.runtime import reload
 
             reload.watch(
                 observer,
@@ -149,11 +235,11 @@ class SafeProcessManager(ProcessManager):
                 actions.put,
                 use_gitignore=not args.no_gitignore,
             )
-        shutdown = signal_handler(
-            actions, ShutdownAction(), view.drain if view else None
+        self.stop = StopSignals(
+            actions, args, lambda: self.workers, view.drain if view else None
         )
-        signal.signal(signal.SIGINT, shutdown)
-        signal.signal(signal.SIGTERM, shutdown)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
         if sys.platform != "win32":
             signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
 
@@ -176,9 +262,37 @@ class SafeProcessManager(ProcessManager):
             self._stop_live_workers()
         if status is not None:  # --max-fails reached: taskiq leaves them running
             self._stop_live_workers()
-        for worker in self.workers:
-            worker.join()
+        self._wait_for_workers()
+        # Exiting: a later signal would only kill this process half-way
+        # through (Python restores the default handlers as it finalizes).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        if status is None and any(worker.exitcode for worker in self.workers):
+            # A task cancelled, a lifespan not shut down, a process killed.
+            status = EXIT_STOPPED_UNCLEAN
         return status
+
+    def _wait_for_workers(self) -> None:
+        """Until every worker exits; past a second signal's deadline, kill them."""
+        while True:
+            alive = [worker for worker in self.workers if worker.is_alive()]
+            if not alive:
+                return
+            kill_at = self.stop.kill_at
+            if kill_at is not None and time.monotonic() >= kill_at:
+                for worker in alive:
+                    logger.warning(
+                        "%s (pid %s) did not stop within --shutdown-timeout "
+                        "%g s (+%g s); killing it.",
+                        worker.name,
+                        worker.pid,
+                        self.args.shutdown_timeout,
+                        KILL_GRACE_SECONDS,
+                    )
+                    with suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                self.stop.kill_at = None
+            wait([worker.sentinel for worker in alive], timeout=0.25)
 
     def _stop_live_workers(self) -> None:
         for worker in self.workers:

@@ -59,6 +59,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
+from taskiq.utils import maybe_awaitable
 
 from taskiq_fastapi._brokers import LostState, renew_closed_connections
 from taskiq_fastapi.connections import (
@@ -239,9 +240,11 @@ class BrokerOutages:
         ack = message.ack
 
         async def ack_until_done() -> None:
-            await self._until_done(ack, "Acknowledgement")  # type: ignore[arg-type]
+            # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
+            await self._until_done(lambda: maybe_awaitable(ack()), "Acknowledgement")
 
-        return AckableMessage(data=message.data, ack=ack_until_done)
+        # A copy, so a broker's own subclass keeps its type and fields.
+        return message.model_copy(update={"ack": ack_until_done})
 
     async def _until_done(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry `call` while the broker is unreachable and the worker runs.

@@ -18,9 +18,9 @@ from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi.loader import load_app
 from taskiq_fastapi.request_context import CarrySettings
-from taskiq_fastapi_cli.args import parse_taskiq_args, with_app
+from taskiq_fastapi_cli.commands.worker import load_project
 from taskiq_fastapi_cli.exceptions import CLIError
-from taskiq_fastapi_cli.worker import load_project
+from taskiq_fastapi_cli.runtime.args import parse_taskiq_args, with_app
 
 SOURCES = {
     "message": "message argument",

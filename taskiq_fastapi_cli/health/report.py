@@ -2,7 +2,7 @@
 
 One row of shared memory per worker slot (taskiq's `worker-N`; a restarted
 process takes over its slot), written by the worker without locks and read
-by the main process's health endpoint (`health_server.py`): the pid, a state,
+by the main process's health endpoint (`server.py`): the pid, a state,
 when it started and became ready, tasks finished and when the last one did,
 and a heartbeat its event loop writes every second. A loop blocked by a task
 (a sync `time.sleep`, a CPU loop) stops writing it, which is what the
@@ -106,8 +106,12 @@ class WorkerHealth:
         async def listen_ready() -> AsyncGenerator[Any, None]:
             self.slots.set(self.slot, READY_AT, time.time())
             self.slots.set(self.slot, STATE, READY)
-            async for message in listen():
-                yield message
+            source = listen()
+            try:
+                async for message in source:
+                    yield message
+            finally:
+                await source.aclose()  # closed with this one, not by the GC
 
         broker.startup = beating_startup  # type: ignore[method-assign]
         broker.listen = listen_ready  # type: ignore[method-assign]

@@ -14,19 +14,19 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from taskiq_fastapi_cli.defaults import (
+    DEFAULT_BROKER_RETRY_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+)
 from taskiq_fastapi_cli.exceptions import CLIError
 
 APP_ENV = "TASKIQ_FASTAPI_APP"
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
 BROKER_RETRY_TIMEOUT_ENV = "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT"
-# Covers a broker that starts after its workers (docker-compose) and restarts.
-DEFAULT_BROKER_RETRY_TIMEOUT = 120.0
 HEALTH_PORT_ENV = "TASKIQ_FASTAPI_HEALTH_PORT"
 HEALTH_HOST_ENV = "TASKIQ_FASTAPI_HEALTH_HOST"
 STALL_TIMEOUT_ENV = "TASKIQ_FASTAPI_STALL_TIMEOUT"
 DEFAULT_HEALTH_HOST = "127.0.0.1"
-# Longer than any await-based task holds the loop; a blocked loop exceeds it.
-DEFAULT_STALL_TIMEOUT = 60.0
 
 
 class StartMethod(str, enum.Enum):
@@ -63,7 +63,7 @@ class WorkerCommand(TyperCommand):
             formatter.write_dl(ARGUMENTS_HELP)
         self.format_options(ctx, formatter)
         self.format_epilog(ctx, formatter)
-        from taskiq_fastapi_cli.args import taskiq_options_help
+        from taskiq_fastapi_cli.runtime.args import taskiq_options_help
 
         formatter.write("\nOptions passed through to `taskiq worker` unchanged:\n\n")
         formatter.write(taskiq_options_help())
@@ -168,8 +168,8 @@ def worker(
         StartMethod | None,
         typer.Option(
             "--start-method",
-            help="How worker processes start. Default: taskiq's (fork; spawn "
-            "on macOS), spawn with --reload.",
+            help="How worker processes start. Default: fork (spawn on macOS), "
+            "on Python 3.14+ too; spawn with --reload.",
         ),
     ] = None,
     reload_include: Annotated[
@@ -235,7 +235,7 @@ def worker(
     ] = DEFAULT_BROKER_RETRY_TIMEOUT,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
-    from taskiq_fastapi_cli.worker import start_worker
+    from taskiq_fastapi_cli.commands.worker import start_worker
 
     code = start_worker(
         taskiq_args or [],
@@ -272,7 +272,7 @@ def check(
     Exits 1 when a task has a problem (the worker would refuse to start), so
     CI can run it; starts nothing.
     """
-    from taskiq_fastapi_cli.check import run_check
+    from taskiq_fastapi_cli.commands.check import run_check
 
     code = run_check(taskiq_args or [], app_path, factory, as_json)
     if code:
@@ -314,7 +314,7 @@ def health(
 
     For Docker HEALTHCHECK and exec probes in images without curl.
     """
-    from taskiq_fastapi_cli.probe import probe
+    from taskiq_fastapi_cli.commands.probe import probe
 
     healthy, line = probe(host, port, ready, timeout)
     typer.echo(line, err=not healthy)

@@ -1,0 +1,1 @@
+"""Health: the rows each worker process writes, and the endpoint reading them."""

@@ -1,0 +1,227 @@
+"""Hand over to taskiq's worker runner with `init` applied in every worker process.
+
+The CLI's reliance on taskiq internals is all here, pinned by
+tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
+creates the module-level `ProcessManager` with the module-level `start_listen`
+as the worker function, so for the duration of the call those names point to
+`SafeProcessManager` (supervisor.py) and `worker_process`, which applies
+`init` to the broker and then runs taskiq's own `start_listen`, whose import
+of the broker's path returns that broker (`_listen`).
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from taskiq import AsyncBroker
+from taskiq.cli.worker import run as taskiq_run
+from taskiq.cli.worker.run import start_listen as taskiq_start_listen
+
+import taskiq_fastapi
+from taskiq_fastapi.exceptions import TaskiqFastAPIError
+from taskiq_fastapi.integration import app_source
+from taskiq_fastapi_cli.exceptions import (
+    EXIT_STARTUP_FAILURE,
+    EXIT_STOPPED_UNCLEAN,
+    CLIError,
+)
+from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
+from taskiq_fastapi_cli.runtime.discover import load_broker
+from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
+from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
+from taskiq_fastapi_cli.runtime.outages import BrokerOutages, WorkerStopped
+from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard, StopStage
+from taskiq_fastapi_cli.runtime.supervisor import (
+    STOP_SIGNALS,
+    SafeProcessManager,
+    release_stop_signals,
+)
+
+if TYPE_CHECKING:
+    from taskiq_fastapi_cli.health.server import HealthServer
+
+
+def worker_process(args: FastAPIWorkerArgs) -> None:
+    """Body of every worker process, including ones restarted by taskiq."""
+    try:
+        release_stop_signals()
+        broker = load_broker(args.broker)
+        guard = compose(broker, args)
+        _listen(args, broker, guard)
+        if not guard.clean:
+            # A second signal cancelled tasks, or the lifespan did not shut
+            # down within --shutdown-timeout: the command must not exit 0.
+            sys.exit(EXIT_STOPPED_UNCLEAN)
+    except (WorkerStopped, KeyboardInterrupt):
+        # Stopped by a signal while starting or waiting for the broker.
+        sys.exit(0)
+    except TaskiqFastAPIError as exc:
+        # Stop the whole command instead of taskiq restarting this process
+        # forever.
+        _stop_command(args, str(exc))
+        sys.exit(EXIT_STARTUP_FAILURE)
+    finally:
+        # Done: the main process's next stop signal (it signals every worker
+        # as it shuts down) must not kill this process as Python finalizes,
+        # when the default handlers are back, and turn its exit status into
+        # "killed by SIGINT".
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
+    """Put the worker runtime's layers around the broker, in this order.
+
+    Each layer replaces some of `broker.startup`, `shutdown`, `listen` and
+    the result backend's `set_result` with a wrapper around what is there,
+    so the later a layer, the further out it sits:
+
+    1. fork safety (forksafe.py): the broker's clients renewed, before any
+       of them connects;
+    2. `taskiq_fastapi.init`: the app's lifespan in the worker startup and
+       shutdown events, FastAPI dependencies in tasks;
+    3. outage retries (outages.py): startup, fetch, results and acks retried
+       while the broker is unreachable, innermost so that every layer above
+       sees a fetch that waits instead of failing;
+    4. the fetch limit (fetch_limit.py): counts the messages the retries
+       hand out;
+    5. health (health/report.py): ready once listening, one counter per task;
+    6. the stop (shutdown.py), outermost: it remembers the fetch the
+       receiver awaits, decides whether a result is saved and a message
+       acknowledged, and notes that the whole shutdown completed.
+
+    One close discipline: every `listen` wrapper closes the fetch it wraps
+    when it is closed itself. One failure path: a layer that must end the
+    command reports to the main process through `Failures` (`give_up`,
+    `_stop_command`), which stops every worker gracefully and exits 3; a stop
+    signal reaches every layer through the guard's `on_signal`.
+    """
+    renew_after_fork(broker)
+    # Without --app, the broker module's own init names the app (the main
+    # process checked that it did).
+    source = args.app or app_source(broker)
+    taskiq_fastapi.init(broker, source, base_url=args.base_url)  # type: ignore[arg-type]
+    outages = BrokerOutages(
+        broker,
+        args.broker,
+        args.broker_retry_timeout,
+        give_up=lambda message: _stop_command(args, message),
+    )
+    fetch_at_most(broker, args.max_tasks_per_child)
+    on_signal = outages.stop
+    if args.health_slots is not None:
+        from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
+
+        health = WorkerHealth(args.health_slots, worker_slot())
+        health.install(broker)
+        on_signal = _both(outages.stop, health.stopping)
+    return ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        first()
+        second()
+
+    return call
+
+
+def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) -> None:
+    """Run taskiq's `start_listen` with the broker this process initialised.
+
+    `start_listen` imports the broker by its path with the run module's
+    `import_object` (taskiq 0.12 also takes an instance, 0.11 does not), so
+    for that path it returns this instance: a broker factory is called once
+    and `init` applies to its result. For the receiver's path it returns the
+    receiver class made stoppable by `guard` (shutdown.py).
+    """
+    import_object = taskiq_run.import_object  # type: ignore[attr-defined]
+
+    def this_broker(spec: str, *args_: Any, **kwargs: Any) -> Any:
+        if spec == args.broker:
+            return broker
+        imported = import_object(spec, *args_, **kwargs)
+        if spec == args.receiver:
+            return guard.receiver(imported)
+        return imported
+
+    with _taskiq_run_uses(import_object=this_broker):
+        taskiq_start_listen(args)  # taskiq's own: the module name is ours here
+
+
+def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:
+    """End the whole command with `message`, once, whichever process fails.
+
+    The first failing process reports its cause; the main process's loop
+    sees it within a second and stops every worker gracefully; the command
+    then exits 3.
+    """
+    args.failures.report(message)
+
+
+class Failures:
+    """The channel from worker processes to the main process: fatal failures.
+
+    Shared memory and a pipe created by the main process and handed to each
+    worker in its arguments, which multiprocessing supports under fork, spawn
+    and forkserver alike. Not a signal to the parent: under forkserver a
+    worker's parent is the fork server, not the main process.
+    """
+
+    def __init__(self) -> None:
+        self._messages: Any = multiprocessing.SimpleQueue()
+        self._reported: Any = multiprocessing.Value("b", 0)
+
+    def report(self, message: str) -> bool:
+        """Keep `message` if it is the first; return whether it was."""
+        with self._reported.get_lock():
+            if self._reported.value:
+                return False
+            self._messages.put(message)
+            self._reported.value = 1
+            return True
+
+    def reported(self) -> bool:
+        """Whether a worker reported a failure (read by the main process's loop)."""
+        return bool(self._reported.value)
+
+    def first(self) -> str | None:
+        """The first failure reported, if any."""
+        return None if self._messages.empty() else str(self._messages.get())
+
+
+@contextmanager
+def _taskiq_run_uses(**names: Any) -> Iterator[None]:
+    """For the duration of the call, taskiq's run module uses our versions."""
+    originals = {name: getattr(taskiq_run, name) for name in names}
+    for name, value in names.items():
+        setattr(taskiq_run, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(taskiq_run, name, value)
+
+
+def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
+    """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
+    failures = Failures()
+    args.failures = failures
+    args.stop_stage = StopStage()
+    manager = functools.partial(SafeProcessManager, health=health)
+    try:
+        with _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager):
+            status = taskiq_run.run_worker(args)
+    finally:
+        if health is not None:
+            health.stop()
+    message = failures.first()
+    if message is not None:
+        raise CLIError(message, EXIT_STARTUP_FAILURE)
+    return status or 0

@@ -1,0 +1,240 @@
+"""How a worker process stops: on the supervisor's count of stop signals.
+
+Signals are counted by the main process (supervisor.py), where one Ctrl-C
+reaching the whole process group is one signal; it writes the stage reached
+into shared memory (`StopStage`) and signals each worker. A worker reads the
+stage whenever a stop signal reaches it (any it receives is at least the
+first):
+
+1. graceful: stop fetching, let in-flight tasks finish (taskiq's own
+   shutdown: the receiver's finish event), then the broker's shutdown, the
+   app's lifespan included, within --shutdown-timeout;
+2. now: in-flight tasks are cancelled as well; a cancelled task gets no
+   result and is not acknowledged, so the broker delivers it again where its
+   ack type allows. The lifespan still shuts down within --shutdown-timeout.
+
+(Past --hardkill-count signals the supervisor kills every process; nothing
+runs here for that.) The worker exits 0 only when no task was cancelled and
+the broker's shutdown completed.
+
+Upstream behaviours replaced here:
+
+- taskiq's worker installs its handlers with `signal.signal`, which does not
+  wake an event loop asleep in `select()` with no timer due: a worker idle on
+  a blocking fetch ignored the signal until a message arrived. Ours are
+  installed with `loop.add_signal_handler` as the receiver starts listening,
+  replacing taskiq's, whatever way taskiq installed them: the receiver's
+  finish event is set here, not read from taskiq's handler.
+- taskiq counts signals in each process: a Ctrl-C reached each worker twice
+  (from the terminal and from the supervisor), and a worker killed itself
+  ("Hard kill") with its lifespan shutdown skipped.
+- On shutdown taskiq cancels the broker's pending fetch and waits for it.
+  A cancellation that lands as redis-py 8's read timeout expires is
+  swallowed, and taskiq-redis's idle stream fetch loop then never returns.
+  Waking on the signal makes that race rare; for the rest, a fetch still
+  running after a grace period is cancelled again, until it ends.
+
+Per task this costs a set insertion and removal; per acknowledged message,
+one more ack wrapper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from taskiq import AckableMessage, AsyncBroker
+from taskiq.receiver import Receiver
+from taskiq.utils import maybe_awaitable
+
+logger = logging.getLogger("taskiq_fastapi")
+
+FETCH_GRACE_SECONDS = 2.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RUNNING, GRACEFUL, NOW, KILL = 0, 1, 2, 3
+
+
+class StopStage:
+    """Shared by the main process (writes) and the workers (read), lock-free."""
+
+    def __init__(self) -> None:
+        self.shared: Any = multiprocessing.RawValue("i", RUNNING)
+
+    @property
+    def value(self) -> int:
+        return int(self.shared.value)
+
+    def reach(self, stage: int) -> None:
+        """Called from the main process's signal handler: one store."""
+        if stage > self.shared.value:
+            self.shared.value = stage
+
+
+class ShutdownGuard:
+    """Installed on the broker of every worker process."""
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        stage: StopStage | None = None,
+        on_signal: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.stage = stage
+        self.notify = on_signal
+        self.fetching: asyncio.Task[Any] | None = None
+        self.watchdog: asyncio.Task[None] | None = None
+        self.finish: asyncio.Event | None = None
+        self.stopping = False
+        self.now = False
+        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.cancelled: set[asyncio.Task[Any]] = set()
+        self.shut_down = False
+        logging.getLogger("taskiq.receiver.receiver").addFilter(self._not_cut)
+        self._remember_fetch(broker)
+        self._no_result_when_cancelled(broker)
+        self._note_shutdown(broker)
+
+    def _not_cut(self, record: logging.LogRecord) -> bool:
+        """Drop taskiq's traceback for a task cancelled here (said in one line)."""
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, asyncio.CancelledError):
+            return True
+        try:
+            return asyncio.current_task() not in self.cancelled
+        except RuntimeError:  # no running loop
+            return True
+
+    @property
+    def clean(self) -> bool:
+        """No task cancelled, and the broker's shutdown (lifespan) completed."""
+        return self.shut_down and not self.cancelled
+
+    def _remember_fetch(self, broker: AsyncBroker) -> None:
+        listen: Callable[[], AsyncIterator[Any]] = broker.listen
+
+        async def remembered_listen() -> AsyncGenerator[Any, None]:
+            source = listen()
+            try:
+                while True:
+                    self.fetching = asyncio.current_task()
+                    try:
+                        message = await anext(source)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        self.fetching = None
+                    yield message
+            finally:
+                await source.aclose()  # type: ignore[attr-defined]
+
+        broker.listen = remembered_listen  # type: ignore[method-assign]
+
+    def _no_result_when_cancelled(self, broker: AsyncBroker) -> None:
+        backend = broker.result_backend
+        set_result = backend.set_result
+
+        async def set_result_unless_cancelled(task_id: str, result: Any) -> None:
+            if asyncio.current_task() not in self.cancelled:
+                await set_result(task_id, result)
+
+        backend.set_result = set_result_unless_cancelled  # type: ignore[method-assign]
+
+    def _note_shutdown(self, broker: AsyncBroker) -> None:
+        shutdown = broker.shutdown
+
+        async def noted_shutdown() -> None:
+            await shutdown()
+            self.shut_down = True
+
+        broker.shutdown = noted_shutdown  # type: ignore[method-assign]
+
+    def receiver(self, receiver_type: type[Receiver]) -> type[Receiver]:
+        """The receiver class taskiq (or --receiver) names, stoppable from here."""
+        guard = self
+
+        class StoppableReceiver(receiver_type):  # type: ignore[valid-type,misc]
+            async def listen(self, finish_event: asyncio.Event) -> None:
+                guard.start(finish_event)
+                await super().listen(finish_event)
+
+            async def callback(self, message: Any, raise_err: bool = False) -> None:
+                await guard.run(super().callback, message, raise_err)
+
+        return StoppableReceiver
+
+    def start(self, finish: asyncio.Event) -> None:
+        """The receiver starts: stop signals go through the loop from now on."""
+        self.finish = finish
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, self.on_signal)
+        if self.stage is not None and self.stage.value:
+            self.on_signal()  # the command was stopping before this process ran
+
+    async def run(
+        self,
+        callback: Callable[[Any, bool], Any],
+        message: Any,
+        raise_err: bool,
+    ) -> None:
+        """One task: remembered while in flight; no ack once cancelled."""
+        task = asyncio.current_task()
+        assert task is not None
+        if self.now:
+            # Fetched before the stop, started after it: not run, not acked.
+            self.cancelled.add(task)
+            return
+        if isinstance(message, AckableMessage):
+            message = self._ack_unless_cancelled(message, task)
+        self.in_flight.add(task)
+        try:
+            await callback(message, raise_err)
+        except asyncio.CancelledError:
+            if task not in self.cancelled:
+                raise
+        finally:
+            self.in_flight.discard(task)
+
+    def _ack_unless_cancelled(
+        self, message: AckableMessage, task: asyncio.Task[Any]
+    ) -> AckableMessage:
+        ack = message.ack
+
+        async def ack_unless_cancelled() -> None:
+            if task not in self.cancelled:
+                await maybe_awaitable(ack())
+
+        return message.model_copy(update={"ack": ack_unless_cancelled})
+
+    def on_signal(self) -> None:
+        """A stop signal: apply the stage the supervisor has reached."""
+        stage = max(GRACEFUL, self.stage.value if self.stage is not None else 0)
+        self.now = stage >= NOW
+        if not self.stopping:
+            self.stopping = True
+            self.notify()
+            if self.finish is not None:
+                self.finish.set()
+            self.watchdog = asyncio.get_running_loop().create_task(self.unstick())
+        cut = self.in_flight - self.cancelled if self.now else set()
+        if cut:
+            logger.warning(
+                "Stopping now: %d task(s) cancelled, with no result and no "
+                "acknowledgement.",
+                len(cut),
+            )
+        for task in cut:
+            self.cancelled.add(task)
+            task.cancel()
+
+    async def unstick(self) -> None:
+        """Cancel a fetch that outlives the grace period again, until it ends."""
+        await asyncio.sleep(FETCH_GRACE_SECONDS)
+        while self.fetching is not None and not self.fetching.done():
+            logger.warning("The broker's fetch ignored cancellation; cancelling again.")
+            self.fetching.cancel()
+            await asyncio.sleep(FETCH_GRACE_SECONDS / 4)

@@ -1,0 +1,157 @@
+"""Stop signals, counted by the main process, in every state of a worker (issue 18).
+
+One Ctrl-C reaching the whole process group is one signal. The first stops
+gracefully; the second stops now (in-flight tasks cancelled, lifespans still
+shut down, exit 4); taskiq's --hardkill-count (3) kills every process (exit 4).
+Whatever the state and however many signals, nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from taskiq.kicker import AsyncKicker
+from workers import WorkerRun
+
+pytestmark = pytest.mark.anyio
+
+SHUTDOWN_TIMEOUT = 2
+# The second signal's deadline (--shutdown-timeout + 3 s) and generous slack.
+EXIT_WITHIN = 30
+EXIT_UNCLEAN = 4
+STATES = ["starting", "idle", "awaiting task", "blocking task", "reload restart"]
+
+
+def session_processes(session: int) -> list[str]:
+    """Command lines of the live processes of a session (the command's group)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def assert_nothing_left(session: int) -> None:
+    deadline = time.monotonic() + 10  # the fork server exits once it sees EOF
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []
+
+
+def expected_codes(state: str, signals: int) -> set[int]:
+    if signals == 1:
+        return {0}  # graceful: every task finishes, every lifespan shuts down
+    if state in ("awaiting task", "blocking task"):
+        return {EXIT_UNCLEAN}  # cancelled, or killed past the deadline
+    # Nothing in flight: a clean stop, unless the last signal killed it first.
+    return {0} if signals == 2 and state == "idle" else {0, EXIT_UNCLEAN}
+
+
+@pytest.mark.parametrize("signals", [1, 2, 3])
+@pytest.mark.parametrize("state", STATES)
+async def test_stop_signals_leave_no_process_behind(
+    run: WorkerRun, tmp_path: Path, state: str, signals: int
+) -> None:
+    await stop_in_state(run, tmp_path, state, signals)
+
+
+@pytest.mark.parametrize("signals", [1, 2, 3])
+@pytest.mark.parametrize("state", ["idle", "awaiting task"])
+async def test_the_same_under_forkserver(
+    run: WorkerRun, tmp_path: Path, state: str, signals: int
+) -> None:
+    # Python 3.14's default on Linux; its workers are the fork server's children.
+    await stop_in_state(run, tmp_path, state, signals, "--start-method", "forkserver")
+
+
+async def stop_in_state(
+    run: WorkerRun, tmp_path: Path, state: str, signals: int, *options: str
+) -> None:
+    run.env["SLOW_STARTUP"] = "3" if state == "starting" else "0"
+    # One signal waits for the task: short then; long when it must be cut.
+    seconds = 3.0 if signals == 1 else 3600.0
+    extra = ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), *options]
+    if state == "reload restart":
+        watched = tmp_path / "watched"
+        watched.mkdir()
+        extra += ["--reload", "--reload-dir", str(watched)]
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", "workerapp.slow",
+        "--app", "workerapp.slow:app", "--workers", "1", *extra,
+    )  # fmt: skip
+    run.stopped.append(worker)
+    if state == "starting":
+        time.sleep(1.5)  # imported, in the lifespan's 3 s startup
+        assert run.count("startup") == {}
+    else:
+        run.wait_for("startup", processes=1)
+    if state == "reload restart":
+        (watched / "changed.py").write_text("x = 1\n")
+        time.sleep(0.5)  # the manager restarts within a second
+    await run.sender.startup()
+    try:
+        if state == "awaiting task":
+            await run.kiq("slow", 0, seconds)
+            run.wait_for("task 0 started", processes=1)
+        elif state == "blocking task":
+            await AsyncKicker("workerapp.slow:block_loop", run.sender, {}).kiq(seconds)
+            run.wait_for("blocking", processes=1)
+    finally:
+        await run.sender.shutdown()
+    started = time.monotonic()
+    for n in range(signals):
+        if n:
+            time.sleep(0.5)
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C: the whole group
+    code = worker.wait(timeout=EXIT_WITHIN)
+    output = run.output(worker)
+    assert code in expected_codes(state, signals), output
+    assert "Traceback" not in output
+    assert_nothing_left(worker.pid)
+    if signals == 1 or state in ("idle", "awaiting task"):
+        # Each lifespan that started shut down, the cut task's included.
+        assert run.count("shutdown") == run.count("startup"), run.events()
+    if signals > 1 and state in ("awaiting task", "blocking task"):
+        assert time.monotonic() - started < SHUTDOWN_TIMEOUT + 3 + 10, output
+
+
+async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
+    stream_run: WorkerRun,
+) -> None:
+    run = stream_run
+    ack = ["--ack-type", "when_executed"]
+    app = ["workerapp.broker:broker", "workerapp.tasks", "--app", "workerapp.app:app"]
+    first = run.start("worker", *app, "--workers", "1", *ack)
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        task = await run.kiq("slow_first_time", 7)
+        run.wait_for("task 7 started", processes=1)
+        run.stopped.append(first)
+        os.killpg(first.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(timeout=EXIT_WITHIN) == EXIT_UNCLEAN, run.output(first)
+        (pid,) = run.count("startup")
+        assert run.count("shutdown") == {pid: 1}  # the lifespan still shut down
+        assert not await task.is_ready()  # no result for the cut task
+        second = run.start("worker", *app, "--workers", "1", *ack)
+        run.wait_for("startup", processes=2)
+        await asyncio.sleep(1.5)  # past the stream broker's idle_timeout
+        await run.kiq("mark", -1)  # it reclaims on its next fetch
+        result = await task.wait_result(timeout=60)
+    finally:
+        await run.sender.shutdown()
+    assert result.return_value == 7
+    assert run.count("task 7 done") != {pid: 1}  # ran again, elsewhere
+    assert run.stop(second) == 0
