@@ -4,7 +4,7 @@ A taskiq middleware records a task's states without the task doing
 anything: `queued` when it is kicked (written while the message is sent, and
 never over a worker's record), `started` when a worker begins it, and its
 outcome. Records live in the broker's result backend under ids of their own
-(`_taskiq.record_storage` says where, per backend), so the backend's expiry
+(`_brokers.record_storage` says where, per backend), so the backend's expiry
 applies, taskiq's `ProgressTracker` keeps the task's own progress slot, and
 reading a status never takes a result that reading would delete.
 """
@@ -29,7 +29,7 @@ from taskiq import (
     TaskiqResult,
 )
 
-from taskiq_fastapi._taskiq import (
+from taskiq_fastapi._brokers import (
     RecordStorage,
     RedisRecords,
     keeps_results,

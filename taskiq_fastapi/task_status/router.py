@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, create_model
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, AsyncTaskiqTask
 
-from taskiq_fastapi._taskiq import record_storage
+from taskiq_fastapi._brokers import record_storage
 from taskiq_fastapi.exceptions import TaskStatusError
 from taskiq_fastapi.task_status.records import (
     FINISHED,
