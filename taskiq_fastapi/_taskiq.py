@@ -76,15 +76,16 @@ class PerTaskContext(dict[Any, Any]):
         super().__init__(values)
         self.make_request = make_request
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        super().update(*args, **kwargs)
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        dict.update(self, other, **kwargs)
         # The receiver's update names the task's Context; other updates
         # (`broker.add_dependency_context` in a task) leave the task's own.
-        written: Mapping[Any, Any] = (
-            args[0] if args and isinstance(args[0], Mapping) else kwargs
-        )
-        if Context in written:
-            _task_context.set(written[Context])
+        # Every task pays for this line: a lookup, not an isinstance.
+        try:
+            context = other[Context]
+        except (KeyError, TypeError, IndexError):
+            return
+        _task_context.set(context)
 
     def __copy__(self) -> dict[Any, Any]:
         values = dict(self)
