@@ -442,30 +442,48 @@ class NatsKeyValues:
         self.backend = backend
         self.ttl = ttl
         self.bucket: Any = None
+        self.name = f"{backend.bucket_name}-taskiq-fastapi"  # type: ignore[attr-defined]
 
     async def _bucket(self) -> Any:
         if self.bucket is None:
             from nats.js.errors import BucketNotFoundError
 
             jetstream = self.backend.nats_jetstream  # type: ignore[attr-defined]
-            name = f"{self.backend.bucket_name}-taskiq-fastapi"  # type: ignore[attr-defined]
             try:
-                self.bucket = await jetstream.key_value(name)
+                self.bucket = await jetstream.key_value(self.name)
             except BucketNotFoundError:
                 self.bucket = await jetstream.create_key_value(
-                    bucket=name, ttl=self.ttl
+                    bucket=self.name, ttl=self.ttl
                 )
         return self.bucket
 
     async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
-        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import (
+            KeyWrongLastSequenceError,
+            NoStreamResponseError,
+            NotFoundError,
+        )
 
-        bucket, value = await self._bucket(), json.dumps(record).encode()
-        if not first:
-            await bucket.put(key, value)
-            return
-        with contextlib.suppress(KeyWrongLastSequenceError):  # a worker's is there
-            await bucket.create(key, value)
+        value = json.dumps(record).encode()
+        for attempt in range(2):
+            bucket = await self._bucket()
+            try:
+                if not first:
+                    await bucket.put(key, value)
+                    return
+                with contextlib.suppress(KeyWrongLastSequenceError):  # a worker's
+                    await bucket.create(key, value)
+                return
+            except (NoStreamResponseError, NotFoundError):
+                if attempt:
+                    raise
+                # The server lost the bucket (restarted without its store):
+                # make it again, as LostState does taskiq-nats' own.
+                logger.warning(
+                    "Recreated JetStream key-value bucket %r: the server lost it.",
+                    self.name,
+                )
+                self.bucket = None
 
     async def get(self, key: str) -> dict[str, Any] | None:
         from nats.js.errors import KeyNotFoundError
@@ -531,6 +549,7 @@ class RedisRecords:
         yourself then).
         """
         from redis.asyncio import Redis
+        from redis.exceptions import NoPermissionError
         from taskiq_redis import ListQueueBroker
 
         if type(broker) is not ListQueueBroker or _server(
@@ -544,16 +563,45 @@ class RedisRecords:
         )
         expiry = ["EX", self.ex] if self.ex else ["PX", self.px]
 
+        refused = False
+
         async def kick_with_record(message: BrokerMessage) -> None:
+            nonlocal refused
             record = stashed.pop(message.task_id, None)
             if record is None:
                 await kick(message)
                 return
             queue = message.labels.get("queue_name") or broker.queue_name
             key, value = record
-            await script(keys=[key, queue], args=[value, message.message, *expiry])
+            if not refused:
+                try:
+                    await script(
+                        keys=[key, queue], args=[value, message.message, *expiry]
+                    )
+                    return
+                except NoPermissionError as exc:
+                    # A user without scripting (Redis ACL): the script never
+                    # ran, so nothing was sent. Kick and write apart from now.
+                    refused = True
+                    logger.warning(
+                        "TaskStatus writes each kick's record apart from the "
+                        "kick: the Redis user may not run scripts (%s).",
+                        describe(exc),
+                    )
+            await kick(message)
+            try:
+                await self.client.set(key, value, ex=self.ex, px=self.px, nx=True)
+            except Exception as exc:  # the task was sent: a record fails no kick
+                logger.warning(
+                    "Task %s: its queued state was not recorded: %s",
+                    message.task_id,
+                    describe(exc),
+                )
 
         def stash(task_id: str, key: str, record: dict[str, Any]) -> bool:
+            # Kicks that fail before sending leave theirs here: keep it bounded.
+            if len(stashed) >= _MAX_STASHED:
+                del stashed[next(iter(stashed))]
             stashed[task_id] = (self._key(key), json.dumps(record))
             return True
 
@@ -561,6 +609,9 @@ class RedisRecords:
         return stash
 
 
+# Records of kicks being made, waiting for their kick (more would be kicks
+# that failed before they were sent).
+_MAX_STASHED = 10_000
 # A kick's record (unless a worker's is there) and its message, at once.
 _SET_AND_LPUSH = """
 redis.call('SET', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 'NX')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import threading
 import time
@@ -486,3 +487,94 @@ def test_tasks_of_another_broker_or_none_are_one_clear_error() -> None:
         taskiq_fastapi.TaskStatus(broker, [])
     assert str(raised.value) == "TaskStatus was given no tasks to show."
     assert broker.middlewares == []
+
+
+def _failing_app(broker: InMemoryBroker) -> tuple[FastAPI, Any]:
+    @broker.task
+    async def charge() -> int:
+        raise ValueError("card 4242-4242-4242-4242 declined")
+
+    return FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker)), charge
+
+
+def test_each_task_status_shows_messages_only_if_it_asked() -> None:
+    """Two on one broker: the public one never shows what the admin one does."""
+    broker = InMemoryBroker()
+    app, charge = _failing_app(broker)
+    public = taskiq_fastapi.TaskStatus(broker, [charge], name="public")
+    admin = taskiq_fastapi.TaskStatus(
+        broker, [charge], name="admin", error_messages=True
+    )
+    app.include_router(public.router(prefix="/tasks"))
+    app.include_router(admin.router(prefix="/admin/tasks"))
+
+    @app.post("/charge")
+    async def kick() -> Any:
+        return {"id": (await charge.kiq()).task_id}
+
+    with TestClient(app) as client:
+        task_id = client.post("/charge").json()["id"]
+        seen_public = wait_for(client, f"/tasks/{task_id}", "failed")
+        seen_admin = wait_for(client, f"/admin/tasks/{task_id}", "failed")
+    assert seen_public["error"] == {"type": "ValueError", "message": None}
+    assert seen_admin["error"] == {
+        "type": "ValueError",
+        "message": "card 4242-4242-4242-4242 declined",
+    }
+
+
+def test_a_second_task_status_on_a_broker_needs_its_own_name_and_the_same_keep_for() -> (
+    None
+):
+    broker = InMemoryBroker()
+    _, charge = _failing_app(broker)
+    taskiq_fastapi.TaskStatus(broker, [charge])
+    with pytest.raises(taskiq_fastapi.TaskStatusError, match="named 'task_status'"):
+        taskiq_fastapi.TaskStatus(broker, [charge])
+    with pytest.raises(taskiq_fastapi.TaskStatusError, match="same keep_for"):
+        taskiq_fastapi.TaskStatus(
+            broker, [charge], name="audit", keep_for=dt.timedelta(days=7)
+        )
+
+
+class Plain:
+    """Not a type Pydantic can show."""
+
+
+def test_a_return_annotation_that_cannot_be_shown_is_one_clear_error() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def make() -> Plain:
+        return Plain()
+
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [make])
+    assert str(raised.value).startswith(
+        f"Task {make.task_name!r}: its return annotation cannot be shown as a result:"
+    )
+    assert "\n" not in str(raised.value)
+
+
+def test_a_result_that_does_not_match_its_annotation_shows_no_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def count() -> int:
+        return "not a number"  # type: ignore[return-value]
+
+    status = taskiq_fastapi.TaskStatus(broker, [count])
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/count")
+    async def kick() -> Any:
+        return {"id": (await count.kiq()).task_id}
+
+    with TestClient(app) as client:
+        task_id = client.post("/count").json()["id"]
+        shown = wait_for(client, f"/tasks/{task_id}", "succeeded")
+    assert shown["result"] is None
+    assert "its result does not match its return annotation" in caplog.text

@@ -126,3 +126,43 @@ def test_typed_results_schema_404s_and_access(api: str) -> None:
         unlisted = client.post("/unlisted", headers=ALICE).json()["task_id"]
         time.sleep(0.3)
         assert client.get(f"/tasks/{unlisted}", headers=ALICE).status_code == 404
+
+
+@pytest.mark.anyio
+async def test_a_redis_user_that_may_not_run_scripts_still_kicks_and_records(
+    redis_url: str,
+) -> None:
+    """A Redis ACL without scripting (some managed plans): the list broker's
+    kick-with-record script is refused, so the kick and the record go apart."""
+    from fastapi import FastAPI
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    import taskiq_fastapi
+
+    admin = Redis.from_url(redis_url)
+    await admin.execute_command(
+        "ACL", "SETUSER", "noscripts", "on", ">s3cret", "~*", "&*", "+@all",
+        "-@scripting",
+    )  # fmt: skip
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    url = f"redis://noscripts:s3cret@127.0.0.1:{port}/0"
+    broker = ListQueueBroker(url, queue_name="noscripts").with_result_backend(
+        RedisAsyncResultBackend(url)
+    )
+
+    @broker.task
+    async def noop() -> None:
+        return None
+
+    status = taskiq_fastapi.TaskStatus(broker, [noop])
+    try:
+        async with taskiq_fastapi.broker_lifespan(broker)(FastAPI()):
+            kicked = await noop.kiq()
+            assert await admin.llen("noscripts") == 1  # the kick was sent, once
+            record = await status.store.read(kicked.task_id)
+    finally:
+        await admin.delete("noscripts")
+        await admin.aclose()
+    assert record is not None
+    assert record.state == "queued"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -35,6 +35,7 @@ from taskiq_fastapi._brokers import (
     keeps_results,
     peek_result,
 )
+from taskiq_fastapi.connections import describe
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -140,12 +141,21 @@ class RecordStore:
         await self.storage.delete(task_id + _RECORD_SUFFIX)
 
     async def current(self, task_id: str, error_messages: bool) -> TaskRecord | None:
-        """The task's record, with its outcome where the result holds it."""
+        """The task's record, with its outcome where the result holds it.
+
+        A failure's message is kept in the record (the result backend holds
+        it anyway) and shown only to a reader that asks for it.
+        """
         record = await self.read(task_id)
-        if record is None or record.state in FINISHED:
+        if record is not None and record.state not in FINISHED:
+            result = await peek_result(self.broker.result_backend, task_id)
+            if result is not None:
+                record = finished(record, result)
+        if record is None or record.error is None or error_messages:
             return record
-        result = await peek_result(self.broker.result_backend, task_id)
-        return record if result is None else finished(record, result, error_messages)
+        return record.model_copy(
+            update={"error": record.error.model_copy(update={"message": None})}
+        )
 
     async def set_progress(self, task_id: str, progress: Any) -> None:
         value = {"progress": to_jsonable_python(progress, fallback=repr)}
@@ -160,9 +170,7 @@ class RecordStore:
         return None if progress is None else progress.meta
 
 
-def finished(
-    record: TaskRecord, result: TaskiqResult[Any], error_messages: bool
-) -> TaskRecord:
+def finished(record: TaskRecord, result: TaskiqResult[Any]) -> TaskRecord:
     """The record of a task that ended with `result`.
 
     Its start and end times come from the result's labels, where the worker
@@ -175,7 +183,7 @@ def finished(
         done["state"] = "failed"
         done["error"] = TaskError(
             type=type(result.error).__name__,
-            message=str(result.error) if error_messages else None,
+            message=str(result.error),
         )
     else:
         done["state"] = "succeeded"
@@ -212,7 +220,9 @@ class _Start:
             # Made only now: most tasks end before, and never need it.
             record = _record(self.message)
             assert record is not None  # only made for messages with QUEUED_LABEL
-            self.write = asyncio.ensure_future(self.store.write(record))
+            self.write = asyncio.ensure_future(
+                _recorded(self.store.write(record), record, "started")
+            )
         return self.write
 
     async def now(self) -> None:
@@ -248,7 +258,6 @@ class Recorder(TaskiqMiddleware):
         super().__init__()
         self.store = store
         self.task_names: set[str] = set()
-        self.error_messages = False
         # The `queued` write of each kick being sent, by task id.
         self._queueing: dict[str, asyncio.Future[None]] = {}
         # The `started` write of each running task.
@@ -317,7 +326,29 @@ class Recorder(TaskiqMiddleware):
         if not keeps_results(self.store.broker.result_backend):
             record = _record(message)
             assert record is not None  # it has QUEUED_LABEL, as it has a _Start
-            await self.store.write(finished(record, result, self.error_messages))
+            done = finished(record, result)
+            await _recorded(self.store.write(done), done, done.state)
+
+
+async def _recorded(write: Awaitable[None], record: TaskRecord, state: str) -> None:
+    """A worker's write of a record; it failing fails no task.
+
+    The task's result is saved after this (taskiq saves it once the
+    middlewares are done): a record that cannot be written (the server is
+    down, or it lost its state, or the result is too large for a record)
+    must not keep the result from being saved, nor the message from being
+    acknowledged. Logged, one line; the status shows the last state written.
+    """
+    try:
+        await write
+    except Exception as exc:
+        logger.warning(
+            "Task %r (%s): its %s state was not recorded: %s",
+            record.task_name,
+            record.task_id,
+            state,
+            describe(exc),
+        )
 
 
 def recorder(store: RecordStore) -> Recorder:

@@ -6,13 +6,16 @@ import asyncio
 import datetime as dt
 import inspect
 import json
+import logging
 import typing
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic.errors import PydanticUserError
 from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, AsyncTaskiqTask
 
 from taskiq_fastapi._brokers import record_storage
@@ -27,6 +30,8 @@ from taskiq_fastapi.task_status.records import (
 )
 
 Task = AsyncTaskiqDecoratedTask[Any, Any]
+
+logger = logging.getLogger("taskiq_fastapi")
 
 
 class TaskAccepted(BaseModel):
@@ -79,6 +84,10 @@ def _status_model(task: Task, taken: set[str]) -> type[TaskStatusBase]:
     )
 
 
+# The TaskStatus objects made for each broker (they share its records).
+_serving: WeakKeyDictionary[AsyncBroker, list[TaskStatus]] = WeakKeyDictionary()
+
+
 class TaskStatus:
     """Records the listed tasks' states and serves them to the app's clients.
 
@@ -116,14 +125,33 @@ class TaskStatus:
                 raise TaskStatusError(
                     f"Task {task.task_name!r} is not a task of this broker."
                 )
-            self.models[task.task_name] = _status_model(task, taken)
+            try:
+                self.models[task.task_name] = _status_model(task, taken)
+            except PydanticUserError as exc:
+                raise TaskStatusError(
+                    f"Task {task.task_name!r}: its return annotation cannot be "
+                    f"shown as a result: {' '.join(str(exc).split())}"
+                ) from None
+        for other in _serving.get(broker, []):
+            if other.name == name:
+                raise TaskStatusError(
+                    f"Another TaskStatus named {name!r} already serves this "
+                    f"broker: give this one a name of its own (name=...), so "
+                    f"that its 202 Location points at its own routes."
+                )
+            if other.keep_for != keep_for:
+                raise TaskStatusError(
+                    f"Another TaskStatus serves this broker with keep_for="
+                    f"{other.keep_for}: the records of one broker are kept "
+                    f"alike, so give this one the same keep_for."
+                )
+        _serving.setdefault(broker, []).append(self)
         self.store = RecordStore(broker, storage)
-        self.keep_for = keep_for
+        self.keep_for: dt.timedelta = keep_for
         self.poll_interval = poll_interval
-        self.name = name
+        self.name: str = name
         self._recorder = recorder(self.store)
         self._recorder.task_names.update(self.models)
-        self._recorder.error_messages |= error_messages
         self.error_messages = error_messages
 
     async def kicked(self, task_id: str) -> TaskRecord:
@@ -140,14 +168,29 @@ class TaskStatus:
         return dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
 
     async def _status(self, record: TaskRecord) -> dict[str, Any]:
-        """The record as the task's own status model, in JSON form."""
-        status = self.models[record.task_name].model_validate(
-            {
-                "task": record.task_name,
-                "progress": await self.store.progress(record.task_id),
-                **record.model_dump(exclude={"task_name", "labels"}),
-            }
-        )
+        """The record as the task's own status model, in JSON form.
+
+        A result that does not match the task's return annotation is the
+        task's bug, not the client's: the status answers without it (and
+        says so in the log) instead of failing every read.
+        """
+        model = self.models[record.task_name]
+        fields = {
+            "task": record.task_name,
+            "progress": await self.store.progress(record.task_id),
+            **record.model_dump(exclude={"task_name", "labels"}),
+        }
+        try:
+            status = model.model_validate(fields)
+        except ValidationError as exc:
+            logger.warning(
+                "Task %r (%s): its result does not match its return annotation, "
+                "so its status shows none: %s",
+                record.task_name,
+                record.task_id,
+                " ".join(str(exc).split()),
+            )
+            status = model.model_validate({**fields, "result": None})
         return status.model_dump(mode="json")
 
     def router(self, *, prefix: str = "/tasks", **kwargs: Any) -> APIRouter:
