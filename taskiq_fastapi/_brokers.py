@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -114,34 +115,60 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
     """Check each connection the pool hands out; retry getting one if asked to."""
     get_connection = pool.get_connection
 
+    async def live_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = await get_connection(*args, **kwargs)
+        try:
+            await _reconnect_if_closed(connection)
+        except BaseException:
+            await pool.release(connection)
+            raise
+        return connection
+
     async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
-        deadline: float | None = None
+        if retry_timeout is None:
+            return await live_connection(*args, **kwargs)
+        # One clock from the first attempt: an attempt that never returns (a
+        # server that accepts and never answers) counts, as one that fails.
+        started = time.monotonic()
+        deadline = started + retry_timeout
         attempt = 0
         while True:
+            left = deadline - time.monotonic()
             try:
-                connection = await get_connection(*args, **kwargs)
-                try:
-                    await _reconnect_if_closed(connection)
-                except BaseException:
-                    await pool.release(connection)
+                return await _within(live_connection(*args, **kwargs), left)
+            except asyncio.TimeoutError:
+                exc: Exception = TimeoutError(
+                    f"no connection within {retry_timeout:g} s"
+                )
+            except Exception as error:
+                if not is_connection_error(error):
                     raise
-            except Exception as exc:
-                if retry_timeout is None or not is_connection_error(exc):
-                    raise
-                now = time.monotonic()
-                deadline = now + retry_timeout if deadline is None else deadline
-                if now >= deadline:
-                    raise BrokerUnreachableError(
-                        f"Broker {broker_name} at {_where(pool)} unreachable for "
-                        f"{retry_timeout:g} s: {describe(exc)}"
-                    ) from exc
-                delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
-                attempt += 1
-                await asyncio.sleep(min(delay, deadline - now))
-                continue
-            return connection
+                exc = error
+            now = time.monotonic()
+            if now >= deadline:
+                raise BrokerUnreachableError(
+                    f"Broker {broker_name} at {_where(pool)} unreachable for "
+                    f"{now - started:.0f} s: {describe(exc)}"
+                ) from exc
+            delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
+            attempt += 1
+            await asyncio.sleep(min(delay, deadline - now))
 
     pool.get_connection = get_live_connection
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(work: Awaitable[Any], seconds: float) -> Any:
+        """`work`, cancelled after `seconds` (asyncio.TimeoutError then)."""
+        async with asyncio.timeout(max(seconds, 0.001)):  # no task per call
+            return await work
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(work: Awaitable[Any], seconds: float) -> Any:
+        """`work`, cancelled after `seconds` (asyncio.TimeoutError then)."""
+        return await asyncio.wait_for(work, max(seconds, 0.001))
 
 
 async def _reconnect_if_closed(connection: Any) -> None:
@@ -412,7 +439,14 @@ class ProgressSlots:
         self.backend = backend
 
     async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
-        """Write it; `first`: the first write of a key (a worker's never are)."""
+        """Write it; `first`: only if the key has none yet.
+
+        A kick's write is first, and never goes over a worker's: a retried
+        task is kicked again under its id. The progress API has no "if
+        absent": a read first, which can race a worker's write by a moment.
+        """
+        if first and await self.get(key) is not None:
+            return
         progress = TaskProgress[Any](state=str(record.get("state")), meta=record)
         await self.backend.set_progress(key, progress)
 

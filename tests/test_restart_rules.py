@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -91,6 +92,33 @@ async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) ->
         "ConnectionError: "
     ), cause
     assert 1 <= waited < 5
+
+
+@pytest.mark.parametrize("socket_timeout", [None, 5.0])
+async def test_a_server_that_accepts_and_never_answers_is_bounded_too(
+    socket_timeout: float | None,
+) -> None:
+    """A listening socket that never replies: the bound holds, whatever
+    redis-py's own socket timeout (none at all, or longer than the bound)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)
+        port = silent.getsockname()[1]
+        broker = ListQueueBroker(
+            f"redis://127.0.0.1:{port}", queue_name="q", socket_timeout=socket_timeout
+        )
+        started = time.monotonic()
+        with pytest.raises(SendTaskError) as raised:
+            async with api(broker, retry_timeout=1):
+                await kiq(broker, 1)
+        waited = time.monotonic() - started
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError)
+    assert str(cause).startswith(
+        f"Broker ListQueueBroker at 127.0.0.1:{port} unreachable for 1 s: "
+        "TimeoutError: "
+    ), cause
+    assert 1 <= waited < 4
 
 
 class CuttingProxy:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker
+from taskiq import InMemoryBroker, SimpleRetryMiddleware
 from workerapp.statusapp import build
 
 import taskiq_fastapi
@@ -578,3 +578,40 @@ def test_a_result_that_does_not_match_its_annotation_shows_no_result(
         shown = wait_for(client, f"/tasks/{task_id}", "succeeded")
     assert shown["result"] is None
     assert "its result does not match its return annotation" in caplog.text
+
+
+def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:
+    """taskiq's retry kicks the task again under its id: not a new kick."""
+    broker = InMemoryBroker().with_middlewares(
+        SimpleRetryMiddleware(default_retry_count=3)
+    )
+    calls: list[int] = []
+
+    @broker.task(retry_on_error=True)
+    async def flaky() -> int:
+        calls.append(1)
+        await asyncio.sleep(0.1)
+        if len(calls) == 1:
+            raise RuntimeError("first try")
+        return 42
+
+    status = taskiq_fastapi.TaskStatus(broker, [flaky])
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/flaky", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await flaky.kiq(), request)
+
+    with TestClient(app) as client:
+        url = client.post("/flaky").headers["location"]
+        first = client.get(url).json()
+        states = [first["state"]]
+        while states[-1] not in ("succeeded", "failed"):
+            shown = client.get(url).json()
+            assert shown["queued_at"] == first["queued_at"]
+            if shown["state"] != states[-1]:
+                states.append(shown["state"])
+            time.sleep(0.01)
+    assert states in (["queued", "started", "succeeded"], ["queued", "succeeded"])
+    assert shown["result"] == 42

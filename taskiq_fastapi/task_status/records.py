@@ -268,7 +268,9 @@ class Recorder(TaskiqMiddleware):
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         if message.task_name not in self.task_names:
             return message
-        queued_at = _now()
+        queued = message.labels.get(QUEUED_LABEL)
+        # A retry kicks the task again with its labels: it was queued then.
+        queued_at = _now() if queued is None else dt.datetime.fromisoformat(queued)
         record = TaskRecord(
             task_id=message.task_id,
             task_name=message.task_name,
