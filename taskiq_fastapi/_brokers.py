@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -176,15 +177,30 @@ async def _reconnect_if_closed(connection: Any) -> None:
 
     What redis-py's pool does itself unless maintenance notifications are on.
     Reads the end-of-file flag of the connection's asyncio stream (redis-py
-    keeps it as `_reader`): no await, so a live connection costs next to
-    nothing.
+    keeps it as `_reader`, `_writer`), and, as that flag is only set once
+    the event loop has run since the server closed it, asks the socket
+    itself whether it has anything to read (an idle connection never has
+    but the server's close): no await, a live connection costs one poll.
     """
     reader = getattr(connection, "_reader", None)
-    if reader is None or not reader.at_eof():
+    if reader is None:
+        return
+    if not reader.at_eof() and not _readable(getattr(connection, "_writer", None)):
         return
     logger.debug("Pooled Redis connection found closed by the server; reconnecting.")
     await connection.disconnect()
     await connection.connect()
+
+
+def _readable(writer: Any) -> bool:
+    sock = None if writer is None else writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    except (OSError, ValueError):  # closed meanwhile
+        return True
+    return bool(readable)
 
 
 def _is_jetstream(broker: AsyncBroker) -> bool:

@@ -74,6 +74,22 @@ async def test_a_kick_waits_for_a_server_that_comes_back_within_the_bound(
     assert await queued(server.url, "q") == 1
 
 
+async def test_a_restart_while_the_event_loop_is_busy_fails_no_kick(
+    server: RedisServer,
+) -> None:
+    """The server goes and comes back while the API's loop runs sync code:
+    the loop never ran to see the pooled connection close (so the stream's
+    end-of-file flag is not set); the socket is asked instead."""
+    broker = ListQueueBroker(server.url, queue_name="q")
+    async with api(broker, retry_timeout=10):
+        await kiq(broker, 1)
+        server.stop()
+        server.start()  # empty, and the loop has not run meanwhile
+        await kiq(broker, 2)
+        await kiq(broker, 3)
+    assert await queued(server.url, "q") == 2
+
+
 async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) -> None:
     broker = ListQueueBroker(server.url, queue_name="q")
     async with api(broker, retry_timeout=1):
