@@ -121,16 +121,24 @@ class Dependency:
         self.retry_timeout = retry_timeout
         self.report = report
         self.owner = owner
+        # Within the time between two PINGs, so that they come at a steady rate.
+        self.ping_timeout = min(PING_TIMEOUT_SECONDS, self.probe_every())
         self.since: float | None = None
         self.attempts = 0
         self.logged_at = 0.0
         # Operations under way (a token each) and when each started.
         self.pending: dict[object, float] = {}
 
-    def failed(self, exc: BaseException, started: float | None = None) -> float | None:
+    def failed(
+        self,
+        exc: BaseException,
+        started: float | None = None,
+        next_in: float | None = None,
+    ) -> float | None:
         """Log a failed attempt; the delay before the next, or None past the deadline.
 
-        `started`: when the failed attempt began, if the clock starts now.
+        `started`: when the failed attempt began, if the clock starts now;
+        `next_in`: when the next attempt comes, if not after a backoff.
         """
         now = time.monotonic()
         if self.since is None:
@@ -140,7 +148,10 @@ class Dependency:
         if waited >= self.retry_timeout:
             return None
         # The last attempt lands on the deadline rather than past it.
-        delay = min(_backoff(self.attempts), self.retry_timeout - waited)
+        delay = min(
+            _backoff(self.attempts) if next_in is None else next_in,
+            self.retry_timeout - waited,
+        )
         self.attempts += 1
         if now - self.logged_at >= LOG_EVERY_SECONDS:
             self.logged_at = now
@@ -169,6 +180,9 @@ class Dependency:
             self.attempts = 0
             self.report(False)
 
+    def probe_every(self) -> float:
+        return min(PROBE_SECONDS, self.retry_timeout / 4)
+
     def deadline(self) -> float | None:
         return None if self.since is None else self.since + self.retry_timeout
 
@@ -178,7 +192,7 @@ class Dependency:
         if ping is None:
             return None
         try:
-            await asyncio.wait_for(ping(), PING_TIMEOUT_SECONDS)
+            await asyncio.wait_for(ping(), self.ping_timeout)
         except asyncio.TimeoutError:
             return False
         except Exception as exc:
@@ -213,6 +227,9 @@ class BrokerOutages:
             lambda unreachable: None,
         )
         self.watching: asyncio.Task[None] | None = None
+        self.results_lost = False
+        # taskiq logs a result it could not save with a traceback.
+        logging.getLogger("taskiq.receiver.receiver").addFilter(_unsaved_in_one_line)
         logging.getLogger("nats.aio.client").addFilter(one_line)
         self.started = False
         self.lost = LostState(broker, repr(path))
@@ -365,6 +382,11 @@ class BrokerOutages:
         ack = message.ack
 
         async def ack_until_done() -> None:
+            if self.results_lost:
+                # taskiq acknowledges a message whose result it failed to
+                # save (`when_saved`): left for the broker to deliver again.
+                logger.debug("Not acknowledged: results can no longer be saved.")
+                return
             # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
             await self._until_done(lambda: maybe_awaitable(ack()), self.broker)
 
@@ -395,6 +417,7 @@ class BrokerOutages:
                     raise
                 delay = dependency.failed(exc, started)
                 if delay is None:
+                    self.results_lost = dependency is self.backend
                     self.give_up(dependency.gave_up(exc))
                     raise
                 if await _wait_for(self.stopping.wait(), delay):
@@ -456,7 +479,7 @@ class BrokerOutages:
         message comes. A PING with a deadline tells them apart, and ends the
         outage it finds as soon as the server answers again.
         """
-        every = min(PROBE_SECONDS, self.retry_timeout / 4)
+        every = self.broker.probe_every()
         while True:
             await asyncio.sleep(every)
             for dependency in (self.broker, self.backend):
@@ -472,11 +495,23 @@ class BrokerOutages:
                     dependency.recovered()
                     continue
                 unanswered = ConnectionError(
-                    f"no answer to a PING within {PING_TIMEOUT_SECONDS:g} s"
+                    f"no answer to a PING within {dependency.ping_timeout:g} s"
                 )
-                if dependency.failed(unanswered, now) is None:
+                if dependency.failed(unanswered, now, next_in=every) is None:
                     self.give_up(dependency.gave_up(unanswered))
                     return
+
+
+def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
+    """A "Can't set result" record of taskiq's for an outage: its cause, one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    if (
+        error is not None
+        and is_connection_error(error)
+        and str(record.msg).startswith("Can't set result")
+    ):
+        return one_line(record)
+    return True
 
 
 def unrenewed_fetch(broker: AsyncBroker) -> str | None:
