@@ -82,6 +82,7 @@ PING_TIMEOUT_SECONDS = 2.0
 # as it lasts; at most a quarter of the retry timeout, so that a server that
 # never answers is found out well before the deadline.
 PROBE_SECONDS = 5.0
+PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
 # Retry lines of one dependency: at most one a second (many tasks may retry
 # at once), one per attempt otherwise.
 LOG_EVERY_SECONDS = 1.0
@@ -181,7 +182,7 @@ class Dependency:
             self.report(False)
 
     def probe_every(self) -> float:
-        return min(PROBE_SECONDS, self.retry_timeout / 4)
+        return max(PROBE_FLOOR_SECONDS, min(PROBE_SECONDS, self.retry_timeout / 4))
 
     def deadline(self) -> float | None:
         return None if self.since is None else self.since + self.retry_timeout
