@@ -26,9 +26,20 @@ Upstream behaviours worked around here:
 Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
 (the API process's `broker_lifespan` uses the same rule). Anything else keeps
 taskiq's behaviour. Retries back off exponentially with jitter, one WARNING
-line each, and one line when the broker is back. Past `--broker-retry-timeout`
-without a successful fetch, the process asks the whole command to stop
-gracefully and the command exits 3.
+line each (at most one a second per dependency), and one line when it is
+back. The broker and the result backend each have one clock (`Dependency`),
+from the first failed attempt to the next success; past
+`--broker-retry-timeout` the process asks the whole command to stop
+gracefully and the command exits 3, naming which one and the real duration.
+
+- A server that accepts connections and never answers: redis-py and nats-py
+  then wait for ever (redis-py with `socket_timeout=None`, as a blocking
+  BRPOP wants; nats-py's fetch times out and looks idle). An operation that
+  has waited a while has its server PINGed with a deadline (`_watch`); no
+  answer is a failed attempt, an answer ends an outage, so "back" is logged
+  and readiness restored while the worker is idle.
+- taskiq acknowledges a `when_saved` message whose result it failed to save:
+  once the result backend is given up on, acknowledgements are skipped.
 
 - Broker clients that retry connecting on their own inside the broker's
   startup: nats-py tries 60 times, 2 s apart, before it raises, so a
@@ -46,7 +57,9 @@ gracefully and the command exits 3.
   message and cause, on one line, without the traceback.
 
 Per message, a fetch passes through one more generator and an ackable
-message gets its ack wrapped; the retries themselves only run on failures.
+message gets its ack wrapped; each fetch, ack and result save notes when it
+started (one clock read, one dict entry); the retries and PINGs only run on
+failures and long waits.
 """
 
 from __future__ import annotations
