@@ -104,7 +104,10 @@ def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
     if type(client).__module__ == "nats.aio.client":
 
         async def nats_ping() -> None:
-            await client.flush()  # raises once it is closed
+            # While reconnecting, nats-py's flush sends nothing and returns.
+            if not client.is_connected:
+                raise ConnectionError("the NATS client is not connected")
+            await client.flush()  # a PING, and waits for its PONG
 
         return nats_ping
     return None

@@ -46,8 +46,9 @@ gracefully and the command exits 3, naming which one and the real duration.
   `--broker-retry-timeout` shorter than that was never applied. Once the
   worker's startup handlers (the app's lifespan) are done, the rest of the
   broker's startup is bounded by the retry timeout too.
-- A broker whose startup never connected may fail to shut down: taskiq-nats
-  closes its client first, which raises for a client that never connected,
+- A broker whose startup never connected, or whose server is gone, may fail
+  to shut down: taskiq-nats closes its client first, which raises for a
+  client that never connected or lost its server,
   and so never ran the shutdown handlers, the app's lifespan among them
   (taskiq then logged the error with a traceback). Then the handlers run
   through taskiq's base `AsyncBroker.shutdown`, and the error is logged at
@@ -200,18 +201,28 @@ class Dependency:
     def deadline(self) -> float | None:
         return None if self.since is None else self.since + self.retry_timeout
 
-    async def answers(self) -> bool | None:
-        """Whether the server answers a PING in time; None if we cannot ask."""
-        ping = pinger(self.owner)  # a client may be made at startup
+    def can_ping(self) -> bool:
+        return pinger(self.owner) is not None  # a client may be made at startup
+
+    async def unanswered(self) -> Exception | None:
+        """Why the server did not answer a PING in time; None if it did.
+
+        A server we cannot ask counts as answering (taskiq's behaviour).
+        """
+        ping = pinger(self.owner)
         if ping is None:
             return None
         try:
             await asyncio.wait_for(ping(), self.ping_timeout)
         except asyncio.TimeoutError:
-            return False
+            return ConnectionError(
+                f"no answer to a PING within {self.ping_timeout:g} s"
+            )
         except Exception as exc:
-            return not is_connection_error(exc)  # an error answer is an answer
-        return True
+            if is_connection_error(exc):
+                return exc
+            # An error answer is an answer.
+        return None
 
 
 class BrokerOutages:
@@ -300,10 +311,10 @@ class BrokerOutages:
             try:
                 await shutdown()
             except Exception as exc:
-                if self.started:
+                if self.started and self.broker.since is None:
                     raise
                 logger.debug(
-                    "Broker %r, which never connected, failed to shut down (%s).",
+                    "Broker %r, unreachable, failed to shut down (%s).",
                     self.path,
                     describe(exc),
                 )
@@ -471,7 +482,7 @@ class BrokerOutages:
             and time.monotonic() - started >= IDLE_WAIT_SECONDS
         ):
             pinged = time.monotonic()
-            if await self.broker.answers() is not False:
+            if await self.broker.unanswered() is None:
                 logger.debug(
                     "Broker %r: idle fetch timed out; fetching again.", self.path
                 )
@@ -502,15 +513,12 @@ class BrokerOutages:
                     now - started >= every for started in dependency.pending.values()
                 ):
                     continue
-                answers = await dependency.answers()
-                if answers is None:
+                if not dependency.can_ping():
                     continue
-                if answers:
+                unanswered = await dependency.unanswered()
+                if unanswered is None:
                     dependency.recovered()
                     continue
-                unanswered = ConnectionError(
-                    f"no answer to a PING within {dependency.ping_timeout:g} s"
-                )
                 if dependency.failed(unanswered, now, next_in=every) is None:
                     self.give_up(dependency.gave_up(unanswered))
                     return
