@@ -91,7 +91,9 @@ async def test_result_backend_down_with_the_broker_up_is_exit_3_unacknowledged(
         run.kill_all()
     output = run.output(worker)
     assert code == 3, output
-    assert [event for _, event in run.events() if event == "ran 1"] == ["ran 1"]
+    # It ran (again, where taskiq-redis claims a message left unacknowledged
+    # for 1 s while its result waits), and its result could not be saved.
+    assert "ran 1" in [event for _, event in run.events()]
     assert 6 <= gave_up(output, BACKEND_NAME, 6) < 9, output
     # Backing off 0.5, 1, 2, 4 s: a line for each attempt.
     assert len(retry_times(output, BACKEND_NAME)) >= 3, output
