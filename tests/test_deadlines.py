@@ -125,3 +125,29 @@ async def test_back_is_logged_when_the_broker_returns_while_idle(
         assert run.stop(worker) == 0
     finally:
         run.kill_all()
+
+
+async def test_an_outage_after_an_idle_wait_longer_than_the_timeout_is_ridden_out(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The clock starts at the failure, not when the idle fetch began."""
+    run = WorkerRun(server.url, tmp_path)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "3"
+        )
+        run.wait_for("startup", processes=1)
+        await asyncio.sleep(5)  # one blocking fetch, longer than the timeout
+        server.stop()
+        await asyncio.sleep(1)
+        server.start()
+        await run.sender.startup()
+        try:
+            done = await (await run.kiq("mark", 1)).wait_result(timeout=30)
+        finally:
+            await run.sender.shutdown()
+        assert done.return_value == 1
+        assert worker.poll() is None, run.output(worker)
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()

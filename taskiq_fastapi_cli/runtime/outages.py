@@ -429,7 +429,7 @@ class BrokerOutages:
         """
         token = object()
         while True:
-            dependency.pending[token] = started = time.monotonic()
+            dependency.pending[token] = time.monotonic()
             try:
                 done = await call()
             except Exception as exc:
@@ -440,7 +440,7 @@ class BrokerOutages:
                     exc = outage
                 if self.stopping.is_set():
                     raise
-                delay = dependency.failed(exc, started)
+                delay = dependency.failed(exc)
                 if delay is None:
                     self.results_lost = dependency is self.backend
                     self.give_up(dependency.gave_up(exc))
@@ -488,8 +488,10 @@ class BrokerOutages:
                 )
                 self.broker.recovered()
                 return False
-            started = pinged
-        delay = self.broker.failed(exc, started)
+            # The PING failed; the fetch before it may have waited for hours.
+            delay = self.broker.failed(exc, pinged)
+        else:
+            delay = self.broker.failed(exc)  # from now: a fetch may wait idle
         if delay is None:
             self.give_up(self.broker.gave_up(exc))  # every process stops gracefully
             await self.stopping.wait()
