@@ -89,6 +89,39 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     _guard_redis_pools(broker, None)
 
 
+def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
+    """How to ask the server of a broker or result backend for an answer.
+
+    A PING on a connection of its Redis pool, or a PING/PONG round trip of its
+    NATS client (`flush`); None for a client we do not know. The caller bounds
+    it with a deadline: a server that accepts connections and never answers
+    makes it wait for ever.
+    """
+    pools = _redis_pools(owner)
+    if pools:
+        pool = pools[0]
+
+        async def redis_ping() -> None:
+            from redis.asyncio import Redis
+
+            # A pool passed in is not closed with the client.
+            async with Redis(connection_pool=pool) as redis:
+                await redis.ping()
+
+        return redis_ping
+    client: Any = getattr(owner, "client", None) or getattr(owner, "nats_client", None)
+    if type(client).__module__ == "nats.aio.client":
+
+        async def nats_ping() -> None:
+            # While reconnecting, nats-py's flush sends nothing and returns.
+            if not client.is_connected:
+                raise ConnectionError("the NATS client is not connected")
+            await client.flush()  # a PING, and waits for its PONG
+
+        return nats_ping
+    return None
+
+
 def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
     for owner in (broker, broker.result_backend):
         for pool in _redis_pools(owner):

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TESTS_DIR, WorkerRun
 
 from tools.processes import free_port
+from tools.redis_server import running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -264,3 +266,21 @@ def test_the_health_command_reads_the_workers_environment(run: WorkerRun) -> Non
         "Ready: 1 worker process ready.\n",
     )
     assert run.stop(worker) == 0
+
+
+async def test_readyz_is_503_while_the_broker_is_unreachable_and_200_after(
+    tmp_path: Path,
+) -> None:
+    with running_server(persistent=True) as server:
+        run = WorkerRun(server.url, tmp_path)
+        try:
+            worker, probe = start(run, "--workers", "1")
+            probe.until("/readyz", lambda s, b: s == 200)
+            server.stop()
+            _, body = probe.until("/readyz", lambda s, b: s == 503, timeout=20)
+            assert states(body) == ["broker unreachable"]
+            server.start()
+            probe.until("/readyz", lambda s, b: s == 200, timeout=20)
+            assert run.stop(worker) == 0
+        finally:
+            run.kill_all()

@@ -8,6 +8,7 @@ a JetStream object store, and the real `taskiq-fastapi worker` command.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import time
@@ -109,12 +110,47 @@ async def test_an_outage_shorter_than_the_retry_timeout_is_ridden_out(
         run.kill_all()
 
 
+async def test_a_server_gone_mid_run_past_the_retry_timeout_is_exit_3_in_time(
+    own_server: NatsServer, redis_url: str, tmp_path: Path
+) -> None:
+    """A fetch that times out while the server is gone is no idle wait."""
+    run = WorkerRun(redis_url, tmp_path, nats_url=own_server.url)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "4"
+        )
+        run.wait_for("startup", processes=1)
+        await asyncio.sleep(1)
+        own_server.stop()
+        stopped = time.monotonic()
+        code = await asyncio.to_thread(worker.wait, 60)
+        took = time.monotonic() - stopped
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    said = re.match(
+        r"Error: Broker 'workerapp\.broker:broker' unreachable for (\d+\.\d) s "
+        r"\(--broker-retry-timeout 4\): ",
+        errors[0],
+    )
+    assert said is not None, output
+    assert 4 <= float(said[1]) < 7, output
+    assert took < 4 + 10, output
+    assert run.count("shutdown") == run.count("startup")
+
+
 def test_an_unreachable_server_past_the_retry_timeout_is_exit_3(
     redis_url: str, tmp_path: Path
 ) -> None:
-    # Nothing listens on port 1 of the loopback.
+    # Nothing listens on port 1 of the loopback. nats-py retries connecting
+    # inside its connect for 2 min; the command stops it at the deadline.
     run = WorkerRun(redis_url, tmp_path, nats_url="nats://127.0.0.1:1")
-    unreachable_broker_is_exit_3(run, retry_timeout=2, cause="", within=40)
+    unreachable_broker_is_exit_3(
+        run, retry_timeout=6, cause="ConnectionError: ", within=6 + 8
+    )
 
 
 def test_a_fetch_without_timeout_is_named_before_any_worker_starts() -> None:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 # Gave up at the deadline (2 s), give or take the last attempt's own time.
 GAVE_UP = re.compile(
-    r"^Error: Broker 'workerapp\.broker:broker' unreachable for [23] s "
+    r"^Error: Broker 'workerapp\.broker:broker' unreachable for [23]\.\d s "
     r"\(--broker-retry-timeout 2\): ConnectionError: ",
     re.MULTILINE,
 )

@@ -87,6 +87,19 @@ def url_of(
         yield server.url
 
 
+@contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers: a dead server.
+
+    The kernel completes each connection into the listen backlog; nothing
+    ever reads or writes on it.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield int(sock.getsockname()[1])
+
+
 def greets(port: int, send: bytes, expect: bytes) -> bool:
     """Whether something on the port answers `send` with `expect` first."""
     try:

@@ -32,8 +32,14 @@ HEARTBEAT_SECONDS = 1.0
 PID, STATE, STARTED, READY_AT, DONE, LAST_DONE, BEAT = range(7)
 COLUMNS = 7
 # States a worker writes; the main process adds "restarting" for a dead one.
-STATES = {0.0: "absent", 1.0: "starting", 2.0: "ready", 3.0: "stopping"}
-STARTING, READY, STOPPING = 1.0, 2.0, 3.0
+STATES = {
+    0.0: "absent",
+    1.0: "starting",
+    2.0: "ready",
+    3.0: "stopping",
+    4.0: "broker unreachable",
+}
+STARTING, READY, STOPPING, UNREACHABLE = 1.0, 2.0, 3.0, 4.0
 
 
 class Slots:
@@ -121,6 +127,12 @@ class WorkerHealth:
     def stopping(self) -> None:
         """A stop signal arrived: no longer ready, in-flight tasks finishing."""
         self.slots.set(self.slot, STATE, STOPPING)
+
+    def broker_outage(self, unreachable: bool) -> None:
+        """Not ready while the broker is unreachable: the worker cannot fetch."""
+        state = self.slots.row(self.slot)[STATE]
+        if state in (READY, UNREACHABLE):
+            self.slots.set(self.slot, STATE, UNREACHABLE if unreachable else READY)
 
     def task_finished(self) -> None:
         self.slots.add(self.slot, DONE, 1.0)

@@ -26,17 +26,29 @@ Upstream behaviours worked around here:
 Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
 (the API process's `broker_lifespan` uses the same rule). Anything else keeps
 taskiq's behaviour. Retries back off exponentially with jitter, one WARNING
-line each, and one line when the broker is back. Past `--broker-retry-timeout`
-without a successful fetch, the process asks the whole command to stop
-gracefully and the command exits 3.
+line each (at most one a second per dependency), and one line when it is
+back. The broker and the result backend each have one clock (`Dependency`),
+from the first failed attempt to the next success; past
+`--broker-retry-timeout` the process asks the whole command to stop
+gracefully and the command exits 3, naming which one and the real duration.
+
+- A server that accepts connections and never answers: redis-py and nats-py
+  then wait for ever (redis-py with `socket_timeout=None`, as a blocking
+  BRPOP wants; nats-py's fetch times out and looks idle). An operation that
+  has waited a while has its server PINGed with a deadline (`_watch`); no
+  answer is a failed attempt, an answer ends an outage, so "back" is logged
+  and readiness restored while the worker is idle.
+- taskiq acknowledges a `when_saved` message whose result it failed to save:
+  once the result backend is given up on, acknowledgements are skipped.
 
 - Broker clients that retry connecting on their own inside the broker's
   startup: nats-py tries 60 times, 2 s apart, before it raises, so a
   `--broker-retry-timeout` shorter than that was never applied. Once the
   worker's startup handlers (the app's lifespan) are done, the rest of the
   broker's startup is bounded by the retry timeout too.
-- A broker whose startup never connected may fail to shut down: taskiq-nats
-  closes its client first, which raises for a client that never connected,
+- A broker whose startup never connected, or whose server is gone, may fail
+  to shut down: taskiq-nats closes its client first, which raises for a
+  client that never connected or lost its server,
   and so never ran the shutdown handlers, the app's lifespan among them
   (taskiq then logged the error with a traceback). Then the handlers run
   through taskiq's base `AsyncBroker.shutdown`, and the error is logged at
@@ -46,7 +58,9 @@ gracefully and the command exits 3.
   message and cause, on one line, without the traceback.
 
 Per message, a fetch passes through one more generator and an ackable
-message gets its ack wrapped; the retries themselves only run on failures.
+message gets its ack wrapped; each fetch, ack and result save notes when it
+started (one clock read, one dict entry); the retries and PINGs only run on
+failures and long waits.
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ from typing import Any, TypeVar
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 from taskiq.utils import maybe_awaitable
 
-from taskiq_fastapi._brokers import LostState, renew_closed_connections
+from taskiq_fastapi._brokers import LostState, pinger, renew_closed_connections
 from taskiq_fastapi.connections import (
     backoff,
     describe,
@@ -74,8 +88,18 @@ logger = logging.getLogger("taskiq_fastapi")
 
 FIRST_DELAY_SECONDS = 0.5
 MAX_DELAY_SECONDS = 30.0
-# A fetch that waited this long before timing out was idle, not cut off.
+# A fetch that waited this long before timing out was idle, not cut off...
 IDLE_WAIT_SECONDS = 1.0
+# ...if its server answers a PING within this.
+PING_TIMEOUT_SECONDS = 2.0
+# An operation under way this long has its server pinged, and again as long
+# as it lasts; at most a quarter of the retry timeout, so that a server that
+# never answers is found out well before the deadline.
+PROBE_SECONDS = 5.0
+PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
+# Retry lines of one dependency: at most one a second (many tasks may retry
+# at once), one per attempt otherwise.
+LOG_EVERY_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -91,6 +115,116 @@ def _backoff(attempt: int) -> float:
     return backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
 
 
+class Dependency:
+    """The broker, or the result backend: one clock for its outages.
+
+    The clock runs from the first failed attempt (connect, fetch, ack, result
+    save, or a PING while one of them waits) to the next success, whichever
+    operation it was; past the retry timeout the command gives up, naming
+    this dependency and how long it really was unreachable. Costs nothing
+    per operation while no outage runs beyond noting when each one started.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        owner: object,
+        retry_timeout: float,
+        report: Callable[[bool], None],
+    ) -> None:
+        self.name = name
+        self.retry_timeout = retry_timeout
+        self.report = report
+        self.owner = owner
+        # Within the time between two PINGs, so that they come at a steady rate.
+        self.ping_timeout = min(PING_TIMEOUT_SECONDS, self.probe_every())
+        self.since: float | None = None
+        self.attempts = 0
+        self.logged_at = 0.0
+        # Operations under way (a token each) and when each started.
+        self.pending: dict[object, float] = {}
+
+    def failed(
+        self,
+        exc: BaseException,
+        started: float | None = None,
+        next_in: float | None = None,
+    ) -> float | None:
+        """Log a failed attempt; the delay before the next, or None past the deadline.
+
+        `started`: when the failed attempt began, if the clock starts now;
+        `next_in`: when the next attempt comes, if not after a backoff.
+        """
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now if started is None else min(started, now)
+            self.report(True)
+        waited = now - self.since
+        if waited >= self.retry_timeout:
+            return None
+        # The last attempt lands on the deadline rather than past it.
+        delay = min(
+            _backoff(self.attempts) if next_in is None else next_in,
+            self.retry_timeout - waited,
+        )
+        self.attempts += 1
+        if now - self.logged_at >= LOG_EVERY_SECONDS:
+            self.logged_at = now
+            logger.warning(
+                "%s unreachable (%s); retrying in %.1f s.",
+                self.name,
+                describe(exc),
+                delay,
+            )
+        return delay
+
+    def gave_up(self, exc: BaseException) -> str:
+        """The `Error:` line's message: what was unreachable, and for how long."""
+        waited = time.monotonic() - (self.since or time.monotonic())
+        return (
+            f"{self.name} unreachable for {waited:.1f} s "
+            f"(--broker-retry-timeout {self.retry_timeout:g}): {describe(exc)}"
+        )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            logger.warning(
+                "%s is back after %.1f s.", self.name, time.monotonic() - self.since
+            )
+            self.since = None
+            self.attempts = 0
+            self.report(False)
+
+    def probe_every(self) -> float:
+        return max(PROBE_FLOOR_SECONDS, min(PROBE_SECONDS, self.retry_timeout / 4))
+
+    def deadline(self) -> float | None:
+        return None if self.since is None else self.since + self.retry_timeout
+
+    def can_ping(self) -> bool:
+        return pinger(self.owner) is not None  # a client may be made at startup
+
+    async def unanswered(self) -> Exception | None:
+        """Why the server did not answer a PING in time; None if it did.
+
+        A server we cannot ask counts as answering (taskiq's behaviour).
+        """
+        ping = pinger(self.owner)
+        if ping is None:
+            return None
+        try:
+            await asyncio.wait_for(ping(), self.ping_timeout)
+        except asyncio.TimeoutError:
+            return ConnectionError(
+                f"no answer to a PING within {self.ping_timeout:g} s"
+            )
+        except Exception as exc:
+            if is_connection_error(exc):
+                return exc
+            # An error answer is an answer.
+        return None
+
+
 class BrokerOutages:
     """Installed on the broker of every worker process by the runner."""
 
@@ -104,10 +238,23 @@ class BrokerOutages:
         self.path = path
         self.retry_timeout = retry_timeout
         self.give_up = give_up
-        self.outage_since: float | None = None
-        self.attempts = 0
         self.stopping = asyncio.Event()
         self.connecting_since: float | None = None
+        # Told whenever the broker becomes unreachable (True) and back (False).
+        self.on_broker_outage: Callable[[bool], None] = lambda unreachable: None
+        self.broker = Dependency(
+            f"Broker {path!r}", broker, retry_timeout, self._broker_outage
+        )
+        self.backend = Dependency(
+            f"Result backend of broker {path!r}",
+            broker.result_backend,
+            retry_timeout,
+            lambda unreachable: None,
+        )
+        self.watching: asyncio.Task[None] | None = None
+        self.results_lost = False
+        # taskiq logs a result it could not save with a traceback.
+        logging.getLogger("taskiq.receiver.receiver").addFilter(_unsaved_in_one_line)
         logging.getLogger("nats.aio.client").addFilter(one_line)
         self.started = False
         self.lost = LostState(broker, repr(path))
@@ -120,6 +267,9 @@ class BrokerOutages:
     def stop(self) -> None:
         """A signal arrived: stop waiting for the broker."""
         self.stopping.set()
+
+    def _broker_outage(self, unreachable: bool) -> None:
+        self.on_broker_outage(unreachable)
 
     def _wrap_startup(self, broker: AsyncBroker) -> None:
         startup = broker.startup
@@ -139,11 +289,15 @@ class BrokerOutages:
                         raise BrokerStartupError(
                             f"Broker {self.path!r} failed to start: {describe(exc)}",
                         ) from exc
-                    if await self._wait_or_give_up(exc, starting=True):
+                    delay = self.broker.failed(exc, started=self.connecting_since)
+                    if delay is None:
+                        raise BrokerStartupError(self.broker.gave_up(exc)) from exc
+                    if await _wait_for(self.stopping.wait(), delay):
                         raise WorkerStopped from exc
                     continue
-                self._recovered()
+                self.broker.recovered()
                 self.started = True
+                self.watching = asyncio.create_task(self._watch())
                 return
 
         broker.startup = startup_until_reachable  # type: ignore[method-assign]
@@ -152,13 +306,15 @@ class BrokerOutages:
         shutdown = broker.shutdown
 
         async def shutdown_even_if_never_connected() -> None:
+            if self.watching is not None:
+                self.watching.cancel()
             try:
                 await shutdown()
             except Exception as exc:
-                if self.started:
+                if self.started and self.broker.since is None:
                     raise
                 logger.debug(
-                    "Broker %r, which never connected, failed to shut down (%s).",
+                    "Broker %r, unreachable, failed to shut down (%s).",
                     self.path,
                     describe(exc),
                 )
@@ -173,9 +329,12 @@ class BrokerOutages:
         self.connecting_since = time.monotonic()
 
     async def _bounded(self, startup: Awaitable[None]) -> None:
-        """Run the broker's startup; past the retry timeout of connecting, fail.
+        """Run the broker's startup; past the deadline of connecting, fail.
 
-        The app's lifespan is not bounded: only the time since it finished.
+        The app's lifespan is not bounded: only the time since it finished,
+        and within the outage's clock once an attempt failed (a client that
+        retries inside its connect, as nats-py does, is stopped at the
+        deadline rather than given a whole retry timeout per attempt).
         """
         self.connecting_since = None
         running = asyncio.ensure_future(startup)
@@ -184,24 +343,30 @@ class BrokerOutages:
             if done:
                 return running.result()
             since = self.connecting_since
-            if since is not None and time.monotonic() - since > self.retry_timeout:
+            if since is None:
+                continue
+            deadline = self.broker.deadline() or since + self.retry_timeout
+            if time.monotonic() >= deadline:
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await running
                 raise ConnectionError(
-                    f"its startup was still connecting after {self.retry_timeout:g} s"
+                    f"its startup was still connecting after "
+                    f"{time.monotonic() - since:.1f} s"
                 )
 
     def _wrap_listen(self, broker: AsyncBroker) -> None:
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
+        pending = self.broker.pending
 
         async def listen_until_reachable() -> AsyncGenerator[Any, None]:
             source: AsyncIterator[Any] | None = None
-            started = time.monotonic()
+            fetch = object()  # this loop's token among the broker's operations
             try:
                 while True:
                     if source is None:
-                        source, started = listen(), time.monotonic()
+                        source = listen()
+                    pending[fetch] = started = time.monotonic()
                     try:
                         message = await anext(source)
                     except StopAsyncIteration:
@@ -213,14 +378,16 @@ class BrokerOutages:
                             if outage is None:
                                 continue  # recreated: fetch again
                             exc = outage
-                        if await self._retry_fetch(exc, time.monotonic() - started):
+                        if await self._retry_fetch(exc, started):
                             return  # stopping: taskiq finishes in-flight tasks
                         continue
-                    self._recovered()
+                    finally:
+                        pending.pop(fetch, None)
+                    if self.broker.since is not None:
+                        self.broker.recovered()
                     if isinstance(message, AckableMessage):
                         message = self._retrying_ack(message)
                     yield message
-                    started = time.monotonic()
             finally:
                 if source is not None:
                     await source.aclose()  # type: ignore[attr-defined]
@@ -232,7 +399,7 @@ class BrokerOutages:
         set_result = backend.set_result
 
         async def set_result_until_saved(task_id: str, result: Any) -> None:
-            await self._until_done(lambda: set_result(task_id, result), "Result")
+            await self._until_done(lambda: set_result(task_id, result), self.backend)
 
         backend.set_result = set_result_until_saved  # type: ignore[method-assign]
 
@@ -240,22 +407,31 @@ class BrokerOutages:
         ack = message.ack
 
         async def ack_until_done() -> None:
+            if self.results_lost:
+                # taskiq acknowledges a message whose result it failed to
+                # save (`when_saved`): left for the broker to deliver again.
+                logger.debug("Not acknowledged: results can no longer be saved.")
+                return
             # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
-            await self._until_done(lambda: maybe_awaitable(ack()), "Acknowledgement")
+            await self._until_done(lambda: maybe_awaitable(ack()), self.broker)
 
         # A copy, so a broker's own subclass keeps its type and fields.
         return message.model_copy(update={"ack": ack_until_done})
 
-    async def _until_done(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """Retry `call` while the broker is unreachable and the worker runs.
+    async def _until_done(
+        self, call: Callable[[], Awaitable[T]], dependency: Dependency
+    ) -> T:
+        """Retry `call` while `dependency` is unreachable and the worker runs.
 
-        The fetch loop decides when to give up; once the worker stops, the
-        last error is raised and taskiq reports it as it did before.
+        Past the deadline the command is stopped and the last error raised:
+        taskiq reports it as it did before, and does not acknowledge a message
+        whose result was not saved.
         """
-        attempt = 0
+        token = object()
         while True:
+            dependency.pending[token] = time.monotonic()
             try:
-                return await call()
+                done = await call()
             except Exception as exc:
                 if not is_connection_error(exc):
                     outage = await self._recover(exc)
@@ -264,18 +440,19 @@ class BrokerOutages:
                     exc = outage
                 if self.stopping.is_set():
                     raise
-                delay = _backoff(attempt)
-                attempt += 1
-                log = logger.warning if attempt == 1 else logger.debug
-                log(
-                    "%s waits for broker %r (%s); retrying in %.1f s.",
-                    what,
-                    self.path,
-                    describe(exc),
-                    delay,
-                )
+                delay = dependency.failed(exc)
+                if delay is None:
+                    self.results_lost = dependency is self.backend
+                    self.give_up(dependency.gave_up(exc))
+                    raise
                 if await _wait_for(self.stopping.wait(), delay):
                     raise
+                continue
+            finally:
+                dependency.pending.pop(token, None)
+            if dependency.since is not None:
+                dependency.recovered()
+            return done
 
     async def _recover(self, exc: Exception) -> Exception | None:
         """Recreate what the server lost, if `exc` says it lost the broker's state.
@@ -294,53 +471,71 @@ class BrokerOutages:
             raise exc
         return None
 
-    async def _retry_fetch(self, exc: Exception, waited: float) -> bool:
-        """Whether the worker is stopping; otherwise fetch again when this returns."""
-        if "Timeout" in type(exc).__name__ and waited >= IDLE_WAIT_SECONDS:
-            logger.debug("Broker %r: idle fetch timed out; fetching again.", self.path)
-            self._recovered()
-            return False
-        return await self._wait_or_give_up(exc, starting=False)
+    async def _retry_fetch(self, exc: Exception, started: float) -> bool:
+        """Whether the worker is stopping; otherwise fetch again when this returns.
 
-    async def _wait_or_give_up(self, exc: Exception, starting: bool) -> bool:
-        """Back off before the next attempt, or end the command past the timeout.
-
-        Returns whether a signal asked the worker to stop meanwhile.
+        A fetch that timed out after waiting is idle, unless its server does
+        not answer a PING either.
         """
-        now = time.monotonic()
-        if self.outage_since is None:
-            self.outage_since = now
-        waited = now - self.outage_since
-        if waited >= self.retry_timeout:
-            message = (
-                f"Broker {self.path!r} unreachable for {waited:.0f} s "
-                f"(--broker-retry-timeout {self.retry_timeout:g}): {describe(exc)}"
-            )
-            if starting:
-                raise BrokerStartupError(message) from exc
-            self.give_up(message)  # the command stops every process gracefully
+        if (
+            "Timeout" in type(exc).__name__
+            and time.monotonic() - started >= IDLE_WAIT_SECONDS
+        ):
+            pinged = time.monotonic()
+            if await self.broker.unanswered() is None:
+                logger.debug(
+                    "Broker %r: idle fetch timed out; fetching again.", self.path
+                )
+                self.broker.recovered()
+                return False
+            # The PING failed; the fetch before it may have waited for hours.
+            delay = self.broker.failed(exc, pinged)
+        else:
+            delay = self.broker.failed(exc)  # from now: a fetch may wait idle
+        if delay is None:
+            self.give_up(self.broker.gave_up(exc))  # every process stops gracefully
             await self.stopping.wait()
             return True
-        # The last attempt lands on the deadline rather than past it.
-        delay = min(_backoff(self.attempts), self.retry_timeout - waited)
-        self.attempts += 1
-        logger.warning(
-            "Broker %r unreachable (%s); retrying in %.1f s.",
-            self.path,
-            describe(exc),
-            delay,
-        )
         return await _wait_for(self.stopping.wait(), delay)
 
-    def _recovered(self) -> None:
-        if self.outage_since is not None:
-            logger.warning(
-                "Broker %r is back after %.1f s.",
-                self.path,
-                time.monotonic() - self.outage_since,
-            )
-        self.outage_since = None
-        self.attempts = 0
+    async def _watch(self) -> None:
+        """Ping a dependency whose operation waits long: is its server there?
+
+        A fetch or a result save may wait for ever on a server that accepted
+        the connection and never answers; a fetch may also wait because no
+        message comes. A PING with a deadline tells them apart, and ends the
+        outage it finds as soon as the server answers again.
+        """
+        every = self.broker.probe_every()
+        while True:
+            await asyncio.sleep(every)
+            for dependency in (self.broker, self.backend):
+                now = time.monotonic()
+                if not any(
+                    now - started >= every for started in dependency.pending.values()
+                ):
+                    continue
+                if not dependency.can_ping():
+                    continue
+                unanswered = await dependency.unanswered()
+                if unanswered is None:
+                    dependency.recovered()
+                    continue
+                if dependency.failed(unanswered, now, next_in=every) is None:
+                    self.give_up(dependency.gave_up(unanswered))
+                    return
+
+
+def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
+    """A "Can't set result" record of taskiq's for an outage: its cause, one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    if (
+        error is not None
+        and is_connection_error(error)
+        and str(record.msg).startswith("Can't set result")
+    ):
+        return one_line(record)
+    return True
 
 
 def unrenewed_fetch(broker: AsyncBroker) -> str | None:

@@ -120,6 +120,7 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
 
         health = WorkerHealth(args.health_slots, worker_slot())
         health.install(broker)
+        outages.on_broker_outage = health.broker_outage
         on_signal = _both(outages.stop, health.stopping)
     return ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
 

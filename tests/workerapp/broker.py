@@ -14,6 +14,8 @@ else:
         os.environ["TASKIQ_TEST_QUEUE"],
         streams=os.environ.get("TASKIQ_TEST_STREAMS") == "1",
         defaults=os.environ.get("TASKIQ_TEST_REDIS_DEFAULTS") == "1",
+        # Results on another server than the broker's, when a test says so.
+        results_url=os.environ.get("TASKIQ_TEST_RESULTS_URL"),
     )
 
 

@@ -26,9 +26,15 @@ def make_nats_broker(url: str, queue: str) -> AsyncBroker:
 
 
 def make_broker(
-    url: str, queue: str, streams: bool = False, defaults: bool = False
+    url: str,
+    queue: str,
+    streams: bool = False,
+    defaults: bool = False,
+    results_url: str | None = None,
 ) -> AsyncBroker:
-    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(url)
+    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
+        results_url or url
+    )
     if defaults:
         # As generated projects write it: redis-py's 5 s socket timeout.
         return ListQueueBroker(url, queue_name=queue).with_result_backend(backend)

@@ -1,0 +1,153 @@
+"""One deadline per dependency: the broker and the result backend (issue 18, item 3).
+
+Each has one clock, from the first failed attempt to the next success,
+whatever the client library does inside; past `--broker-retry-timeout` the
+command exits 3 with one line naming what was unreachable and for how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from workers import APP, BROKER, WorkerRun
+
+from tools.processes import free_port, silent_port
+from tools.redis_server import RedisServer, running_server
+
+pytestmark = pytest.mark.anyio
+
+BROKER_NAME = "Broker 'workerapp.broker:broker'"
+BACKEND_NAME = "Result backend of broker 'workerapp.broker:broker'"
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with running_server(persistent=True) as redis:
+        yield redis
+
+
+def gave_up(output: str, name: str, retry_timeout: int) -> float:
+    """The one `Error:` line names `name`; the real duration it reports."""
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    said = re.match(
+        rf"Error: {re.escape(name)} unreachable for (\d+\.\d) s "
+        rf"\(--broker-retry-timeout {retry_timeout}\): \w+",
+        errors[0],
+    )
+    assert said is not None, output
+    return float(said[1])
+
+
+def retry_times(output: str, name: str) -> list[str]:
+    return [line for line in output.splitlines() if f"{name} unreachable (" in line]
+
+
+def test_a_broker_that_accepts_and_never_answers_is_exit_3(tmp_path: Path) -> None:
+    with silent_port() as port:
+        run = WorkerRun(f"redis://127.0.0.1:{port}", tmp_path)
+        started = time.monotonic()
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "4"
+        )
+        try:
+            code = worker.wait(timeout=60)
+        finally:
+            run.kill_all()
+    took = time.monotonic() - started
+    output = run.output(worker)
+    assert code == 3, output
+    assert 4 <= gave_up(output, BROKER_NAME, 4) < 7, output
+    assert took < 4 + 20, output  # the command's own start and stop included
+    # Each unanswered PING logged, not only the first.
+    assert len(retry_times(output, BROKER_NAME)) >= 2, output
+    assert "Traceback" not in output
+
+
+async def test_result_backend_down_with_the_broker_up_is_exit_3_unacknowledged(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    run = WorkerRun(server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{free_port()}"
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1",
+            "--broker-retry-timeout", "6", "--ack-type", "when_saved",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            await run.kiq("mark", 1)
+        finally:
+            await run.sender.shutdown()
+        code = await asyncio.to_thread(worker.wait, 60)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    # It ran (again, where taskiq-redis claims a message left unacknowledged
+    # for 1 s while its result waits), and its result could not be saved.
+    assert "ran 1" in [event for _, event in run.events()]
+    assert 6 <= gave_up(output, BACKEND_NAME, 6) < 9, output
+    # Backing off 0.5, 1, 2, 4 s: a line for each attempt.
+    assert len(retry_times(output, BACKEND_NAME)) >= 3, output
+    assert "Traceback" not in output
+    # Not acknowledged: the message waits in the group for another worker.
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output
+
+
+async def test_back_is_logged_when_the_broker_returns_while_idle(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    run = WorkerRun(server.url, tmp_path)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)
+        await asyncio.sleep(1)
+        server.stop()
+        await asyncio.sleep(3)
+        server.start()
+        deadline = time.monotonic() + 20
+        back = f"{BROKER_NAME} is back after "
+        while back not in run.output(worker):  # no message sent meanwhile
+            assert time.monotonic() < deadline, run.output(worker)
+            await asyncio.sleep(0.1)
+        output = run.output(worker)
+        assert len(retry_times(output, BROKER_NAME)) >= 2, output
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+
+
+async def test_an_outage_after_an_idle_wait_longer_than_the_timeout_is_ridden_out(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The clock starts at the failure, not when the idle fetch began."""
+    run = WorkerRun(server.url, tmp_path)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "3"
+        )
+        run.wait_for("startup", processes=1)
+        await asyncio.sleep(5)  # one blocking fetch, longer than the timeout
+        server.stop()
+        await asyncio.sleep(1)
+        server.start()
+        await run.sender.startup()
+        try:
+            done = await (await run.kiq("mark", 1)).wait_result(timeout=30)
+        finally:
+            await run.sender.shutdown()
+        assert done.return_value == 1
+        assert worker.poll() is None, run.output(worker)
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
