@@ -384,9 +384,32 @@ def test_reload_patterns_reach_the_workers(
 
 def test_taskiq_option_help_drops_argparse_usage() -> None:
     text = cli_args.taskiq_options_help()
-    assert text.startswith("options:")
+    assert text.startswith("  --app-dir")
     assert "usage:" not in text
     assert "--max-async-tasks" in text
+
+
+def real_help(command: str) -> str:
+    done = subprocess.run(
+        [COMMAND, command, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_worker_help_has_one_help_option() -> None:
+    out = real_help("worker")
+    assert len(re.findall(r"^ *-h, --help", out, re.MULTILINE)) == 1
+    assert "--workers" in out
+
+
+def test_check_help_lists_only_the_taskiq_options_check_reads() -> None:
+    out = real_help("check")
+    assert len(re.findall(r"^ *-h, --help", out, re.MULTILINE)) == 1
+    for used in ("--app-dir", "--tasks-pattern", "--fs-discover", "--app", "--json"):
+        assert used in out
+    for ignored in ("--workers", "--reload", "--ack-type", "--max-async-tasks"):
+        assert ignored not in out
 
 
 def test_app_and_broker_import_from_app_dir(
