@@ -17,7 +17,7 @@ from typer.core import TyperCommand
 try:  # Typer 0.28+ carries its own copy of Click, and its own error class
     from typer import TyperException as UsageError
 except ImportError:  # before: Click's, which Typer then depended on
-    from click import ClickException as UsageError  # type: ignore[no-redef,import-not-found,unused-ignore]
+    from click import ClickException as UsageError  # type: ignore[assignment,no-redef,import-not-found,unused-ignore]
 
 from taskiq_fastapi_cli.defaults import (
     DEFAULT_BROKER_RETRY_TIMEOUT,
