@@ -201,6 +201,12 @@ def test_version_names_the_three_packages(capsys: Any) -> None:
     ]
 
 
+# A module path whose package is nowhere: where the command looked for it
+# (captured_run runs the command in TESTS_DIR).
+LOOKED_HERE = (
+    f" Looked in the current directory ({TESTS_DIR}): run it from the "
+    "project's directory or pass --app-dir DIR."
+)
 BAD_INPUTS = [
     (["worker", "sampleapp.bare_broker:broker"], 2,
      "Error: No app to serve: pass --app MODULE:ATTR (or set TASKIQ_FASTAPI_APP), "
@@ -214,7 +220,8 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app"], 2, "Error: Missing argument 'BROKER'."),
     (["wrkr"], 2, "Error: No such command 'wrkr'. Did you mean 'worker'?"),
     (["worker", "--app", "nowhere.app:app", "sampleapp.inmemory:broker"], 1,
-     "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."),
+     "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."
+     + LOOKED_HERE),
     (["worker", "--app", "sampleapp.apps:missing", "sampleapp.inmemory:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:missing': "
      "Attribute \"missing\" not found in module \"sampleapp.apps\"."),
@@ -235,7 +242,8 @@ BAD_INPUTS = [
      "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
      "or a zero-argument factory returning one, got int."),
     (["worker", "--app", "sampleapp.apps:app", "nowhere:broker"], 1,
-     "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."),
+     "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."
+     + LOOKED_HERE),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:nope"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:nope': "
      "Attribute \"nope\" not found in module \"sampleapp.inmemory\"."),
@@ -432,7 +440,8 @@ def test_app_and_broker_import_from_app_dir(
     assert (code, err) == (
         1,
         "Error: Cannot load broker 'far_pkg.main:broker': "
-        'Could not import module "far_pkg.main".\n',
+        f'Could not import module "far_pkg.main". Looked in the current directory '
+        f"({tmp_path}): run it from the project's directory or pass --app-dir DIR.\n",
     )
     code, _, err = run_cli(capsys, *argv, "--app-dir", str(project))
     assert (code, err) == (0, "")
