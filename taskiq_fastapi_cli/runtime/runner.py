@@ -242,6 +242,49 @@ def _taskiq_run_uses(**names: Any) -> Iterator[None]:
             setattr(taskiq_run, name, value)
 
 
+# taskiq's `run_worker` logs how many processes it starts, then, with
+# --reload, that it set the number to 1.
+TASKIQ_STARTING = "Starting %s worker processes."
+TASKIQ_SET_TO_ONE = "Reload on change enabled. Number of worker processes set to 1."
+RELOAD_STARTING = (
+    "--reload: starting 1 worker process, so that each restart imports the "
+    "changed code."
+)
+
+
+class _ProcessCount(logging.Filter):
+    """The process count taskiq logs, as one true line.
+
+    "Starting 1 worker process.", and with --reload one line saying so,
+    instead of "Starting 2 worker processes." then "set to 1".
+    """
+
+    def __init__(self, reload: bool) -> None:
+        super().__init__()
+        self.reload = reload
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == TASKIQ_STARTING and record.args:
+            if self.reload:
+                record.msg, record.args = RELOAD_STARTING, ()
+            elif record.args == (1,):
+                record.msg = "Starting %s worker process."
+        return record.msg != TASKIQ_SET_TO_ONE
+
+
+@contextmanager
+def _process_count_said_once(reload: bool) -> Iterator[None]:
+    said = _ProcessCount(reload)
+    loggers = [logging.getLogger("taskiq.worker"), logging.getLogger()]
+    for each in loggers:
+        each.addFilter(said)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(said)
+
+
 def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = Failures()
@@ -249,7 +292,10 @@ def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     args.stop_stage = StopStage()
     manager = functools.partial(SafeProcessManager, health=health)
     try:
-        with _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager):
+        with (
+            _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager),
+            _process_count_said_once(args.reload),
+        ):
             status = taskiq_run.run_worker(args)
     finally:
         if health is not None:

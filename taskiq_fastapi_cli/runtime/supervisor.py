@@ -272,10 +272,32 @@ class SafeProcessManager(ProcessManager):
             status = EXIT_STOPPED_UNCLEAN
         return status
 
+    def _shutdown_workers(self) -> None:
+        """The graceful stop of taskiq's manager, logged as it happens.
+
+        taskiq logs "Stopped process" as it sends the signal, before the
+        worker has finished its tasks; here the signal is "Stopping", and
+        `_wait_for_workers` logs each worker once it has exited.
+        """
+        for worker in self.workers:
+            if worker.pid and worker.is_alive():
+                with suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)
+                    logger.info(
+                        "Stopping %s (pid %s): it finishes its running tasks first.",
+                        worker.name,
+                        worker.pid,
+                    )
+
     def _wait_for_workers(self) -> None:
         """Until every worker exits; past a second signal's deadline, kill them."""
+        running = [worker for worker in self.workers if worker.is_alive()]
         while True:
-            alive = [worker for worker in self.workers if worker.is_alive()]
+            alive = [worker for worker in running if worker.is_alive()]
+            for worker in running:
+                if worker not in alive:
+                    logger.info("%s (pid %s) stopped.", worker.name, worker.pid)
+            running = alive
             if not alive:
                 return
             kill_at = self.stop.kill_at
