@@ -204,3 +204,26 @@ async def ping(run: WorkerRun) -> str:
     finally:
         await sender.shutdown()
     return str(result.return_value)
+
+
+def test_a_mistake_there_at_start_is_one_line_then_fixed_it_serves(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rl_app.py").write_text("app = FastAPI(\n")
+    (project / "rl_tasks.py").write_text(PROJECT_TASKS)
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
+        "--app-dir", str(project), "--reload", "--reload-dir", str(project),
+    )  # fmt: skip
+    wait_for_output(run, worker, "Waiting for a change")
+    output = run.output(worker)
+    assert "Traceback" not in output
+    assert "rl_app.py" in output
+    assert worker.poll() is None, output
+
+    (project / "rl_app.py").write_text(PROJECT_APP_WITH_ROUTE)
+    run.wait_for("startup", processes=1)
+    assert asyncio.run(ping(run)) == "pong http://localhost:8000/"
+    assert run.stop(worker) == 0

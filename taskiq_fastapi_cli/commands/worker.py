@@ -74,7 +74,13 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
-    _check_dependencies(load_project(args, factory))
+    try:
+        _check_dependencies(load_project(args, factory))
+    except CLIError as exc:
+        if not args.reload or exc.exit_code == EXIT_USAGE_ERROR:
+            raise
+        # Under --reload, as uvicorn's reloader: the worker process meets the
+        # same mistake, says it in one line and waits for a change.
     _set_start_method(
         start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
     )
