@@ -26,6 +26,10 @@ Also worked around: taskiq before 0.12 stops its workers by signalling each
 one without checking that it still exists; a worker that had exited (say, on
 a startup failure) made the supervisor crash with ProcessLookupError and exit
 1 before it signalled the others.
+
+Also worked around: taskiq's manager logs "Stopped process worker-0" as it
+sends the stop signal, before the worker has finished its tasks; here that
+line is "Stopping worker-0", and "stopped" is logged once the worker exits.
 """
 
 from __future__ import annotations
