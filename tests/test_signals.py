@@ -163,7 +163,9 @@ def log_messages(output: str) -> list[str]:
 
 
 def index_of(messages: list[str], start: str) -> int:
-    return next(n for n, message in enumerate(messages) if message.startswith(start))
+    found = [n for n, message in enumerate(messages) if message.startswith(start)]
+    assert found, f"no {start!r} in {messages}"
+    return found[0]
 
 
 async def test_the_stop_is_logged_in_the_order_it_happens(run: WorkerRun) -> None:
