@@ -63,12 +63,15 @@ class _Integration:
         self.lifespan = lifespan
         state.fastapi_app = app
         populate_dependency_context(self.broker, app, lifespan.state)
+        # What a worker does with the app: no HTTP server, only its lifespan
+        # and dependencies for tasks; the base URL is where links point.
         logger.info(
-            "Serving app %s (%r) at %s: lifespan started in %.2f s.",
+            "App %s (%r): lifespan started in %.2f s; running its tasks, "
+            "url_for builds links for %s.",
             describe(self.source),
             app.title,
-            resolve_base_url(self.base_url),
             time.monotonic() - started,
+            resolve_base_url(self.base_url),
         )
 
     async def on_worker_shutdown(self, _state: TaskiqState) -> None:

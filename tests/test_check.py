@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from workers import TASKIQ, TESTS_DIR, WorkerRun
+from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun
 
 from taskiq_fastapi_cli.commands import cli
 
@@ -216,3 +217,40 @@ def test_an_invalid_carry_setting_is_one_line_for_check_and_worker(
     worker = run.start("worker", *BROKER, "workerapp.tasks", *app)
     assert worker.wait(timeout=60) == 3
     assert run.output(worker).splitlines() == [f"Error: {BAD_CARRY}"]
+
+
+COUNTED_PROJECT = """\
+from fastapi import FastAPI
+from taskiq import InMemoryBroker
+
+import taskiq_fastapi
+
+broker = InMemoryBroker()
+app = FastAPI()
+taskiq_fastapi.init(broker, app)
+"""
+
+
+@pytest.mark.parametrize(
+    ("tasks", "last_line"),
+    [
+        (0, "No tasks found: name the task modules after the broker."),
+        (1, "1 task checked, no problems."),
+        (2, "2 tasks checked, no problems."),
+    ],
+)
+def test_check_counts_read_naturally(
+    tmp_path: Path, tasks: int, last_line: str
+) -> None:
+    body = "".join(
+        f"\n\n@broker.task\nasync def task_{n}() -> None: ...\n" for n in range(tasks)
+    )
+    (tmp_path / "counted.py").write_text(COUNTED_PROJECT + body)
+    done = subprocess.run(
+        [COMMAND, "check", "counted:broker", "--app-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[-1] == last_line

@@ -201,6 +201,12 @@ def test_version_names_the_three_packages(capsys: Any) -> None:
     ]
 
 
+# A module path whose package is nowhere: where the command looked for it
+# (captured_run runs the command in TESTS_DIR).
+LOOKED_HERE = (
+    f" Looked in the current directory ({TESTS_DIR}): run it from the "
+    "project's directory or pass --app-dir DIR."
+)
 BAD_INPUTS = [
     (["worker", "sampleapp.bare_broker:broker"], 2,
      "Error: No app to serve: pass --app MODULE:ATTR (or set TASKIQ_FASTAPI_APP), "
@@ -214,7 +220,8 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app"], 2, "Error: Missing argument 'BROKER'."),
     (["wrkr"], 2, "Error: No such command 'wrkr'. Did you mean 'worker'?"),
     (["worker", "--app", "nowhere.app:app", "sampleapp.inmemory:broker"], 1,
-     "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."),
+     "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."
+     + LOOKED_HERE),
     (["worker", "--app", "sampleapp.apps:missing", "sampleapp.inmemory:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:missing': "
      "Attribute \"missing\" not found in module \"sampleapp.apps\"."),
@@ -235,7 +242,8 @@ BAD_INPUTS = [
      "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
      "or a zero-argument factory returning one, got int."),
     (["worker", "--app", "sampleapp.apps:app", "nowhere:broker"], 1,
-     "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."),
+     "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."
+     + LOOKED_HERE),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:nope"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:nope': "
      "Attribute \"nope\" not found in module \"sampleapp.inmemory\"."),
@@ -384,9 +392,32 @@ def test_reload_patterns_reach_the_workers(
 
 def test_taskiq_option_help_drops_argparse_usage() -> None:
     text = cli_args.taskiq_options_help()
-    assert text.startswith("options:")
+    assert text.startswith("  --app-dir")
     assert "usage:" not in text
     assert "--max-async-tasks" in text
+
+
+def real_help(command: str) -> str:
+    done = subprocess.run(
+        [COMMAND, command, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_worker_help_has_one_help_option() -> None:
+    out = real_help("worker")
+    assert len(re.findall(r"^ *-h, --help", out, re.MULTILINE)) == 1
+    assert "--workers" in out
+
+
+def test_check_help_lists_only_the_taskiq_options_check_reads() -> None:
+    out = real_help("check")
+    assert len(re.findall(r"^ *-h, --help", out, re.MULTILINE)) == 1
+    for used in ("--app-dir", "--tasks-pattern", "--fs-discover", "--app", "--json"):
+        assert used in out
+    for ignored in ("--workers", "--reload", "--ack-type", "--max-async-tasks"):
+        assert ignored not in out
 
 
 def test_app_and_broker_import_from_app_dir(
@@ -409,7 +440,8 @@ def test_app_and_broker_import_from_app_dir(
     assert (code, err) == (
         1,
         "Error: Cannot load broker 'far_pkg.main:broker': "
-        'Could not import module "far_pkg.main".\n',
+        f'Could not import module "far_pkg.main". Looked in the current directory '
+        f"({tmp_path}): run it from the project's directory or pass --app-dir DIR.\n",
     )
     code, _, err = run_cli(capsys, *argv, "--app-dir", str(project))
     assert (code, err) == (0, "")

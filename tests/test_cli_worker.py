@@ -249,8 +249,9 @@ async def test_each_worker_says_which_app_it_serves_and_when_it_stopped(
     assert run.stop(worker) == 0
     output = run.output(worker)
     ready = re.findall(
-        r"\[worker-\d\] Serving app 'workerapp.app:app' \('FastAPI'\) at "
-        r"https://api\.example\.com/v1: lifespan started in \d+\.\d\d s\.",
+        r"\[worker-\d\] App 'workerapp.app:app' \('FastAPI'\): lifespan started in "
+        r"\d+\.\d\d s; running its tasks, url_for builds links for "
+        r"https://api\.example\.com/v1\.",
         output,
     )
     assert len(ready) == 2, output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from taskiq.kicker import AsyncKicker
+from workerapp.brokers import make_broker
 from workers import APP, BROKER, WorkerRun
 
 from taskiq_fastapi_cli.runtime.reload import ReloadFilter
@@ -120,3 +123,107 @@ def test_ctrl_c_while_a_worker_restarts_prints_no_traceback(
     output = run.output(worker)
     assert "Traceback" not in output
     assert "KeyboardInterrupt" not in output
+
+
+# A project of its own, so that the test can break and fix its files.
+PROJECT_APP = """\
+from fastapi import FastAPI
+from workerapp.app import lifespan
+
+app = FastAPI(lifespan=lifespan)
+"""
+PROJECT_TASKS = """\
+from fastapi import Request
+from workerapp.broker import broker
+
+
+@broker.task
+async def ping(request: Request) -> str:
+    return "pong " + str(request.url_for("home"))
+"""
+PROJECT_APP_WITH_ROUTE = (
+    PROJECT_APP
+    + """
+@app.get("/", name="home")
+async def home() -> None: ...
+"""
+)
+BROKEN = {
+    # What a user saves by mistake, and the line that reports it.
+    "app": ("rl_app.py", "app = FastAPI(\n", "rl_app.py"),
+    "task module": ("rl_tasks.py", "def ping(:\n", "rl_tasks.py"),
+    "dependency": (
+        "rl_tasks.py",
+        PROJECT_TASKS + "\n\nfrom fastapi import BackgroundTasks\n\n"
+        "@broker.task\nasync def later(background: BackgroundTasks) -> None: ...\n",
+        "later",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(BROKEN))
+def test_a_mistake_saved_while_reloading_is_one_line_then_fixed_it_serves(
+    run: WorkerRun, tmp_path: Path, mistake: str
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rl_app.py").write_text(PROJECT_APP_WITH_ROUTE)
+    (project / "rl_tasks.py").write_text(PROJECT_TASKS)
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
+        "--app-dir", str(project), "--reload", "--reload-dir", str(project),
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    assert asyncio.run(ping(run)) == "pong http://localhost:8000/"
+
+    name, broken, where = BROKEN[mistake]
+    good = (project / name).read_text()
+    (project / name).write_text(broken)
+    wait_for_output(run, worker, "Waiting for a change")
+    time.sleep(3)  # the manager would have restarted a dead worker by now
+    assert worker.poll() is None, run.output(worker)
+    output = run.output(worker)
+    assert "Traceback" not in output
+    reported = [line for line in output.splitlines() if "Waiting for a change" in line]
+    assert len(reported) == 1, output
+    assert where in reported[0]
+    assert reported[0].startswith("[")  # the log format of every other line
+
+    (project / name).write_text(good)
+    run.wait_for("startup", processes=2)
+    assert asyncio.run(ping(run)) == "pong http://localhost:8000/"
+    assert run.stop(worker) == 0
+
+
+async def ping(run: WorkerRun) -> str:
+    # A sender of its own: each asyncio.run is a new event loop.
+    sender = make_broker(run.env["REDIS_URL"], run.queue)
+    try:
+        task = await AsyncKicker("rl_tasks:ping", sender, {}).kiq()
+        result = await task.wait_result(timeout=30)
+    finally:
+        await sender.shutdown()
+    return str(result.return_value)
+
+
+def test_a_mistake_there_at_start_is_one_line_then_fixed_it_serves(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rl_app.py").write_text("app = FastAPI(\n")
+    (project / "rl_tasks.py").write_text(PROJECT_TASKS)
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
+        "--app-dir", str(project), "--reload", "--reload-dir", str(project),
+    )  # fmt: skip
+    wait_for_output(run, worker, "Waiting for a change")
+    output = run.output(worker)
+    assert "Traceback" not in output
+    assert "rl_app.py" in output
+    assert worker.poll() is None, output
+
+    (project / "rl_app.py").write_text(PROJECT_APP_WITH_ROUTE)
+    run.wait_for("startup", processes=1)
+    assert asyncio.run(ping(run)) == "pong http://localhost:8000/"
+    assert run.stop(worker) == 0

@@ -155,3 +155,53 @@ async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
     assert result.return_value == 7
     assert run.count("task 7 done") != {pid: 1}  # ran again, elsewhere
     assert run.stop(second) == 0
+
+
+def log_messages(output: str) -> list[str]:
+    """The messages of the log lines, without their time and logger."""
+    return [line.rsplit("] ", 1)[-1] for line in output.splitlines()]
+
+
+def index_of(messages: list[str], start: str) -> int:
+    found = [n for n, message in enumerate(messages) if message.startswith(start)]
+    assert found, f"no {start!r} in {messages}"
+    return found[0]
+
+
+async def test_the_stop_is_logged_in_the_order_it_happens(run: WorkerRun) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.kiq("slow", 0, 2)
+    run.wait_for("task 0 started", processes=1)
+    assert run.stop(worker) == 0
+    messages = log_messages(run.output(worker))
+    # The worker is asked to stop, finishes its task, then it has stopped.
+    asked = index_of(messages, "Stopping worker-0")
+    waiting = index_of(messages, "Waiting for 1 running task")
+    stopped = index_of(messages, "worker-0 (pid")
+    assert asked < waiting < stopped, messages
+    assert messages[stopped].endswith("stopped.")
+    assert "Starting 1 worker process." in messages
+    assert not any(message.startswith("Stopped process") for message in messages)
+
+
+async def test_reload_says_once_how_many_processes_it_starts(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "2",
+        "--reload", "--reload-dir", str(tmp_path),
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    assert run.stop(worker) == 0
+    messages = log_messages(run.output(worker))
+    assert "Starting 2 worker processes." not in messages
+    assert not any("set to 1" in message for message in messages), messages
+    assert (
+        "--reload: starting 1 worker process, so that each restart imports the "
+        "changed code." in messages
+    ), messages

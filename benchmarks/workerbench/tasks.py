@@ -1,5 +1,6 @@
 """The same task twice: with a FastAPI Request and with taskiq's own Context."""
 
+import asyncio
 import time
 
 from fastapi import Request
@@ -22,3 +23,9 @@ async def with_request(request: Request = TaskiqDepends()) -> None:
 @broker.task
 async def with_context(context: Context = TaskiqDepends()) -> None:
     assert context.message
+
+
+@broker.task
+async def pause(seconds: float) -> None:
+    """In flight while a stop is timed: it wakes an idle worker's event loop."""
+    await asyncio.sleep(seconds)

@@ -77,15 +77,21 @@ def _text(
 ) -> Iterator[str]:
     if not plans:
         yield "No tasks found: name the task modules after the broker."
+        return
     for plan in plans:
         yield plan.task_name
         yield from _nodes(plan.tree, "  ", carry)
     yield ""
     if not problems:
-        yield f"{len(plans)} task{'s' if len(plans) > 1 else ''} checked, no problems."
+        yield f"{_count(len(plans), 'task')} checked, no problems."
         return
-    yield f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:"
+    yield f"{_count(len(problems), 'problem')}:"
     yield from (f"- {problem}" for problem in problems)
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 task`, `2 tasks`: never "1 tasks" or "0 task"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _nodes(

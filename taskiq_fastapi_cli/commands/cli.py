@@ -14,6 +14,11 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+try:  # Typer 0.28+ carries its own copy of Click, and its own error class
+    from typer import TyperException as UsageError
+except ImportError:  # before: Click's, which Typer then depended on
+    from click import ClickException as UsageError  # type: ignore[assignment,no-redef,import-not-found,unused-ignore]
+
 from taskiq_fastapi_cli.defaults import (
     DEFAULT_BROKER_RETRY_TIMEOUT,
     DEFAULT_STALL_TIMEOUT,
@@ -38,11 +43,11 @@ class StartMethod(str, enum.Enum):
 
 
 ARGUMENTS_USAGE = "BROKER [MODULES]... [TASKIQ OPTIONS]"
-ARGUMENTS_HELP = [
+ARGUMENTS_HELP = (
     ("BROKER", "The broker, 'module:variable' (or a function returning one)."),
     ("MODULES", "Task modules to import, as `taskiq worker` takes them."),
     ("TASKIQ OPTIONS", "Any `taskiq worker` option, listed below."),
-]
+)
 
 
 class WorkerCommand(TyperCommand):
@@ -60,13 +65,31 @@ class WorkerCommand(TyperCommand):
         self.format_usage(ctx, formatter)
         self.format_help_text(ctx, formatter)
         with formatter.section("Arguments"):
-            formatter.write_dl(ARGUMENTS_HELP)
+            formatter.write_dl(self.arguments_help)
         self.format_options(ctx, formatter)
         self.format_epilog(ctx, formatter)
         from taskiq_fastapi_cli.runtime.args import taskiq_options_help
 
-        formatter.write("\nOptions passed through to `taskiq worker` unchanged:\n\n")
-        formatter.write(taskiq_options_help())
+        formatter.write(f"\n{self.taskiq_heading}:\n\n")
+        formatter.write(taskiq_options_help(self.taskiq_options))
+
+    arguments_help: tuple[tuple[str, str], ...] = ARGUMENTS_HELP
+    taskiq_heading = "Options passed through to `taskiq worker` unchanged"
+    taskiq_options: frozenset[str] | None = None  # all of them
+
+
+class CheckCommand(WorkerCommand):
+    """`check` lists the taskiq options it reads: where the tasks are.
+
+    It accepts the others, so that it takes a worker's command line as is.
+    """
+
+    arguments_help = (
+        *ARGUMENTS_HELP[:2],
+        ("TASKIQ OPTIONS", "The `taskiq worker` options that find the tasks, below."),
+    )
+    taskiq_heading = "`taskiq worker` options that check reads (it ignores the others)"
+    taskiq_options = frozenset({"--app-dir", "--fs-discover", "--tasks-pattern"})
 
 
 app = typer.Typer(
@@ -254,7 +277,7 @@ def worker(
 
 
 @app.command(
-    cls=WorkerCommand,
+    cls=CheckCommand,
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 def check(
@@ -327,7 +350,7 @@ def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except typer.TyperException as exc:  # Click's usage errors, one line each
+    except UsageError as exc:  # Click's usage errors, one line each
         typer.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except typer.Abort:

@@ -7,6 +7,7 @@ process starts, so a typo ends the command in a second with one line.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,7 +74,13 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
-    _check_dependencies(load_project(args, factory))
+    try:
+        _check_dependencies(load_project(args, factory))
+    except CLIError as exc:
+        if not args.reload or exc.exit_code == EXIT_USAGE_ERROR:
+            raise
+        # Under --reload, as uvicorn's reloader: the worker process meets the
+        # same mistake, says it in one line and waits for a change.
     _set_start_method(
         start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
     )
@@ -120,11 +127,37 @@ def load_project(args: FastAPIWorkerArgs, factory: bool) -> AsyncBroker:
         taskiq_fastapi.init(broker, source, base_url=args.base_url)
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
     except TaskiqFastAPIError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(str(exc) + _where_it_looked(exc, args)) from None
     for said in (warning, unrenewed_fetch(broker)):
         if said:
             typer.echo(f"Warning: {said}", err=True)
     return broker
+
+
+def _where_it_looked(exc: TaskiqFastAPIError, args: FastAPIWorkerArgs) -> str:
+    """For a path whose top-level package is nowhere: where it was looked for.
+
+    The usual cause is the command run from another directory than the
+    project's. A module missing inside the user's own code is not this case.
+    """
+    missing = exc.__cause__
+    if not isinstance(missing, ModuleNotFoundError) and missing is not None:
+        # uvicorn's importer raises its own error for the module it was asked
+        # for, while handling the ModuleNotFoundError.
+        missing = missing.__context__
+    if not isinstance(missing, ModuleNotFoundError):
+        return ""
+    paths = [args.broker, args.app, *args.modules]
+    tops = {path.partition(":")[0].split(".")[0] for path in paths if path}
+    if missing.name not in tops:
+        return ""
+    where = f"the current directory ({os.getcwd()})"
+    if args.app_dir:
+        return f" Looked in --app-dir {args.app_dir} and {where}."
+    return (
+        f" Looked in {where}: run it from the project's directory or pass "
+        "--app-dir DIR."
+    )
 
 
 def _check_dependencies(broker: AsyncBroker) -> None:

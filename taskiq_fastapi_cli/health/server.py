@@ -220,8 +220,13 @@ class HealthServer:
                 f"{exc.strerror or exc}.",
             ) from None
         self.server.daemon_threads = True
+        # `shutdown` waits for serve_forever's next poll (0.5 s by default),
+        # which the command's exit waited for.
         self.thread = threading.Thread(
-            target=self.server.serve_forever, name="health", daemon=True
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="health",
+            daemon=True,
         )
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None

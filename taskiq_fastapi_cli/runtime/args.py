@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -70,12 +70,35 @@ def with_app(
     return FastAPIWorkerArgs(**values, app=app, base_url=base_url, **ours)
 
 
-def taskiq_options_help() -> str:
-    """The option list of the installed taskiq's `taskiq worker --help`."""
+def taskiq_options_help(only: Collection[str] | None = None) -> str:
+    """The option list of the installed taskiq's `taskiq worker --help`.
+
+    Without argparse's `-h, --help` (the command lists its own), and with
+    `only`, just the options named there: `check` reads a few of them.
+    """
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.suppress(SystemExit):
         WorkerArgs.from_cli(["--help"])
     text = stdout.getvalue()
     # Drop argparse's usage block and positional section: ours shows those.
-    start = text.find("options:")
-    return text[start:] if start >= 0 else text
+    lines = text[text.find("options:") :].splitlines()[1:]
+    # One block per option: its first line is indented two spaces, then "-".
+    blocks: list[list[str]] = []
+    for line in lines:
+        if line.startswith("  -"):
+            blocks.append([line])
+        elif blocks:
+            blocks[-1].append(line)
+    kept = [
+        block
+        for block in blocks
+        if "--help" not in _names(block[0])
+        and (only is None or not _names(block[0]).isdisjoint(only))
+    ]
+    return "\n".join(line for block in kept for line in block) + "\n"
+
+
+def _names(first_line: str) -> set[str]:
+    """The option strings on an argparse help line: `--app-dir APP_DIR, -d ...`."""
+    usage = first_line.strip().split("  ", 1)[0]
+    return {word.rstrip(",") for word in usage.split() if word.startswith("-")}

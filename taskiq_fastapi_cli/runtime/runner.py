@@ -12,11 +12,12 @@ of the broker's path returns that broker (`_listen`).
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from taskiq import AsyncBroker
@@ -32,7 +33,7 @@ from taskiq_fastapi_cli.exceptions import (
     CLIError,
 )
 from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
-from taskiq_fastapi_cli.runtime.discover import load_broker
+from taskiq_fastapi_cli.runtime.discover import import_task_modules, load_broker
 from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
 from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages, WorkerStopped
@@ -46,12 +47,22 @@ from taskiq_fastapi_cli.runtime.supervisor import (
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.health.server import HealthServer
 
+logger = logging.getLogger("taskiq_fastapi")
+
 
 def worker_process(args: FastAPIWorkerArgs) -> None:
     """Body of every worker process, including ones restarted by taskiq."""
     try:
         release_stop_signals()
+        if args.configure_logging:
+            # taskiq configures a spawned worker's logging in `start_listen`;
+            # what is logged before it (a module that fails to import under
+            # --reload) would otherwise come out bare. A no-op under fork.
+            logging.basicConfig(level=args.log_level, format=args.log_format)
         broker = load_broker(args.broker)
+        # Before taskiq's own import, which logs a broken module's traceback
+        # and goes on without its tasks: here it is one line.
+        import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
         guard = compose(broker, args)
         _listen(args, broker, guard)
         if not guard.clean:
@@ -62,6 +73,9 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # Stopped by a signal while starting or waiting for the broker.
         sys.exit(0)
     except TaskiqFastAPIError as exc:
+        if args.reload:
+            _wait_for_a_change(str(exc))
+            sys.exit(0)
         # Stop the whole command instead of taskiq restarting this process
         # forever.
         _stop_command(args, str(exc))
@@ -73,6 +87,25 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # "killed by SIGINT".
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def _wait_for_a_change(message: str) -> None:
+    """Under --reload, as uvicorn's reloader: say what is wrong, then wait.
+
+    This process stays alive, so taskiq's manager does not restart it every
+    second; the next source change restarts it (taskiq terminates it), and a
+    stop signal ends it quietly.
+    """
+    logger.error("%s Waiting for a change to restart the workers.", message)
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
+    with suppress(KeyboardInterrupt):
+        while True:
+            signal.pause()
 
 
 def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
@@ -210,6 +243,49 @@ def _taskiq_run_uses(**names: Any) -> Iterator[None]:
             setattr(taskiq_run, name, value)
 
 
+# taskiq's `run_worker` logs how many processes it starts, then, with
+# --reload, that it set the number to 1.
+TASKIQ_STARTING = "Starting %s worker processes."
+TASKIQ_SET_TO_ONE = "Reload on change enabled. Number of worker processes set to 1."
+RELOAD_STARTING = (
+    "--reload: starting 1 worker process, so that each restart imports the "
+    "changed code."
+)
+
+
+class _ProcessCount(logging.Filter):
+    """The process count taskiq logs, as one true line.
+
+    "Starting 1 worker process.", and with --reload one line saying so,
+    instead of "Starting 2 worker processes." then "set to 1".
+    """
+
+    def __init__(self, reload: bool) -> None:
+        super().__init__()
+        self.reload = reload
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == TASKIQ_STARTING and record.args:
+            if self.reload:
+                record.msg, record.args = RELOAD_STARTING, ()
+            elif record.args == (1,):
+                record.msg = "Starting %s worker process."
+        return record.msg != TASKIQ_SET_TO_ONE
+
+
+@contextmanager
+def _process_count_said_once(reload: bool) -> Iterator[None]:
+    said = _ProcessCount(reload)
+    loggers = [logging.getLogger("taskiq.worker"), logging.getLogger()]
+    for each in loggers:
+        each.addFilter(said)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(said)
+
+
 def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     """Run taskiq's worker: taskiq's exit code, or 3 when an app failed to start."""
     failures = Failures()
@@ -217,7 +293,10 @@ def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     args.stop_stage = StopStage()
     manager = functools.partial(SafeProcessManager, health=health)
     try:
-        with _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager):
+        with (
+            _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager),
+            _process_count_said_once(args.reload),
+        ):
             status = taskiq_run.run_worker(args)
     finally:
         if health is not None:

@@ -26,6 +26,10 @@ Also worked around: taskiq before 0.12 stops its workers by signalling each
 one without checking that it still exists; a worker that had exited (say, on
 a startup failure) made the supervisor crash with ProcessLookupError and exit
 1 before it signalled the others.
+
+Also worked around: taskiq's manager logs "Stopped process worker-0" as it
+sends the stop signal, before the worker has finished its tasks; here that
+line is "Stopping worker-0", and "stopped" is logged once the worker exits.
 """
 
 from __future__ import annotations
@@ -179,9 +183,14 @@ class ActionQueue(queue.SimpleQueue[ProcessActionBase]):
     fatal failure, the next action is a shutdown, ahead of any restart.
     """
 
-    def __init__(self, failed: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        failed: Callable[[], bool] = lambda: False,
+        stopping: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
         self.failed = failed
+        self.stopping = stopping  # called as the manager takes a shutdown
         self.failure_seen = False
 
     def _failure_pending(self) -> bool:
@@ -191,11 +200,15 @@ class ActionQueue(queue.SimpleQueue[ProcessActionBase]):
         return super().empty() and not self._failure_pending()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        action: ProcessActionBase
         if self._failure_pending():
             self.failure_seen = True
-            return ShutdownAction()
-        action = super().get(block, timeout)
-        if type(action) is ReloadOneAction:
+            action = ShutdownAction()
+        else:
+            action = super().get(block, timeout)
+        if isinstance(action, ShutdownAction):
+            self.stopping()
+        elif type(action) is ReloadOneAction:
             return HeldRestart(action.worker_num, action.is_reload_all)
         return action
 
@@ -222,7 +235,7 @@ class SafeProcessManager(ProcessManager):
             args.health_slots = Slots(args.workers)
             view = HealthView(args.health_slots, args.stall_timeout)
             health.start(view, lambda: self.workers)
-        actions = ActionQueue(args.failures.reported)
+        actions = ActionQueue(args.failures.reported, self._log_stopping)
         self.action_queue = actions  # type: ignore[assignment]
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
@@ -272,10 +285,38 @@ class SafeProcessManager(ProcessManager):
             status = EXIT_STOPPED_UNCLEAN
         return status
 
+    def _log_stopping(self) -> None:
+        """Said as the manager takes a shutdown, right before it signals them."""
+        for worker in self.workers:
+            if worker.pid and worker.is_alive():
+                logger.info(
+                    "Stopping %s (pid %s): it finishes its running tasks first.",
+                    worker.name,
+                    worker.pid,
+                )
+
+    def _shutdown_workers(self) -> None:
+        """The graceful stop of taskiq's manager (0.12+), without its log.
+
+        taskiq logs "Stopped process" as it sends the signal, before the
+        worker has finished its tasks; `_log_stopping` says "Stopping" (on
+        every taskiq version), and `_wait_for_workers` logs each worker once
+        it has exited.
+        """
+        for worker in self.workers:
+            if worker.pid and worker.is_alive():
+                with suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)
+
     def _wait_for_workers(self) -> None:
         """Until every worker exits; past a second signal's deadline, kill them."""
+        running = [worker for worker in self.workers if worker.is_alive()]
         while True:
-            alive = [worker for worker in self.workers if worker.is_alive()]
+            alive = [worker for worker in running if worker.is_alive()]
+            for worker in running:
+                if worker not in alive:
+                    logger.info("%s (pid %s) stopped.", worker.name, worker.pid)
+            running = alive
             if not alive:
                 return
             kill_at = self.stop.kill_at
