@@ -115,3 +115,24 @@ settings.register_profile(
 )
 settings.register_profile("deep", max_examples=400, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# End-to-end tests (the real command in subprocesses, servers stopped and
+# started): the matrix runs them on the newest Python only, as `make test`
+# (3.11) and `make test-oldest` (3.10, the floors) run everything.
+_E2E_FIXTURES = frozenset({"run", "stream_run", "nats_run"})
+_E2E_MODULES = frozenset(
+    {
+        "test_deadlines", "test_demo", "test_nats", "test_outages",
+        "test_reliability", "test_reload", "test_restart_empty", "test_signals",
+        "test_template_project",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if isinstance(item, pytest.Function) else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _E2E_FIXTURES or module.rpartition(".")[2] in _E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
