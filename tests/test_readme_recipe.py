@@ -10,34 +10,20 @@ from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
+from readme import README, section_files, write_project
 from workers import COMMAND
 
-README = Path(__file__).parent.parent / "README.md"
 SECTION = "### Tests and in-process brokers"
 PYTEST = str(Path(sys.executable).with_name("pytest"))
 
 
 def recipe_files() -> dict[str, str]:
-    """The section's file blocks, each named by its first line's comment."""
-    text = README.read_text()
-    section = text[text.index(SECTION) :]
-    section = section[: section.index("\n## ")]
-    files = {}
-    for block in re.findall(r"```(?:python|toml)\n(.*?)```", section, re.DOTALL):
-        first = block.partition("\n")[0]
-        assert first.startswith("# "), first
-        files[first[2:]] = block
-    return files
+    return section_files(SECTION)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for name, source in recipe_files().items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(source)
-    (tmp_path / "shop" / "__init__.py").touch()
-    return tmp_path
+    return write_project(tmp_path, SECTION, "shop")
 
 
 def test_the_recipe_has_the_files_of_a_project() -> None:

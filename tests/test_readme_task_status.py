@@ -4,42 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx2
 import pytest
+from readme import section_files, write_project
 from workers import COMMAND, UVICORN, get_json
 
 from tools.processes import free_port
 
-README = Path(__file__).parent.parent / "README.md"
 SECTION = "## Tasks from the API: 202 Accepted, status, progress, results"
 
 
 def example_files() -> dict[str, str]:
-    """The section's Python blocks, each named by its first line's comment."""
-    text = README.read_text()
-    section = text[text.index(SECTION) :]
-    section = section[: section.index("\n## ", 1)]
-    files = {}
-    for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
-        first = block.partition("\n")[0]
-        assert first.startswith("# "), first
-        files[first[2:]] = block
-    return files
+    return section_files(SECTION)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for name, source in example_files().items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(source)
-    (tmp_path / "reports" / "__init__.py").touch()
-    return tmp_path
+    return write_project(tmp_path, SECTION, "reports")
 
 
 def test_the_example_has_the_files_of_a_project() -> None:
