@@ -622,27 +622,26 @@ class RedisRecords:
     ) -> Callable[[str, str, dict[str, Any]], bool]:
         """Send each kick's first write in the kick's own command, if it can.
 
-        For taskiq-redis' ListQueueBroker on the records' server, whose
-        `kick` is an LPUSH of the message to its `queue_name` label or its
-        queue (`broker.queue_name`, through `broker.connection_pool`): the
-        broker's kick is replaced by one that runs a script doing the SET NX
-        and the LPUSH, one round trip and one command (a pipeline of two
-        costs nearly as much as two). Returns what stashes a record for its
-        task's kick; it returns False where kicks cannot carry it (write it
-        yourself then).
+        For taskiq-redis' ListQueueBroker and RedisStreamBroker on the
+        records' server, whose `kick` sends the message to its `queue_name`
+        label or its queue (`broker.queue_name`, through
+        `broker.connection_pool`) with one command (`_push_command` says
+        which): the broker's kick is replaced by one that runs a script doing
+        the SET NX and that command, one round trip (a pipeline of two costs
+        nearly as much as two). Returns what stashes a record for its task's
+        kick; it returns False where kicks cannot carry it (write it yourself
+        then).
         """
         from redis.asyncio import Redis
         from redis.exceptions import NoPermissionError
-        from taskiq_redis import ListQueueBroker
 
-        if type(broker) is not ListQueueBroker or _server(
-            broker.connection_pool
-        ) != _server(self.pool):
+        push = _push_command(broker)
+        if push is None or _server(broker.connection_pool) != _server(self.pool):
             return lambda _task_id, _key, _record: False
         stashed: dict[str, tuple[str, str]] = {}
         kick = broker.kick
         script = Redis(connection_pool=broker.connection_pool).register_script(
-            _SET_AND_LPUSH
+            _SET_AND_PUSH
         )
         expiry = ["EX", self.ex] if self.ex else ["PX", self.px]
 
@@ -659,7 +658,8 @@ class RedisRecords:
             if not refused:
                 try:
                     await script(
-                        keys=[key, queue], args=[value, message.message, *expiry]
+                        keys=[key, queue],
+                        args=[value, *expiry, *push(message.message)],
                     )
                     return
                 except NoPermissionError as exc:
@@ -695,11 +695,34 @@ class RedisRecords:
 # Records of kicks being made, waiting for their kick (more would be kicks
 # that failed before they were sent).
 _MAX_STASHED = 10_000
-# A kick's record (unless a worker's is there) and its message, at once.
-_SET_AND_LPUSH = """
-redis.call('SET', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 'NX')
-return redis.call('LPUSH', KEYS[2], ARGV[2])
+# A kick's record (unless a worker's is there) and its message, at once:
+# ARGV is the record, its expiry (EX or PX, and the time), then the command
+# sending the message to KEYS[2] and that command's arguments.
+_SET_AND_PUSH = """
+redis.call('SET', KEYS[1], ARGV[1], ARGV[2], ARGV[3], 'NX')
+return redis.call(ARGV[4], KEYS[2], unpack(ARGV, 5))
 """
+
+
+def _push_command(broker: AsyncBroker) -> Callable[[bytes], list[Any]] | None:
+    """The command, after its key, of the broker's kick, for a message.
+
+    What taskiq-redis' kicks send through redis-py: ListQueueBroker's
+    `lpush(queue, message)`, RedisStreamBroker's `xadd(queue, {b"data":
+    message}, maxlen=broker.maxlen, approximate=broker.approximate)` (redis-py
+    puts `MAXLEN`, `~` if approximate, and the length, before the id `*`).
+    None for any other broker.
+    """
+    from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+    if type(broker) is ListQueueBroker:
+        return lambda message: ["LPUSH", message]
+    if type(broker) is not RedisStreamBroker:
+        return None
+    trim: list[Any] = []
+    if broker.maxlen is not None:
+        trim = ["MAXLEN", *(["~"] if broker.approximate else []), broker.maxlen]
+    return lambda message: ["XADD", *trim, "*", "data", message]
 
 
 def _server(pool: Any) -> tuple[Any, ...]:

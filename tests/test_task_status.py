@@ -472,6 +472,68 @@ async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
         await broker.shutdown()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("maxlen", "approximate"), [(None, True), (5, False), (5, True)])
+async def test_a_stream_brokers_kick_carries_its_record_in_the_same_command(
+    redis_url: str, maxlen: int | None, approximate: bool
+) -> None:
+    """Pins taskiq-redis' RedisStreamBroker.kick that the kick replaces: XADD
+    of {data: message} to its queue_name label, else the broker's stream,
+    trimmed to maxlen exactly or approximately. The same kicks through
+    taskiq-redis' own kick leave the stream alike, and its listen reads ours."""
+    from redis.asyncio import Redis
+    from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
+
+    kicks = 150
+    brokers = []
+    for name in ("stream-own", "stream-kick"):
+        broker = RedisStreamBroker(
+            redis_url, queue_name=name, maxlen=maxlen, approximate=approximate
+        ).with_result_backend(RedisAsyncResultBackend(redis_url, result_ex_time=60))
+
+        @broker.task
+        async def job() -> int:
+            return 1
+
+        brokers.append((broker, job))
+    (own, own_job), (broker, job) = brokers
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    assert broker.kick.__name__ == "kick_with_record"
+    assert own.kick.__name__ == "kick"
+    client = Redis.from_url(redis_url)
+    try:
+        for each in (own, broker):
+            await each.startup()
+        for _ in range(kicks):
+            await own_job.kiq()
+            last = await job.kiq()
+        other = await job.kicker().with_labels(queue_name="stream-other").kiq()
+        for stream in ("stream-own", "stream-kick"):
+            length = await client.xlen(stream)
+            if maxlen is None:
+                assert length == kicks
+            elif approximate:  # whole nodes are trimmed: more are kept
+                assert maxlen < length < kicks
+            else:
+                assert length == maxlen
+            [(_, fields)] = await client.xrevrange(stream, count=1)
+            assert list(fields) == [b"data"]
+        assert await client.xlen("stream-other") == 1
+        assert broker.formatter.loads(fields[b"data"]).task_id == last.task_id
+        [(_, oldest)] = await client.xrange("stream-kick", count=1)
+        fetched = await anext(broker.listen())  # the oldest the stream kept
+        assert fetched.data == oldest[b"data"]
+        for task in (last, other):
+            record = await status.store.read(task.task_id)
+            assert record is not None
+            assert record.state == "queued"
+    finally:
+        await client.delete("stream-own", "stream-kick", "stream-other")
+        await client.aclose()
+        for each in (own, broker):
+            await each.shutdown()
+
+
 def test_tasks_of_another_broker_or_none_are_one_clear_error() -> None:
     broker, other = InMemoryBroker(), InMemoryBroker()
 
