@@ -23,7 +23,8 @@ brokers and their clients do about it, and what this module does instead:
   "no stream", fetching with "service unavailable" (no consumer answers),
   saving a result with "not found". `LostState` creates each again with the
   broker's own configuration; `guard_connections` does so for the stream when
-  the API publishes.
+  the API publishes. One at a time per broker (`_once`): concurrent kicks
+  that meet the loss together recreate it once.
 
 tests/test_restart_empty.py exercises each through the real command, and
 tests/test_restart_rules.py the API's retries and `_ack_generator`.
@@ -42,6 +43,7 @@ import logging
 import select
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -257,12 +259,52 @@ def _guard_nats_kick(broker: Any) -> None:
         try:
             await kick(message)
         except NoStreamResponseError:
-            what = await _recreate_nats_stream(broker)
+            what = await _once(broker, _recreate_nats_stream, broker)
             if what is not None:
                 logger.warning("Broker %s: %s.", type(broker).__name__, what)
             await kick(message)  # recreated here or by another process
 
     broker.kick = kick_recreating_stream
+
+
+class _Recreating:
+    """One recreation at a time, per broker and event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+        self.finished = 0  # recreations (or checks that found it all there)
+
+
+# Per broker, per what is recreated (its function's name).
+_recreating: weakref.WeakKeyDictionary[Any, dict[str, _Recreating]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _once(
+    broker: Any, recreate: Callable[..., Awaitable[str | None]], *args: Any
+) -> str | None:
+    """`recreate(*args)`, unless one that finished while this one waited did it.
+
+    Concurrent kicks (or result saves) that all meet the same loss then make
+    one recreation and log one WARNING, not one each: those that waited behind
+    it return None ("nothing was missing") and try again. A lock per event
+    loop, as an asyncio.Lock may only be waited for in the loop it was first
+    waited for in, and an app (its tests) can run its broker in several.
+    """
+    loop = asyncio.get_running_loop()
+    states = _recreating.setdefault(broker, {})
+    state = states.get(recreate.__name__)
+    if state is None or state.loop is not loop:
+        state = states[recreate.__name__] = _Recreating(loop)
+    seen = state.finished
+    async with state.lock:
+        if state.finished != seen:
+            return None
+        what = await recreate(*args)
+        state.finished += 1
+        return what
 
 
 async def _recreate_nats_stream(broker: Any) -> str | None:
@@ -336,9 +378,9 @@ class LostState:
             )
 
             if isinstance(exc, ServiceUnavailableError):  # fetching
-                what = await _recreate_nats_consumer(self.broker)
+                what = await _once(self.broker, _recreate_nats_consumer, self.broker)
             elif isinstance(exc, (NotFoundError, NoStreamResponseError)):  # saving
-                what = await self._recreate_nats_bucket()
+                what = await _once(self.broker, self._recreate_nats_bucket)
             else:
                 return False
             if what is None:  # all there: recreated by someone else meanwhile
@@ -634,9 +676,14 @@ class RedisRecords:
         """
         from redis.asyncio import Redis
         from redis.exceptions import NoPermissionError
+        from taskiq_redis.redis_broker import BaseRedisBroker
 
         push = _push_command(broker)
-        if push is None or _server(broker.connection_pool) != _server(self.pool):
+        if (
+            push is None
+            or not isinstance(broker, BaseRedisBroker)
+            or _server(broker.connection_pool) != _server(self.pool)
+        ):
             return lambda _task_id, _key, _record: False
         stashed: dict[str, tuple[str, str]] = {}
         kick = broker.kick
