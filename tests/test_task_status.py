@@ -387,6 +387,39 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
     )
 
 
+def test_a_status_never_shows_progress_with_a_state_read_before_it() -> None:
+    """The route reads the record, then the progress: a task that started and
+    reported progress in between is shown started, as it is."""
+    from taskiq_fastapi.task_status.records import TaskRecord
+
+    app, status = build(InMemoryBroker())
+    queued = TaskRecord(
+        task_id="t1",
+        task_name="workerapp.statusapp:make_report",
+        state="queued",
+        queued_at=dt.datetime.now(dt.timezone.utc),
+        labels={"owner": "alice"},
+    )
+    started = queued.model_copy(
+        update={"state": "started", "started_at": dt.datetime.now(dt.timezone.utc)}
+    )
+    read_progress = status.store.progress
+
+    async def reported_meanwhile(task_id: str) -> Any:
+        # What a worker does between the route's two reads.
+        await status.store.write(started)
+        await status.store.set_progress(task_id, {"done": 1, "of": 2})
+        return await read_progress(task_id)
+
+    with TestClient(app) as client:
+        client.portal.call(status.store.write, queued)
+        status.store.progress = reported_meanwhile
+        shown = client.get("/tasks/t1", headers=ALICE).json()
+    assert shown["progress"] == {"done": 1, "of": 2}
+    assert shown["state"] == "started"
+    assert shown["started_at"] is not None
+
+
 def test_a_task_is_started_at_its_first_wait_and_a_quick_one_keeps_its_start() -> None:
     """`started` goes out as soon as the task's worker is free to send it (at
     its first await), however short the task; a task that never waits goes

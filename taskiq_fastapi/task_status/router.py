@@ -175,9 +175,16 @@ class TaskStatus:
         says so in the log) instead of failing every read.
         """
         model = self.models[record.task_name]
+        progress = await self.store.progress(record.task_id)
+        if progress is not None and record.state == "queued":
+            # Read before the task reported it: a task's `started` is written
+            # before any progress, so it is there now.
+            record = (
+                await self.store.current(record.task_id, self.error_messages) or record
+            )
         fields = {
             "task": record.task_name,
-            "progress": await self.store.progress(record.task_id),
+            "progress": progress,
             **record.model_dump(exclude={"task_name", "labels"}),
         }
         try:
