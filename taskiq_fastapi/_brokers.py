@@ -644,8 +644,6 @@ class RedisRecords:
         self.px: int | None = backend.result_px_time  # type: ignore[attr-defined]
         if not (self.ex or self.px):
             self.ex = max(1, int(keep_for))
-        self.set_all = self.client.register_script(_SET_ALL)
-        self.scripts_refused = False
 
     def _key(self, key: str) -> str:
         return key if self.prefix is None else f"{self.prefix}:{key}"
@@ -653,31 +651,6 @@ class RedisRecords:
     async def put(self, key: str, record: dict[str, Any], first: bool = False) -> None:
         value = json.dumps(record)
         await self.client.set(self._key(key), value, ex=self.ex, px=self.px, nx=first)
-
-    async def put_many(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        """Write each (key, record), in one command: one script for them all.
-
-        Where the Redis user may not run scripts, a pipeline of SETs (one
-        round trip still, but redis-py's cost per command).
-        """
-        from redis.exceptions import NoPermissionError
-
-        if len(items) == 1:
-            await self.put(*items[0])
-            return
-        keys = [self._key(key) for key, _ in items]
-        values = [json.dumps(record) for _, record in items]
-        if not self.scripts_refused:
-            expiry = ["EX", self.ex] if self.ex else ["PX", self.px]
-            try:
-                await self.set_all(keys=keys, args=[*values, *expiry])
-                return
-            except NoPermissionError:
-                self.scripts_refused = True  # the script never ran
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, value in zip(keys, values, strict=True):
-                pipe.set(key, value, ex=self.ex, px=self.px)
-            await pipe.execute()
 
     async def get(self, key: str) -> dict[str, Any] | None:
         found = await self.client.get(self._key(key))
@@ -775,15 +748,6 @@ _MAX_STASHED = 10_000
 _SET_AND_PUSH = """
 redis.call('SET', KEYS[1], ARGV[1], ARGV[2], ARGV[3], 'NX')
 return redis.call(ARGV[4], KEYS[2], unpack(ARGV, 5))
-"""
-
-
-# Records at once: KEYS and as many values, then the expiry (EX or PX, time).
-_SET_ALL = """
-local n = #KEYS
-for i = 1, n do
-    redis.call('SET', KEYS[i], ARGV[i], ARGV[n + 1], ARGV[n + 2])
-end
 """
 
 

@@ -453,54 +453,6 @@ def test_a_task_is_started_at_its_first_wait_and_a_quick_one_keeps_its_start() -
     assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("scripts", [True, False], ids=["scripts", "no-scripts"])
-async def test_tasks_that_start_together_are_recorded_in_one_command(
-    redis_url: str, scripts: bool
-) -> None:
-    """A worker's `started` writes due at once go in one script; a Redis user
-    that may not run scripts gets them as a pipeline of SETs."""
-    from redis.asyncio import Redis
-    from taskiq_redis import RedisAsyncResultBackend
-
-    admin = Redis.from_url(redis_url)
-    url = redis_url
-    if not scripts:
-        await admin.execute_command(
-            "ACL", "SETUSER", "noscripts", "on", ">s3cret", "~*", "&*", "+@all",
-            "-@scripting",
-        )  # fmt: skip
-        url = redis_url.replace("redis://", "redis://noscripts:s3cret@")
-    broker = InMemoryBroker().with_result_backend(
-        RedisAsyncResultBackend(url, result_ex_time=60)
-    )
-    gate = asyncio.Event()
-
-    @broker.task
-    async def wait() -> None:
-        await gate.wait()
-
-    status = taskiq_fastapi.TaskStatus(broker, [wait])
-    await broker.startup()
-    try:
-        await admin.config_resetstat()
-        kicked = await asyncio.gather(*(wait.kiq() for _ in range(20)))
-        for _ in range(500):
-            records = [await status.kicked(task.task_id) for task in kicked]
-            if all(record.state == "started" for record in records):
-                break
-            await asyncio.sleep(0.01)
-        assert [record.state for record in records] == ["started"] * 20
-        stats = (await admin.info("commandstats")).get("cmdstat_evalsha", {})
-        ran = stats.get("calls", 0) - stats.get("failed_calls", 0)  # not NOSCRIPT
-        assert ran == (1 if scripts else 0)
-    finally:
-        gate.set()
-        await broker.wait_all()
-        await broker.shutdown()
-        await admin.aclose()
-
-
 @pytest.mark.parametrize("keep_results", [True, False])
 def test_a_retried_task_is_not_failed_while_its_retry_runs(
     redis_url: str, tmp_path: Path, keep_results: bool

@@ -126,17 +126,6 @@ class RecordStore:
             record.model_dump(mode="json"),
         )
 
-    async def write_many(self, records: list[TaskRecord]) -> None:
-        """Write them all, in one command where the storage has one."""
-        items = [
-            (r.task_id + _RECORD_SUFFIX, r.model_dump(mode="json")) for r in records
-        ]
-        if isinstance(self.storage, RedisRecords):
-            await self.storage.put_many(items)
-            return
-        for key, record in items:
-            await self.storage.put(key, record)
-
     async def write(self, record: TaskRecord, first: bool = False) -> None:
         await self.storage.put(
             record.task_id + _RECORD_SUFFIX, record.model_dump(mode="json"), first
@@ -223,8 +212,8 @@ class _Start:
     anything else goes from `queued` to its outcome, its start time kept.
     """
 
-    def __init__(self, starts: _Starts, message: TaskiqMessage) -> None:
-        self.starts = starts
+    def __init__(self, store: RecordStore, message: TaskiqMessage) -> None:
+        self.store = store
         self.message = message
         self.write: asyncio.Future[None] | None = None
         self.due = asyncio.get_running_loop().call_soon(self.begin)
@@ -235,67 +224,22 @@ class _Start:
             # Made only now: a task that already ended never needs it.
             record = _record(self.message)
             assert record is not None  # only made for messages with QUEUED_LABEL
-            self.write = self.starts.send(self, record)
+            self.write = asyncio.ensure_future(
+                _recorded(self.store.write(record), record, "started")
+            )
         return self.write
 
     async def now(self) -> None:
         await self.begin()
 
     async def settle(self) -> None:
-        """At the task's end: no write if none was sent, else wait for it.
+        """At the task's end: no write if none began, else wait for it.
 
         So that a `started` record cannot land after the outcome.
         """
         self.due.cancel()
-        if self.write is not None and not self.starts.withdraw(self):
+        if self.write is not None:
             await self.write
-
-
-class _Starts:
-    """A worker's `started` writes, sent together: one batch at a time.
-
-    Those that become due while a batch is being written go in the next,
-    in one command where the storage allows (`RedisRecords.put_many`), so a
-    worker running many tasks at once pays about one write per batch rather
-    than one per task.
-    """
-
-    def __init__(self, store: RecordStore, loop: asyncio.AbstractEventLoop) -> None:
-        self.store = store
-        self.loop = loop
-        self.due: dict[_Start, tuple[TaskRecord, asyncio.Future[None]]] = {}
-        self.sending: asyncio.Future[None] | None = None
-
-    def send(self, start: _Start, record: TaskRecord) -> asyncio.Future[None]:
-        """Write `record` with the next batch; the future says when it was."""
-        done = self.loop.create_future()
-        self.due[start] = (record, done)
-        if self.sending is None:
-            self.sending = asyncio.ensure_future(self._send())
-        return done
-
-    def withdraw(self, start: _Start) -> bool:
-        """Take back a write not sent yet (its task ended: none is needed)."""
-        taken = self.due.pop(start, None)
-        if taken is None:
-            return False
-        taken[1].set_result(None)
-        return True
-
-    async def _send(self) -> None:
-        batch: dict[_Start, tuple[TaskRecord, asyncio.Future[None]]] = {}
-        try:
-            while self.due:
-                batch, self.due = self.due, {}
-                records = [record for record, _ in batch.values()]
-                await _recorded(self.store.write_many(records), records, "started")
-                for _, done in batch.values():
-                    done.set_result(None)
-        finally:  # also if cancelled: nobody waits for ever
-            self.sending = None
-            for _, done in [*batch.values(), *self.due.values()]:
-                if not done.done():
-                    done.set_result(None)
 
 
 class Recorder(TaskiqMiddleware):
@@ -324,7 +268,6 @@ class Recorder(TaskiqMiddleware):
         # By the message object's id: a retry (same task id) can begin in this
         # process before the failed run's post_execute.
         self._starting: dict[int, _Start] = {}
-        self._starts: _Starts | None = None
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         if message.task_name not in self.task_names:
@@ -365,11 +308,7 @@ class Recorder(TaskiqMiddleware):
         # The receiver hands this same message to post_execute.
         if QUEUED_LABEL in message.labels:
             message.labels[STARTED_LABEL] = _now().isoformat()
-            loop = asyncio.get_running_loop()
-            if self._starts is None or self._starts.loop is not loop:
-                # Tests run an app in one event loop per client.
-                self._starts = _Starts(self.store, loop)
-            self._starting[id(message)] = _Start(self._starts, message)
+            self._starting[id(message)] = _Start(self.store, message)
         return message
 
     async def started(self, message: TaskiqMessage) -> None:
@@ -394,12 +333,10 @@ class Recorder(TaskiqMiddleware):
             record = _record(message)
             assert record is not None  # it has QUEUED_LABEL, as it has a _Start
             done = finished(record, result)
-            await _recorded(self.store.write(done), [done], done.state)
+            await _recorded(self.store.write(done), done, done.state)
 
 
-async def _recorded(
-    write: Awaitable[None], records: list[TaskRecord], state: str
-) -> None:
+async def _recorded(write: Awaitable[None], record: TaskRecord, state: str) -> None:
     """A worker's write of a record; it failing fails no task.
 
     The task's result is saved after this (taskiq saves it once the
@@ -411,14 +348,13 @@ async def _recorded(
     try:
         await write
     except Exception as exc:
-        for record in records:
-            logger.warning(
-                "Task %r (%s): its %s state was not recorded: %s",
-                record.task_name,
-                record.task_id,
-                state,
-                describe(exc),
-            )
+        logger.warning(
+            "Task %r (%s): its %s state was not recorded: %s",
+            record.task_name,
+            record.task_id,
+            state,
+            describe(exc),
+        )
 
 
 def recorder(store: RecordStore) -> Recorder:
