@@ -49,6 +49,8 @@ QUEUED_LABEL = "taskiq_fastapi_queued_at"
 STARTED_LABEL = "taskiq_fastapi_started_at"
 # When it ended; both are saved with the result, in its labels.
 FINISHED_LABEL = "taskiq_fastapi_finished_at"
+# A task's `started` record is written once it has run this long (seconds).
+STARTED_AFTER = 0.05
 # Labels of this package, never part of what a record keeps.
 _OWN_LABELS = "taskiq_fastapi_"
 # The record's id in the result backend.
@@ -204,24 +206,18 @@ def _record(message: TaskiqMessage) -> TaskRecord | None:
 
 
 class _Start:
-    """A running task's `started` write, sent as soon as the worker's loop can.
-
-    That is at the task's first await (or its thread's start, for a sync
-    task): the task's own code runs first, so a task that never waits
-    never waits for the write either, and one that ends before its loop ran
-    anything else goes from `queued` to its outcome, its start time kept.
-    """
+    """A running task's `started` write: due after STARTED_AFTER, or sooner."""
 
     def __init__(self, store: RecordStore, message: TaskiqMessage) -> None:
         self.store = store
         self.message = message
         self.write: asyncio.Future[None] | None = None
-        self.due = asyncio.get_running_loop().call_soon(self.begin)
+        self.timer = asyncio.get_running_loop().call_later(STARTED_AFTER, self.begin)
 
     def begin(self) -> asyncio.Future[None]:
         if self.write is None:
-            self.due.cancel()
-            # Made only now: a task that already ended never needs it.
+            self.timer.cancel()
+            # Made only now: most tasks end before, and never need it.
             record = _record(self.message)
             assert record is not None  # only made for messages with QUEUED_LABEL
             self.write = asyncio.ensure_future(
@@ -237,7 +233,7 @@ class _Start:
 
         So that a `started` record cannot land after the outcome.
         """
-        self.due.cancel()
+        self.timer.cancel()
         if self.write is not None:
             await self.write
 
@@ -249,9 +245,9 @@ class Recorder(TaskiqMiddleware):
     messages whose kick was (they carry QUEUED_LABEL), so a task kicked by a
     process that records nothing costs nothing anywhere.
 
-    A worker writes as little as it can: `started` as the task begins (not
-    at all for a task that ended before its worker's loop could send it:
-    `_Start` says when), and the outcome not at all where the
+    A worker writes as little as it can: `started` only once the task has
+    run for STARTED_AFTER seconds (a shorter task goes from `queued` to its
+    outcome, its start time kept), and the outcome not at all where the
     result backend keeps results: the result is the outcome, read without
     taking it, with the start and end times the worker put in its labels.
     Where reading a result deletes it (keep_results=False), the outcome is
