@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker, SimpleRetryMiddleware
+from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
 from workerapp.statusapp import build
 
 import taskiq_fastapi
@@ -506,7 +506,9 @@ async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("maxlen", "approximate"), [(None, True), (5, False), (5, True)])
+@pytest.mark.parametrize(
+    ("maxlen", "approximate"), [(None, True), (5, False), (5, True)]
+)
 async def test_a_stream_brokers_kick_carries_its_record_in_the_same_command(
     redis_url: str, maxlen: int | None, approximate: bool
 ) -> None:
@@ -710,3 +712,51 @@ def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:
             time.sleep(0.01)
     assert states in (["queued", "started", "succeeded"], ["queued", "succeeded"])
     assert shown["result"] == 42
+
+
+@pytest.mark.parametrize(
+    ("started_after", "seen_while_running"), [(0, "started"), (None, "queued")]
+)
+def test_started_after_0_records_a_short_task_started_at_its_first_wait(
+    started_after: float | None, seen_while_running: str
+) -> None:
+    """With started_after=0 a task that waits 10 ms is shown started while it
+    runs; by default (50 ms) it is not, and it still keeps its start time."""
+    broker = InMemoryBroker()
+    seen: list[str] = []
+
+    @broker.task
+    async def compute(context: Context = TaskiqDepends()) -> None:
+        await asyncio.sleep(0.01)  # waits once, briefly
+        seen.append((await status.kicked(context.message.task_id)).state)
+
+    options = {} if started_after is None else {"started_after": started_after}
+    status = taskiq_fastapi.TaskStatus(broker, [compute], **options)
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/compute", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await compute.kiq(), request)
+
+    with TestClient(app) as client:
+        done = wait_for(
+            client, client.post("/compute").headers["location"], "succeeded"
+        )
+    assert seen == [seen_while_running]
+    assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_negative_started_after_is_one_clear_error(bad: float) -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def compute() -> None:
+        return None
+
+    with pytest.raises(
+        taskiq_fastapi.TaskStatusError,
+        match=r"started_after=(-1\.0|nan): expected seconds",
+    ):
+        taskiq_fastapi.TaskStatus(broker, [compute], started_after=bad)
