@@ -23,7 +23,8 @@ brokers and their clients do about it, and what this module does instead:
   "no stream", fetching with "service unavailable" (no consumer answers),
   saving a result with "not found". `LostState` creates each again with the
   broker's own configuration; `guard_connections` does so for the stream when
-  the API publishes.
+  the API publishes. One at a time per broker (`_once`): concurrent kicks
+  that meet the loss together recreate it once.
 
 tests/test_restart_empty.py exercises each through the real command, and
 tests/test_restart_rules.py the API's retries and `_ack_generator`.
@@ -42,6 +43,7 @@ import logging
 import select
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -257,12 +259,52 @@ def _guard_nats_kick(broker: Any) -> None:
         try:
             await kick(message)
         except NoStreamResponseError:
-            what = await _recreate_nats_stream(broker)
+            what = await _once(broker, _recreate_nats_stream, broker)
             if what is not None:
                 logger.warning("Broker %s: %s.", type(broker).__name__, what)
             await kick(message)  # recreated here or by another process
 
     broker.kick = kick_recreating_stream
+
+
+class _Recreating:
+    """One recreation at a time, per broker and event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+        self.finished = 0  # recreations (or checks that found it all there)
+
+
+# Per broker, per what is recreated (its function's name).
+_recreating: weakref.WeakKeyDictionary[Any, dict[str, _Recreating]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _once(
+    broker: Any, recreate: Callable[..., Awaitable[str | None]], *args: Any
+) -> str | None:
+    """`recreate(*args)`, unless one that finished while this one waited did it.
+
+    Concurrent kicks (or result saves) that all meet the same loss then make
+    one recreation and log one WARNING, not one each: those that waited behind
+    it return None ("nothing was missing") and try again. A lock per event
+    loop, as an asyncio.Lock may only be waited for in the loop it was first
+    waited for in, and an app (its tests) can run its broker in several.
+    """
+    loop = asyncio.get_running_loop()
+    states = _recreating.setdefault(broker, {})
+    state = states.get(recreate.__name__)
+    if state is None or state.loop is not loop:
+        state = states[recreate.__name__] = _Recreating(loop)
+    seen = state.finished
+    async with state.lock:
+        if state.finished != seen:
+            return None
+        what = await recreate(*args)
+        state.finished += 1
+        return what
 
 
 async def _recreate_nats_stream(broker: Any) -> str | None:
@@ -336,9 +378,9 @@ class LostState:
             )
 
             if isinstance(exc, ServiceUnavailableError):  # fetching
-                what = await _recreate_nats_consumer(self.broker)
+                what = await _once(self.broker, _recreate_nats_consumer, self.broker)
             elif isinstance(exc, (NotFoundError, NoStreamResponseError)):  # saving
-                what = await self._recreate_nats_bucket()
+                what = await _once(self.broker, self._recreate_nats_bucket)
             else:
                 return False
             if what is None:  # all there: recreated by someone else meanwhile
@@ -622,27 +664,31 @@ class RedisRecords:
     ) -> Callable[[str, str, dict[str, Any]], bool]:
         """Send each kick's first write in the kick's own command, if it can.
 
-        For taskiq-redis' ListQueueBroker on the records' server, whose
-        `kick` is an LPUSH of the message to its `queue_name` label or its
-        queue (`broker.queue_name`, through `broker.connection_pool`): the
-        broker's kick is replaced by one that runs a script doing the SET NX
-        and the LPUSH, one round trip and one command (a pipeline of two
-        costs nearly as much as two). Returns what stashes a record for its
-        task's kick; it returns False where kicks cannot carry it (write it
-        yourself then).
+        For taskiq-redis' ListQueueBroker and RedisStreamBroker on the
+        records' server, whose `kick` sends the message to its `queue_name`
+        label or its queue (`broker.queue_name`, through
+        `broker.connection_pool`) with one command (`_push_command` says
+        which): the broker's kick is replaced by one that runs a script doing
+        the SET NX and that command, one round trip (a pipeline of two costs
+        nearly as much as two). Returns what stashes a record for its task's
+        kick; it returns False where kicks cannot carry it (write it yourself
+        then).
         """
         from redis.asyncio import Redis
         from redis.exceptions import NoPermissionError
-        from taskiq_redis import ListQueueBroker
+        from taskiq_redis.redis_broker import BaseRedisBroker
 
-        if type(broker) is not ListQueueBroker or _server(
-            broker.connection_pool
-        ) != _server(self.pool):
+        push = _push_command(broker)
+        if (
+            push is None
+            or not isinstance(broker, BaseRedisBroker)
+            or _server(broker.connection_pool) != _server(self.pool)
+        ):
             return lambda _task_id, _key, _record: False
         stashed: dict[str, tuple[str, str]] = {}
         kick = broker.kick
         script = Redis(connection_pool=broker.connection_pool).register_script(
-            _SET_AND_LPUSH
+            _SET_AND_PUSH
         )
         expiry = ["EX", self.ex] if self.ex else ["PX", self.px]
 
@@ -659,7 +705,8 @@ class RedisRecords:
             if not refused:
                 try:
                     await script(
-                        keys=[key, queue], args=[value, message.message, *expiry]
+                        keys=[key, queue],
+                        args=[value, *expiry, *push(message.message)],
                     )
                     return
                 except NoPermissionError as exc:
@@ -695,11 +742,34 @@ class RedisRecords:
 # Records of kicks being made, waiting for their kick (more would be kicks
 # that failed before they were sent).
 _MAX_STASHED = 10_000
-# A kick's record (unless a worker's is there) and its message, at once.
-_SET_AND_LPUSH = """
-redis.call('SET', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 'NX')
-return redis.call('LPUSH', KEYS[2], ARGV[2])
+# A kick's record (unless a worker's is there) and its message, at once:
+# ARGV is the record, its expiry (EX or PX, and the time), then the command
+# sending the message to KEYS[2] and that command's arguments.
+_SET_AND_PUSH = """
+redis.call('SET', KEYS[1], ARGV[1], ARGV[2], ARGV[3], 'NX')
+return redis.call(ARGV[4], KEYS[2], unpack(ARGV, 5))
 """
+
+
+def _push_command(broker: AsyncBroker) -> Callable[[bytes], list[Any]] | None:
+    """The command, after its key, of the broker's kick, for a message.
+
+    What taskiq-redis' kicks send through redis-py: ListQueueBroker's
+    `lpush(queue, message)`, RedisStreamBroker's `xadd(queue, {b"data":
+    message}, maxlen=broker.maxlen, approximate=broker.approximate)` (redis-py
+    puts `MAXLEN`, `~` if approximate, and the length, before the id `*`).
+    None for any other broker.
+    """
+    from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+    if type(broker) is ListQueueBroker:
+        return lambda message: ["LPUSH", message]
+    if type(broker) is not RedisStreamBroker:
+        return None
+    trim: list[Any] = []
+    if broker.maxlen is not None:
+        trim = ["MAXLEN", *(["~"] if broker.approximate else []), broker.maxlen]
+    return lambda message: ["XADD", *trim, "*", "data", message]
 
 
 def _server(pool: Any) -> tuple[Any, ...]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -244,3 +246,42 @@ async def test_a_group_that_vanished_from_a_kept_stream_restarts_after_the_last_
     finally:
         await sender.shutdown()
         await broker.shutdown()
+
+
+async def test_concurrent_kicks_that_meet_a_lost_stream_recreate_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS restarted without its store: 50 kicks at once all meet "no stream".
+    One recreates the stream, with one WARNING; each kick lands once. The
+    same for a worker's result saves meeting the lost result bucket."""
+    from nats.js.errors import NotFoundError
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "lost")
+        async with api(broker, retry_timeout=10):
+            server.stop()
+            deadline = time.monotonic() + 20
+            while broker.client.is_connected:  # until nats-py sees it gone
+                assert time.monotonic() < deadline, "nats-py missed the stop"
+                await asyncio.sleep(0.05)
+            server.forget()
+            server.start()  # empty, on the same port
+            while not broker.client.is_connected:
+                assert time.monotonic() < deadline, "nats-py did not reconnect"
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*(kiq(broker, n) for n in range(50)))
+            assert (await broker.js.stream_info("lost")).state.messages == 50
+            lost = LostState(broker, "'test:broker'")
+            saves = [lost.recover(NotFoundError()) for _ in range(20)]
+            assert await asyncio.gather(*saves) == [True] * 20  # all try again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "Broker PullBasedJetStreamBroker: recreated JetStream stream 'lost', which "
+        "the server no longer had (it restarted without its store).",
+        "Broker 'test:broker': recreated result bucket 'lost', which the server no "
+        "longer had (it restarted without its store).",
+    ], warnings

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker, SimpleRetryMiddleware
+from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
 from workerapp.statusapp import build
 
 import taskiq_fastapi
@@ -387,6 +387,39 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
     )
 
 
+def test_a_status_never_shows_progress_with_a_state_read_before_it() -> None:
+    """The route reads the record, then the progress: a task that started and
+    reported progress in between is shown started, as it is."""
+    from taskiq_fastapi.task_status.records import TaskRecord
+
+    app, status = build(InMemoryBroker())
+    queued = TaskRecord(
+        task_id="t1",
+        task_name="workerapp.statusapp:make_report",
+        state="queued",
+        queued_at=dt.datetime.now(dt.timezone.utc),
+        labels={"owner": "alice"},
+    )
+    started = queued.model_copy(
+        update={"state": "started", "started_at": dt.datetime.now(dt.timezone.utc)}
+    )
+    read_progress = status.store.progress
+
+    async def reported_meanwhile(task_id: str) -> Any:
+        # What a worker does between the route's two reads.
+        await status.store.write(started)
+        await status.store.set_progress(task_id, {"done": 1, "of": 2})
+        return await read_progress(task_id)
+
+    with TestClient(app) as client:
+        client.portal.call(status.store.write, queued)
+        status.store.progress = reported_meanwhile
+        shown = client.get("/tasks/t1", headers=ALICE).json()
+    assert shown["progress"] == {"done": 1, "of": 2}
+    assert shown["state"] == "started"
+    assert shown["started_at"] is not None
+
+
 @pytest.mark.parametrize("keep_results", [True, False])
 def test_a_retried_task_is_not_failed_while_its_retry_runs(
     redis_url: str, tmp_path: Path, keep_results: bool
@@ -470,6 +503,70 @@ async def test_a_list_brokers_kick_carries_its_record_in_the_same_command(
             assert record.state == "queued"
     finally:
         await broker.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("maxlen", "approximate"), [(None, True), (5, False), (5, True)]
+)
+async def test_a_stream_brokers_kick_carries_its_record_in_the_same_command(
+    redis_url: str, maxlen: int | None, approximate: bool
+) -> None:
+    """Pins taskiq-redis' RedisStreamBroker.kick that the kick replaces: XADD
+    of {data: message} to its queue_name label, else the broker's stream,
+    trimmed to maxlen exactly or approximately. The same kicks through
+    taskiq-redis' own kick leave the stream alike, and its listen reads ours."""
+    from redis.asyncio import Redis
+    from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
+
+    kicks = 150
+    brokers = []
+    for name in ("stream-own", "stream-kick"):
+        broker = RedisStreamBroker(
+            redis_url, queue_name=name, maxlen=maxlen, approximate=approximate
+        ).with_result_backend(RedisAsyncResultBackend(redis_url, result_ex_time=60))
+
+        @broker.task
+        async def job() -> int:
+            return 1
+
+        brokers.append((broker, job))
+    (own, own_job), (broker, job) = brokers
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    assert broker.kick.__name__ == "kick_with_record"
+    assert own.kick.__name__ == "kick"
+    client = Redis.from_url(redis_url)
+    try:
+        for each in (own, broker):
+            await each.startup()
+        for _ in range(kicks):
+            await own_job.kiq()
+            last = await job.kiq()
+        other = await job.kicker().with_labels(queue_name="stream-other").kiq()
+        for stream in ("stream-own", "stream-kick"):
+            length = await client.xlen(stream)
+            if maxlen is None:
+                assert length == kicks
+            elif approximate:  # whole nodes are trimmed: more are kept
+                assert maxlen < length < kicks
+            else:
+                assert length == maxlen
+            [(_, fields)] = await client.xrevrange(stream, count=1)
+            assert list(fields) == [b"data"]
+        assert await client.xlen("stream-other") == 1
+        assert broker.formatter.loads(fields[b"data"]).task_id == last.task_id
+        [(_, oldest)] = await client.xrange("stream-kick", count=1)
+        fetched = await anext(broker.listen())  # the oldest the stream kept
+        assert fetched.data == oldest[b"data"]
+        for task in (last, other):
+            record = await status.store.read(task.task_id)
+            assert record is not None
+            assert record.state == "queued"
+    finally:
+        await client.delete("stream-own", "stream-kick", "stream-other")
+        await client.aclose()
+        for each in (own, broker):
+            await each.shutdown()
 
 
 def test_tasks_of_another_broker_or_none_are_one_clear_error() -> None:
@@ -615,3 +712,51 @@ def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:
             time.sleep(0.01)
     assert states in (["queued", "started", "succeeded"], ["queued", "succeeded"])
     assert shown["result"] == 42
+
+
+@pytest.mark.parametrize(
+    ("started_after", "seen_while_running"), [(0, "started"), (None, "queued")]
+)
+def test_started_after_0_records_a_short_task_started_at_its_first_wait(
+    started_after: float | None, seen_while_running: str
+) -> None:
+    """With started_after=0 a task that waits 10 ms is shown started while it
+    runs; by default (50 ms) it is not, and it still keeps its start time."""
+    broker = InMemoryBroker()
+    seen: list[str] = []
+
+    @broker.task
+    async def compute(context: Context = TaskiqDepends()) -> None:
+        await asyncio.sleep(0.01)  # waits once, briefly
+        seen.append((await status.kicked(context.message.task_id)).state)
+
+    options = {} if started_after is None else {"started_after": started_after}
+    status = taskiq_fastapi.TaskStatus(broker, [compute], **options)
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/compute", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await compute.kiq(), request)
+
+    with TestClient(app) as client:
+        done = wait_for(
+            client, client.post("/compute").headers["location"], "succeeded"
+        )
+    assert seen == [seen_while_running]
+    assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_negative_started_after_is_one_clear_error(bad: float) -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def compute() -> None:
+        return None
+
+    with pytest.raises(
+        taskiq_fastapi.TaskStatusError,
+        match=r"started_after=(-1\.0|nan): expected seconds",
+    ):
+        taskiq_fastapi.TaskStatus(broker, [compute], started_after=bad)

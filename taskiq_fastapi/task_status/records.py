@@ -49,7 +49,10 @@ QUEUED_LABEL = "taskiq_fastapi_queued_at"
 STARTED_LABEL = "taskiq_fastapi_started_at"
 # When it ended; both are saved with the result, in its labels.
 FINISHED_LABEL = "taskiq_fastapi_finished_at"
-# A task's `started` record is written once it has run this long (seconds).
+# By default, a task's `started` record is written once it has run this long
+# (seconds): long enough that most short tasks write no record but their
+# outcome, shorter than the router's default poll interval, so that a client
+# following a task is not shown `queued` for a task that runs.
 STARTED_AFTER = 0.05
 # Labels of this package, never part of what a record keeps.
 _OWN_LABELS = "taskiq_fastapi_"
@@ -206,13 +209,19 @@ def _record(message: TaskiqMessage) -> TaskRecord | None:
 
 
 class _Start:
-    """A running task's `started` write: due after STARTED_AFTER, or sooner."""
+    """A running task's `started` write: due after `delay` seconds, or sooner.
 
-    def __init__(self, store: RecordStore, message: TaskiqMessage) -> None:
+    With no delay the timer fires at the task's first await: the event loop
+    runs it as soon as the task lets it.
+    """
+
+    def __init__(
+        self, store: RecordStore, message: TaskiqMessage, delay: float
+    ) -> None:
         self.store = store
         self.message = message
         self.write: asyncio.Future[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(STARTED_AFTER, self.begin)
+        self.timer = asyncio.get_running_loop().call_later(delay, self.begin)
 
     def begin(self) -> asyncio.Future[None]:
         if self.write is None:
@@ -246,9 +255,9 @@ class Recorder(TaskiqMiddleware):
     process that records nothing costs nothing anywhere.
 
     A worker writes as little as it can: `started` only once the task has
-    run for STARTED_AFTER seconds (a shorter task goes from `queued` to its
-    outcome, its start time kept), and the outcome not at all where the
-    result backend keeps results: the result is the outcome, read without
+    run for its TaskStatus's `started_after` seconds (a shorter task goes
+    from `queued` to its outcome, its start time kept), and the outcome not
+    at all where the result backend keeps results: the result is the outcome, read without
     taking it, with the start and end times the worker put in its labels.
     Where reading a result deletes it (keep_results=False), the outcome is
     written as a record too.
@@ -257,7 +266,8 @@ class Recorder(TaskiqMiddleware):
     def __init__(self, store: RecordStore) -> None:
         super().__init__()
         self.store = store
-        self.task_names: set[str] = set()
+        # The tasks recorded, each with when its `started` record is due.
+        self.started_after: dict[str, float] = {}
         # The `queued` write of each kick being sent, by task id.
         self._queueing: dict[str, asyncio.Future[None]] = {}
         # The `started` write of each running task.
@@ -266,7 +276,7 @@ class Recorder(TaskiqMiddleware):
         self._starting: dict[int, _Start] = {}
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
-        if message.task_name not in self.task_names:
+        if message.task_name not in self.started_after:
             return message
         queued = message.labels.get(QUEUED_LABEL)
         # A retry kicks the task again with its labels: it was queued then.
@@ -304,7 +314,8 @@ class Recorder(TaskiqMiddleware):
         # The receiver hands this same message to post_execute.
         if QUEUED_LABEL in message.labels:
             message.labels[STARTED_LABEL] = _now().isoformat()
-            self._starting[id(message)] = _Start(self.store, message)
+            delay = self.started_after.get(message.task_name, STARTED_AFTER)
+            self._starting[id(message)] = _Start(self.store, message, delay)
         return message
 
     async def started(self, message: TaskiqMessage) -> None:

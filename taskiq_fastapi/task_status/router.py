@@ -22,6 +22,7 @@ from taskiq_fastapi._brokers import record_storage
 from taskiq_fastapi.exceptions import TaskStatusError
 from taskiq_fastapi.task_status.records import (
     FINISHED,
+    STARTED_AFTER,
     RecordStore,
     State,
     TaskError,
@@ -96,6 +97,12 @@ class TaskStatus:
     dependency giving the record of the path's task (404 where there is
     none, or it belongs to a task not listed), for per-task checks, and
     `accepted()` answers a route that kicked a task.
+
+    `started_after`: a worker records `started` once the task has run this
+    many seconds; 0 records it at the task's first await. Each such record
+    is one more write per task, which is why the default leaves it out for
+    tasks shorter than a client could follow (as Celery records STARTED only
+    when asked).
     """
 
     def __init__(
@@ -106,8 +113,13 @@ class TaskStatus:
         error_messages: bool = False,
         keep_for: dt.timedelta = dt.timedelta(days=1),
         poll_interval: float = 0.25,
+        started_after: float = STARTED_AFTER,
         name: str = "task_status",
     ) -> None:
+        if not started_after >= 0:  # NaN too
+            raise TaskStatusError(
+                f"started_after={started_after!r}: expected seconds, 0 or more."
+            )
         storage = record_storage(broker.result_backend, keep_for.total_seconds())
         if storage is None:
             raise TaskStatusError(
@@ -151,7 +163,7 @@ class TaskStatus:
         self.poll_interval = poll_interval
         self.name: str = name
         self._recorder = recorder(self.store)
-        self._recorder.task_names.update(self.models)
+        self._recorder.started_after.update(dict.fromkeys(self.models, started_after))
         self.error_messages = error_messages
 
     async def kicked(self, task_id: str) -> TaskRecord:
@@ -175,9 +187,16 @@ class TaskStatus:
         says so in the log) instead of failing every read.
         """
         model = self.models[record.task_name]
+        progress = await self.store.progress(record.task_id)
+        if progress is not None and record.state == "queued":
+            # Read before the task reported it: a task's `started` is written
+            # before any progress, so it is there now.
+            record = (
+                await self.store.current(record.task_id, self.error_messages) or record
+            )
         fields = {
             "task": record.task_name,
-            "progress": await self.store.progress(record.task_id),
+            "progress": progress,
             **record.model_dump(exclude={"task_name", "labels"}),
         }
         try:
