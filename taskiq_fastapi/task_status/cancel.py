@@ -1,0 +1,247 @@
+"""Cancelling tasks: a request on the records' server, honoured by every worker.
+
+`TaskStatus(..., cancellable=True)` adds one `Canceller` middleware to the
+broker and wraps the listed async tasks' functions. A cancel request is
+sent on the server that keeps the records (`_brokers.cancel_channel`: a
+Redis stream, or keys of the NATS records bucket), never kept in one
+process: every worker process follows it from its startup, reading first
+the requests still kept (so one sent while it was down is honoured), and
+keeps the ids in a dict. InMemoryBroker runs its tasks in the process that
+cancels them: there the request is handed over directly.
+
+Per task, the wrapper costs one dict lookup when nothing is cancelled; the
+only thing that reads the server is the watch, one blocking read at a time.
+
+- A task whose id was cancelled is not run when a worker begins it (fetched
+  later, or delivered again after it was cancelled): its function is never
+  called, and its result is the cancellation.
+- A running task's asyncio task is cancelled. Only a CancelledError that
+  then ends its function makes it `cancelled` (raised again as
+  `TaskCancelledError`, which its generator dependencies see); a task that
+  catches or shields itself from it ends as it ends, and one that blocks
+  its event loop keeps running until it awaits. A worker's own stop cancels
+  tasks too: those are not in `requested`, and stay as the stop leaves them.
+- Sync tasks run in taskiq's executor threads, which cannot be stopped:
+  they are not wrapped, and a cancel request for one is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
+
+from taskiq_fastapi._brokers import CancelChannel
+from taskiq_fastapi._taskiq import replace_task_function
+from taskiq_fastapi.connections import backoff, describe
+from taskiq_fastapi.exceptions import TaskCancelledError
+from taskiq_fastapi.task_status.records import CANCELLED_LABEL
+
+logger = logging.getLogger("taskiq_fastapi")
+
+# A task still running this long after it was cancelled is logged.
+STILL_RUNNING_AFTER = 1.0
+# The watch's retries after losing the server.
+_FIRST_RETRY_SECONDS = 0.1
+_MAX_RETRY_SECONDS = 2.0
+# The message of the task this asyncio task runs, set by the receiver's
+# pre_execute in the asyncio task that then calls the task's function.
+_message: ContextVar[TaskiqMessage | None] = ContextVar(
+    "taskiq_fastapi_cancellable_message", default=None
+)
+# Marks a task function wrapped by `cancellable`.
+_WRAPPED = "__taskiq_fastapi_cancellable__"
+
+
+class Canceller(TaskiqMiddleware):
+    """One per broker: follows the cancel requests and stops the tasks they name."""
+
+    def __init__(self, channel: CancelChannel | None, keep: float) -> None:
+        super().__init__()
+        self.channel = channel
+        self.keep = keep
+        # Cancelled task ids, and when each request expires (epoch seconds).
+        self.cancelled: dict[str, float] = {}
+        # The asyncio task running each wrapped task's function, by task id.
+        self.running: dict[str, asyncio.Task[Any]] = {}
+        # Running tasks this process cancelled on request.
+        self.requested: set[str] = set()
+        self._watch: asyncio.Task[None] | None = None
+
+    async def send(self, task_id: str) -> None:
+        """Ask every worker to cancel the task."""
+        if self.channel is None:  # InMemoryBroker: the tasks run here
+            self.request(task_id, time.time())
+        else:
+            await self.channel.send(task_id)
+
+    def request(self, task_id: str, sent_at: float) -> None:
+        """A cancel request came: remember it, and stop the task if it runs here."""
+        expires = sent_at + self.keep
+        if expires <= time.time():
+            return
+        self.cancelled[task_id] = expires
+        self._forget_expired()
+        task = self.running.get(task_id)
+        if task is None or task_id in self.requested:
+            return
+        self.requested.add(task_id)
+        task.cancel()
+        task.get_loop().call_later(
+            STILL_RUNNING_AFTER, self._still_running, task_id, task
+        )
+
+    def _forget_expired(self) -> None:
+        # Requests come about in the order they were sent: oldest first.
+        now = time.time()
+        for task_id, expires in list(self.cancelled.items()):
+            if expires > now:
+                return
+            del self.cancelled[task_id]
+
+    def _still_running(self, task_id: str, task: asyncio.Task[Any]) -> None:
+        if self.running.get(task_id) is task:
+            logger.warning(
+                "Task %s is still running %g s after it was cancelled: it caught "
+                "or shielded itself from the cancellation, or blocks its event "
+                "loop; its state stays started.",
+                task_id,
+                STILL_RUNNING_AFTER,
+            )
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        _message.set(message)
+        return message
+
+    async def run(
+        self,
+        message: TaskiqMessage,
+        function: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run the task's function unless it was cancelled; stop it if it is."""
+        task_id = message.task_id
+        if task_id in self.cancelled:
+            message.labels[CANCELLED_LABEL] = "queued"
+            raise TaskCancelledError(f"Task {task_id} was cancelled before it began.")
+        task = asyncio.current_task()
+        assert task is not None  # called by the receiver, in the message's task
+        self.running[task_id] = task
+        try:
+            return await function(*args, **kwargs)
+        except asyncio.CancelledError:
+            if task_id not in self.requested:
+                raise  # the worker's own stop, or the task's own doing
+            if sys.version_info >= (3, 11):
+                task.uncancel()  # handled here: what follows runs as usual
+            message.labels[CANCELLED_LABEL] = "started"
+            raise TaskCancelledError(f"Task {task_id} was cancelled.") from None
+        finally:
+            self.running.pop(task_id, None)
+            self.requested.discard(task_id)
+
+    async def startup(self) -> None:
+        """In a process that runs tasks: follow the requests, those kept first.
+
+        Tasks begin only once the kept requests are read, so a task
+        cancelled while every worker was down never starts.
+        """
+        broker = self.broker
+        if self.channel is None or not (
+            broker.is_worker_process or isinstance(broker, InMemoryBroker)
+        ):
+            return
+        ready = asyncio.Event()
+        self._watch = asyncio.create_task(self._follow(self.channel, ready))
+        waiting = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({waiting, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if self._watch.done():
+            self._watch.result()  # its error: the server is not there
+
+    async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
+        attempt = 0
+
+        def caught_up() -> None:
+            nonlocal attempt
+            attempt = 0
+            if ready.is_set():
+                logger.info("Cancel requests are followed again.")
+            ready.set()
+
+        while True:
+            try:
+                await channel.watch(self.request, caught_up)
+            except Exception as exc:
+                if not ready.is_set():
+                    raise
+                if attempt == 0:
+                    logger.warning(
+                        "Cancel requests cannot be read, trying again: %s",
+                        describe(exc),
+                    )
+                await asyncio.sleep(
+                    backoff(attempt, _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS)
+                )
+                attempt += 1
+
+    async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+
+
+def canceller(
+    broker: AsyncBroker, channel: CancelChannel | None, keep: float
+) -> Canceller:
+    """The broker's Canceller, added to its middlewares on first use."""
+    for middleware in broker.middlewares:
+        if isinstance(middleware, Canceller):
+            return middleware
+    made = Canceller(channel, keep)
+    broker.add_middlewares(made)
+    logging.getLogger("taskiq.receiver.receiver").addFilter(_no_traceback)
+    return made
+
+
+def stop_on_request(task: Any, canceller: Canceller) -> bool:
+    """Make the task stop on request; False for a sync task, which cannot."""
+    function = task.original_func
+    if getattr(function, _WRAPPED, False):
+        return True
+    if not inspect.iscoroutinefunction(function):
+        return False
+
+    name = task.task_name
+
+    @functools.wraps(function)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        message = _message.get()
+        if message is None or message.task_name != name:
+            return await function(*args, **kwargs)  # called, not by the receiver
+        return await canceller.run(message, function, args, kwargs)
+
+    setattr(run, _WRAPPED, True)
+    replace_task_function(task, run)
+    return True
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    """A cancellation on request is one INFO line.
+
+    taskiq's receiver logs every exception a task raises with its traceback.
+    """
+    if record.exc_info and isinstance(record.exc_info[1], TaskCancelledError):
+        record.msg, record.args, record.exc_info = str(record.exc_info[1]), (), None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
