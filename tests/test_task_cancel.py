@@ -99,7 +99,9 @@ def test_finished_unknown_and_other_users_tasks(app: App) -> None:
     app.wait_for(task_id, "succeeded")
     response = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
     assert response.status_code == 409
-    assert response.json() == {"detail": f"Task {task_id} has already finished: succeeded"}
+    assert response.json() == {
+        "detail": f"Task {task_id} has already finished: succeeded"
+    }
     running = app.kick("/jobs", n=4, seconds=30)
     app.wait_for_event("job 4 started")
     assert app.client.delete("/tasks/nope", headers=ALICE).status_code == 404

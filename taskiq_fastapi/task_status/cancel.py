@@ -33,11 +33,11 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any
 
-from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
 from taskiq_fastapi._brokers import CancelChannel
 from taskiq_fastapi._taskiq import replace_task_function
@@ -74,6 +74,8 @@ class Canceller(TaskiqMiddleware):
         self.running: dict[str, asyncio.Task[Any]] = {}
         # Running tasks this process cancelled on request.
         self.requested: set[str] = set()
+        # Set once the requests kept on the server are read.
+        self._ready: asyncio.Event | None = None
         self._watch: asyncio.Task[None] | None = None
 
     async def send(self, task_id: str) -> None:
@@ -117,8 +119,32 @@ class Canceller(TaskiqMiddleware):
                 STILL_RUNNING_AFTER,
             )
 
-    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        _message.set(message)
+    def pre_execute(
+        self, message: TaskiqMessage
+    ) -> TaskiqMessage | Coroutine[Any, Any, TaskiqMessage]:
+        _message.set(message)  # here: a sync call sets it in the task's context
+        if self._ready is not None and self._ready.is_set():
+            return message
+        return self._after_kept_requests(message)
+
+    async def _after_kept_requests(self, message: TaskiqMessage) -> TaskiqMessage:
+        """The first tasks of a process wait until the kept requests are read.
+
+        So a task cancelled while every worker was down never starts. The
+        watch starts with the first task: by then the broker and its result
+        backend, whose client it uses, have started (the backend starts
+        after the middlewares), and a process that runs no task (the API's)
+        never watches.
+        """
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            if self.channel is None:  # InMemoryBroker: requests come directly
+                self._ready.set()
+            else:
+                self._watch = asyncio.create_task(
+                    self._follow(self.channel, self._ready)
+                )
+        await self._ready.wait()
         return message
 
     async def run(
@@ -149,41 +175,20 @@ class Canceller(TaskiqMiddleware):
             self.running.pop(task_id, None)
             self.requested.discard(task_id)
 
-    async def startup(self) -> None:
-        """In a process that runs tasks: follow the requests, those kept first.
-
-        Tasks begin only once the kept requests are read, so a task
-        cancelled while every worker was down never starts.
-        """
-        broker = self.broker
-        if self.channel is None or not (
-            broker.is_worker_process or isinstance(broker, InMemoryBroker)
-        ):
-            return
-        ready = asyncio.Event()
-        self._watch = asyncio.create_task(self._follow(self.channel, ready))
-        waiting = asyncio.ensure_future(ready.wait())
-        await asyncio.wait({waiting, self._watch}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if self._watch.done():
-            self._watch.result()  # its error: the server is not there
-
     async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
         attempt = 0
 
         def caught_up() -> None:
             nonlocal attempt
+            if attempt:
+                logger.warning("Cancel requests are read again.")
             attempt = 0
-            if ready.is_set():
-                logger.info("Cancel requests are followed again.")
             ready.set()
 
         while True:
             try:
                 await channel.watch(self.request, caught_up)
             except Exception as exc:
-                if not ready.is_set():
-                    raise
                 if attempt == 0:
                     logger.warning(
                         "Cancel requests cannot be read, trying again: %s",
@@ -199,6 +204,7 @@ class Canceller(TaskiqMiddleware):
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
+        self._ready = None
 
 
 def canceller(

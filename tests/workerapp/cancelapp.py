@@ -25,7 +25,7 @@ def require_user(x_user: Annotated[str | None, Header()] = None) -> str:
 
 
 def build(
-    broker: AsyncBroker, record: Callable[[str], None]
+    broker: AsyncBroker, record: Callable[[str], None], lifespan: Any = None
 ) -> tuple[FastAPI, taskiq_fastapi.TaskStatus]:
     async def held(context: Context = TaskiqDepends()) -> AsyncIterator[str]:
         """A generator dependency: says whether it saw a cancellation."""
@@ -72,7 +72,7 @@ def build(
         if kicked.labels.get("owner") != user:
             raise HTTPException(status_code=404, detail="Task not found")
 
-    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker, lifespan))
     app.include_router(
         status.router(dependencies=[Depends(require_user), Depends(own_tasks_only)])
     )
@@ -97,6 +97,7 @@ def build(
 
 
 if os.environ.get("TASKIQ_TEST_QUEUE"):  # under uvicorn and the worker command
+    from workerapp.app import lifespan as recorded_lifespan
     from workerapp.app import record as record_event
 
     _queue = os.environ["TASKIQ_TEST_QUEUE"]
@@ -111,4 +112,4 @@ if os.environ.get("TASKIQ_TEST_QUEUE"):  # under uvicorn and the worker command
         broker = ListQueueBroker(
             _url, queue_name=_queue, socket_timeout=None
         ).with_result_backend(RedisAsyncResultBackend(_url, result_ex_time=600))
-    app, status = build(broker, record_event)
+    app, status = build(broker, record_event, recorded_lifespan)
