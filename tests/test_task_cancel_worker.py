@@ -8,7 +8,7 @@ from typing import Any
 import httpx2
 import pytest
 from taskiq.kicker import AsyncKicker
-from workers import WorkerRun
+from workers import TASKIQ, WorkerRun
 
 ALICE = {"X-User": "alice"}
 CANCEL_APP = [
@@ -31,6 +31,18 @@ def wait_for(
         time.sleep(0.02)
 
 
+def up(client: httpx2.Client) -> None:
+    """Wait until uvicorn answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.get("/openapi.json")
+            return
+        except httpx2.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("family", ["run", "nats_run"], ids=["redis", "nats"])
 async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
@@ -39,15 +51,7 @@ async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
     run: WorkerRun = request.getfixturevalue(family)
     _, port = run.serve("workerapp.cancelapp:app")
     with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        deadline = time.monotonic() + 30
-        while True:  # uvicorn is up
-            try:
-                client.get("/openapi.json")
-                break
-            except httpx2.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-
+        up(client)
         # Cancelled while no worker runs: it never starts once they do.
         queued = client.post("/jobs", params={"n": 1, "seconds": 60}, headers=ALICE)
         queued_id = queued.json()["task_id"]
@@ -89,3 +93,20 @@ async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
     (ran_it,) = {pid for pid, event in run.events() if event == "job 2 started"}
     assert (ran_it, f"{running_id} dependency saw the cancellation") in run.events()
     assert (ran_it, f"{running_id} dependency released") in run.events()
+
+
+def test_plain_taskiq_worker_honours_cancel_requests_too(run: WorkerRun) -> None:
+    """The Canceller is a middleware the app's TaskStatus adds: taskiq's own
+    worker, importing the module that makes it, cancels as ours does."""
+    _, port = run.serve("workerapp.cancelapp:app")
+    worker = run.start(*CANCEL_APP[:2], "--workers", "1", command=(TASKIQ, "worker"))
+    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        up(client)
+        task_id = client.post(
+            "/jobs", params={"n": 3, "seconds": 60}, headers=ALICE
+        ).json()["task_id"]
+        run.wait_for("job 3 started", processes=1)
+        assert client.delete(f"/tasks/{task_id}", headers=ALICE).status_code == 202
+        wait_for(client, task_id, "cancelled", within=2)
+    assert run.stop(worker) == 0, run.output(worker)
+    assert "job 3 finished" not in [event for _, event in run.events()]
