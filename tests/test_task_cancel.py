@@ -209,3 +209,47 @@ def test_cancelling_is_off_unless_asked() -> None:
         assert client.delete("/tasks/abc").status_code == 405
     assert [type(m).__name__ for m in broker.middlewares] == ["Recorder"]
     assert not hasattr(job.original_func, "__wrapped__")
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_request_is_read_by_the_watch_and_the_outcome_recorded(
+    redis_url: str,
+) -> None:
+    """Requests through the Redis stream (pins the RedisAsyncResultBackend
+    attributes RedisCancels reads: the records' client, prefix and expiry);
+    with keep_results=False the cancelled outcome is a record of its own."""
+    import uuid
+
+    from redis.asyncio import Redis
+    from taskiq_redis import RedisAsyncResultBackend
+
+    prefix = f"cancel-{uuid.uuid4().hex}"
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        redis_url, keep_results=False, result_ex_time=60, prefix_str=prefix
+    )
+    events: list[str] = []
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(7, 30)
+        while "job 7 started" not in events:
+            await asyncio.sleep(0.01)
+        await status.cancel(task.task_id)
+        for _ in range(200):
+            if (await status.kicked(task.task_id)).state == "cancelled":
+                break
+            await asyncio.sleep(0.01)
+        record = await status.store.read(task.task_id)
+        assert record is not None
+        assert record.state == "cancelled"
+        async with Redis.from_url(redis_url) as client:
+            stream = f"{prefix}:taskiq_fastapi:cancels"
+            assert 55 <= await client.ttl(stream) <= 60
+            (entry,) = await client.xrange(stream)
+            assert entry[1] == {b"task_id": task.task_id.encode()}
+            await client.delete(stream)
+    finally:
+        await broker.shutdown()
