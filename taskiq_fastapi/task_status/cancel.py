@@ -34,13 +34,18 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import ContextVar
 from typing import Any
 
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
 from taskiq_fastapi._brokers import CancelChannel
-from taskiq_fastapi._taskiq import replace_task_function
+from taskiq_fastapi._taskiq import (
+    DEPENDENCIES_LOGGER,
+    RECEIVER_LOGGER,
+    executing,
+    replace_task_function,
+    set_executing,
+)
 from taskiq_fastapi.connections import backoff, describe
 from taskiq_fastapi.exceptions import TaskCancelledError
 from taskiq_fastapi.task_status.records import CANCELLED_LABEL
@@ -52,11 +57,6 @@ STILL_RUNNING_AFTER = 1.0
 # The watch's retries after losing the server.
 _FIRST_RETRY_SECONDS = 0.1
 _MAX_RETRY_SECONDS = 2.0
-# The message of the task this asyncio task runs, set by the receiver's
-# pre_execute in the asyncio task that then calls the task's function.
-_message: ContextVar[TaskiqMessage | None] = ContextVar(
-    "taskiq_fastapi_cancellable_message", default=None
-)
 # Marks a task function wrapped by `cancellable`.
 _WRAPPED = "__taskiq_fastapi_cancellable__"
 
@@ -122,7 +122,7 @@ class Canceller(TaskiqMiddleware):
     def pre_execute(
         self, message: TaskiqMessage
     ) -> TaskiqMessage | Coroutine[Any, Any, TaskiqMessage]:
-        _message.set(message)  # here: a sync call sets it in the task's context
+        set_executing(message)  # a sync call: set in the task's own context
         if self._ready is not None and self._ready.is_set():
             return message
         return self._after_kept_requests(message)
@@ -216,7 +216,8 @@ def canceller(
             return middleware
     made = Canceller(channel, keep)
     broker.add_middlewares(made)
-    logging.getLogger("taskiq.receiver.receiver").addFilter(_no_traceback)
+    logging.getLogger(RECEIVER_LOGGER).addFilter(_no_traceback)
+    logging.getLogger(DEPENDENCIES_LOGGER).addFilter(_not_again)
     return made
 
 
@@ -232,7 +233,7 @@ def stop_on_request(task: Any, canceller: Canceller) -> bool:
 
     @functools.wraps(function)
     async def run(*args: Any, **kwargs: Any) -> Any:
-        message = _message.get()
+        message = executing()
         if message is None or message.task_name != name:
             return await function(*args, **kwargs)  # called, not by the receiver
         return await canceller.run(message, function, args, kwargs)
@@ -242,12 +243,23 @@ def stop_on_request(task: Any, canceller: Canceller) -> bool:
     return True
 
 
+def _cancellation(record: logging.LogRecord) -> TaskCancelledError | None:
+    error = record.exc_info[1] if record.exc_info else None
+    return error if isinstance(error, TaskCancelledError) else None
+
+
+def _not_again(record: logging.LogRecord) -> bool:
+    """A dependency that passes the cancellation on is not a teardown failure."""
+    return _cancellation(record) is None
+
+
 def _no_traceback(record: logging.LogRecord) -> bool:
     """A cancellation on request is one INFO line.
 
     taskiq's receiver logs every exception a task raises with its traceback.
     """
-    if record.exc_info and isinstance(record.exc_info[1], TaskCancelledError):
-        record.msg, record.args, record.exc_info = str(record.exc_info[1]), (), None
+    cancellation = _cancellation(record)
+    if cancellation is not None:
+        record.msg, record.args, record.exc_info = str(cancellation), (), None
         record.levelno, record.levelname = logging.INFO, "INFO"
     return True
