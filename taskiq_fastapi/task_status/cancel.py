@@ -4,13 +4,14 @@
 broker and wraps the listed async tasks' functions. A cancel request is
 sent on the server that keeps the records (`_brokers.cancel_channel`: a
 Redis stream, or keys of the NATS records bucket), never kept in one
-process: every worker process follows it from its startup, reading first
-the requests still kept (so one sent while it was down is honoured), and
-keeps the ids in a dict. InMemoryBroker runs its tasks in the process that
-cancels them: there the request is handed over directly.
+process: every worker process follows it from its first task on, reading
+first the requests still kept (so one sent while it was down is honoured),
+and keeps the ids in a dict. InMemoryBroker runs its tasks in the process
+that cancels them: there the request is handed over directly.
 
-Per task, the wrapper costs one dict lookup when nothing is cancelled; the
-only thing that reads the server is the watch, one blocking read at a time.
+Per task, when nothing is cancelled: a context variable set, one dict
+lookup, one more coroutine call; the only thing that reads the server is
+the watch, one blocking read at a time.
 
 - A task whose id was cancelled is not run when a worker begins it (fetched
   later, or delivered again after it was cancelled): its function is never
@@ -57,7 +58,7 @@ STILL_RUNNING_AFTER = 1.0
 # The watch's retries after losing the server.
 _FIRST_RETRY_SECONDS = 0.1
 _MAX_RETRY_SECONDS = 2.0
-# Marks a task function wrapped by `cancellable`.
+# Marks a task function wrapped by `stop_on_request`.
 _WRAPPED = "__taskiq_fastapi_cancellable__"
 
 
@@ -104,7 +105,8 @@ class Canceller(TaskiqMiddleware):
     def _forget_expired(self) -> None:
         # Requests come about in the order they were sent: oldest first.
         now = time.time()
-        for task_id, expires in list(self.cancelled.items()):
+        while self.cancelled:
+            task_id, expires = next(iter(self.cancelled.items()))
             if expires > now:
                 return
             del self.cancelled[task_id]
