@@ -263,3 +263,18 @@ async def test_on_redis_a_request_is_read_by_the_watch_and_the_outcome_recorded(
             await client.delete(stream)
     finally:
         await broker.shutdown()
+
+
+def test_requests_are_kept_as_long_as_the_records() -> None:
+    """A request older than the records' expiry is not honoured (the task's
+    record is gone: nothing shows it), and is forgotten as newer ones come."""
+    from taskiq_fastapi.task_status.cancel import Canceller
+
+    canceller = Canceller(None, keep=60)
+    now = time.time()
+    canceller.request("old", now - 61)
+    canceller.request("kept", now - 59)
+    assert list(canceller.cancelled) == ["kept"]
+    canceller.cancelled["kept"] = now - 1  # its time has come
+    canceller.request("new", now)
+    assert list(canceller.cancelled) == ["new"]
