@@ -219,6 +219,33 @@ def test_cancelling_is_off_unless_asked() -> None:
         assert client.delete("/tasks/abc").status_code == 405
     assert [type(m).__name__ for m in broker.middlewares] == ["Recorder"]
     assert not hasattr(job.original_func, "__wrapped__")
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        asyncio.run(status.cancel("abc"))
+    assert str(raised.value) == (
+        "TaskStatus 'task_status' was made without cancellable=True."
+    )
+
+
+def test_cancellable_needs_records_every_worker_can_follow() -> None:
+    from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+    from taskiq_redis import ListQueueBroker
+
+    broker = ListQueueBroker("redis://127.0.0.1:1").with_result_backend(
+        InmemoryResultBackend()
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [job], cancellable=True)
+    assert str(raised.value) == (
+        "TaskStatus(cancellable=True) needs its records on Redis (taskiq-redis' "
+        "RedisAsyncResultBackend) or NATS (taskiq-nats' "
+        "NATSObjectStoreResultBackend), where every worker can follow cancel "
+        "requests; the broker's result backend is InmemoryResultBackend."
+    )
 
 
 @pytest.mark.anyio

@@ -197,16 +197,16 @@ class TaskStatus:
         for a finished task or a sync one, and TaskStatusError if this
         TaskStatus was not made with `cancellable=True`.
         """
-        record = await self._find(task_id)
-        if record is None:
-            raise TaskNotFoundError(f"Task {task_id} not found")
-        return await self._cancel(record)
-
-    async def _cancel(self, record: TaskRecord) -> TaskRecord:
         if self._canceller is None:
             raise TaskStatusError(
                 f"TaskStatus {self.name!r} was made without cancellable=True."
             )
+        record = await self._find(task_id)
+        if record is None:
+            raise TaskNotFoundError(f"Task {task_id} not found")
+        return await self._cancel(record, self._canceller)
+
+    async def _cancel(self, record: TaskRecord, canceller: Canceller) -> TaskRecord:
         if record.state in FINISHED:
             raise TaskNotCancellableError(
                 f"Task {record.task_id} has already finished: {record.state}",
@@ -218,7 +218,7 @@ class TaskStatus:
                 f"thread that cannot be stopped",
                 record.state,
             )
-        await self._canceller.send(record.task_id)
+        await canceller.send(record.task_id)
         return record
 
     async def kicked(self, task_id: str) -> TaskRecord:
@@ -315,10 +315,12 @@ class TaskStatus:
             )
 
         if self._canceller is not None:
-            self._cancel_route(router, response_model)
+            self._cancel_route(router, response_model, self._canceller)
         return router
 
-    def _cancel_route(self, router: APIRouter, response_model: Any) -> None:
+    def _cancel_route(
+        self, router: APIRouter, response_model: Any, canceller: Canceller
+    ) -> None:
         @router.delete(
             "/{task_id}",
             name=f"{self.name}_cancel",
@@ -334,7 +336,7 @@ class TaskStatus:
             request: Request, record: TaskRecord = Depends(self.kicked)
         ) -> JSONResponse:
             try:
-                await self._cancel(record)
+                await self._cancel(record, canceller)
             except TaskNotCancellableError as exc:
                 raise HTTPException(status_code=409, detail=str(exc)) from None
             url = str(request.url_for(self.name, task_id=record.task_id))
