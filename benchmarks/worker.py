@@ -187,6 +187,26 @@ def recording(url: str) -> list[tuple[str, float, str, float]]:
     ]
 
 
+def cancelling(url: str) -> list[tuple[str, float, str, float]]:
+    """Throughput with cancellation on (TaskStatus(cancellable=True)), nothing
+    cancelled, against the same app recording states without it."""
+    app = "benchmarks.workerbench.{}_app:app"
+    on = ours("--workers", "1", app=app.format("cancel"))
+    off = ours("--workers", "1", app=app.format("status"))
+    on.record = off.record = True
+    rate, _, _ = paired(url, on, off, 3_000)
+    print(f"Real workers on Redis, side by side, {ROUNDS} paired rounds:")
+    _show("1 process, 3,000 tasks: cancellable / without", rate)
+    return [
+        (
+            "1 proc throughput: cancellable / without",
+            statistics.median(rate),
+            ">=",
+            0.97,
+        )
+    ]
+
+
 def plain(broker: str, task: str, *extra: str) -> Variant:
     command = [str(BIN / "taskiq"), "worker", broker, TASKS, "--no-configure-logging"]
     return Variant([*command, *extra], task)

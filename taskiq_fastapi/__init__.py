@@ -10,7 +10,10 @@ from taskiq_fastapi.exceptions import (
     LoadError,
     RequestContextError,
     RequestContextTooLargeError,
+    TaskCancelledError,
     TaskiqFastAPIError,
+    TaskNotCancellableError,
+    TaskNotFoundError,
     TaskStatusError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
@@ -39,7 +42,10 @@ __all__ = [
     "RequestContextError",
     "RequestContextTooLargeError",
     "TaskAccepted",
+    "TaskCancelledError",
     "TaskError",
+    "TaskNotCancellableError",
+    "TaskNotFoundError",
     "TaskRecord",
     "TaskStatus",
     "TaskStatusBase",

@@ -823,3 +823,104 @@ async def peek_result(
     if not keeps_results(backend) or not await backend.is_result_ready(task_id):
         return None
     return await backend.get_result(task_id)
+
+
+# Cancel requests (task_status/cancel.py), on the records' server: each
+# channel's `watch` calls `cancel(task_id, sent_at)` for every request sent
+# within its `keep` seconds, those sent before it began first, then
+# `ready()`, then each new one as it comes.
+CancelCallback = Callable[[str, float], None]
+_CANCEL_SUFFIX = ".taskiq_fastapi_cancel"
+# A watching worker's blocking read; new requests end it at once.
+_CANCEL_BLOCK_MS = 1000
+_CANCEL_BATCH = 1000
+
+
+class RedisCancels:
+    """Cancel requests as entries of one Redis stream beside the records.
+
+    A stream rather than pub/sub: a worker that starts reads every request
+    still kept (one sent while it was down included), then blocks for new
+    ones on the same connection, and after a lost connection reads on from
+    the last entry it saw. Entries are trimmed (MINID) to the records'
+    expiry as new ones are added, and the key expires with the newest.
+    """
+
+    def __init__(self, records: RedisRecords) -> None:
+        self.client = records.client
+        self.key = records._key("taskiq_fastapi:cancels")
+        self.keep_ms = records.ex * 1000 if records.ex else (records.px or 0)
+        self.keep = self.keep_ms / 1000
+        self.last = "0"
+
+    async def send(self, task_id: str) -> None:
+        oldest = int(time.time() * 1000) - self.keep_ms
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.key, {"task_id": task_id}, minid=oldest, approximate=True)
+            pipe.pexpire(self.key, self.keep_ms)
+            await pipe.execute()
+
+    async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
+        caught_up = False
+        while True:
+            # [[stream, [(id, fields), ...]]] in RESP2, the client's protocol.
+            found: Any = await self.client.xread(
+                {self.key: self.last},
+                count=_CANCEL_BATCH,
+                block=_CANCEL_BLOCK_MS if caught_up else None,
+            )
+            entries = found[0][1] if found else []
+            for entry_id, fields in entries:
+                self.last = _text(entry_id)
+                task_id = fields.get(b"task_id") or fields.get("task_id")
+                if task_id is not None:
+                    cancel(_text(task_id), _stream_id(entry_id)[0] / 1000)
+            if not caught_up and len(entries) < _CANCEL_BATCH:
+                caught_up = True
+                ready()
+
+
+class NatsCancels:
+    """Cancel requests as keys `<task id>.taskiq_fastapi_cancel` of the records' bucket.
+
+    A worker watches those keys: nats-py's watcher gives the values the
+    bucket holds (its ttl is keep_for), then a None marker, then each new one.
+    """
+
+    def __init__(self, records: NatsKeyValues) -> None:
+        self.records = records
+        self.keep = records.ttl
+
+    async def send(self, task_id: str) -> None:
+        await self.records.put(task_id + _CANCEL_SUFFIX, {"cancel": True})
+
+    async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
+        bucket = await self.records._bucket()
+        watcher = await bucket.watch("*" + _CANCEL_SUFFIX, ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # what the bucket held is all given
+                    ready()
+                    continue
+                sent_at = entry.created.timestamp() if entry.created else time.time()
+                cancel(entry.key[: -len(_CANCEL_SUFFIX)], sent_at)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+
+CancelChannel = RedisCancels | NatsCancels
+
+
+def cancel_channel(storage: RecordStorage) -> CancelChannel | None:
+    """Where cancel requests go for records kept in `storage`; None: nowhere.
+
+    ProgressSlots has no channel: its backends are InMemoryBroker's (where
+    the tasks run in the process that cancels them) and taskiq-redis'
+    cluster and sentinel ones, whose clients this module does not drive.
+    """
+    if isinstance(storage, RedisRecords):
+        return RedisCancels(storage)
+    if isinstance(storage, NatsKeyValues):
+        return NatsCancels(storage)
+    return None

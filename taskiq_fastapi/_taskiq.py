@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context
+from taskiq import AsyncBroker, Context, TaskiqMessage
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -25,14 +25,18 @@ from taskiq.decor import AsyncTaskiqDecoratedTask
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
 
 __all__ = [
+    "DEPENDENCIES_LOGGER",
+    "RECEIVER_LOGGER",
     "MakeRequest",
     "PerTaskContext",
     "TaskiqMarker",
     "cwd_in_sys_path",
+    "executing",
     "install_request_context",
     "marker_of",
     "on_registration",
     "replace_task_function",
+    "set_executing",
     "task_request",
 ]
 
@@ -178,3 +182,29 @@ def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
     and for each message.
     """
     task.original_func = function
+
+
+# The logger of taskiq's receiver, which logs each exception a task raises
+# ("Exception found while executing function.") with its traceback; and
+# taskiq-dependencies', which logs a generator dependency that raises the
+# task's exception again when it is thrown in ("Exception found on
+# dependency teardown"), as one that cleans up on cancellation should.
+RECEIVER_LOGGER = "taskiq.receiver.receiver"
+DEPENDENCIES_LOGGER = "taskiq.dependencies.ctx"
+# The message whose task the running asyncio task executes. taskiq's receiver
+# runs each message in an asyncio task of its own (`Receiver.callback`): the
+# middlewares' `pre_execute`, then the task's function, then the result,
+# built with the message's labels as they are once the function returned.
+_executing: ContextVar[TaskiqMessage | None] = ContextVar(
+    "taskiq_fastapi_executing", default=None
+)
+
+
+def set_executing(message: TaskiqMessage) -> None:
+    """From a middleware's sync `pre_execute`: the message being executed."""
+    _executing.set(message)
+
+
+def executing() -> TaskiqMessage | None:
+    """In a task's function: its message, if `set_executing` named it."""
+    return _executing.get()

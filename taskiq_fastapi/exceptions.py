@@ -1,5 +1,7 @@
 """Errors raised by the integration; each names the app it is about and the cause."""
 
+import asyncio
+
 
 class TaskiqFastAPIError(Exception):
     """Base class, so callers such as the CLI can catch every integration error."""
@@ -49,3 +51,26 @@ class BrokerUnreachableError(TaskiqFastAPIError):
 
 class TaskStatusError(TaskiqFastAPIError):
     """`TaskStatus` cannot serve the broker or tasks it was given."""
+
+
+class TaskNotFoundError(TaskiqFastAPIError, LookupError):
+    """`TaskStatus.cancel`: no such task, or one this TaskStatus does not show."""
+
+
+class TaskNotCancellableError(TaskiqFastAPIError):
+    """`TaskStatus.cancel`: the task has finished, or runs where it cannot be stopped.
+
+    `state` is its state as recorded; the routes answer 409 with the message.
+    """
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class TaskCancelledError(asyncio.CancelledError):
+    """What a cancelled task's result holds, and what its dependencies see.
+
+    A CancelledError, so that code that cleans up on cancellation does so;
+    only a cancel request raises it, never a worker's own stop.
+    """

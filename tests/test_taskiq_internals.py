@@ -324,3 +324,37 @@ async def test_the_request_is_made_with_the_labels_of_the_task_being_resolved() 
         await task.wait_result(timeout=5)
     await broker.shutdown()
     assert [labels["n"] for labels in seen] == ["0", "1", "2"]
+
+
+async def test_pre_execute_and_the_function_share_a_context_and_labels_reach_the_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What cancel.py relies on: a context variable set by a sync pre_execute
+    is seen by the task's function, labels it adds to its message are saved
+    with its result, and the receiver logs a task's exception under
+    RECEIVER_LOGGER."""
+    from taskiq import TaskiqMessage, TaskiqMiddleware
+
+    from taskiq_fastapi._taskiq import RECEIVER_LOGGER, executing, set_executing
+
+    class Names(TaskiqMiddleware):
+        def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+            set_executing(message)
+            return message
+
+    broker = InMemoryBroker().with_middlewares(Names())
+
+    @broker.task
+    async def task() -> str:
+        message = executing()
+        assert message is not None
+        message.labels["seen"] = "yes"
+        raise ValueError(message.task_id)
+
+    await broker.startup()
+    kicked = await task.kiq()
+    result = await kicked.wait_result(timeout=5)
+    await broker.shutdown()
+    assert result.labels["seen"] == "yes"
+    assert str(result.error) == kicked.task_id
+    assert [r.name for r in caplog.records if r.exc_info] == [RECEIVER_LOGGER]

@@ -39,8 +39,8 @@ from taskiq_fastapi.connections import describe
 
 logger = logging.getLogger("taskiq_fastapi")
 
-State = Literal["queued", "started", "succeeded", "failed"]
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed"})
+State = Literal["queued", "started", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 # When the task was queued, on the kicking process's clock: the worker writes
 # its records without reading the queued one first.
@@ -54,6 +54,9 @@ FINISHED_LABEL = "taskiq_fastapi_finished_at"
 # outcome, shorter than the router's default poll interval, so that a client
 # following a task is not shown `queued` for a task that runs.
 STARTED_AFTER = 0.05
+# Set by a cancel request that stopped the task (cancel.py), saved likewise:
+# "queued" where its function never began, else "started".
+CANCELLED_LABEL = "taskiq_fastapi_cancelled"
 # Labels of this package, never part of what a record keeps.
 _OWN_LABELS = "taskiq_fastapi_"
 # The record's id in the result backend.
@@ -182,7 +185,11 @@ def finished(record: TaskRecord, result: TaskiqResult[Any]) -> TaskRecord:
     done = record.model_dump()
     done["started_at"] = result.labels.get(STARTED_LABEL, record.started_at)
     done["finished_at"] = result.labels.get(FINISHED_LABEL, record.finished_at)
-    if result.is_err:
+    if CANCELLED_LABEL in result.labels:
+        done["state"] = "cancelled"
+        if result.labels[CANCELLED_LABEL] == "queued":
+            done["started_at"] = None
+    elif result.is_err:
         done["state"] = "failed"
         done["error"] = TaskError(
             type=type(result.error).__name__,

@@ -16,10 +16,20 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic.errors import PydanticUserError
-from taskiq import AsyncBroker, AsyncTaskiqDecoratedTask, AsyncTaskiqTask
+from taskiq import (
+    AsyncBroker,
+    AsyncTaskiqDecoratedTask,
+    AsyncTaskiqTask,
+    InMemoryBroker,
+)
 
-from taskiq_fastapi._brokers import record_storage
-from taskiq_fastapi.exceptions import TaskStatusError
+from taskiq_fastapi._brokers import cancel_channel, record_storage
+from taskiq_fastapi.exceptions import (
+    TaskNotCancellableError,
+    TaskNotFoundError,
+    TaskStatusError,
+)
+from taskiq_fastapi.task_status.cancel import Canceller, canceller, stop_on_request
 from taskiq_fastapi.task_status.records import (
     FINISHED,
     STARTED_AFTER,
@@ -115,6 +125,7 @@ class TaskStatus:
         poll_interval: float = 0.25,
         started_after: float = STARTED_AFTER,
         name: str = "task_status",
+        cancellable: bool = False,
     ) -> None:
         if not started_after >= 0:  # NaN too
             raise TaskStatusError(
@@ -165,15 +176,77 @@ class TaskStatus:
         self._recorder = recorder(self.store)
         self._recorder.started_after.update(dict.fromkeys(self.models, started_after))
         self.error_messages = error_messages
+        self._canceller: Canceller | None = None
+        # The listed tasks that can be stopped (async ones), by name.
+        self._stoppable: set[str] = set()
+        if cancellable:
+            self._cancellable(broker, tasks)
+
+    def _cancellable(self, broker: AsyncBroker, tasks: Sequence[Task]) -> None:
+        storage = self.store.storage
+        channel = cancel_channel(storage)
+        if channel is None and not isinstance(broker, InMemoryBroker):
+            raise TaskStatusError(
+                f"TaskStatus(cancellable=True) needs its records on Redis "
+                f"(taskiq-redis' RedisAsyncResultBackend) or NATS (taskiq-nats' "
+                f"NATSObjectStoreResultBackend), where every worker can follow "
+                f"cancel requests; the broker's result backend is "
+                f"{type(broker.result_backend).__name__}."
+            )
+        keep = self.keep_for.total_seconds() if channel is None else channel.keep
+        self._canceller = canceller(broker, channel, keep)
+        for task in tasks:
+            if stop_on_request(task, self._canceller):
+                self._stoppable.add(task.task_name)
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Cancel a queued or running task; its record as it stands now.
+
+        The task becomes `cancelled` once a worker has stopped it or
+        skipped it; until then its record stays `queued` or `started`.
+        Raises TaskNotFoundError where `GET` would answer 404 (a route's
+        own access checks are the route's), TaskNotCancellableError (409)
+        for a finished task or a sync one, and TaskStatusError if this
+        TaskStatus was not made with `cancellable=True`.
+        """
+        if self._canceller is None:
+            raise TaskStatusError(
+                f"TaskStatus {self.name!r} was made without cancellable=True."
+            )
+        record = await self._find(task_id)
+        if record is None:
+            raise TaskNotFoundError(f"Task {task_id} not found")
+        return await self._cancel(record, self._canceller)
+
+    async def _cancel(self, record: TaskRecord, canceller: Canceller) -> TaskRecord:
+        if record.state in FINISHED:
+            raise TaskNotCancellableError(
+                f"Task {record.task_id} has already finished: {record.state}",
+                record.state,
+            )
+        if record.task_name not in self._stoppable:
+            raise TaskNotCancellableError(
+                f"Task {record.task_name!r} is a sync function, which runs in a "
+                f"thread that cannot be stopped",
+                record.state,
+            )
+        await canceller.send(record.task_id)
+        return record
 
     async def kicked(self, task_id: str) -> TaskRecord:
         """What was recorded about the path's task; 404 if it is not shown."""
+        record = await self._find(task_id)
+        if record is None:
+            raise HTTPException(status_code=404, detail="Task not found")
+        return record
+
+    async def _find(self, task_id: str) -> TaskRecord | None:
         record = await self.store.current(task_id, self.error_messages)
         if record is not None and self._expired(record):
             await self.store.delete(task_id)
             record = None
         if record is None or record.task_name not in self.models:
-            raise HTTPException(status_code=404, detail="Task not found")
+            return None
         return record
 
     def _expired(self, record: TaskRecord) -> bool:
@@ -260,7 +333,35 @@ class TaskStatus:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
 
+        if self._canceller is not None:
+            self._cancel_route(router, response_model, self._canceller)
         return router
+
+    def _cancel_route(
+        self, router: APIRouter, response_model: Any, canceller: Canceller
+    ) -> None:
+        @router.delete(
+            "/{task_id}",
+            name=f"{self.name}_cancel",
+            status_code=202,
+            response_model=response_model,
+            responses={
+                202: {"description": "Cancel requested: the status as it stands"},
+                404: {"description": "No such task, or not shown"},
+                409: {"description": "Finished already, or a sync task"},
+            },
+        )
+        async def cancel_task(
+            request: Request, record: TaskRecord = Depends(self.kicked)
+        ) -> JSONResponse:
+            try:
+                await self._cancel(record, canceller)
+            except TaskNotCancellableError as exc:
+                raise HTTPException(status_code=409, detail=str(exc)) from None
+            url = str(request.url_for(self.name, task_id=record.task_id))
+            return JSONResponse(
+                await self._status(record), status_code=202, headers={"Location": url}
+            )
 
     async def _events(self, record: TaskRecord | None) -> AsyncIterator[str]:
         sent = None

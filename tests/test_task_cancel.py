@@ -1,0 +1,307 @@
+"""Cancelling tasks from the API, in-process: InMemoryBroker and TestClient (issue 23)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from taskiq import InMemoryBroker
+from workerapp.cancelapp import build
+
+import taskiq_fastapi
+
+ALICE = {"X-User": "alice"}
+
+
+class App:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.broker = InMemoryBroker()
+        app, self.status = build(self.broker, self.events.append)
+        self.client = TestClient(app)
+
+    def kick(self, path: str, **params: Any) -> str:
+        response = self.client.post(path, params=params, headers=ALICE)
+        assert response.status_code == 202
+        return str(response.json()["task_id"])
+
+    def wait_for(self, task_id: str, state: str, within: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        while True:
+            status = self.client.get(f"/tasks/{task_id}", headers=ALICE).json()
+            if status["state"] == state:
+                return status  # type: ignore[no-any-return]
+            assert time.monotonic() < deadline, status
+            time.sleep(0.01)
+
+    def wait_for_event(self, event: str) -> None:
+        deadline = time.monotonic() + 10
+        while event not in self.events:
+            assert time.monotonic() < deadline, self.events
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    made = App()
+    with made.client:
+        yield made
+
+
+def test_a_running_task_is_cancelled_and_its_dependency_cleans_up(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    task_id = app.kick("/jobs", n=1, seconds=30)
+    app.wait_for_event("job 1 started")
+    asked = time.monotonic()
+    response = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
+    assert response.status_code == 202
+    assert response.headers["location"] == f"http://testserver/tasks/{task_id}"
+    assert response.json()["state"] in {"queued", "started"}  # as it stands
+    done = app.wait_for(task_id, "cancelled", within=2)
+    assert time.monotonic() - asked < 2
+    assert done["error"] is None
+    assert done["result"] is None
+    assert done["started_at"] is not None
+    assert done["started_at"] <= done["finished_at"]
+    assert app.events == [
+        "job 1 started",
+        f"{task_id} dependency saw the cancellation",
+        f"{task_id} dependency released",
+    ]
+    # taskiq's traceback for it is one line; the dependency passing the
+    # cancellation on is no teardown failure.
+    (logged,) = [r for r in caplog.records if task_id in r.getMessage()]
+    assert (logged.levelname, logged.getMessage()) == (
+        "INFO",
+        f"Task {task_id} was cancelled.",
+    )
+    assert logged.exc_info is None
+    # Finished: a second cancel is a conflict.
+    again = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
+    assert again.status_code == 409
+    assert again.json() == {"detail": f"Task {task_id} has already finished: cancelled"}
+
+
+def test_a_cancelled_task_delivered_again_is_not_run(app: App) -> None:
+    """At-least-once brokers deliver a message again: a cancelled one is skipped."""
+    task_id = app.kick("/jobs", n=2, seconds=30)
+    app.wait_for_event("job 2 started")
+    app.client.delete(f"/tasks/{task_id}", headers=ALICE)
+    app.wait_for(task_id, "cancelled")
+    job = app.broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    again = job.kicker().with_task_id(task_id).with_labels(owner="alice")
+    app.client.portal.call(again.kiq, 2, 30)  # type: ignore[union-attr]
+    time.sleep(0.2)
+    assert app.events.count("job 2 started") == 1
+    shown = app.wait_for(task_id, "cancelled")
+    assert shown["started_at"] is None  # the last run never began
+
+
+def test_finished_unknown_and_other_users_tasks(app: App) -> None:
+    task_id = app.kick("/jobs", n=3, seconds=0)
+    app.wait_for(task_id, "succeeded")
+    response = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"Task {task_id} has already finished: succeeded"
+    }
+    running = app.kick("/jobs", n=4, seconds=30)
+    app.wait_for_event("job 4 started")
+    assert app.client.delete("/tasks/nope", headers=ALICE).status_code == 404
+    assert app.client.delete(f"/tasks/{running}").status_code == 401
+    bob = app.client.delete(f"/tasks/{running}", headers={"X-User": "bob"})
+    assert bob.status_code == 404
+    assert bob.json() == {"detail": "Task not found"}
+    assert app.wait_for(running, "started")["state"] == "started"  # not cancelled
+    app.client.delete(f"/tasks/{running}", headers=ALICE)
+    app.wait_for(running, "cancelled")
+
+
+def test_a_task_that_catches_the_cancellation_is_reported_running(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    task_id = app.kick("/stubborn", seconds=1.5)
+    app.wait_for(task_id, "started")
+    assert app.client.delete(f"/tasks/{task_id}", headers=ALICE).status_code == 202
+    app.wait_for_event("stubborn ignored a cancellation")
+    time.sleep(0.3)
+    assert app.client.get(f"/tasks/{task_id}", headers=ALICE).json()["state"] == (
+        "started"
+    )
+    done = app.wait_for(task_id, "succeeded")
+    assert done["result"] == "done anyway"
+    assert (
+        f"Task {task_id} is still running 1 s after it was cancelled: it caught or "
+        "shielded itself from the cancellation, or blocks its event loop; its "
+        "state stays started." in caplog.text
+    )
+
+
+def test_a_sync_task_cannot_be_cancelled(app: App) -> None:
+    task_id = app.kick("/threads", seconds=0.5)
+    app.wait_for(task_id, "started")
+    response = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": "Task 'workerapp.cancelapp:in_a_thread' is a sync function, "
+        "which runs in a thread that cannot be stopped"
+    }
+    assert app.wait_for(task_id, "succeeded")["result"] == "done"
+
+
+@pytest.mark.anyio
+async def test_the_python_call_and_its_errors() -> None:
+    events: list[str] = []
+    broker = InMemoryBroker()
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(5, 30)
+        while "job 5 started" not in events:
+            await asyncio.sleep(0.01)
+        record = await status.cancel(task.task_id)
+        assert record.state in {"queued", "started"}
+        result = await task.wait_result(timeout=2)
+        assert result.is_err
+        assert isinstance(result.error, taskiq_fastapi.TaskCancelledError)
+        assert (await status.kicked(task.task_id)).state == "cancelled"
+        with pytest.raises(taskiq_fastapi.TaskNotCancellableError) as raised:
+            await status.cancel(task.task_id)
+        assert raised.value.state == "cancelled"
+        with pytest.raises(taskiq_fastapi.TaskNotFoundError):
+            await status.cancel("nope")
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_task_cancelled_otherwise_is_not_marked_cancelled() -> None:
+    """A worker's own stop (its second signal) cancels tasks too: not a request."""
+    events: list[str] = []
+    broker = InMemoryBroker()
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(6, 30)
+        while "job 6 started" not in events:
+            await asyncio.sleep(0.01)
+        for running in list(broker._running_tasks):
+            running.cancel()
+        result = await task.wait_result(timeout=2)
+        assert type(result.error) is asyncio.CancelledError
+        assert (await status.kicked(task.task_id)).state == "failed"
+    finally:
+        await broker.shutdown()
+
+
+def test_cancelling_is_off_unless_asked() -> None:
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    app = FastAPI()
+    app.include_router(status.router())
+    with TestClient(app) as client:
+        assert client.delete("/tasks/abc").status_code == 405
+    assert [type(m).__name__ for m in broker.middlewares] == ["Recorder"]
+    assert not hasattr(job.original_func, "__wrapped__")
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        asyncio.run(status.cancel("abc"))
+    assert str(raised.value) == (
+        "TaskStatus 'task_status' was made without cancellable=True."
+    )
+
+
+def test_cancellable_needs_records_every_worker_can_follow() -> None:
+    from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+    from taskiq_redis import ListQueueBroker
+
+    broker = ListQueueBroker("redis://127.0.0.1:1").with_result_backend(
+        InmemoryResultBackend()
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    with pytest.raises(taskiq_fastapi.TaskStatusError) as raised:
+        taskiq_fastapi.TaskStatus(broker, [job], cancellable=True)
+    assert str(raised.value) == (
+        "TaskStatus(cancellable=True) needs its records on Redis (taskiq-redis' "
+        "RedisAsyncResultBackend) or NATS (taskiq-nats' "
+        "NATSObjectStoreResultBackend), where every worker can follow cancel "
+        "requests; the broker's result backend is InmemoryResultBackend."
+    )
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_request_is_read_by_the_watch_and_the_outcome_recorded(
+    redis_url: str,
+) -> None:
+    """Requests through the Redis stream (pins the RedisAsyncResultBackend
+    attributes RedisCancels reads: the records' client, prefix and expiry);
+    with keep_results=False the cancelled outcome is a record of its own."""
+    import uuid
+
+    from redis.asyncio import Redis
+    from taskiq_redis import RedisAsyncResultBackend
+
+    prefix = f"cancel-{uuid.uuid4().hex}"
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        redis_url, keep_results=False, result_ex_time=60, prefix_str=prefix
+    )
+    events: list[str] = []
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(7, 30)
+        while "job 7 started" not in events:
+            await asyncio.sleep(0.01)
+        await status.cancel(task.task_id)
+        for _ in range(200):
+            if (await status.kicked(task.task_id)).state == "cancelled":
+                break
+            await asyncio.sleep(0.01)
+        record = await status.store.read(task.task_id)
+        assert record is not None
+        assert record.state == "cancelled"
+        async with Redis.from_url(redis_url) as client:
+            stream = f"{prefix}:taskiq_fastapi:cancels"
+            assert 55 <= await client.ttl(stream) <= 60
+            (entry,) = await client.xrange(stream)
+            assert entry[1] == {b"task_id": task.task_id.encode()}
+            await client.delete(stream)
+    finally:
+        await broker.shutdown()
+
+
+def test_requests_are_kept_as_long_as_the_records() -> None:
+    """A request older than the records' expiry is not honoured (the task's
+    record is gone: nothing shows it), and is forgotten as newer ones come."""
+    from taskiq_fastapi.task_status.cancel import Canceller
+
+    canceller = Canceller(None, keep=60)
+    now = time.time()
+    canceller.request("old", now - 61)
+    canceller.request("kept", now - 59)
+    assert list(canceller.cancelled) == ["kept"]
+    canceller.cancelled["kept"] = now - 1  # its time has come
+    canceller.request("new", now)
+    assert list(canceller.cancelled) == ["new"]

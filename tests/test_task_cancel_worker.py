@@ -1,0 +1,112 @@
+"""Cancelling tasks: real uvicorn, two real worker commands, Redis and NATS (issue 23)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx2
+import pytest
+from taskiq.kicker import AsyncKicker
+from workers import TASKIQ, WorkerRun
+
+ALICE = {"X-User": "alice"}
+CANCEL_APP = [
+    "workerapp.cancelapp:broker",
+    "workerapp.cancelapp",
+    "--app",
+    "workerapp.cancelapp:app",
+]
+
+
+def wait_for(
+    client: httpx2.Client, task_id: str, state: str, within: float = 30
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        status = client.get(f"/tasks/{task_id}", headers=ALICE).json()
+        if status.get("state") == state:
+            return status  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
+def up(client: httpx2.Client) -> None:
+    """Wait until uvicorn answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.get("/openapi.json")
+            return
+        except httpx2.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("family", ["run", "nats_run"], ids=["redis", "nats"])
+async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
+    request: pytest.FixtureRequest, family: str
+) -> None:
+    run: WorkerRun = request.getfixturevalue(family)
+    _, port = run.serve("workerapp.cancelapp:app")
+    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        up(client)
+        # Cancelled while no worker runs: it never starts once they do.
+        queued = client.post("/jobs", params={"n": 1, "seconds": 60}, headers=ALICE)
+        queued_id = queued.json()["task_id"]
+        asked = client.delete(f"/tasks/{queued_id}", headers=ALICE)
+        assert asked.status_code == 202
+        assert asked.json()["state"] == "queued"
+
+        commands = [
+            run.start("worker", *CANCEL_APP, "--workers", "2") for _ in range(2)
+        ]
+        run.wait_for("startup", processes=5)  # the lifespan: uvicorn's and 4 workers'
+        running = client.post("/jobs", params={"n": 2, "seconds": 60}, headers=ALICE)
+        running_id = running.json()["task_id"]
+        cancelled = wait_for(client, queued_id, "cancelled")
+        assert cancelled["started_at"] is None
+        run.wait_for("job 2 started", processes=1)
+        sent = time.monotonic()
+        assert client.delete(f"/tasks/{running_id}", headers=ALICE).status_code == 202
+        wait_for(client, running_id, "cancelled", within=2)
+        assert time.monotonic() - sent < 2
+
+        # Delivered again (at-least-once): the cancelled task is not run.
+        await run.sender.startup()
+        try:
+            again = AsyncKicker("workerapp.cancelapp:job", run.sender, {})
+            redelivered = await again.with_task_id(running_id).kiq(2, 60)
+            result = await redelivered.wait_result(timeout=30)
+        finally:
+            await run.sender.shutdown()
+        assert result.is_err
+
+        assert client.delete(f"/tasks/{running_id}", headers=ALICE).status_code == 409
+    for command in commands:
+        assert run.stop(command) == 0, run.output(command)
+    events = [event for _, event in run.events()]
+    assert "job 1 started" not in events
+    assert events.count("job 2 started") == 1
+    assert "job 2 finished" not in events
+    (ran_it,) = {pid for pid, event in run.events() if event == "job 2 started"}
+    assert (ran_it, f"{running_id} dependency saw the cancellation") in run.events()
+    assert (ran_it, f"{running_id} dependency released") in run.events()
+
+
+def test_plain_taskiq_worker_honours_cancel_requests_too(run: WorkerRun) -> None:
+    """The Canceller is a middleware the app's TaskStatus adds: taskiq's own
+    worker, importing the module that makes it, cancels as ours does."""
+    _, port = run.serve("workerapp.cancelapp:app")
+    worker = run.start(*CANCEL_APP[:2], "--workers", "1", command=(TASKIQ, "worker"))
+    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        up(client)
+        task_id = client.post(
+            "/jobs", params={"n": 3, "seconds": 60}, headers=ALICE
+        ).json()["task_id"]
+        run.wait_for("job 3 started", processes=1)
+        assert client.delete(f"/tasks/{task_id}", headers=ALICE).status_code == 202
+        wait_for(client, task_id, "cancelled", within=2)
+    assert run.stop(worker) == 0, run.output(worker)
+    assert "job 3 finished" not in [event for _, event in run.events()]
