@@ -149,9 +149,15 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     fetch_at_most(broker, args.max_tasks_per_child)
     on_signal = outages.stop
     if args.health_slots is not None:
-        from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
+        from taskiq_fastapi_cli.health.report import PID, WorkerHealth, worker_slot
 
-        health = WorkerHealth(args.health_slots, worker_slot())
+        slot = worker_slot()
+        if args.metrics:
+            from taskiq_fastapi_cli.health.metrics import WorkerMetrics
+
+            restarted = args.health_slots.row(slot)[PID] != 0  # a pid before us
+            WorkerMetrics(slot, restarted, lambda: outages.broker.since).install(broker)
+        health = WorkerHealth(args.health_slots, slot)
         health.install(broker)
         outages.on_broker_outage = health.broker_outage
         on_signal = _both(outages.stop, health.stopping)
