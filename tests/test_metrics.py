@@ -273,3 +273,15 @@ def test_metrics_need_the_health_port() -> None:
     assert done.stderr.splitlines() == [
         "Error: --metrics needs --health-port: /metrics is served there."
     ]
+
+
+async def test_a_stream_on_redis_before_7_has_no_backlog(stream_run: WorkerRun) -> None:
+    # The suite's Redis is 6.2: XINFO GROUPS has no `lag` yet.
+    m = Metrics(stream_run)
+    m.pids()
+    line = "no backlog metric (its Redis server does not report the group's lag"
+    deadline = time.monotonic() + 20
+    while line not in stream_run.output(m.worker):
+        assert time.monotonic() < deadline, stream_run.output(m.worker)
+        time.sleep(0.1)
+    assert not [key for key in m.samples() if key[0] == "taskiq_backlog_messages"]
