@@ -154,6 +154,7 @@ async def test_counts_of_every_process_summed_across_a_kill_and_a_new_run(
             await each.wait_result(timeout=20)
         m.until("taskiq_tasks_received_total", lambda v: v == 10, **fine_n)
         assert m.value("taskiq_tasks_received_total", **held) == 2
+        assert (m.value("taskiq_task_execution_seconds_sum", **held) or 0) > 0
         assert m.value("taskiq_tasks_failed_total", **broken) == 3
     finally:
         await run.sender.shutdown()
@@ -285,3 +286,24 @@ async def test_a_stream_on_redis_before_7_has_no_backlog(stream_run: WorkerRun) 
         assert time.monotonic() < deadline, stream_run.output(m.worker)
         time.sleep(0.1)
     assert not [key for key in m.samples() if key[0] == "taskiq_backlog_messages"]
+
+
+async def test_taskiq_prometheus_middleware_writes_where_metrics_reads(
+    run: WorkerRun,
+) -> None:
+    run.env["TMPDIR"] = str(run.tmp_path)  # where the middleware makes its own
+    run.env["TASKIQ_PROMETHEUS_PORT"] = str(free_port())
+    m = Metrics(run, "workerapp.taskiq_prometheus")
+    m.pids()
+    assert (
+        "Warning: the project set PROMETHEUS_MULTIPROC_DIR to "
+        f"'{run.tmp_path / 'taskiq-own'}' (taskiq's PrometheusMiddleware does)"
+    ) in run.output(m.worker)
+    await run.sender.startup()
+    try:
+        await (await kick(run, "fine", 1)).wait_result(timeout=20)
+    finally:
+        await run.sender.shutdown()
+    named = {"task_name": task("fine")}
+    m.until("taskiq_tasks_received_total", lambda v: v == 1, **named)
+    assert m.value("received_tasks_total", **named) == 1  # the middleware's

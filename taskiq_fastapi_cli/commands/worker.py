@@ -109,6 +109,12 @@ def _start(
             raise
         # Under --reload, as uvicorn's reloader: the worker process meets the
         # same mistake, says it in one line and waits for a change.
+    if metrics is not None:
+        from taskiq_fastapi_cli.health.metrics import keep_directory
+
+        said = keep_directory(metrics)
+        if said:
+            typer.echo(f"Warning: {said}", err=True)
     _set_start_method(
         start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
     )
