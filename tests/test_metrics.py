@@ -6,6 +6,7 @@ is read with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ class Metrics:
                 return value
             assert time.monotonic() < deadline, (name, labels, value)
             time.sleep(0.1)
+
+    async def backlog_is(self, queue: str, server: Callable[[], Awaitable[int]]) -> int:
+        """The server's own count, once the sampled backlog equals it."""
+        deadline = time.monotonic() + 20
+        while True:
+            counted = await server()
+            sampled = self.value("taskiq_backlog_messages", queue=queue)
+            if sampled == counted:
+                return counted
+            assert time.monotonic() < deadline, (sampled, counted)
+            await asyncio.sleep(0.2)
 
     def pids(self) -> list[int]:
         """The worker processes' pids, once every one is ready."""
@@ -193,14 +205,7 @@ async def test_backlog_of_a_redis_list_leaves_out_what_workers_took(
             await kick(run, "held", n)
         run.wait_for("held 0", 1)
         redis = Redis.from_url(run.env["REDIS_URL"])
-        # Once the workers hold what they can: the list's length, sampled.
-        deadline = time.monotonic() + 20
-        while True:
-            length = await redis.llen(run.queue)
-            if m.value("taskiq_backlog_messages", **queue) == length:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        length = await m.backlog_is(run.queue, lambda: redis.llen(run.queue))
         await redis.aclose()
         # Taken by each: running, waiting to run, prefetched, being put.
         assert 12 - 2 * 4 <= length <= 12 - 2
@@ -220,16 +225,13 @@ async def test_backlog_of_a_jetstream_consumer(nats_run: WorkerRun) -> None:
             await kick(nats_run, "held", n)
         nats_run.wait_for("held 0", 1)
         js: Any = nats_run.sender.js  # type: ignore[attr-defined]
-        # Once the worker holds what it can: the consumer's pending, sampled.
-        deadline = time.monotonic() + 20
-        while True:
+
+        async def pending() -> int:
             info = await js.consumer_info(nats_run.queue, nats_run.queue)
-            if m.value("taskiq_backlog_messages", **stream) == info.num_pending:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+            return int(info.num_pending)
+
         # Taken by the worker: running, waiting to run, prefetched, being put.
-        assert 8 - 4 <= info.num_pending <= 8 - 1
+        assert 8 - 4 <= await m.backlog_is(nats_run.queue, pending) <= 8 - 1
         m.release()
         m.until("taskiq_backlog_messages", lambda v: v == 0, **stream)
     finally:
