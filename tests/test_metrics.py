@@ -26,6 +26,7 @@ from workers import COMMAND, TESTS_DIR, WorkerRun, get_json
 
 import taskiq_fastapi
 from tools.processes import free_port
+from tools.redis_server import running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -309,3 +310,21 @@ async def test_taskiq_prometheus_middleware_writes_where_metrics_reads(
     named = {"task_name": task("fine")}
     m.until("taskiq_tasks_received_total", lambda v: v == 1, **named)
     assert m.value("received_tasks_total", **named) == 1  # the middleware's
+
+
+async def test_seconds_the_broker_has_been_unreachable(tmp_path: Path) -> None:
+    with running_server(persistent=True) as server:
+        run = WorkerRun(server.url, tmp_path)
+        try:
+            # Its PING every 4 s finds the idle worker's server gone.
+            m = Metrics(run, "--broker-retry-timeout", "16")
+            m.pids()
+            unreachable = "taskiq_broker_unreachable_seconds"
+            m.until(unreachable, lambda v: v == 0)
+            server.stop()
+            m.until(unreachable, lambda v: v is not None and v >= 1)
+            server.start()
+            m.until(unreachable, lambda v: v == 0)
+            assert run.stop(m.worker) == 0
+        finally:
+            run.kill_all()

@@ -61,6 +61,8 @@ DIRECTORY_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How often a worker writes its counts and how long its broker has been
 # unreachable, and worker-0 the backlog.
 SAMPLE_SECONDS = 1.0
+# Longer than this, a backlog sample is given up (and tried again).
+BACKLOG_TIMEOUT = 5.0
 # The worker process that samples the backlog: a restarted one takes its slot.
 SAMPLING_SLOT = 0
 # taskiq's retry middlewares (Simple and Smart) count runs in this label.
@@ -251,13 +253,11 @@ class _Tally:
         "execution",
         "flushed_running",
         "in_flight",
-        "metrics",
         "running",
         "waited",
     )
 
     def __init__(self, metrics: _Metrics, name: str) -> None:
-        self.metrics = metrics
         # Received, succeeded, failed, retried: made now, so each shows 0.
         families = (metrics.received, metrics.succeeded, metrics.failed)
         self.children = [f.labels(name) for f in (*families, metrics.retried)]
@@ -383,7 +383,10 @@ class WorkerMetrics:
             self.metrics.unreachable.set(unreachable)
             if backlog is not None and not unreachable:
                 try:
-                    for queue, waiting in (await backlog()).items():
+                    # A server that accepts and never answers must not stop
+                    # the counts from being written.
+                    sampled = await asyncio.wait_for(backlog(), BACKLOG_TIMEOUT)
+                    for queue, waiting in sampled.items():
                         self.metrics.backlog.labels(queue).set(waiting)
                 except Exception as exc:  # the next sample tries again
                     logger.debug("Backlog not sampled: %s", exc)

@@ -125,6 +125,7 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     4. the fetch limit (fetch_limit.py): counts the messages the retries
        hand out;
     5. health (health/report.py): ready once listening, one counter per task;
+       with --metrics (health/metrics.py), counts per task and samples;
     6. the stop (shutdown.py), outermost: it remembers the fetch the
        receiver awaits, decides whether a result is saved and a message
        acknowledged, and notes that the whole shutdown completed.
