@@ -18,11 +18,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from taskiq.kicker import AsyncKicker
 
@@ -200,6 +202,31 @@ def cancelling(url: str) -> list[tuple[str, float, str, float]]:
     return [
         (
             "1 proc throughput: cancellable / without",
+            statistics.median(rate),
+            ">=",
+            0.97,
+        )
+    ]
+
+
+def metrics(url: str) -> list[tuple[str, float, str, float]]:
+    """Throughput with --metrics / without, both with the health port it needs.
+
+    The commands are killed, so their metrics directories are left behind:
+    in a temporary TMPDIR, removed here.
+    """
+    measured = ours("--workers", "1", "--health-port", str(free_port()), "--metrics")
+    without = ours("--workers", "1", "--health-port", str(free_port()))
+    with (
+        tempfile.TemporaryDirectory() as temp,
+        mock.patch.dict(os.environ, TMPDIR=temp),
+    ):
+        rate, _, _ = paired(url, measured, without, 5_000)
+    print(f"Real workers on Redis, side by side, {ROUNDS} paired rounds:")
+    _show("1 process, 5,000 tasks: --metrics / without", rate)
+    return [
+        (
+            "1 proc throughput: --metrics / without",
             statistics.median(rate),
             ">=",
             0.97,

@@ -31,6 +31,7 @@ BROKER_RETRY_TIMEOUT_ENV = "TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT"
 HEALTH_PORT_ENV = "TASKIQ_FASTAPI_HEALTH_PORT"
 HEALTH_HOST_ENV = "TASKIQ_FASTAPI_HEALTH_HOST"
 STALL_TIMEOUT_ENV = "TASKIQ_FASTAPI_STALL_TIMEOUT"
+METRICS_ENV = "TASKIQ_FASTAPI_METRICS"
 DEFAULT_HEALTH_HOST = "127.0.0.1"
 
 
@@ -245,6 +246,15 @@ def worker(
             "loop has not run for this long (a task blocking it). 0: off.",
         ),
     ] = DEFAULT_STALL_TIMEOUT,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            envvar=METRICS_ENV,
+            help="With --health-port: serve Prometheus metrics of every worker "
+            "process on /metrics there (needs the `metrics` extra).",
+        ),
+    ] = False,
     broker_retry_timeout: Annotated[
         float,
         typer.Option(
@@ -271,6 +281,7 @@ def worker(
         reload_excludes=reload_exclude or [],
         health=(health_host, health_port) if health_port else None,
         stall_timeout=stall_timeout,
+        metrics=metrics,
     )
     if code:
         raise typer.Exit(code)

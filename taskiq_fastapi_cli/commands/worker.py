@@ -51,6 +51,7 @@ def start_worker(
     reload_excludes: Sequence[str],
     health: tuple[str, int] | None,
     stall_timeout: float,
+    metrics: bool = False,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
@@ -61,7 +62,13 @@ def start_worker(
         reload_includes=list(reload_includes),
         reload_excludes=list(reload_excludes),
         stall_timeout=stall_timeout,
+        metrics=metrics,
     )
+    if metrics and health is None:
+        raise CLIError(
+            "--metrics needs --health-port: /metrics is served there.",
+            EXIT_USAGE_ERROR,
+        )
     if (reload_includes or reload_excludes) and not args.reload:
         raise CLIError(
             "--reload-include and --reload-exclude need --reload.",
@@ -74,6 +81,27 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
+    directory = None
+    if metrics:
+        # Before the project is imported: an app that imports
+        # prometheus_client must write to the command's directory too.
+        from taskiq_fastapi_cli.health.metrics import remove_directory, use_directory
+
+        directory = use_directory()
+    try:
+        return _start(args, factory, start_method, health, directory)
+    finally:
+        if directory is not None:
+            remove_directory(directory)  # the next run starts from nothing
+
+
+def _start(
+    args: FastAPIWorkerArgs,
+    factory: bool,
+    start_method: str | None,
+    health: tuple[str, int] | None,
+    metrics: str | None,
+) -> int:
     try:
         _check_dependencies(load_project(args, factory))
     except CLIError as exc:
@@ -81,6 +109,12 @@ def start_worker(
             raise
         # Under --reload, as uvicorn's reloader: the worker process meets the
         # same mistake, says it in one line and waits for a change.
+    if metrics is not None:
+        from taskiq_fastapi_cli.health.metrics import keep_directory
+
+        said = keep_directory(metrics)
+        if said:
+            typer.echo(f"Warning: {said}", err=True)
     _set_start_method(
         start_method or ("spawn" if args.reload else "fork"), _project_modules(args)
     )
@@ -91,7 +125,7 @@ def start_worker(
     if health is not None:
         from taskiq_fastapi_cli.health.server import HealthServer
 
-        server = HealthServer(*health)  # bound now: a port in use stops here
+        server = HealthServer(*health, metrics)  # bound now: a port in use stops here
     return run(args, server)
 
 

@@ -1,5 +1,7 @@
 """`/readyz` and `/livez`, served by the main process for container probes.
 
+With --metrics, `/metrics` too: the workers' metrics, merged (metrics.py).
+
 The main process runs taskiq's process manager and serves nothing else, so
 probes never compete with tasks: a stdlib HTTP server on its own thread reads
 the rows the workers write (`report.py`) and which worker processes are
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.health.report import (
@@ -33,6 +35,9 @@ from taskiq_fastapi_cli.health.report import (
     STATES,
     Slots,
 )
+
+if TYPE_CHECKING:
+    from taskiq_fastapi_cli.health.metrics import Exposition
 
 # taskiq's manager notices a dead process within a second and starts another;
 # a slot empty for longer than this is down, not restarting.
@@ -182,20 +187,27 @@ def _describe(worker: dict[str, Any]) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     view: HealthView
+    metrics: Exposition | None = None
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == "/metrics" and self.metrics is not None:
+            self._send(200, *self.metrics.scrape())
+            return
         if path not in ("/readyz", "/livez"):
-            self._answer(404, {"error": f"no such path {path!r}: /readyz, /livez"})
+            paths = "/readyz, /livez" + (", /metrics" if self.metrics else "")
+            self._answer(404, {"error": f"no such path {path!r}: {paths}"})
             return
         ready, live, body = self.view.report()
         healthy = ready if path == "/readyz" else live
         self._answer(200 if healthy else 503, body)
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, indent=2).encode()
+        self._send(status, json.dumps(body, indent=2).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -208,8 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
 class HealthServer:
     """Bound by the command before any worker starts; served by the manager."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, metrics: str | None = None) -> None:
         self.handler: type[_Handler] = type("Handler", (_Handler,), {})
+        self.metrics = metrics  # --metrics: the workers' metrics directory
         try:
             self.server = ThreadingHTTPServer((host, port), self.handler)
         except socket.gaierror as exc:
@@ -236,6 +249,10 @@ class HealthServer:
     ) -> None:
         view.processes = processes
         self.handler.view = view
+        if self.metrics is not None:
+            from taskiq_fastapi_cli.health.metrics import Exposition
+
+            self.handler.metrics = Exposition(self.metrics, processes)
         self.thread.start()
         if view.stall_timeout:
             stalls = StallLog(view.slots, view.stall_timeout)

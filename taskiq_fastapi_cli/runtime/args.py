@@ -31,6 +31,8 @@ class FastAPIWorkerArgs(WorkerArgs):
     reload_includes: list[str] = field(default_factory=list)
     reload_excludes: list[str] = field(default_factory=list)
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # --metrics (which needs --health-port): each worker writes its metrics.
+    metrics: bool = False
     # Set by the process manager with --health-port: the workers' health rows.
     health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.

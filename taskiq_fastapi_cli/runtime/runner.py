@@ -125,6 +125,7 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     4. the fetch limit (fetch_limit.py): counts the messages the retries
        hand out;
     5. health (health/report.py): ready once listening, one counter per task;
+       with --metrics (health/metrics.py), counts per task and samples;
     6. the stop (shutdown.py), outermost: it remembers the fetch the
        receiver awaits, decides whether a result is saved and a message
        acknowledged, and notes that the whole shutdown completed.
@@ -149,9 +150,15 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     fetch_at_most(broker, args.max_tasks_per_child)
     on_signal = outages.stop
     if args.health_slots is not None:
-        from taskiq_fastapi_cli.health.report import WorkerHealth, worker_slot
+        from taskiq_fastapi_cli.health.report import PID, WorkerHealth, worker_slot
 
-        health = WorkerHealth(args.health_slots, worker_slot())
+        slot = worker_slot()
+        if args.metrics:
+            from taskiq_fastapi_cli.health.metrics import WorkerMetrics
+
+            restarted = args.health_slots.row(slot)[PID] != 0  # a pid before us
+            WorkerMetrics(slot, restarted, lambda: outages.broker.since).install(broker)
+        health = WorkerHealth(args.health_slots, slot)
         health.install(broker)
         outages.on_broker_outage = health.broker_outage
         on_signal = _both(outages.stop, health.stopping)

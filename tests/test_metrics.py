@@ -1,0 +1,330 @@
+"""`worker --metrics`: Prometheus metrics on the health port (issue 24).
+
+The real command, its worker processes, Redis and NATS JetStream; the scrape
+is read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+from taskiq.kicker import AsyncKicker
+from workers import COMMAND, TESTS_DIR, WorkerRun, get_json
+
+import taskiq_fastapi
+from tools.processes import free_port
+from tools.redis_server import running_server
+
+pytestmark = pytest.mark.anyio
+
+APP = ["workerapp.broker:broker", "workerapp.counted", "--app", "workerapp.app:app"]
+DASHBOARD = Path(__file__).parent.parent / "examples" / "grafana-dashboard.json"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Metrics:
+    def __init__(self, run: WorkerRun, *extra: str) -> None:
+        self.port = free_port()
+        run.env["RELEASE_FILE"] = str(run.tmp_path / "release")
+        self.release_file = Path(run.env["RELEASE_FILE"])
+        self.worker = run.start(
+            "worker", *APP, "--health-port", str(self.port), "--metrics", *extra
+        )
+        get_json(self.url("/readyz"))  # answers once the command started
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def text(self) -> str:
+        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            return str(response.read().decode())
+
+    def samples(self) -> Samples:
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(self.text())
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples().get((name, frozenset(labels.items())))
+
+    def until(
+        self, name: str, test: Callable[[float | None], bool], **labels: str
+    ) -> float | None:
+        deadline = time.monotonic() + 20
+        while True:
+            value = self.value(name, **labels)
+            if test(value):
+                return value
+            assert time.monotonic() < deadline, (name, labels, value)
+            time.sleep(0.1)
+
+    async def backlog_is(self, queue: str, server: Callable[[], Awaitable[int]]) -> int:
+        """The server's own count, once the sampled backlog equals it."""
+        deadline = time.monotonic() + 20
+        while True:
+            counted = await server()
+            sampled = self.value("taskiq_backlog_messages", queue=queue)
+            if sampled == counted:
+                return counted
+            assert time.monotonic() < deadline, (sampled, counted)
+            await asyncio.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """The worker processes' pids, once every one is ready."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(self.url("/readyz"), timeout=5) as got:
+                    return [
+                        worker["pid"] for worker in json.loads(got.read())["workers"]
+                    ]
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+    def release(self) -> None:
+        self.release_file.touch()
+
+
+def task(name: str) -> str:
+    return f"workerapp.counted:{name}"
+
+
+async def kick(run: WorkerRun, name: str, *args: Any, **labels: Any) -> Any:
+    return await AsyncKicker(task(name), run.sender, labels).kiq(*args)
+
+
+async def test_counts_of_every_process_summed_across_a_kill_and_a_new_run(
+    run: WorkerRun,
+) -> None:
+    temp = run.tmp_path / "tmp"
+    temp.mkdir()
+    run.env["TMPDIR"] = str(temp)  # where the command keeps this run's metrics
+    m = Metrics(run, "--workers", "2", "--max-async-tasks", "1")
+
+    async def fine_(n: int) -> int:
+        return n
+
+    # Kicked as an app recording their status kicks them (TaskStatus).
+    fine = run.sender.register_task(fine_, task_name=task("fine"))
+    taskiq_fastapi.TaskStatus(run.sender, [fine])
+    await run.sender.startup()
+    try:
+        sent = [await fine.kiq(n) for n in range(6)]
+        sent += [await kick(run, "broken", 1)]
+        sent += [await kick(run, "broken", 2, retry_on_error=True)]  # runs twice
+        for each in sent:
+            await each.wait_result(timeout=20)
+        m.until("taskiq_tasks_failed_total", lambda v: v == 3, task_name=task("broken"))
+        got = m.samples()
+
+        def of(name: str, **labels: str) -> float:
+            return got[(name, frozenset(labels.items()))]
+
+        fine_n = {"task_name": task("fine")}
+        broken = {"task_name": task("broken")}
+        assert of("taskiq_tasks_received_total", **fine_n) == 6
+        assert of("taskiq_tasks_succeeded_total", **fine_n) == 6
+        assert of("taskiq_tasks_failed_total", **fine_n) == 0
+        assert of("taskiq_tasks_received_total", **broken) == 3
+        assert of("taskiq_tasks_retried_total", **broken) == 1
+        assert of("taskiq_tasks_succeeded_total", **broken) == 0
+        assert of("taskiq_task_execution_seconds_count", **fine_n) == 6
+        assert of("taskiq_task_queue_seconds_count", **fine_n) == 6
+        assert ("taskiq_task_queue_seconds_count", frozenset(broken.items())) not in got
+        assert of("taskiq_worker_restarts_total") == 0
+        assert of("taskiq_broker_unreachable_seconds") == 0
+        dashboard_queries_exist(got)
+
+        # One task held in each process; then one process is killed.
+        await kick(run, "held", 1)
+        await kick(run, "held", 2)
+        held = {"task_name": task("held")}
+        m.until("taskiq_tasks_in_flight", lambda v: v == 2, **held)
+        os.kill(m.pids()[1], signal.SIGKILL)
+        # Its task no longer counts as running, its counts still do.
+        m.until("taskiq_tasks_in_flight", lambda v: v == 1, **held)
+        m.release()
+        m.until("taskiq_worker_restarts_total", lambda v: v == 1)
+        m.until("taskiq_tasks_in_flight", lambda v: v == 0, **held)
+        for each in [await fine.kiq(n) for n in range(4)]:
+            await each.wait_result(timeout=20)
+        m.until("taskiq_tasks_received_total", lambda v: v == 10, **fine_n)
+        assert m.value("taskiq_tasks_received_total", **held) == 2
+        assert (m.value("taskiq_task_execution_seconds_sum", **held) or 0) > 0
+        assert m.value("taskiq_tasks_failed_total", **broken) == 3
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(m.worker) == 0
+    assert list(temp.iterdir()) == []
+    del run.env["TMPDIR"]
+
+    # The next run of the command starts from nothing.
+    again = Metrics(run, "--workers", "1")
+    again.pids()
+    assert not [key for key in again.samples() if key[0].startswith("taskiq_tasks")]
+
+
+def dashboard_queries_exist(scraped: Samples) -> None:
+    """Every metric a query of the example dashboard names is in the scrape."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+    assert queries
+    names = {name for query in queries for name in re.findall(r"taskiq_\w+", query)}
+    assert names - {name for name, _ in scraped} == set()
+
+
+async def test_backlog_of_a_redis_list_leaves_out_what_workers_took(
+    run: WorkerRun,
+) -> None:
+    m = Metrics(run, "--workers", "2", "--max-async-tasks", "1", "--max-prefetch", "1")
+    queue = {"queue": run.queue}
+    m.until("taskiq_backlog_messages", lambda v: v == 0, **queue)
+    await run.sender.startup()
+    try:
+        for n in range(12):
+            await kick(run, "held", n)
+        run.wait_for("held 0", 1)
+        redis = Redis.from_url(run.env["REDIS_URL"])
+        length = await m.backlog_is(run.queue, lambda: redis.llen(run.queue))
+        await redis.aclose()
+        # Taken by each: running, waiting to run, prefetched, being put.
+        assert 12 - 2 * 4 <= length <= 12 - 2
+        m.release()
+        m.until("taskiq_backlog_messages", lambda v: v == 0, **queue)
+    finally:
+        await run.sender.shutdown()
+
+
+async def test_backlog_of_a_jetstream_consumer(nats_run: WorkerRun) -> None:
+    m = Metrics(nats_run, "--max-async-tasks", "1", "--max-prefetch", "1")
+    stream = {"queue": nats_run.queue}
+    m.until("taskiq_backlog_messages", lambda v: v == 0, **stream)
+    await nats_run.sender.startup()
+    try:
+        for n in range(8):
+            await kick(nats_run, "held", n)
+        nats_run.wait_for("held 0", 1)
+        js: Any = nats_run.sender.js  # type: ignore[attr-defined]
+
+        async def pending() -> int:
+            info = await js.consumer_info(nats_run.queue, nats_run.queue)
+            return int(info.num_pending)
+
+        # Taken by the worker: running, waiting to run, prefetched, being put.
+        assert 8 - 4 <= await m.backlog_is(nats_run.queue, pending) <= 8 - 1
+        m.release()
+        m.until("taskiq_backlog_messages", lambda v: v == 0, **stream)
+    finally:
+        await nats_run.sender.shutdown()
+
+
+def test_without_prometheus_client_one_line_before_start(tmp_path: Path) -> None:
+    # A Python where importing prometheus_client fails, as without the extra.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'prometheus_client':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+    )
+    done = subprocess.run(
+        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TESTS_DIR,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "Error: --metrics needs prometheus_client (No module named "
+        "'prometheus_client'): pip install 'taskiq-fastapi[metrics]'."
+    ]
+
+
+def test_metrics_need_the_health_port() -> None:
+    done = subprocess.run(
+        [COMMAND, "worker", *APP, "--metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TESTS_DIR,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "Error: --metrics needs --health-port: /metrics is served there."
+    ]
+
+
+async def test_a_stream_on_redis_before_7_has_no_backlog(stream_run: WorkerRun) -> None:
+    # The suite's Redis is 6.2: XINFO GROUPS has no `lag` yet.
+    m = Metrics(stream_run)
+    m.pids()
+    line = "no backlog metric (its Redis server does not report the group's lag"
+    deadline = time.monotonic() + 20
+    while line not in stream_run.output(m.worker):
+        assert time.monotonic() < deadline, stream_run.output(m.worker)
+        time.sleep(0.1)
+    assert not [key for key in m.samples() if key[0] == "taskiq_backlog_messages"]
+
+
+async def test_taskiq_prometheus_middleware_writes_where_metrics_reads(
+    run: WorkerRun,
+) -> None:
+    run.env["TMPDIR"] = str(run.tmp_path)  # where the middleware makes its own
+    run.env["TASKIQ_PROMETHEUS_PORT"] = str(free_port())
+    m = Metrics(run, "workerapp.taskiq_prometheus")
+    m.pids()
+    assert (
+        "Warning: the project set PROMETHEUS_MULTIPROC_DIR to "
+        f"'{run.tmp_path / 'taskiq-own'}' (taskiq's PrometheusMiddleware does)"
+    ) in run.output(m.worker)
+    await run.sender.startup()
+    try:
+        await (await kick(run, "fine", 1)).wait_result(timeout=20)
+    finally:
+        await run.sender.shutdown()
+    named = {"task_name": task("fine")}
+    m.until("taskiq_tasks_received_total", lambda v: v == 1, **named)
+    assert m.value("received_tasks_total", **named) == 1  # the middleware's
+
+
+async def test_seconds_the_broker_has_been_unreachable(tmp_path: Path) -> None:
+    with running_server(persistent=True) as server:
+        run = WorkerRun(server.url, tmp_path)
+        try:
+            # Its PING every 4 s finds the idle worker's server gone.
+            m = Metrics(run, "--broker-retry-timeout", "16")
+            m.pids()
+            unreachable = "taskiq_broker_unreachable_seconds"
+            m.until(unreachable, lambda v: v == 0)
+            server.stop()
+            m.until(unreachable, lambda v: v is not None and v >= 1)
+            server.start()
+            m.until(unreachable, lambda v: v == 0)
+            assert run.stop(m.worker) == 0
+        finally:
+            run.kill_all()

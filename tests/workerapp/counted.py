@@ -1,0 +1,32 @@
+"""Tasks for the metrics tests: they succeed, fail, retry, or hold a worker."""
+
+import asyncio
+import os
+from pathlib import Path
+
+from taskiq import SimpleRetryMiddleware
+
+from workerapp.app import record
+from workerapp.broker import broker
+
+# Kicked with the label retry_on_error=True, a failing task runs twice.
+broker.add_middlewares(SimpleRetryMiddleware(default_retry_count=2))
+
+
+@broker.task
+async def fine(n: int) -> int:
+    return n
+
+
+@broker.task
+async def broken(n: int) -> int:
+    raise ValueError(f"task {n} fails")
+
+
+@broker.task
+async def held(n: int) -> int:
+    """Runs until the file RELEASE_FILE exists."""
+    record(f"held {n}")
+    while not Path(os.environ["RELEASE_FILE"]).exists():
+        await asyncio.sleep(0.05)
+    return n
