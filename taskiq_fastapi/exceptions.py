@@ -49,3 +49,7 @@ class BrokerUnreachableError(TaskiqFastAPIError):
 
 class TaskStatusError(TaskiqFastAPIError):
     """`TaskStatus` cannot serve the broker or tasks it was given."""
+
+
+class TracingUnavailableError(TaskiqFastAPIError):
+    """`trace_tasks` was asked for, but taskiq or OpenTelemetry cannot do it."""

@@ -26,6 +26,7 @@ from taskiq_fastapi_cli.exceptions import (
     EXIT_USAGE_ERROR,
     CLIError,
 )
+from taskiq_fastapi_cli.runtime import logs
 from taskiq_fastapi_cli.runtime.args import (
     FastAPIWorkerArgs,
     parse_taskiq_args,
@@ -51,6 +52,8 @@ def start_worker(
     reload_excludes: Sequence[str],
     health: tuple[str, int] | None,
     stall_timeout: float,
+    task_logs: bool = False,
+    log_json: bool = False,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
@@ -61,7 +64,10 @@ def start_worker(
         reload_includes=list(reload_includes),
         reload_excludes=list(reload_excludes),
         stall_timeout=stall_timeout,
+        task_logs=task_logs,
+        log_json=log_json,
     )
+    logs.check(args)
     if (reload_includes or reload_excludes) and not args.reload:
         raise CLIError(
             "--reload-include and --reload-exclude need --reload.",

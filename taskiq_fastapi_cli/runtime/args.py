@@ -31,6 +31,9 @@ class FastAPIWorkerArgs(WorkerArgs):
     reload_includes: list[str] = field(default_factory=list)
     reload_excludes: list[str] = field(default_factory=list)
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # --task-logs, --log-json (logs.py).
+    task_logs: bool = False
+    log_json: bool = False
     # Set by the process manager with --health-port: the workers' health rows.
     health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.
