@@ -25,6 +25,8 @@ def main() -> int:
         print()
         rows += worker.recording(url)
         print()
+        rows += worker.observability(url)
+        print()
         rows += memory.run(url)
         print()
         rows += exit_time.run(url)

@@ -44,6 +44,7 @@ def spans(path: Path) -> dict[str, dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     wanted = {"SERVER": "GET /traced", "PRODUCER": f"send/{TASK}"}
     wanted["CONSUMER"] = f"execute/{TASK}"
+    wanted["INTERNAL"] = "inside the task"
     found = {}
     for row in rows:
         if wanted.get(row["kind"]) == row["name"]:
@@ -85,8 +86,8 @@ def test_a_task_kicked_by_a_traced_request_continues_its_trace_and_logs_its_ids(
         )  # fmt: skip
         assert refused.returncode == 1
         assert refused.stderr.splitlines() == [
-            "Error: Cannot load broker 'workerapp.broker:broker': importing "
-            "'workerapp.traced' raised TracingUnavailableError: trace_tasks "
+            "Error: Cannot load app 'workerapp.traced:app': importing it "
+            "raised TracingUnavailableError: trace_tasks "
             f"needs taskiq 0.12 or newer, whose OpenTelemetry middleware it "
             f"adds; taskiq {version('taskiq')} is installed: "
             "pip install 'taskiq-fastapi[otel]'."
@@ -116,7 +117,8 @@ def test_a_task_kicked_by_a_traced_request_continues_its_trace_and_logs_its_ids(
 
     found = spans(spans_file)
     if not TRACING:
-        assert set(found) == {"SERVER"}  # the API's own span, nothing kicked
+        assert found["INTERNAL"]["parent_id"] is None  # nothing to continue
+        assert set(found) == {"SERVER", "INTERNAL"}  # nothing kicked
         return
     request, kicked, task = found["SERVER"], found["PRODUCER"], found["CONSUMER"]
     assert kicked["trace_id"] == request["trace_id"]
@@ -125,3 +127,20 @@ def test_a_task_kicked_by_a_traced_request_continues_its_trace_and_logs_its_ids(
     assert task["trace_id"] == request["trace_id"]
     assert task["parent_id"] == kicked["span_id"]
     assert task["pid"] == got["pid"]
+    assert found["INTERNAL"]["parent_id"] == task["span_id"]  # the task's own
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_a_start_listen_an_instrumentor_replaced_runs_in_every_worker(
+    run: WorkerRun, start_method: str
+) -> None:
+    """As under `taskiq worker`, whichever way the process started."""
+    worker = run.start(
+        "worker", "workerapp.listen_replaced:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--start-method", start_method,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    assert run.stop(worker) == 0
+    replaced = run.count("replaced start_listen")
+    assert replaced == run.count("startup"), run.events()  # that worker, once

@@ -5,8 +5,9 @@ tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
 creates the module-level `ProcessManager` with the module-level `start_listen`
 as the worker function, so for the duration of the call those names point to
 `SafeProcessManager` (supervisor.py) and `worker_process`, which applies
-`init` to the broker and then runs taskiq's own `start_listen`, whose import
-of the broker's path returns that broker (`_listen`).
+`init` to the broker and then runs taskiq's own `start_listen` (or what an
+instrumentor replaced it with), whose import of the broker's path returns
+that broker (`_listen`).
 """
 
 from __future__ import annotations
@@ -191,7 +192,26 @@ def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) 
         return imported
 
     with _taskiq_run_uses(import_object=this_broker):
-        taskiq_start_listen(args)  # taskiq's own: the module name is ours here
+        _start_listen()(args)
+
+
+# What taskiq's run module had as `start_listen` when `run` put
+# `worker_process` there: taskiq's own, or what an instrumentor replaced it
+# with (taskiq 0.12's TaskiqInstrumentor sets up OpenTelemetry's automatic
+# instrumentation in each worker process, then calls taskiq's). A forked
+# worker inherits it.
+_replaced_start_listen: Callable[[Any], None] = taskiq_start_listen
+
+
+def _start_listen() -> Callable[[Any], None]:
+    """The `start_listen` this process's taskiq has, as `taskiq worker` runs it.
+
+    A forked worker finds `worker_process` there (`run` put it there in the
+    main process); a spawned one, or one forked by the fork server, finds
+    whatever its own imports of the broker and task modules put there.
+    """
+    current: Callable[[Any], None] = taskiq_run.start_listen
+    return _replaced_start_listen if current is worker_process else current
 
 
 def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:
@@ -297,6 +317,8 @@ def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     args.failures = failures
     args.stop_stage = StopStage()
     manager = functools.partial(SafeProcessManager, health=health)
+    global _replaced_start_listen  # read by forked workers
+    _replaced_start_listen = taskiq_run.start_listen
     if args.task_logs or args.log_json:
         logs.configure(args)  # before taskiq's own, which then changes nothing
     try:

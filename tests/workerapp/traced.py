@@ -76,6 +76,8 @@ def checked() -> int:
 @broker.task
 async def logged(one: Annotated[int, Depends(checked)]) -> int:
     logger.info("in the task")
+    with trace.get_tracer(__name__).start_as_current_span("inside the task"):
+        pass
     logging.getLogger("some.library").warning("from a library")
     return os.getpid()
 
