@@ -29,6 +29,8 @@ def main() -> int:
         print()
         rows += worker.metrics(url)
         print()
+        rows += worker.observability(url)
+        print()
         rows += memory.run(url)
         print()
         rows += memory.with_metrics(url)

@@ -234,6 +234,46 @@ def metrics(url: str) -> list[tuple[str, float, str, float]]:
     ]
 
 
+def logging_on(*extra: str, broker: str = "benchmarks.workerbench.broker") -> Variant:
+    """Ours, 1 process, with taskiq's logging on: each task logs its
+    "Executing task" line (to /dev/null), as a production worker does."""
+    command = [str(BIN / "taskiq-fastapi"), "worker", f"{broker}:broker", TASKS]
+    command += ["--app", "benchmarks.workerbench.app:app", "--workers", "1"]
+    return Variant([*command, *extra], "with_request")
+
+
+def observability(url: str) -> list[tuple[str, float, str, float | None]]:
+    """Issue 25: task-aware log records, JSON lines, and tracing, each / off."""
+    logs_rate, _, _ = paired(url, logging_on("--task-logs"), logging_on(), 5_000)
+    json_rate, _, _ = paired(url, logging_on("--log-json"), logging_on(), 5_000)
+    traced = logging_on(broker="benchmarks.workerbench.broker_traced")
+    traced_rate, _, _ = paired(url, traced, logging_on(), 5_000)
+    print(f"Real workers on Redis, side by side, {ROUNDS} paired rounds:")
+    _show("1 process, 5,000 tasks: --task-logs / without", logs_rate)
+    _show("1 process, 5,000 tasks: --log-json / without", json_rate)
+    _show("1 process, 5,000 tasks: trace_tasks + SDK / without", traced_rate)
+    return [
+        (
+            "1 proc throughput: --task-logs / without",
+            statistics.median(logs_rate),
+            ">=",
+            0.97,
+        ),
+        (
+            "1 proc throughput: --log-json / without",
+            statistics.median(json_rate),
+            ">=",
+            None,
+        ),
+        (
+            "1 proc throughput: tracing on / off",
+            statistics.median(traced_rate),
+            ">=",
+            None,
+        ),
+    ]
+
+
 def plain(broker: str, task: str, *extra: str) -> Variant:
     command = [str(BIN / "taskiq"), "worker", broker, TASKS, "--no-configure-logging"]
     return Variant([*command, *extra], task)

@@ -15,6 +15,7 @@ from taskiq_fastapi.exceptions import (
     TaskNotCancellableError,
     TaskNotFoundError,
     TaskStatusError,
+    TracingUnavailableError,
 )
 from taskiq_fastapi.integration import init, populate_dependency_context
 from taskiq_fastapi.request import BASE_URL_ENV, DEFAULT_BASE_URL
@@ -27,6 +28,7 @@ from taskiq_fastapi.task_status import (
     TaskStatus,
     TaskStatusBase,
 )
+from taskiq_fastapi.tracing import trace_tasks
 
 __all__ = [
     "BASE_URL_ENV",
@@ -51,7 +53,9 @@ __all__ = [
     "TaskStatusBase",
     "TaskStatusError",
     "TaskiqFastAPIError",
+    "TracingUnavailableError",
     "broker_lifespan",
     "init",
     "populate_dependency_context",
+    "trace_tasks",
 ]

@@ -74,3 +74,7 @@ class TaskCancelledError(asyncio.CancelledError):
     A CancelledError, so that code that cleans up on cancellation does so;
     only a cancel request raises it, never a worker's own stop.
     """
+
+
+class TracingUnavailableError(TaskiqFastAPIError):
+    """`trace_tasks` was asked for, but taskiq or OpenTelemetry cannot do it."""

@@ -125,7 +125,7 @@ _E2E_MODULES = frozenset(
     {
         "test_deadlines", "test_demo", "test_metrics", "test_nats", "test_outages",
         "test_reliability", "test_reload", "test_restart_empty", "test_signals",
-        "test_task_cancel_worker", "test_template_project",
+        "test_task_cancel_worker", "test_template_project", "test_tracing_worker",
     }
 )  # fmt: skip
 

@@ -490,3 +490,35 @@ def test_a_task_module_with_a_syntax_error_is_refused_naming_file_and_line(
     assert "(broken_tasks.py, line 1)" in err
     assert err.count("\n") == 1
     assert captured_run == []
+
+
+def test_task_logs_and_log_json_options(
+    captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off by default; --task-logs shows the fields in taskiq's default format
+    unless a --log-format is given; --log-json needs the command's logging."""
+    from taskiq_fastapi_cli.runtime.logs import TASK_LOG_FORMAT
+
+    argv = ["worker", "sampleapp.inmemory:broker", "--app", "sampleapp.apps:app"]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_cli(capsys, *argv, "--task-logs")[0] == 0
+    assert run_cli(capsys, *argv, "--task-logs", "--log-format", "%(task_id)s")[0] == 0
+    monkeypatch.setenv("TASKIQ_FASTAPI_LOG_JSON", "1")
+    assert run_cli(capsys, *argv)[0] == 0
+    default = WorkerArgs.log_format
+    assert [(a.task_logs, a.log_json, a.log_format) for a in captured_run] == [
+        (False, False, default),
+        (True, False, TASK_LOG_FORMAT),
+        (True, False, "%(task_id)s"),
+        (False, True, TASK_LOG_FORMAT),
+    ]
+    assert run_cli(capsys, *argv, "--log-format", "%(message)s") == (
+        2, "", "Error: --log-json and --log-format: give one or the other.\n",
+    )  # fmt: skip
+    assert run_cli(capsys, *argv, "--no-configure-logging") == (
+        2, "",
+        "Error: --log-json formats the logging the command configures, which "
+        "--no-configure-logging turns off: in your own logging config use "
+        "taskiq_fastapi.task_logs.JSONFormatter, with --task-logs.\n",
+    )  # fmt: skip
+    assert len(captured_run) == 4

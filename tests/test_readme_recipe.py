@@ -96,5 +96,5 @@ def test_the_install_lines_name_extras_the_package_provides() -> None:
         (extras,) = re.findall(r'pip install "taskiq-fastapi\[([a-z,]+)\]"', line)
         named |= set(extras.split(","))
     provided = set(metadata("taskiq-fastapi").get_all("Provides-Extra") or [])
-    assert named == {"redis", "nats", "reload", "metrics"}
+    assert named == {"redis", "nats", "reload", "metrics", "otel"}
     assert named <= provided

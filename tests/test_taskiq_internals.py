@@ -358,3 +358,30 @@ async def test_pre_execute_and_the_function_share_a_context_and_labels_reach_the
     assert result.labels["seen"] == "yes"
     assert str(result.error) == kicked.task_id
     assert [r.name for r in caplog.records if r.exc_info] == [RECEIVER_LOGGER]
+
+
+def test_taskiqs_instrumentor_replaces_start_listen_which_the_runner_honours() -> None:
+    """taskiq 0.12+'s TaskiqInstrumentor puts its own `start_listen` in the run
+    module (runner.py's `_start_listen` runs it); 0.11 has no instrumentor."""
+    from importlib.metadata import version
+
+    import taskiq.cli.worker.run as taskiq_run
+
+    from taskiq_fastapi.tracing import FIRST_TASKIQ, _release
+
+    if _release(version("taskiq")) < FIRST_TASKIQ:
+        with pytest.raises(ImportError):
+            import taskiq.instrumentation  # noqa: F401
+        return
+    from taskiq.instrumentation import TaskiqInstrumentor
+
+    original = taskiq_run.start_listen
+    instrumentor = TaskiqInstrumentor()
+    instrumentor.instrument()
+    try:
+        assert taskiq_run.start_listen is not original
+        assert TaskiqInstrumentor._original_start_listen is original
+    finally:
+        instrumentor.uninstrument()
+        # Its uninstrument puts back a method bound to the instrumentor.
+        taskiq_run.start_listen = original

@@ -32,6 +32,8 @@ HEALTH_PORT_ENV = "TASKIQ_FASTAPI_HEALTH_PORT"
 HEALTH_HOST_ENV = "TASKIQ_FASTAPI_HEALTH_HOST"
 STALL_TIMEOUT_ENV = "TASKIQ_FASTAPI_STALL_TIMEOUT"
 METRICS_ENV = "TASKIQ_FASTAPI_METRICS"
+TASK_LOGS_ENV = "TASKIQ_FASTAPI_TASK_LOGS"
+LOG_JSON_ENV = "TASKIQ_FASTAPI_LOG_JSON"
 DEFAULT_HEALTH_HOST = "127.0.0.1"
 
 
@@ -266,6 +268,24 @@ def worker(
             "startup or later, before the command stops (exit 3). 0: not at all.",
         ),
     ] = DEFAULT_BROKER_RETRY_TIMEOUT,
+    task_logs: Annotated[
+        bool,
+        typer.Option(
+            "--task-logs",
+            envvar=TASK_LOGS_ENV,
+            help="Log records made while a task runs carry its task_id, "
+            "task_name and request_id (the carried X-Request-ID), for "
+            "--log-format; the default format shows them.",
+        ),
+    ] = False,
+    log_json: Annotated[
+        bool,
+        typer.Option(
+            "--log-json",
+            envvar=LOG_JSON_ENV,
+            help="Log one JSON object per line, with the --task-logs fields.",
+        ),
+    ] = False,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
     from taskiq_fastapi_cli.commands.worker import start_worker
@@ -282,6 +302,8 @@ def worker(
         health=(health_host, health_port) if health_port else None,
         stall_timeout=stall_timeout,
         metrics=metrics,
+        task_logs=task_logs,
+        log_json=log_json,
     )
     if code:
         raise typer.Exit(code)

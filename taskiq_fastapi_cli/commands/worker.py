@@ -26,6 +26,7 @@ from taskiq_fastapi_cli.exceptions import (
     EXIT_USAGE_ERROR,
     CLIError,
 )
+from taskiq_fastapi_cli.runtime import logs
 from taskiq_fastapi_cli.runtime.args import (
     FastAPIWorkerArgs,
     parse_taskiq_args,
@@ -52,6 +53,8 @@ def start_worker(
     health: tuple[str, int] | None,
     stall_timeout: float,
     metrics: bool = False,
+    task_logs: bool = False,
+    log_json: bool = False,
 ) -> int:
     """Run the worker command; return its exit code or raise CLIError."""
     args = with_app(
@@ -63,12 +66,15 @@ def start_worker(
         reload_excludes=list(reload_excludes),
         stall_timeout=stall_timeout,
         metrics=metrics,
+        task_logs=task_logs,
+        log_json=log_json,
     )
     if metrics and health is None:
         raise CLIError(
             "--metrics needs --health-port: /metrics is served there.",
             EXIT_USAGE_ERROR,
         )
+    logs.check(args)
     if (reload_includes or reload_excludes) and not args.reload:
         raise CLIError(
             "--reload-include and --reload-exclude need --reload.",

@@ -33,6 +33,9 @@ class FastAPIWorkerArgs(WorkerArgs):
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     # --metrics (which needs --health-port): each worker writes its metrics.
     metrics: bool = False
+    # --task-logs, --log-json (logs.py).
+    task_logs: bool = False
+    log_json: bool = False
     # Set by the process manager with --health-port: the workers' health rows.
     health_slots: Any = None
     # Set by the runner: how a worker tells the main process the command failed.

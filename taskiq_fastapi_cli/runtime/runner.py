@@ -5,8 +5,9 @@ tests/test_taskiq_internals.py and the subprocess tests: taskiq's `run_worker`
 creates the module-level `ProcessManager` with the module-level `start_listen`
 as the worker function, so for the duration of the call those names point to
 `SafeProcessManager` (supervisor.py) and `worker_process`, which applies
-`init` to the broker and then runs taskiq's own `start_listen`, whose import
-of the broker's path returns that broker (`_listen`).
+`init` to the broker and then runs taskiq's own `start_listen` (or what an
+instrumentor replaced it with), whose import of the broker's path returns
+that broker (`_listen`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from taskiq.cli.worker import run as taskiq_run
 from taskiq.cli.worker.run import start_listen as taskiq_start_listen
 
 import taskiq_fastapi
+from taskiq_fastapi import task_logs
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 from taskiq_fastapi.integration import app_source
 from taskiq_fastapi_cli.exceptions import (
@@ -32,6 +34,7 @@ from taskiq_fastapi_cli.exceptions import (
     EXIT_STOPPED_UNCLEAN,
     CLIError,
 )
+from taskiq_fastapi_cli.runtime import logs
 from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.runtime.discover import import_task_modules, load_broker
 from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
@@ -43,6 +46,7 @@ from taskiq_fastapi_cli.runtime.supervisor import (
     SafeProcessManager,
     release_stop_signals,
 )
+from taskiq_fastapi_cli.runtime.tracing import flush_spans
 
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.health.server import HealthServer
@@ -54,11 +58,10 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
     """Body of every worker process, including ones restarted by taskiq."""
     try:
         release_stop_signals()
-        if args.configure_logging:
-            # taskiq configures a spawned worker's logging in `start_listen`;
-            # what is logged before it (a module that fails to import under
-            # --reload) would otherwise come out bare. A no-op under fork.
-            logging.basicConfig(level=args.log_level, format=args.log_format)
+        # taskiq configures a spawned worker's logging in `start_listen`;
+        # what is logged before it (a module that fails to import under
+        # --reload) would otherwise come out bare. A no-op under fork.
+        logs.configure(args)
         broker = load_broker(args.broker)
         # Before taskiq's own import, which logs a broken module's traceback
         # and goes on without its tasks: here it is one line.
@@ -81,6 +84,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         _stop_command(args, str(exc))
         sys.exit(EXIT_STARTUP_FAILURE)
     finally:
+        flush_spans(args.shutdown_timeout)
         # Done: the main process's next stop signal (it signals every worker
         # as it shuts down) must not kill this process as Python finalizes,
         # when the default handlers are back, and turn its exit status into
@@ -148,6 +152,8 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
         give_up=lambda message: _stop_command(args, message),
     )
     fetch_at_most(broker, args.max_tasks_per_child)
+    if args.task_logs or args.log_json:
+        task_logs.add_to(broker)
     on_signal = outages.stop
     if args.health_slots is not None:
         from taskiq_fastapi_cli.health.report import PID, WorkerHealth, worker_slot
@@ -193,7 +199,26 @@ def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) 
         return imported
 
     with _taskiq_run_uses(import_object=this_broker):
-        taskiq_start_listen(args)  # taskiq's own: the module name is ours here
+        _start_listen()(args)
+
+
+# What taskiq's run module had as `start_listen` when `run` put
+# `worker_process` there: taskiq's own, or what an instrumentor replaced it
+# with (taskiq 0.12's TaskiqInstrumentor sets up OpenTelemetry's automatic
+# instrumentation in each worker process, then calls taskiq's). A forked
+# worker inherits it.
+_replaced_start_listen: Callable[[Any], None] = taskiq_start_listen
+
+
+def _start_listen() -> Callable[[Any], None]:
+    """The `start_listen` this process's taskiq has, as `taskiq worker` runs it.
+
+    A forked worker finds `worker_process` there (`run` put it there in the
+    main process); a spawned one, or one forked by the fork server, finds
+    whatever its own imports of the broker and task modules put there.
+    """
+    current: Callable[[Any], None] = taskiq_run.start_listen
+    return _replaced_start_listen if current is worker_process else current
 
 
 def _stop_command(args: FastAPIWorkerArgs, message: str) -> None:
@@ -299,6 +324,10 @@ def run(args: FastAPIWorkerArgs, health: HealthServer | None = None) -> int:
     args.failures = failures
     args.stop_stage = StopStage()
     manager = functools.partial(SafeProcessManager, health=health)
+    global _replaced_start_listen  # read by forked workers
+    _replaced_start_listen = taskiq_run.start_listen
+    if args.task_logs or args.log_json:
+        logs.configure(args)  # before taskiq's own, which then changes nothing
     try:
         with (
             _taskiq_run_uses(start_listen=worker_process, ProcessManager=manager),
