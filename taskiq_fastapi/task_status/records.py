@@ -264,8 +264,9 @@ class Recorder(TaskiqMiddleware):
     A worker writes as little as it can: `started` only once the task has
     run for its TaskStatus's `started_after` seconds (a shorter task goes
     from `queued` to its outcome, its start time kept), and the outcome not
-    at all where the result backend keeps results: the result is the outcome, read without
-    taking it, with the start and end times the worker put in its labels.
+    at all where the result backend keeps results: the result is the
+    outcome, read without taking it, with the start and end times the worker
+    put in its labels.
     Where reading a result deletes it (keep_results=False), the outcome is
     written as a record too.
     """
