@@ -291,12 +291,15 @@ async def test_a_stream_on_redis_before_7_has_no_backlog(stream_run: WorkerRun) 
     assert not [key for key in m.samples() if key[0] == "taskiq_backlog_messages"]
 
 
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 async def test_taskiq_prometheus_middleware_writes_where_metrics_reads(
-    run: WorkerRun,
+    run: WorkerRun, start_method: str
 ) -> None:
+    """Under forkserver (and spawn) the worker imports the project again, and
+    the middleware sets the directory again: the counts are ours all the same."""
     run.env["TMPDIR"] = str(run.tmp_path)  # where the middleware makes its own
     run.env["TASKIQ_PROMETHEUS_PORT"] = str(free_port())
-    m = Metrics(run, "workerapp.taskiq_prometheus")
+    m = Metrics(run, "workerapp.taskiq_prometheus", "--start-method", start_method)
     m.pids()
     assert (
         "Warning: the project set PROMETHEUS_MULTIPROC_DIR to "
@@ -309,22 +312,63 @@ async def test_taskiq_prometheus_middleware_writes_where_metrics_reads(
         await run.sender.shutdown()
     named = {"task_name": task("fine")}
     m.until("taskiq_tasks_received_total", lambda v: v == 1, **named)
-    assert m.value("received_tasks_total", **named) == 1  # the middleware's
+    if start_method == "fork":  # made before the fork: in our directory
+        assert m.value("received_tasks_total", **named) == 1  # the middleware's
 
 
-async def test_seconds_the_broker_has_been_unreachable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy", [False, True])
+async def test_seconds_the_broker_has_been_unreachable(
+    tmp_path: Path, busy: bool
+) -> None:
+    """Idle, the worker's PING every 4 s finds the server gone; busy (every
+    slot taken, nothing fetched), worker-0's backlog reads do."""
     with running_server(persistent=True) as server:
         run = WorkerRun(server.url, tmp_path)
         try:
-            # Its PING every 4 s finds the idle worker's server gone.
-            m = Metrics(run, "--broker-retry-timeout", "16")
+            slots = ["--max-async-tasks", "1", "--max-prefetch", "1"] if busy else []
+            m = Metrics(run, "--broker-retry-timeout", "16", *slots)
             m.pids()
             unreachable = "taskiq_broker_unreachable_seconds"
             m.until(unreachable, lambda v: v == 0)
+            if busy:
+                await run.sender.startup()
+                for n in range(6):
+                    await kick(run, "held", n)
+                await run.sender.shutdown()
+                run.wait_for("held 0", 1)
             server.stop()
             m.until(unreachable, lambda v: v is not None and v >= 1)
             server.start()
             m.until(unreachable, lambda v: v == 0)
+            m.release()
             assert run.stop(m.worker) == 0
         finally:
             run.kill_all()
+
+
+def test_a_retry_is_not_counted_as_a_wait_from_its_first_kick() -> None:
+    """A retried task keeps its first kick's time: its wait would include the
+    failed run. Only first runs are in the kick-to-start histogram."""
+    import datetime as dt
+
+    from taskiq import TaskiqMessage
+
+    from taskiq_fastapi.task_status.records import QUEUED_LABEL
+    from taskiq_fastapi_cli.health.metrics import _Metrics, _TaskMetrics
+
+    counted = _TaskMetrics(_Metrics())
+    kicked = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)).isoformat()
+    for retries in ("0", "1", "2"):
+        message = TaskiqMessage(
+            task_id=f"t{retries}",
+            task_name="t",
+            labels={QUEUED_LABEL: kicked, "_retries": retries},
+            args=[],
+            kwargs={},
+        )
+        counted.pre_execute(message)
+    counted.flush()
+    families = {m.name: m for m in counted.metrics.waited.collect()}
+    samples = {s.name: s.value for s in families["taskiq_task_queue_seconds"].samples}
+    assert samples["taskiq_task_queue_seconds_count"] == 1
+    assert 30 <= samples["taskiq_task_queue_seconds_sum"] < 60

@@ -119,6 +119,7 @@ def _start(
         from taskiq_fastapi_cli.health.metrics import keep_directory
 
         said = keep_directory(metrics)
+        args.metrics_directory = metrics
         if said:
             typer.echo(f"Warning: {said}", err=True)
     _set_start_method(

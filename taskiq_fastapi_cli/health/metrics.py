@@ -51,6 +51,7 @@ from taskiq import (
     TaskiqState,
 )
 
+from taskiq_fastapi.connections import is_connection_error
 from taskiq_fastapi.task_status.records import QUEUED_LABEL
 from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.health.backlog import backlog_reader
@@ -107,6 +108,15 @@ def keep_directory(directory: str) -> str | None:
         "PrometheusMiddleware does): with --metrics every worker process "
         "writes its metrics to the command's own directory, served on /metrics."
     )
+
+
+def write_to(directory: str | None) -> None:
+    """In a worker, before its metrics are made: into the command's directory.
+
+    prometheus_client reads PROMETHEUS_MULTIPROC_DIR as each value is made.
+    """
+    if directory is not None:
+        os.environ[DIRECTORY_ENV] = directory
 
 
 def remove_directory(directory: str) -> None:
@@ -309,10 +319,12 @@ class _TaskMetrics(TaskiqMiddleware):
         tally.counts[RECEIVED] += 1
         tally.running += 1
         labels = message.labels
-        if str(labels.get(RETRIES_LABEL, "0")) != "0":
-            tally.counts[RETRIED] += 1
         queued = labels.get(QUEUED_LABEL)
-        if queued is not None:
+        if str(labels.get(RETRIES_LABEL, "0")) != "0":
+            # A retry keeps its first kick's time: its wait would include
+            # the failed runs and the retry's delay.
+            tally.counts[RETRIED] += 1
+        elif queued is not None:
             with contextlib.suppress(ValueError):  # not written by this package
                 since = dt.datetime.fromisoformat(str(queued)).timestamp()
                 if tally.waited is None:
@@ -376,18 +388,29 @@ class WorkerMetrics:
     async def _sample(
         self, backlog: Callable[[], Awaitable[dict[str, int]]] | None
     ) -> None:
+        # Since when worker-0's backlog reads find the broker unreachable: a
+        # worker whose every slot is taken fetches nothing, so its fetches
+        # cannot tell.
+        failing: float | None = None
         while True:
             self.tasks.flush()
             since = self.unreachable_since()
-            unreachable = 0.0 if since is None else time.monotonic() - since
-            self.metrics.unreachable.set(unreachable)
-            if backlog is not None and not unreachable:
+            if backlog is not None and since is None:
                 try:
                     # A server that accepts and never answers must not stop
                     # the counts from being written.
                     sampled = await asyncio.wait_for(backlog(), BACKLOG_TIMEOUT)
-                    for queue, waiting in sampled.items():
-                        self.metrics.backlog.labels(queue).set(waiting)
                 except Exception as exc:  # the next sample tries again
                     logger.debug("Backlog not sampled: %s", exc)
+                    unreachable = isinstance(exc, asyncio.TimeoutError)
+                    if unreachable or is_connection_error(exc):
+                        failing = failing or time.monotonic()
+                else:
+                    failing = None
+                    for queue, waiting in sampled.items():
+                        self.metrics.backlog.labels(queue).set(waiting)
+            since = since or failing
+            self.metrics.unreachable.set(
+                0.0 if since is None else time.monotonic() - since
+            )
             await asyncio.sleep(SAMPLE_SECONDS)

@@ -33,6 +33,8 @@ class FastAPIWorkerArgs(WorkerArgs):
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     # --metrics (which needs --health-port): each worker writes its metrics.
     metrics: bool = False
+    # Set by the command with --metrics: where every worker writes them.
+    metrics_directory: str | None = None
     # --task-logs, --log-json (logs.py).
     task_logs: bool = False
     log_json: bool = False

@@ -160,8 +160,11 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
 
         slot = worker_slot()
         if args.metrics:
-            from taskiq_fastapi_cli.health.metrics import WorkerMetrics
+            from taskiq_fastapi_cli.health.metrics import WorkerMetrics, write_to
 
+            # A spawned worker, or the fork server, imported the project again
+            # (taskiq's PrometheusMiddleware sets the directory as it is made).
+            write_to(args.metrics_directory)
             restarted = args.health_slots.row(slot)[PID] != 0  # a pid before us
             WorkerMetrics(slot, restarted, lambda: outages.broker.since).install(broker)
         health = WorkerHealth(args.health_slots, slot)
