@@ -119,4 +119,5 @@ class JSONFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # ASCII escapes: the line stays JSON whatever stderr's encoding is.
+        return json.dumps(entry, default=str)

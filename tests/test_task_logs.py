@@ -104,3 +104,17 @@ def test_json_lines_have_the_same_fields(kept: Kept) -> None:
         "request_id": None,
     }  # fmt: skip
     assert failed["exception"].endswith("ValueError: bad")
+
+
+def test_json_lines_are_ascii_so_any_stderr_encoding_keeps_them_json() -> None:
+    """stderr with ascii or latin-1 (PYTHONIOENCODING, a C locale) would turn
+    raw non-ASCII into backslash escapes that are not JSON, or bytes that are
+    not UTF-8."""
+    record = logging.LogRecord(
+        "shop", logging.INFO, __file__, 1, "café ✓ 東京", (), None
+    )
+    line = task_logs.JSONFormatter().format(record)
+    assert line.isascii()
+    assert (
+        json.loads(line.encode("ascii").decode("latin-1"))["message"] == "café ✓ 東京"
+    )

@@ -188,6 +188,9 @@ class _Metrics:
             "taskiq_task_execution_seconds",
             "Time a task ran.",
             ["task_name"],
+            # prometheus_client's defaults end at 10 s; tasks run longer.
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+            + (30, 60, 300, 900, 3600),
             registry=None,
         )
         self.waited = Histogram(
