@@ -70,6 +70,9 @@ SAMPLING_SLOT = 0
 RETRIES_LABEL = "_retries"
 # A tally's counts, in the order of its children.
 RECEIVED, SUCCEEDED, FAILED, RETRIED = range(4)
+# prometheus_client's default buckets end at 10 s; tasks run longer.
+_EXECUTION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
+_EXECUTION_BUCKETS += (1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
@@ -188,9 +191,7 @@ class _Metrics:
             "taskiq_task_execution_seconds",
             "Time a task ran.",
             ["task_name"],
-            # prometheus_client's defaults end at 10 s; tasks run longer.
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-            + (30, 60, 300, 900, 3600),
+            buckets=_EXECUTION_BUCKETS,
             registry=None,
         )
         self.waited = Histogram(
