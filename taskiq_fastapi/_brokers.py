@@ -163,6 +163,11 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
     async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
         if retry_timeout is None:
             return await live_connection(*args, **kwargs)
+        if _next_is_live(pool):
+            # What nearly every kick meets: nothing for the server to answer
+            # (redis-py hands out the idle connection checked here), so
+            # nothing to bound or to retry.
+            return await get_connection(*args, **kwargs)
         # One clock from the first attempt: an attempt that never returns (a
         # server that accepts and never answers) counts, as one that fails.
         started = time.monotonic()
@@ -207,6 +212,28 @@ else:  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(work, max(seconds, 0.001))
 
 
+def _next_is_live(pool: Any) -> bool:
+    """The connection redis-py's pool hands out next is idle and open.
+
+    Its `get_connection` pops the last of `_available_connections` before it
+    awaits anything; an open connection with nothing to read is handed out
+    with no command sent.
+    """
+    idle = getattr(pool, "_available_connections", None)
+    if not idle:
+        return False
+    connection = idle[-1]
+    return bool(getattr(connection, "is_connected", False)) and not _closed(connection)
+
+
+def _closed(connection: Any) -> bool:
+    """The server closed this connection (or it has something unread)."""
+    reader = getattr(connection, "_reader", None)
+    if reader is None:
+        return False
+    return bool(reader.at_eof()) or _readable(getattr(connection, "_writer", None))
+
+
 async def _reconnect_if_closed(connection: Any) -> None:
     """A connection the server closed is made anew before a command goes out.
 
@@ -217,10 +244,7 @@ async def _reconnect_if_closed(connection: Any) -> None:
     itself whether it has anything to read (an idle connection never has
     but the server's close): no await, a live connection costs one poll.
     """
-    reader = getattr(connection, "_reader", None)
-    if reader is None:
-        return
-    if not reader.at_eof() and not _readable(getattr(connection, "_writer", None)):
+    if not _closed(connection):
         return
     logger.debug("Pooled Redis connection found closed by the server; reconnecting.")
     await connection.disconnect()
