@@ -69,7 +69,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+)
 from typing import Any, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
@@ -398,8 +404,11 @@ class BrokerOutages:
         backend = broker.result_backend
         set_result = backend.set_result
 
-        async def set_result_until_saved(task_id: str, result: Any) -> None:
-            await self._until_done(lambda: set_result(task_id, result), self.backend)
+        def set_result_until_saved(
+            task_id: str, result: Any
+        ) -> Coroutine[Any, Any, None]:
+            # Not a coroutine of its own: one frame fewer per wait.
+            return self._until_done(lambda: set_result(task_id, result), self.backend)
 
         backend.set_result = set_result_until_saved  # type: ignore[method-assign]
 

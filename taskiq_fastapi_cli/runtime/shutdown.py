@@ -44,7 +44,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from taskiq import AckableMessage, AsyncBroker
@@ -72,6 +72,10 @@ class StopStage:
         """Called from the main process's signal handler: one store."""
         if stage > self.shared.value:
             self.shared.value = stage
+
+
+async def _nothing() -> None:
+    return None
 
 
 class ShutdownGuard:
@@ -137,9 +141,14 @@ class ShutdownGuard:
         backend = broker.result_backend
         set_result = backend.set_result
 
-        async def set_result_unless_cancelled(task_id: str, result: Any) -> None:
+        def set_result_unless_cancelled(
+            task_id: str, result: Any
+        ) -> Coroutine[Any, Any, None]:
+            # Not a coroutine of its own: the save is awaited through one
+            # frame fewer each time it waits for the server.
             if asyncio.current_task() not in self.cancelled:
-                await set_result(task_id, result)
+                return set_result(task_id, result)
+            return _nothing()
 
         backend.set_result = set_result_unless_cancelled  # type: ignore[method-assign]
 
