@@ -627,12 +627,15 @@ class NatsKeyValues:
                 if attempt:
                     raise
                 # The server lost the bucket (restarted without its store):
-                # make it again, as LostState does taskiq-nats' own.
-                logger.warning(
-                    "Recreated JetStream key-value bucket %r: the server lost it.",
-                    self.name,
-                )
-                self.bucket = None
+                # make it again, as LostState does taskiq-nats' own. Said
+                # once per loss: concurrent writes that met it too find the
+                # bucket already dropped by the first.
+                if self.bucket is bucket:
+                    logger.warning(
+                        "Recreated JetStream key-value bucket %r: the server lost it.",
+                        self.name,
+                    )
+                    self.bucket = None
 
     async def get(self, key: str) -> dict[str, Any] | None:
         from nats.js.errors import KeyNotFoundError

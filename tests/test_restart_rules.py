@@ -285,3 +285,39 @@ async def test_concurrent_kicks_that_meet_a_lost_stream_recreate_it_once(
         "Broker 'test:broker': recreated result bucket 'lost', which the server no "
         "longer had (it restarted without its store).",
     ], warnings
+
+
+async def test_concurrent_record_writes_that_meet_a_lost_bucket_say_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """TaskStatus' key-value bucket, lost in a restart without the store: 20
+    writes at once recreate it, each lands, and one WARNING says so."""
+    from workerapp.brokers import make_nats_broker
+
+    from taskiq_fastapi._brokers import NatsKeyValues
+    from tools.nats_server import running_server as running_nats
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "kv")
+        async with api(broker, retry_timeout=10):
+            records = NatsKeyValues(broker.result_backend, 60)
+            await records.put("before", {"n": -1})
+            server.stop()
+            deadline = time.monotonic() + 20
+            while broker.result_backend.nats_client.is_connected:
+                assert time.monotonic() < deadline, "nats-py missed the stop"
+                await asyncio.sleep(0.05)
+            server.forget()
+            server.start()  # empty, on the same port
+            while not broker.result_backend.nats_client.is_connected:
+                assert time.monotonic() < deadline, "nats-py did not reconnect"
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*(records.put(f"k{n}", {"n": n}) for n in range(20)))
+            assert [await records.get(f"k{n}") for n in range(20)] == [
+                {"n": n} for n in range(20)
+            ]
+    warnings = [r.getMessage() for r in caplog.records if "key-value" in r.getMessage()]
+    assert warnings == [
+        "Recreated JetStream key-value bucket 'kv-taskiq-fastapi': the server lost it."
+    ], warnings
