@@ -151,3 +151,41 @@ async def test_an_outage_after_an_idle_wait_longer_than_the_timeout_is_ridden_ou
         assert run.stop(worker) == 0
     finally:
         run.kill_all()
+
+
+async def test_a_result_save_stuck_on_a_silent_backend_is_cut_at_the_give_up(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """Results on a server that accepts and never answers, the broker fine:
+    the save waits for ever. At the give-up it is cancelled (not acknowledged,
+    so the broker delivers the message again), and the command stops then,
+    not after the in-flight task's wait for the stop."""
+    with silent_port() as port:
+        run = WorkerRun(server.url, tmp_path, streams=True)
+        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
+        try:
+            worker = run.start(
+                "worker", *BROKER, *APP, "--workers", "1",
+                "--broker-retry-timeout", "4", "--ack-type", "when_saved",
+                "--wait-tasks-timeout", "60",
+            )  # fmt: skip
+            run.wait_for("startup", processes=1)
+            await run.sender.startup()
+            try:
+                await run.kiq("mark", 1)
+            finally:
+                await run.sender.shutdown()
+            run.wait_for("ran 1", 1)
+            kicked = time.monotonic()
+            code = await asyncio.to_thread(worker.wait, 60)
+            took = time.monotonic() - kicked
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    assert 4 <= gave_up(output, BACKEND_NAME, 4) < 7, output
+    assert took < 4 + 20, output  # not the 60 s the stop waits for a task
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output

@@ -436,7 +436,8 @@ class BrokerOutages:
         taskiq reports it as it did before, and does not acknowledge a message
         whose result was not saved.
         """
-        token = object()
+        # The task itself: the watch cancels it if the server never answers.
+        token: object = asyncio.current_task() or object()
         while True:
             dependency.pending[token] = time.monotonic()
             try:
@@ -531,7 +532,14 @@ class BrokerOutages:
                     dependency.recovered()
                     continue
                 if dependency.failed(unanswered, now, next_in=every) is None:
+                    self.results_lost |= dependency is self.backend
                     self.give_up(dependency.gave_up(unanswered))
+                    # A result save or an ack waiting on a server that never
+                    # answers would keep its task in flight, and the stop
+                    # waiting for it: cancelled, it is not acknowledged.
+                    for token in list(dependency.pending):
+                        if isinstance(token, asyncio.Task):
+                            token.cancel()
                     return
 
 
