@@ -148,8 +148,31 @@ def _where(pool: Any) -> str:
 
 
 def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) -> None:
-    """Check each connection the pool hands out; retry getting one if asked to."""
+    """Check each connection the pool hands out; retry getting one if asked to.
+
+    Without a retry timeout (a worker), only the stream's end-of-file flag is
+    read: a worker's event loop runs between its commands, so the flag is
+    set by the time a closed connection is handed out again, and a command
+    that fails all the same is retried by the worker's outage layer. The
+    API process also polls the socket, as a sync call in an async route can
+    keep the loop from running since the server closed it.
+    """
     get_connection = pool.get_connection
+    if retry_timeout is None:
+
+        async def reopened_connection(*args: Any, **kwargs: Any) -> Any:
+            connection = await get_connection(*args, **kwargs)
+            reader = getattr(connection, "_reader", None)
+            if reader is not None and reader.at_eof():
+                try:
+                    await _reconnect(connection)
+                except BaseException:
+                    await pool.release(connection)
+                    raise
+            return connection
+
+        pool.get_connection = reopened_connection
+        return
 
     async def live_connection(*args: Any, **kwargs: Any) -> Any:
         connection = await get_connection(*args, **kwargs)
@@ -161,8 +184,6 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
         return connection
 
     async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
-        if retry_timeout is None:
-            return await live_connection(*args, **kwargs)
         if _next_is_live(pool):
             # What nearly every kick meets: nothing for the server to answer
             # (redis-py hands out the idle connection checked here), so
@@ -246,6 +267,10 @@ async def _reconnect_if_closed(connection: Any) -> None:
     """
     if not _closed(connection):
         return
+    await _reconnect(connection)
+
+
+async def _reconnect(connection: Any) -> None:
     logger.debug("Pooled Redis connection found closed by the server; reconnecting.")
     await connection.disconnect()
     await connection.connect()
