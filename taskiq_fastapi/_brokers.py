@@ -616,6 +616,8 @@ class NatsKeyValues:
         self.backend = backend
         self.ttl = ttl
         self.bucket: Any = None
+        # The bucket a write last went to: a loss is said when it is lost.
+        self.written: Any = None
         self.name = f"{backend.bucket_name}-taskiq-fastapi"  # type: ignore[attr-defined]
 
     async def _bucket(self) -> Any:
@@ -644,9 +646,10 @@ class NatsKeyValues:
             try:
                 if not first:
                     await bucket.put(key, value)
-                    return
-                with contextlib.suppress(KeyWrongLastSequenceError):  # a worker's
-                    await bucket.create(key, value)
+                else:
+                    with contextlib.suppress(KeyWrongLastSequenceError):  # a worker's
+                        await bucket.create(key, value)
+                self.written = bucket
                 return
             except (NoStreamResponseError, NotFoundError):
                 if attempt:
@@ -654,12 +657,15 @@ class NatsKeyValues:
                 # The server lost the bucket (restarted without its store):
                 # make it again, as LostState does taskiq-nats' own. Said
                 # once per loss: concurrent writes that met it too find the
-                # bucket already dropped by the first.
+                # bucket already dropped, or made again and not yet written
+                # to (one the server just made can fail a write or two more).
                 if self.bucket is bucket:
-                    logger.warning(
-                        "Recreated JetStream key-value bucket %r: the server lost it.",
-                        self.name,
-                    )
+                    if self.written is bucket:
+                        logger.warning(
+                            "Recreated JetStream key-value bucket %r: the "
+                            "server lost it.",
+                            self.name,
+                        )
                     self.bucket = None
 
     async def get(self, key: str) -> dict[str, Any] | None:

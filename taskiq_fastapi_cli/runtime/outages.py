@@ -396,7 +396,7 @@ class BrokerOutages:
                     yield message
             finally:
                 if source is not None:
-                    await source.aclose()  # type: ignore[attr-defined]
+                    await _close_fetch(source)
 
         broker.listen = listen_until_reachable  # type: ignore[method-assign]
 
@@ -541,6 +541,19 @@ class BrokerOutages:
                         if isinstance(token, asyncio.Task):
                             token.cancel()
                     return
+
+
+async def _close_fetch(source: AsyncIterator[Any]) -> None:
+    """Close the broker's own fetch; what it raises as it closes is not news.
+
+    taskiq-redis' stream broker releases a Redis lock as its fetch is closed,
+    on a connection the broker's shutdown may have closed already: the
+    error came out of a task nobody awaits, as a traceback.
+    """
+    try:
+        await source.aclose()  # type: ignore[attr-defined]
+    except Exception as exc:
+        logger.debug("The broker's fetch raised as it was closed: %s", describe(exc))
 
 
 def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
