@@ -231,8 +231,10 @@ async def test_backlog_of_a_jetstream_consumer(nats_run: WorkerRun) -> None:
             info = await js.consumer_info(nats_run.queue, nats_run.queue)
             return int(info.num_pending)
 
-        # Taken by the worker: running, waiting to run, prefetched, being put.
-        assert 8 - 4 <= await m.backlog_is(nats_run.queue, pending) <= 8 - 1
+        # Taken by the worker: running, waiting to run, prefetched, being put
+        # (taskiq 0.11's receiver takes more of them than 0.12's); the gauge
+        # is the server's count, and some are still waiting there.
+        assert 1 <= await m.backlog_is(nats_run.queue, pending) <= 8 - 1
         m.release()
         m.until("taskiq_backlog_messages", lambda v: v == 0, **stream)
     finally:
