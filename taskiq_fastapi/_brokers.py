@@ -830,7 +830,9 @@ async def peek_result(
 # within its `keep` seconds, those sent before it began first, then
 # `ready()`, then each new one as it comes.
 CancelCallback = Callable[[str, float], None]
-_CANCEL_SUFFIX = ".taskiq_fastapi_cancel"
+# NATS: a request is the key `<prefix><task id>`; a `>` watch takes every
+# token after it, so task ids with dots in them are followed too.
+_CANCEL_PREFIX = "taskiq_fastapi_cancel."
 # A watching worker's blocking read; new requests end it at once.
 _CANCEL_BLOCK_MS = 1000
 _CANCEL_BATCH = 1000
@@ -881,7 +883,7 @@ class RedisCancels:
 
 
 class NatsCancels:
-    """Cancel requests as keys `<task id>.taskiq_fastapi_cancel` of the records' bucket.
+    """Cancel requests as keys `taskiq_fastapi_cancel.<task id>` of the records' bucket.
 
     A worker watches those keys: nats-py's watcher gives the values the
     bucket holds (its ttl is keep_for), then a None marker, then each new one.
@@ -892,18 +894,18 @@ class NatsCancels:
         self.keep = records.ttl
 
     async def send(self, task_id: str) -> None:
-        await self.records.put(task_id + _CANCEL_SUFFIX, {"cancel": True})
+        await self.records.put(_CANCEL_PREFIX + task_id, {"cancel": True})
 
     async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
         bucket = await self.records._bucket()
-        watcher = await bucket.watch("*" + _CANCEL_SUFFIX, ignore_deletes=True)
+        watcher = await bucket.watch(_CANCEL_PREFIX + ">", ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:  # what the bucket held is all given
                     ready()
                     continue
                 sent_at = entry.created.timestamp() if entry.created else time.time()
-                cancel(entry.key[: -len(_CANCEL_SUFFIX)], sent_at)
+                cancel(entry.key[len(_CANCEL_PREFIX) :], sent_at)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()

@@ -434,3 +434,31 @@ async def test_a_cancelled_result_is_an_error_a_route_can_handle() -> None:
         assert str(handled) == f"Task {task.task_id} was cancelled."
     finally:
         await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_nats_a_task_id_with_dots_is_cancelled(nats_url: str) -> None:
+    """A request is a key of the records' bucket, watched with `>`: any id."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        servers=[nats_url], bucket_name=f"cancel-{uuid.uuid4().hex}"
+    )
+    events: list[str] = []
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    if not hasattr(backend, "nats_jetstream"):  # InMemoryBroker 0.11 did not
+        await backend.startup()
+    try:
+        task = await job.kicker().with_task_id("order.42.a").kiq(9, 30)
+        await _until(lambda: "job 9 started" in events)
+        await status.cancel(task.task_id)
+        await _until(lambda: "order.42.a dependency released" in events, 2)
+        assert (await status.kicked(task.task_id)).state == "cancelled"
+    finally:
+        await broker.shutdown()
