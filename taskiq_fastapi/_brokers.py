@@ -843,13 +843,22 @@ class RedisCancels:
 
     A stream rather than pub/sub: a worker that starts reads every request
     still kept (one sent while it was down included), then blocks for new
-    ones on the same connection, and after a lost connection reads on from
-    the last entry it saw. Entries are trimmed (MINID) to the records'
-    expiry as new ones are added, and the key expires with the newest.
+    ones, and after a lost connection reads on from the last entry it saw.
+    Entries are trimmed (MINID) to the records' expiry as new ones are
+    added, and the key expires with the newest.
+
+    Requests are sent through the records' client; the watch reads on a
+    connection of its own, made with the settings of the backend's pool
+    (`connection_class`, `connection_kwargs`): a blocking read held one of
+    the pool's connections, so a backend with `max_connection_pool_size=1`
+    saved no result while it blocked. Its socket timeout, if the backend
+    sets one, is the backend's plus the blocking time, so that a read
+    blocking for new requests is no timeout.
     """
 
     def __init__(self, records: RedisRecords) -> None:
         self.client = records.client
+        self.pool = records.pool
         self.key = records._key("taskiq_fastapi:cancels")
         self.keep_ms = records.ex * 1000 if records.ex else (records.px or 0)
         self.keep = self.keep_ms / 1000
@@ -862,11 +871,31 @@ class RedisCancels:
             pipe.pexpire(self.key, self.keep_ms)
             await pipe.execute()
 
+    def _watch_client(self) -> Any:
+        from redis.asyncio import ConnectionPool, Redis
+
+        kwargs = dict(self.pool.connection_kwargs)
+        if kwargs.get("socket_timeout") is not None:
+            kwargs["socket_timeout"] += _CANCEL_BLOCK_MS / 1000
+        pool = ConnectionPool(
+            connection_class=self.pool.connection_class, max_connections=1, **kwargs
+        )
+        return Redis(connection_pool=pool)
+
     async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
+        client = self._watch_client()
+        try:
+            await self._read(client, cancel, ready)
+        finally:
+            await client.connection_pool.disconnect()
+
+    async def _read(
+        self, client: Any, cancel: CancelCallback, ready: Callable[[], None]
+    ) -> None:
         caught_up = False
         while True:
             # [[stream, [(id, fields), ...]]] in RESP2, the client's protocol.
-            found: Any = await self.client.xread(
+            found: Any = await client.xread(
                 {self.key: self.last},
                 count=_CANCEL_BATCH,
                 block=_CANCEL_BLOCK_MS if caught_up else None,

@@ -462,3 +462,90 @@ async def test_on_nats_a_task_id_with_dots_is_cancelled(nats_url: str) -> None:
         assert (await status.kicked(task.task_id)).state == "cancelled"
     finally:
         await broker.shutdown()
+
+
+async def _redis_app(
+    url: str, events: list[str], **backend_options: Any
+) -> tuple[InMemoryBroker, taskiq_fastapi.TaskStatus, Any]:
+    import uuid
+
+    from taskiq_redis import RedisAsyncResultBackend
+
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        url, prefix_str=f"cancel-{uuid.uuid4().hex}", **backend_options
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    return broker, status, job
+
+
+@pytest.mark.anyio
+async def test_on_redis_the_watch_holds_no_connection_of_the_backends_pool(
+    redis_url: str,
+) -> None:
+    """With max_connection_pool_size=1, results are saved while the watch blocks."""
+    events: list[str] = []
+    broker, _, job = await _redis_app(redis_url, events, max_connection_pool_size=1)
+    try:
+        await (await job.kiq(0, 0)).wait_result(timeout=5)  # the watch starts
+        started = time.monotonic()
+        for n in range(1, 6):
+            await (await job.kiq(n, 0)).wait_result(timeout=5)
+        # Each waited for the watch's 1 s blocking read to end, before.
+        assert time.monotonic() - started < 2.5
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_short_socket_timeout_is_no_outage_of_the_watch(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[str] = []
+    broker, status, job = await _redis_app(redis_url, events, socket_timeout=0.3)
+    try:
+        task = await job.kiq(1, 30)
+        await _until(lambda: "job 1 started" in events)
+        await asyncio.sleep(1.5)  # more than one blocking read of the watch
+        await status.cancel(task.task_id)
+        result = await task.wait_result(timeout=3)
+        assert isinstance(result.error, taskiq_fastapi.TaskCancelledError)
+        assert not [r for r in caplog.records if r.name == "taskiq_fastapi"]
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_user_who_may_not_read_streams_still_runs_tasks(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One ERROR naming what was refused; the tasks are not kept waiting."""
+    import uuid
+    from urllib.parse import urlsplit
+
+    from redis.asyncio import Redis
+
+    user = f"nostream-{uuid.uuid4().hex[:8]}"
+    async with Redis.from_url(redis_url) as admin:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-@stream"
+        )
+    where = urlsplit(redis_url)
+    url = where._replace(netloc=f"{user}:pw@{where.hostname}:{where.port}").geturl()
+    events: list[str] = []
+    broker, _, job = await _redis_app(url, events)
+    try:
+        result = await (await job.kiq(1, 0)).wait_result(timeout=5)
+        assert result.return_value == 1
+        await (await job.kiq(2, 0)).wait_result(timeout=5)
+        (logged,) = [r for r in caplog.records if r.name == "taskiq_fastapi"]
+        assert logged.levelname == "ERROR"
+        assert "Cancel requests cannot be read: NoPermissionError" in logged.message
+        assert "xread" in logged.message
+    finally:
+        await broker.shutdown()
+        async with Redis.from_url(redis_url) as admin:
+            await admin.execute_command("ACL", "DELUSER", user)

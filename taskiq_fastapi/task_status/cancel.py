@@ -52,7 +52,7 @@ from taskiq_fastapi._taskiq import (
     replace_task_function,
     set_executing,
 )
-from taskiq_fastapi.connections import backoff, describe
+from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskCancelledError
 from taskiq_fastapi.task_status.records import CANCELLED_LABEL
 
@@ -238,6 +238,13 @@ class Canceller(TaskiqMiddleware):
             result.error = TaskCancelledError(_cancelled_message(message.task_id, how))
 
     async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
+        """Read the requests for ever; one line when it fails, one when back.
+
+        While the server cannot be reached, a process's first tasks wait
+        for the requests kept there. Any other error (a Redis user without
+        stream commands: ACL `-@stream`) may never pass: one ERROR, and the
+        tasks run, not cancellable in this process until it is read again.
+        """
         attempt = 0
 
         def caught_up() -> None:
@@ -251,11 +258,21 @@ class Canceller(TaskiqMiddleware):
             try:
                 await channel.watch(self.request, caught_up)
             except Exception as exc:
-                if attempt == 0:
+                outage = is_connection_error(exc)
+                if attempt == 0 and outage:
                     logger.warning(
                         "Cancel requests cannot be read, trying again: %s",
                         describe(exc),
                     )
+                elif attempt == 0:
+                    logger.error(
+                        "Cancel requests cannot be read: %s. Tasks run, but are "
+                        "not cancelled in this process until they can be; "
+                        "trying again.",
+                        describe(exc),
+                    )
+                if not outage:
+                    ready.set()
                 await asyncio.sleep(
                     backoff(attempt, _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS)
                 )
