@@ -10,8 +10,9 @@ and keeps the ids in a dict. InMemoryBroker runs its tasks in the process
 that cancels them: there the request is handed over directly.
 
 Per task, when nothing is cancelled: a context variable set, one dict
-lookup, one more coroutine call; the only thing that reads the server is
-the watch, one blocking read at a time.
+lookup, its asyncio task kept in a dict while it runs (with a done
+callback), one more coroutine call; the only thing that reads the server
+is the watch, one blocking read at a time.
 
 - A task whose id was cancelled is not run when a worker begins it (fetched
   later, or delivered again after it was cancelled): its function is never
@@ -156,6 +157,10 @@ class Canceller(TaskiqMiddleware):
             task = asyncio.current_task()
             assert task is not None  # called by the receiver, in the message's task
             self.running.setdefault(message.task_id, {})[task] = message
+            # Forgotten when its function ends, or at post_execute; and if
+            # the message's task ends before either (an error in the
+            # receiver), when it ends.
+            task.add_done_callback(functools.partial(self._end, message.task_id))
 
     def _end(self, task_id: str, task: asyncio.Task[Any]) -> None:
         tasks = self.running.get(task_id)
