@@ -223,16 +223,23 @@ class Canceller(TaskiqMiddleware):
             # Its teardown and result saving are not cancelled.
             self._end(task_id, task)
 
-    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
-        """A run ended by a request holds a TaskCancelledError, not a CancelledError."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._end(message.task_id, task)
-        stopped = task in _stopping
-        _stopping.discard(task)
-        if not isinstance(result.error, asyncio.CancelledError):
+    def on_error(
+        self,
+        message: TaskiqMessage,
+        result: TaskiqResult[Any],
+        exception: BaseException,
+    ) -> None:
+        """A run ended by a request holds a TaskCancelledError, not a CancelledError.
+
+        Here, not in post_execute: taskiq calls the middlewares' post_execute
+        in the order they were added up to 0.11, in reverse since, and the
+        Recorder's (added first) reads the result.
+        """
+        if not isinstance(exception, asyncio.CancelledError):
             return
         how = message.labels.get(CANCELLED_LABEL)
+        task = asyncio.current_task()
+        stopped = task is not None and task in _stopping
         if how is None and stopped:  # stopped before its function began
             if sys.version_info >= (3, 11):
                 task.uncancel()
@@ -241,6 +248,12 @@ class Canceller(TaskiqMiddleware):
             # The result's labels are a copy of the message's, made before.
             result.labels[CANCELLED_LABEL] = how
             result.error = TaskCancelledError(_cancelled_message(message.task_id, how))
+
+    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._end(message.task_id, task)
+        _stopping.discard(task)
 
     async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
         """Read the requests for ever; one line when it fails, one when back.
