@@ -200,7 +200,7 @@ class Canceller(TaskiqMiddleware):
         """Run the task's function unless it was cancelled; stop it if it is.
 
         The CancelledError goes on to taskiq, so that the task's generator
-        dependencies see one; post_execute puts a TaskCancelledError in the
+        dependencies see one; on_error puts a TaskCancelledError in the
         result instead.
         """
         task_id = message.task_id
@@ -357,9 +357,16 @@ def _cancellation(record: logging.LogRecord) -> str | None:
     if message is None:
         return None
     how = message.labels.get(CANCELLED_LABEL)
-    if how is None and asyncio.current_task() not in _stopping:
+    if how is None and _current_task() not in _stopping:
         return None  # the worker's own stop, or the task's own doing
     return _cancelled_message(message.task_id, str(how or "started"))
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # logged from a thread without an event loop
+        return None
 
 
 def _not_again(record: logging.LogRecord) -> bool:
