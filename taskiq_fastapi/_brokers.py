@@ -888,7 +888,9 @@ async def peek_result(
 # within its `keep` seconds, those sent before it began first, then
 # `ready()`, then each new one as it comes.
 CancelCallback = Callable[[str, float], None]
-_CANCEL_SUFFIX = ".taskiq_fastapi_cancel"
+# NATS: a request is the key `<prefix><task id>`; a `>` watch takes every
+# token after it, so task ids with dots in them are followed too.
+_CANCEL_PREFIX = "taskiq_fastapi_cancel."
 # A watching worker's blocking read; new requests end it at once.
 _CANCEL_BLOCK_MS = 1000
 _CANCEL_BATCH = 1000
@@ -899,13 +901,22 @@ class RedisCancels:
 
     A stream rather than pub/sub: a worker that starts reads every request
     still kept (one sent while it was down included), then blocks for new
-    ones on the same connection, and after a lost connection reads on from
-    the last entry it saw. Entries are trimmed (MINID) to the records'
-    expiry as new ones are added, and the key expires with the newest.
+    ones, and after a lost connection reads on from the last entry it saw.
+    Entries are trimmed (MINID) to the records' expiry as new ones are
+    added, and the key expires with the newest.
+
+    Requests are sent through the records' client; the watch reads on a
+    connection of its own, made with the settings of the backend's pool
+    (`connection_class`, `connection_kwargs`): a blocking read held one of
+    the pool's connections, so a backend with `max_connection_pool_size=1`
+    saved no result while it blocked. Its socket timeout, if the backend
+    sets one, is the backend's plus the blocking time, so that a read
+    blocking for new requests is no timeout.
     """
 
     def __init__(self, records: RedisRecords) -> None:
         self.client = records.client
+        self.pool = records.pool
         self.key = records._key("taskiq_fastapi:cancels")
         self.keep_ms = records.ex * 1000 if records.ex else (records.px or 0)
         self.keep = self.keep_ms / 1000
@@ -918,11 +929,31 @@ class RedisCancels:
             pipe.pexpire(self.key, self.keep_ms)
             await pipe.execute()
 
+    def _watch_client(self) -> Any:
+        from redis.asyncio import ConnectionPool, Redis
+
+        kwargs = dict(self.pool.connection_kwargs)
+        if kwargs.get("socket_timeout") is not None:
+            kwargs["socket_timeout"] += _CANCEL_BLOCK_MS / 1000
+        pool = ConnectionPool(
+            connection_class=self.pool.connection_class, max_connections=1, **kwargs
+        )
+        return Redis(connection_pool=pool)
+
     async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
+        client = self._watch_client()
+        try:
+            await self._read(client, cancel, ready)
+        finally:
+            await client.connection_pool.disconnect()
+
+    async def _read(
+        self, client: Any, cancel: CancelCallback, ready: Callable[[], None]
+    ) -> None:
         caught_up = False
         while True:
             # [[stream, [(id, fields), ...]]] in RESP2, the client's protocol.
-            found: Any = await self.client.xread(
+            found: Any = await client.xread(
                 {self.key: self.last},
                 count=_CANCEL_BATCH,
                 block=_CANCEL_BLOCK_MS if caught_up else None,
@@ -939,7 +970,7 @@ class RedisCancels:
 
 
 class NatsCancels:
-    """Cancel requests as keys `<task id>.taskiq_fastapi_cancel` of the records' bucket.
+    """Cancel requests as keys `taskiq_fastapi_cancel.<task id>` of the records' bucket.
 
     A worker watches those keys: nats-py's watcher gives the values the
     bucket holds (its ttl is keep_for), then a None marker, then each new one.
@@ -950,18 +981,18 @@ class NatsCancels:
         self.keep = records.ttl
 
     async def send(self, task_id: str) -> None:
-        await self.records.put(task_id + _CANCEL_SUFFIX, {"cancel": True})
+        await self.records.put(_CANCEL_PREFIX + task_id, {"cancel": True})
 
     async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
         bucket = await self.records._bucket()
-        watcher = await bucket.watch("*" + _CANCEL_SUFFIX, ignore_deletes=True)
+        watcher = await bucket.watch(_CANCEL_PREFIX + ">", ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:  # what the bucket held is all given
                     ready()
                     continue
                 sent_at = entry.created.timestamp() if entry.created else time.time()
-                cancel(entry.key[: -len(_CANCEL_SUFFIX)], sent_at)
+                cancel(entry.key[len(_CANCEL_PREFIX) :], sent_at)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()

@@ -1,7 +1,5 @@
 """Errors raised by the integration; each names the app it is about and the cause."""
 
-import asyncio
-
 
 class TaskiqFastAPIError(Exception):
     """Base class, so callers such as the CLI can catch every integration error."""
@@ -68,11 +66,14 @@ class TaskNotCancellableError(TaskiqFastAPIError):
         self.state = state
 
 
-class TaskCancelledError(asyncio.CancelledError):
-    """What a cancelled task's result holds, and what its dependencies see.
+class TaskCancelledError(TaskiqFastAPIError):
+    """What the result of a task cancelled on request holds.
 
-    A CancelledError, so that code that cleans up on cancellation does so;
-    only a cancel request raises it, never a worker's own stop.
+    An Exception, not a CancelledError: `raise_for_error()` in a route's
+    `except Exception` is handled there, and an asyncio task that awaits the
+    result is not taken for cancelled itself. While the task runs, its
+    generator dependencies see the CancelledError that stopped it. Only a
+    cancel request makes it, never a worker's own stop.
     """
 
 

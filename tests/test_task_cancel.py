@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker
+from taskiq import InMemoryBroker, TaskiqDepends
+from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
 from workerapp.cancelapp import build
 
 import taskiq_fastapi
@@ -305,3 +307,262 @@ def test_requests_are_kept_as_long_as_the_records() -> None:
     canceller.cancelled["kept"] = now - 1  # its time has come
     canceller.request("new", now)
     assert list(canceller.cancelled) == ["new"]
+
+
+async def _until(condition: Any, within: float = 5) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("retry", [SimpleRetryMiddleware, SmartRetryMiddleware])
+async def test_a_cancelled_task_is_not_retried(
+    retry: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel request is no failure for taskiq's retry middlewares to retry."""
+    caplog.set_level(logging.INFO)
+    broker = InMemoryBroker().with_middlewares(retry(default_retry_count=5))
+    runs: list[str] = []
+
+    @broker.task(retry_on_error=True)
+    async def retried() -> int:
+        runs.append("began")
+        await asyncio.sleep(30)
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [retried], cancellable=True)
+    await broker.startup()
+    try:
+        task = await retried.kiq()
+        await _until(lambda: runs)
+        await status.cancel(task.task_id)
+        result = await task.wait_result(timeout=2)
+        assert isinstance(result.error, taskiq_fastapi.TaskCancelledError)
+        record = await status.kicked(task.task_id)
+        assert record.state == "cancelled"
+        assert record.started_at is not None  # the run that was stopped
+        await asyncio.sleep(0.2)
+        assert runs == ["began"]
+        assert not [r for r in caplog.records if "invocation failed" in r.message]
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["in-memory", "redis, keep_results=False"])
+async def test_a_task_waiting_in_its_dependency_setup_is_cancelled(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """With keep_results=False the outcome is a record the worker writes
+    (post_execute, whose order among middlewares differs by taskiq version)."""
+    events: list[str] = []
+    broker = InMemoryBroker()
+    if backend != "in-memory":
+        import uuid
+
+        from taskiq_redis import RedisAsyncResultBackend
+
+        broker = broker.with_result_backend(
+            RedisAsyncResultBackend(
+                request.getfixturevalue("redis_url"),
+                keep_results=False,
+                prefix_str=f"cancel-{uuid.uuid4().hex}",
+            )
+        )
+
+    async def slow_connection() -> AsyncIterator[str]:
+        events.append("setup began")
+        try:
+            await asyncio.sleep(30)  # e.g. waiting for a pooled connection
+        except asyncio.CancelledError:
+            events.append("setup saw a CancelledError")
+            raise
+        yield "connection"
+
+    @broker.task
+    async def needs_connection(conn: str = TaskiqDepends(slow_connection)) -> int:
+        events.append("function began")
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(
+        broker, [needs_connection], cancellable=True, started_after=0
+    )
+    await broker.startup()
+    try:
+        task = await needs_connection.kiq()
+        await _until(lambda: "setup began" in events)
+        asked = time.monotonic()
+        await status.cancel(task.task_id)
+        await _until(lambda: "setup saw a CancelledError" in events, 2)
+        assert time.monotonic() - asked < 2
+        await _until(lambda: not broker._running_tasks)
+        record = await status.kicked(task.task_id)
+        assert (record.state, record.started_at is not None) == ("cancelled", True)
+        assert events == ["setup began", "setup saw a CancelledError"]
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_every_run_of_a_task_delivered_again_while_it_runs_is_cancelled() -> None:
+    """A broker may deliver a message again while it runs (a stream's reclaim)."""
+    events: list[str] = []
+    broker = InMemoryBroker()
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(7, 30)
+        await job.kicker().with_task_id(task.task_id).kiq(7, 30)
+        await _until(lambda: events.count("job 7 started") == 2)
+        await status.cancel(task.task_id)
+        await _until(
+            lambda: events.count(f"{task.task_id} dependency released") == 2, 2
+        )
+        assert events.count(f"{task.task_id} dependency saw the cancellation") == 2
+        assert "job 7 finished" not in events
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_result_is_an_error_a_route_can_handle() -> None:
+    """`raise_for_error()` in `except Exception`, as taskiq documents it."""
+    events: list[str] = []
+    broker = InMemoryBroker()
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        task = await job.kiq(8, 30)
+        await _until(lambda: "job 8 started" in events)
+        await status.cancel(task.task_id)
+        result = await task.wait_result(timeout=2)
+        try:
+            result.raise_for_error()
+        except Exception as exc:
+            handled = exc
+        assert isinstance(handled, taskiq_fastapi.TaskCancelledError)
+        assert isinstance(handled, taskiq_fastapi.TaskiqFastAPIError)
+        assert str(handled) == f"Task {task.task_id} was cancelled."
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_nats_a_task_id_with_dots_is_cancelled(nats_url: str) -> None:
+    """A request is a key of the records' bucket, watched with `>`: any id."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        servers=[nats_url], bucket_name=f"cancel-{uuid.uuid4().hex}"
+    )
+    events: list[str] = []
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    if not hasattr(backend, "nats_jetstream"):  # InMemoryBroker 0.11 did not
+        await backend.startup()
+    try:
+        task = await job.kicker().with_task_id("order.42.a").kiq(9, 30)
+        await _until(lambda: "job 9 started" in events)
+        await status.cancel(task.task_id)
+        await _until(lambda: "order.42.a dependency released" in events, 2)
+        assert (await status.kicked(task.task_id)).state == "cancelled"
+    finally:
+        await broker.shutdown()
+
+
+async def _redis_app(
+    url: str, events: list[str], **backend_options: Any
+) -> tuple[InMemoryBroker, taskiq_fastapi.TaskStatus, Any]:
+    import uuid
+
+    from taskiq_redis import RedisAsyncResultBackend
+
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        url, prefix_str=f"cancel-{uuid.uuid4().hex}", **backend_options
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    return broker, status, job
+
+
+@pytest.mark.anyio
+async def test_on_redis_the_watch_holds_no_connection_of_the_backends_pool(
+    redis_url: str,
+) -> None:
+    """With max_connection_pool_size=1, results are saved while the watch blocks."""
+    events: list[str] = []
+    broker, _, job = await _redis_app(redis_url, events, max_connection_pool_size=1)
+    try:
+        await (await job.kiq(0, 0)).wait_result(timeout=5)  # the watch starts
+        started = time.monotonic()
+        for n in range(1, 6):
+            await (await job.kiq(n, 0)).wait_result(timeout=5)
+        # Each waited for the watch's 1 s blocking read to end, before.
+        assert time.monotonic() - started < 2.5
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_short_socket_timeout_is_no_outage_of_the_watch(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[str] = []
+    broker, status, job = await _redis_app(redis_url, events, socket_timeout=0.3)
+    try:
+        task = await job.kiq(1, 30)
+        await _until(lambda: "job 1 started" in events)
+        await asyncio.sleep(1.5)  # more than one blocking read of the watch
+        await status.cancel(task.task_id)
+        result = await task.wait_result(timeout=3)
+        assert isinstance(result.error, taskiq_fastapi.TaskCancelledError)
+        assert not [r for r in caplog.records if r.name == "taskiq_fastapi"]
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.anyio
+async def test_on_redis_a_user_who_may_not_read_streams_still_runs_tasks(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One ERROR naming what was refused; the tasks are not kept waiting."""
+    import uuid
+    from urllib.parse import urlsplit
+
+    from redis.asyncio import Redis
+
+    user = f"nostream-{uuid.uuid4().hex[:8]}"
+    async with Redis.from_url(redis_url) as admin:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-@stream"
+        )
+    where = urlsplit(redis_url)
+    url = where._replace(netloc=f"{user}:pw@{where.hostname}:{where.port}").geturl()
+    events: list[str] = []
+    broker, _, job = await _redis_app(url, events)
+    try:
+        result = await (await job.kiq(1, 0)).wait_result(timeout=5)
+        assert result.return_value == 1
+        await (await job.kiq(2, 0)).wait_result(timeout=5)
+        (logged,) = [r for r in caplog.records if r.name == "taskiq_fastapi"]
+        assert logged.levelname == "ERROR"
+        assert "Cancel requests cannot be read: NoPermissionError" in logged.message
+        assert "xread" in logged.message
+    finally:
+        await broker.shutdown()
+        async with Redis.from_url(redis_url) as admin:
+            await admin.execute_command("ACL", "DELUSER", user)

@@ -747,8 +747,8 @@ def test_started_after_0_records_a_short_task_started_at_its_first_wait(
     assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan")])
-def test_a_negative_started_after_is_one_clear_error(bad: float) -> None:
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "0.1", None, True])
+def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
     broker = InMemoryBroker()
 
     @broker.task
@@ -757,6 +757,6 @@ def test_a_negative_started_after_is_one_clear_error(bad: float) -> None:
 
     with pytest.raises(
         taskiq_fastapi.TaskStatusError,
-        match=r"started_after=(-1\.0|nan): expected seconds",
+        match=r"started_after=(-1\.0|nan|'0\.1'|None|True): expected seconds",
     ):
         taskiq_fastapi.TaskStatus(broker, [compute], started_after=bad)

@@ -10,18 +10,23 @@ and keeps the ids in a dict. InMemoryBroker runs its tasks in the process
 that cancels them: there the request is handed over directly.
 
 Per task, when nothing is cancelled: a context variable set, one dict
-lookup, one more coroutine call; the only thing that reads the server is
-the watch, one blocking read at a time.
+lookup, its asyncio task kept in a dict while it runs (with a done
+callback), one more coroutine call; the only thing that reads the server
+is the watch, one blocking read at a time.
 
 - A task whose id was cancelled is not run when a worker begins it (fetched
   later, or delivered again after it was cancelled): its function is never
   called, and its result is the cancellation.
-- A running task's asyncio task is cancelled. Only a CancelledError that
-  then ends its function makes it `cancelled` (raised again as
-  `TaskCancelledError`, which its generator dependencies see); a task that
-  catches or shields itself from it ends as it ends, and one that blocks
-  its event loop keeps running until it awaits. A worker's own stop cancels
-  tasks too: those are not in `requested`, and stay as the stop leaves them.
+- A running task's asyncio task is cancelled, from when a worker begins it
+  (in its dependencies' setup too) until its function ends; every one
+  running its id (a message delivered again while it runs runs twice).
+  Only a CancelledError that then ends it makes it `cancelled`: its
+  generator dependencies see that CancelledError, its result holds a
+  `TaskCancelledError` (an Exception), and taskiq's retry middlewares do not
+  retry it. A task that catches or shields itself from it ends as it ends,
+  and one that blocks its event loop keeps running until it awaits. A
+  worker's own stop cancels tasks too: those were not asked to stop, and
+  stay as the stop leaves them.
 - Sync tasks run in taskiq's executor threads, which cannot be stopped:
   they are not wrapped, and a cancel request for one is refused.
 """
@@ -34,10 +39,11 @@ import inspect
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
 from taskiq_fastapi._brokers import CancelChannel
 from taskiq_fastapi._taskiq import (
@@ -47,7 +53,7 @@ from taskiq_fastapi._taskiq import (
     replace_task_function,
     set_executing,
 )
-from taskiq_fastapi.connections import backoff, describe
+from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskCancelledError
 from taskiq_fastapi.task_status.records import CANCELLED_LABEL
 
@@ -60,6 +66,10 @@ _FIRST_RETRY_SECONDS = 0.1
 _MAX_RETRY_SECONDS = 2.0
 # Marks a task function wrapped by `stop_on_request`.
 _WRAPPED = "__taskiq_fastapi_cancellable__"
+# The label taskiq's SimpleRetryMiddleware and SmartRetryMiddleware read.
+RETRY_LABEL = "retry_on_error"
+# The asyncio tasks cancelled on request, until their message's post_execute.
+_stopping: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 class Canceller(TaskiqMiddleware):
@@ -69,12 +79,15 @@ class Canceller(TaskiqMiddleware):
         super().__init__()
         self.channel = channel
         self.keep = keep
+        # The names of the wrapped (async) tasks: only those can be stopped.
+        self.names: set[str] = set()
         # Cancelled task ids, and when each request expires (epoch seconds).
         self.cancelled: dict[str, float] = {}
-        # The asyncio task running each wrapped task's function, by task id.
-        self.running: dict[str, asyncio.Task[Any]] = {}
-        # Running tasks this process cancelled on request.
-        self.requested: set[str] = set()
+        # The asyncio tasks running each task id, from pre_execute until its
+        # function ends (or post_execute, if it never began), with each one's
+        # message: one id can run more than once at a time (a message
+        # delivered again while it runs, as RedisStreamBroker's reclaim does).
+        self.running: dict[str, dict[asyncio.Task[Any], TaskiqMessage]] = {}
         # Set once the requests kept on the server are read.
         self._ready: asyncio.Event | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -93,14 +106,17 @@ class Canceller(TaskiqMiddleware):
             return
         self.cancelled[task_id] = expires
         self._forget_expired()
-        task = self.running.get(task_id)
-        if task is None or task_id in self.requested:
-            return
-        self.requested.add(task_id)
-        task.cancel()
-        task.get_loop().call_later(
-            STILL_RUNNING_AFTER, self._still_running, task_id, task
-        )
+        for task, message in self.running.get(task_id, {}).items():
+            if task in _stopping:
+                continue
+            _stopping.add(task)
+            # Asked to stop: not a failure for taskiq's retry middlewares to
+            # kick again (a retry would not run: its id is cancelled).
+            message.labels[RETRY_LABEL] = False
+            task.cancel()
+            task.get_loop().call_later(
+                STILL_RUNNING_AFTER, self._still_running, task_id, task
+            )
 
     def _forget_expired(self) -> None:
         # Requests come about in the order they were sent: oldest first.
@@ -112,7 +128,7 @@ class Canceller(TaskiqMiddleware):
             del self.cancelled[task_id]
 
     def _still_running(self, task_id: str, task: asyncio.Task[Any]) -> None:
-        if self.running.get(task_id) is task:
+        if task in self.running.get(task_id, ()):
             logger.warning(
                 "Task %s is still running %g s after it was cancelled: it caught "
                 "or shielded itself from the cancellation, or blocks its event "
@@ -126,17 +142,41 @@ class Canceller(TaskiqMiddleware):
     ) -> TaskiqMessage | Coroutine[Any, Any, TaskiqMessage]:
         set_executing(message)  # a sync call: set in the task's own context
         if self._ready is not None and self._ready.is_set():
+            self._begin(message)
             return message
         return self._after_kept_requests(message)
+
+    def _begin(self, message: TaskiqMessage) -> None:
+        """Follow the asyncio task running the message from here.
+
+        taskiq resolves the task's dependencies and calls its function in the
+        asyncio task that runs the middlewares' pre_execute: one cancelled
+        while waiting in a dependency's setup stops there.
+        """
+        if message.task_name in self.names:
+            task = asyncio.current_task()
+            assert task is not None  # called by the receiver, in the message's task
+            self.running.setdefault(message.task_id, {})[task] = message
+            # Forgotten when its function ends, or at post_execute; and if
+            # the message's task ends before either (an error in the
+            # receiver), when it ends.
+            task.add_done_callback(functools.partial(self._end, message.task_id))
+
+    def _end(self, task_id: str, task: asyncio.Task[Any]) -> None:
+        tasks = self.running.get(task_id)
+        if tasks is not None:
+            tasks.pop(task, None)
+            if not tasks:
+                del self.running[task_id]
 
     async def _after_kept_requests(self, message: TaskiqMessage) -> TaskiqMessage:
         """The first tasks of a process wait until the kept requests are read.
 
         So a task cancelled while every worker was down never starts. The
         watch starts with the first task: by then the broker and its result
-        backend, whose client it uses, have started (the backend starts
-        after the middlewares), and a process that runs no task (the API's)
-        never watches.
+        backend, whose connection settings it uses, have started (the
+        backend starts after the middlewares), and a process that runs no
+        task (the API's) never watches.
         """
         if self._ready is None:
             self._ready = asyncio.Event()
@@ -147,6 +187,7 @@ class Canceller(TaskiqMiddleware):
                     self._follow(self.channel, self._ready)
                 )
         await self._ready.wait()
+        self._begin(message)
         return message
 
     async def run(
@@ -156,28 +197,72 @@ class Canceller(TaskiqMiddleware):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """Run the task's function unless it was cancelled; stop it if it is."""
+        """Run the task's function unless it was cancelled; stop it if it is.
+
+        The CancelledError goes on to taskiq, so that the task's generator
+        dependencies see one; on_error puts a TaskCancelledError in the
+        result instead.
+        """
         task_id = message.task_id
-        if task_id in self.cancelled:
-            message.labels[CANCELLED_LABEL] = "queued"
-            raise TaskCancelledError(f"Task {task_id} was cancelled before it began.")
         task = asyncio.current_task()
         assert task is not None  # called by the receiver, in the message's task
-        self.running[task_id] = task
+        if task_id in self.cancelled:
+            self._end(task_id, task)
+            message.labels[CANCELLED_LABEL] = "queued"
+            message.labels[RETRY_LABEL] = False
+            raise asyncio.CancelledError
         try:
             return await function(*args, **kwargs)
         except asyncio.CancelledError:
-            if task_id not in self.requested:
-                raise  # the worker's own stop, or the task's own doing
-            if sys.version_info >= (3, 11):
-                task.uncancel()  # handled here: what follows runs as usual
-            message.labels[CANCELLED_LABEL] = "started"
-            raise TaskCancelledError(f"Task {task_id} was cancelled.") from None
+            if task in _stopping:
+                if sys.version_info >= (3, 11):
+                    task.uncancel()  # handled here: what follows runs as usual
+                message.labels[CANCELLED_LABEL] = "started"
+            raise
         finally:
-            self.running.pop(task_id, None)
-            self.requested.discard(task_id)
+            # Its teardown and result saving are not cancelled.
+            self._end(task_id, task)
+
+    def on_error(
+        self,
+        message: TaskiqMessage,
+        result: TaskiqResult[Any],
+        exception: BaseException,
+    ) -> None:
+        """A run ended by a request holds a TaskCancelledError, not a CancelledError.
+
+        Here, not in post_execute: taskiq calls the middlewares' post_execute
+        in the order they were added up to 0.11, in reverse since, and the
+        Recorder's (added first) reads the result.
+        """
+        if not isinstance(exception, asyncio.CancelledError):
+            return
+        how = message.labels.get(CANCELLED_LABEL)
+        task = asyncio.current_task()
+        stopped = task is not None and task in _stopping
+        if how is None and stopped:  # stopped before its function began
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+            how = "started"
+        if how is not None:
+            # The result's labels are a copy of the message's, made before.
+            result.labels[CANCELLED_LABEL] = how
+            result.error = TaskCancelledError(_cancelled_message(message.task_id, how))
+
+    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._end(message.task_id, task)
+        _stopping.discard(task)
 
     async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
+        """Read the requests for ever; one line when it fails, one when back.
+
+        While the server cannot be reached, a process's first tasks wait
+        for the requests kept there. Any other error (a Redis user without
+        stream commands: ACL `-@stream`) may never pass: one ERROR, and the
+        tasks run, not cancellable in this process until it is read again.
+        """
         attempt = 0
 
         def caught_up() -> None:
@@ -191,11 +276,21 @@ class Canceller(TaskiqMiddleware):
             try:
                 await channel.watch(self.request, caught_up)
             except Exception as exc:
-                if attempt == 0:
+                outage = is_connection_error(exc)
+                if attempt == 0 and outage:
                     logger.warning(
                         "Cancel requests cannot be read, trying again: %s",
                         describe(exc),
                     )
+                elif attempt == 0:
+                    logger.error(
+                        "Cancel requests cannot be read: %s. Tasks run, but are "
+                        "not cancelled in this process until they can be; "
+                        "trying again.",
+                        describe(exc),
+                    )
+                if not outage:
+                    ready.set()
                 await asyncio.sleep(
                     backoff(attempt, _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS)
                 )
@@ -207,6 +302,12 @@ class Canceller(TaskiqMiddleware):
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
         self._ready = None
+
+
+def _cancelled_message(task_id: str, how: str) -> str:
+    if how == "queued":
+        return f"Task {task_id} was cancelled before it began."
+    return f"Task {task_id} was cancelled."
 
 
 def canceller(
@@ -227,6 +328,7 @@ def stop_on_request(task: Any, canceller: Canceller) -> bool:
     """Make the task stop on request; False for a sync task, which cannot."""
     function = task.original_func
     if getattr(function, _WRAPPED, False):
+        canceller.names.add(task.task_name)
         return True
     if not inspect.iscoroutinefunction(function):
         return False
@@ -242,12 +344,29 @@ def stop_on_request(task: Any, canceller: Canceller) -> bool:
 
     setattr(run, _WRAPPED, True)
     replace_task_function(task, run)
+    canceller.names.add(name)
     return True
 
 
-def _cancellation(record: logging.LogRecord) -> TaskCancelledError | None:
+def _cancellation(record: logging.LogRecord) -> str | None:
+    """What to say of a record logging a task's cancellation on request."""
     error = record.exc_info[1] if record.exc_info else None
-    return error if isinstance(error, TaskCancelledError) else None
+    if not isinstance(error, asyncio.CancelledError):
+        return None
+    message = executing()
+    if message is None:
+        return None
+    how = message.labels.get(CANCELLED_LABEL)
+    if how is None and _current_task() not in _stopping:
+        return None  # the worker's own stop, or the task's own doing
+    return _cancelled_message(message.task_id, str(how or "started"))
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # logged from a thread without an event loop
+        return None
 
 
 def _not_again(record: logging.LogRecord) -> bool:
@@ -262,6 +381,6 @@ def _no_traceback(record: logging.LogRecord) -> bool:
     """
     cancellation = _cancellation(record)
     if cancellation is not None:
-        record.msg, record.args, record.exc_info = str(cancellation), (), None
+        record.msg, record.args, record.exc_info = cancellation, (), None
         record.levelno, record.levelname = logging.INFO, "INFO"
     return True

@@ -127,7 +127,11 @@ class TaskStatus:
         name: str = "task_status",
         cancellable: bool = False,
     ) -> None:
-        if not started_after >= 0:  # NaN too
+        if (
+            not isinstance(started_after, (int, float))
+            or isinstance(started_after, bool)
+            or not started_after >= 0  # NaN too
+        ):
             raise TaskStatusError(
                 f"started_after={started_after!r}: expected seconds, 0 or more."
             )
