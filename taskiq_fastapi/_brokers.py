@@ -852,9 +852,7 @@ def record_storage(
     for taskiq-redis' RedisAsyncResultBackend to keys of their own
     (RedisRecords says why).
     """
-    if type(backend).__name__ == "NATSObjectStoreResultBackend" and type(
-        backend
-    ).__module__.startswith("taskiq_nats"):
+    if _is_nats_object_store(backend):
         return NatsKeyValues(backend, keep_for)
     if type(backend).__name__ == "RedisAsyncResultBackend" and type(
         backend
@@ -877,10 +875,39 @@ def keeps_results(backend: AsyncResultBackend[Any]) -> bool:
 async def peek_result(
     backend: AsyncResultBackend[Any], task_id: str
 ) -> TaskiqResult[Any] | None:
-    """The task's result if it is ready and reading it does not take it."""
+    """The task's result if it is ready and reading it does not take it.
+
+    taskiq-nats' object store: a read racing a rewrite of the same result (a
+    task delivered again saves its result again) can wait for ever for
+    chunks the rewrite purged; such a read is given up and made again.
+    """
     if not keeps_results(backend) or not await backend.is_result_ready(task_id):
         return None
-    return await backend.get_result(task_id)
+    if not _is_nats_object_store(backend):
+        return await backend.get_result(task_id)
+    result: TaskiqResult[Any]
+    for _ in range(_NATS_RESULT_READS - 1):
+        with contextlib.suppress(asyncio.TimeoutError):
+            result = await _within(
+                backend.get_result(task_id), _NATS_RESULT_READ_SECONDS
+            )
+            return result
+    result = await _within(backend.get_result(task_id), _NATS_RESULT_READ_SECONDS)
+    return result
+
+
+# How long one read of a result from taskiq-nats' object store may take, and
+# how many are made: see `peek_result`.
+_NATS_RESULT_READ_SECONDS = 2.0
+_NATS_RESULT_READS = 3
+
+
+def _is_nats_object_store(backend: AsyncResultBackend[Any]) -> bool:
+    kind = type(backend)
+    return (
+        kind.__name__ == "NATSObjectStoreResultBackend"
+        and kind.__module__.startswith("taskiq_nats")
+    )
 
 
 # Cancel requests (task_status/cancel.py), on the records' server: each
