@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -160,13 +161,7 @@ def test_a_sync_task_cannot_be_cancelled(app: App) -> None:
 
 @pytest.mark.anyio
 async def test_the_python_call_and_its_errors() -> None:
-    events: list[str] = []
-    broker = InMemoryBroker()
-    _, status = build(broker, events.append)
-    job = broker.find_task("workerapp.cancelapp:job")
-    assert job is not None
-    await broker.startup()
-    try:
+    async with started() as (_broker, status, job, events):
         task = await job.kiq(5, 30)
         while "job 5 started" not in events:
             await asyncio.sleep(0.01)
@@ -181,20 +176,12 @@ async def test_the_python_call_and_its_errors() -> None:
         assert raised.value.state == "cancelled"
         with pytest.raises(taskiq_fastapi.TaskNotFoundError):
             await status.cancel("nope")
-    finally:
-        await broker.shutdown()
 
 
 @pytest.mark.anyio
 async def test_a_task_cancelled_otherwise_is_not_marked_cancelled() -> None:
     """A worker's own stop (its second signal) cancels tasks too: not a request."""
-    events: list[str] = []
-    broker = InMemoryBroker()
-    _, status = build(broker, events.append)
-    job = broker.find_task("workerapp.cancelapp:job")
-    assert job is not None
-    await broker.startup()
-    try:
+    async with started() as (broker, status, job, events):
         task = await job.kiq(6, 30)
         while "job 6 started" not in events:
             await asyncio.sleep(0.01)
@@ -203,8 +190,6 @@ async def test_a_task_cancelled_otherwise_is_not_marked_cancelled() -> None:
         result = await task.wait_result(timeout=2)
         assert type(result.error) is asyncio.CancelledError
         assert (await status.kicked(task.task_id)).state == "failed"
-    finally:
-        await broker.shutdown()
 
 
 def test_cancelling_is_off_unless_asked() -> None:
@@ -266,13 +251,12 @@ async def test_on_redis_a_request_is_read_by_the_watch_and_the_outcome_recorded(
     backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
         redis_url, keep_results=False, result_ex_time=60, prefix_str=prefix
     )
-    events: list[str] = []
-    broker = InMemoryBroker().with_result_backend(backend)
-    _, status = build(broker, events.append)
-    job = broker.find_task("workerapp.cancelapp:job")
-    assert job is not None
-    await broker.startup()
-    try:
+    async with started(InMemoryBroker().with_result_backend(backend)) as (
+        _broker,
+        status,
+        job,
+        events,
+    ):
         task = await job.kiq(7, 30)
         while "job 7 started" not in events:
             await asyncio.sleep(0.01)
@@ -290,8 +274,6 @@ async def test_on_redis_a_request_is_read_by_the_watch_and_the_outcome_recorded(
             (entry,) = await client.xrange(stream)
             assert entry[1] == {b"task_id": task.task_id.encode()}
             await client.delete(stream)
-    finally:
-        await broker.shutdown()
 
 
 def test_requests_are_kept_as_long_as_the_records() -> None:
@@ -307,6 +289,24 @@ def test_requests_are_kept_as_long_as_the_records() -> None:
     canceller.cancelled["kept"] = now - 1  # its time has come
     canceller.request("new", now)
     assert list(canceller.cancelled) == ["new"]
+
+
+@asynccontextmanager
+async def started(
+    broker: InMemoryBroker | None = None,
+) -> AsyncIterator[tuple[InMemoryBroker, Any, Any, list[str]]]:
+    """The cancel app's broker started, its TaskStatus, its `job`, and the
+    events its tasks and dependencies record."""
+    events: list[str] = []
+    broker = broker or InMemoryBroker()
+    _, status = build(broker, events.append)
+    job = broker.find_task("workerapp.cancelapp:job")
+    assert job is not None
+    await broker.startup()
+    try:
+        yield broker, status, job, events
+    finally:
+        await broker.shutdown()
 
 
 async def _until(condition: Any, within: float = 5) -> None:
@@ -408,13 +408,7 @@ async def test_a_task_waiting_in_its_dependency_setup_is_cancelled(
 @pytest.mark.anyio
 async def test_every_run_of_a_task_delivered_again_while_it_runs_is_cancelled() -> None:
     """A broker may deliver a message again while it runs (a stream's reclaim)."""
-    events: list[str] = []
-    broker = InMemoryBroker()
-    _, status = build(broker, events.append)
-    job = broker.find_task("workerapp.cancelapp:job")
-    assert job is not None
-    await broker.startup()
-    try:
+    async with started() as (_broker, status, job, events):
         task = await job.kiq(7, 30)
         await job.kicker().with_task_id(task.task_id).kiq(7, 30)
         await _until(lambda: events.count("job 7 started") == 2)
@@ -424,20 +418,12 @@ async def test_every_run_of_a_task_delivered_again_while_it_runs_is_cancelled() 
         )
         assert events.count(f"{task.task_id} dependency saw the cancellation") == 2
         assert "job 7 finished" not in events
-    finally:
-        await broker.shutdown()
 
 
 @pytest.mark.anyio
 async def test_a_cancelled_result_is_an_error_a_route_can_handle() -> None:
     """`raise_for_error()` in `except Exception`, as taskiq documents it."""
-    events: list[str] = []
-    broker = InMemoryBroker()
-    _, status = build(broker, events.append)
-    job = broker.find_task("workerapp.cancelapp:job")
-    assert job is not None
-    await broker.startup()
-    try:
+    async with started() as (_broker, status, job, events):
         task = await job.kiq(8, 30)
         await _until(lambda: "job 8 started" in events)
         await status.cancel(task.task_id)
@@ -449,8 +435,6 @@ async def test_a_cancelled_result_is_an_error_a_route_can_handle() -> None:
         assert isinstance(handled, taskiq_fastapi.TaskCancelledError)
         assert isinstance(handled, taskiq_fastapi.TaskiqFastAPIError)
         assert str(handled) == f"Task {task.task_id} was cancelled."
-    finally:
-        await broker.shutdown()
 
 
 @pytest.mark.anyio
