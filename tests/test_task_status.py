@@ -34,6 +34,21 @@ def client() -> Iterator[TestClient]:
         yield client
 
 
+def accepting(
+    broker: InMemoryBroker, task: Any, **options: Any
+) -> tuple[FastAPI, taskiq_fastapi.TaskStatus]:
+    """An app showing `task` with TaskStatus, whose POST /kick kicks it (202)."""
+    status = taskiq_fastapi.TaskStatus(broker, [task], **options)
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/kick", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await task.kiq(), request)
+
+    return app, status
+
+
 def wait_for(client: TestClient, url: str, state: str, **fields: Any) -> dict[str, Any]:
     """Poll the status URL until it shows `state` (and `fields`), as a client would."""
     deadline = time.monotonic() + 10
@@ -449,16 +464,10 @@ def test_a_retried_task_is_not_failed_while_its_retry_runs(
             await asyncio.sleep(0.02)
         return len(runs)
 
-    status = taskiq_fastapi.TaskStatus(broker, [flaky])
-    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
-    app.include_router(status.router())
-
-    @app.post("/flaky", status_code=202)
-    async def kick(request: Request) -> Any:
-        return status.accepted(await flaky.kiq(), request)
+    app, _status = accepting(broker, flaky)
 
     with TestClient(app) as client:
-        url = client.post("/flaky").headers["location"]
+        url = client.post("/kick").headers["location"]
         running = wait_for(client, url, "started")  # the retry, after 50 ms
         assert len(runs) == 2
         assert running["error"] is None
@@ -692,16 +701,10 @@ def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:
             raise RuntimeError("first try")
         return 42
 
-    status = taskiq_fastapi.TaskStatus(broker, [flaky])
-    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
-    app.include_router(status.router())
-
-    @app.post("/flaky", status_code=202)
-    async def kick(request: Request) -> Any:
-        return status.accepted(await flaky.kiq(), request)
+    app, _status = accepting(broker, flaky)
 
     with TestClient(app) as client:
-        url = client.post("/flaky").headers["location"]
+        url = client.post("/kick").headers["location"]
         first = client.get(url).json()
         states = [first["state"]]
         while states[-1] not in ("succeeded", "failed"):
@@ -731,18 +734,10 @@ def test_started_after_0_records_a_short_task_started_at_its_first_wait(
         seen.append((await status.kicked(context.message.task_id)).state)
 
     options = {} if started_after is None else {"started_after": started_after}
-    status = taskiq_fastapi.TaskStatus(broker, [compute], **options)
-    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
-    app.include_router(status.router())
-
-    @app.post("/compute", status_code=202)
-    async def kick(request: Request) -> Any:
-        return status.accepted(await compute.kiq(), request)
+    app, status = accepting(broker, compute, **options)
 
     with TestClient(app) as client:
-        done = wait_for(
-            client, client.post("/compute").headers["location"], "succeeded"
-        )
+        done = wait_for(client, client.post("/kick").headers["location"], "succeeded")
     assert seen == [seen_while_running]
     assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
 
