@@ -41,6 +41,7 @@ from taskiq_fastapi._taskiq import (
     TaskiqMarker,
     marker_of,
     on_registration,
+    own_function,
     replace_task_function,
     task_request,
 )
@@ -688,9 +689,10 @@ def adopt(broker: AsyncBroker) -> None:
 
 
 def _adopt(broker: AsyncBroker, task: Task) -> None:
-    if hasattr(task.original_func, _PLAN):
+    function = own_function(task)  # under the cancel gate, if it came first
+    if hasattr(function, _PLAN):
         return
-    plan = _Planner(task.task_name, broker).plan(task.original_func)
+    plan = _Planner(task.task_name, broker).plan(function)
     _plans[broker][task.task_name] = plan
     if plan.replacement is not None:
         replace_task_function(task, plan.replacement)
@@ -701,9 +703,10 @@ def plans(broker: AsyncBroker) -> list[TaskPlan]:
     found = []
     known = _plans.get(broker, {})
     for name, task in sorted(broker.get_all_tasks().items()):
-        plan = getattr(task.original_func, _PLAN, None) or known.get(name)
+        function = own_function(task)
+        plan = getattr(function, _PLAN, None) or known.get(name)
         if plan is None:
-            plan = _Planner(name, broker).plan(task.original_func)
+            plan = _Planner(name, broker).plan(function)
         found.append(plan)
     return found
 
