@@ -35,6 +35,7 @@ __all__ = [
     "SyncBehindGate",
     "TaskiqMarker",
     "cwd_in_sys_path",
+    "declares_dependencies",
     "executing",
     "gated",
     "install_request_context",
@@ -270,6 +271,18 @@ def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Sig
         parameters,
         return_annotation=signature.return_annotation,
         __validate_parameters__=False,
+    )
+
+
+def declares_dependencies(function: Callable[..., Any]) -> bool:
+    """Whether taskiq-dependencies finds a dependency among its parameters."""
+    try:
+        signature = inspect.signature(function, eval_str=True)
+    except Exception:
+        signature = inspect.signature(function)
+    return any(
+        isinstance(marker_of(parameter), (TaskiqMarker, FastAPIDepends))
+        for parameter in signature.parameters.values()
     )
 
 

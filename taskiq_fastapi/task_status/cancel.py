@@ -20,7 +20,8 @@ blocking read at a time.
   later, or delivered again after it was cancelled): the gate, a dependency
   taskiq resolves before any other (`_taskiq.gated`), ends it, so none of
   its dependencies is set up and its function is never called; its result
-  is the cancellation. Sync tasks too: the gate runs on the event loop.
+  is the cancellation. Sync tasks too: the gate runs on the event loop. An
+  async task without dependencies is checked by its wrapper instead.
 - A running task's asyncio task is cancelled, from when a worker begins it
   (in its dependencies' setup too) until its function ends; every one
   running its id (a message delivered again while it runs runs twice).
@@ -57,6 +58,7 @@ from taskiq_fastapi._taskiq import (
     RECEIVER_LOGGER,
     RETRY_LABEL,
     SyncBehindGate,
+    declares_dependencies,
     executing,
     gated,
     set_executing,
@@ -235,6 +237,8 @@ class Canceller(TaskiqMiddleware):
         task_id = message.task_id
         task = asyncio.current_task()
         assert task is not None  # called by the receiver, in the message's task
+        if task_id in self.cancelled:  # a task without a gate: nothing set up
+            self._skip(message)
         try:
             return await function(*args, **kwargs)
         except asyncio.CancelledError:
@@ -367,7 +371,13 @@ def stop_on_request(task: Any, canceller: Canceller) -> bool:
 def _behind_gate(
     canceller: Canceller, name: str, function: Callable[..., Any]
 ) -> Callable[..., Any]:
-    """`function` with the canceller's gate first, and stopped on request."""
+    """`function` stopped on request, and not begun once cancelled.
+
+    An async task that declares no dependency is not gated: its wrapper
+    checks as soon, without the cost of a dependency context per task
+    (a Request, with `init`). A sync one always is: its wrapper runs in
+    taskiq's executor, and in another process with `--use-process-pool`.
+    """
     if not inspect.iscoroutinefunction(function):
         behind = SyncBehindGate(function, canceller.gate)
         setattr(behind, _WRAPPED, True)
@@ -381,7 +391,8 @@ def _behind_gate(
             return await function(*args, **kwargs)  # called, not by the receiver
         return await canceller.run(message, function, args, kwargs)
 
-    run.__signature__ = gated(function, canceller.gate)  # type: ignore[attr-defined]
+    if declares_dependencies(function):
+        run.__signature__ = gated(function, canceller.gate)  # type: ignore[attr-defined]
     setattr(run, _WRAPPED, True)
     return run
 
