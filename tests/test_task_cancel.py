@@ -105,6 +105,8 @@ def test_a_cancelled_task_delivered_again_is_not_run(app: App) -> None:
     app.client.portal.call(again.kiq, 2, 30)  # type: ignore[union-attr]
     time.sleep(0.2)
     assert app.events.count("job 2 started") == 1
+    # Nor was its dependency set up again.
+    assert app.events.count(f"{task_id} dependency released") == 1
     shown = app.wait_for(task_id, "cancelled")
     assert shown["started_at"] is None  # the last run never began
 
