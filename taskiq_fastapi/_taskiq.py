@@ -15,7 +15,7 @@ from typing import Any, get_type_hints
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context, TaskiqMessage
+from taskiq import AsyncBroker, Context, TaskiqMessage, TaskiqState
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -24,8 +24,10 @@ from taskiq.decor import AsyncTaskiqDecoratedTask
 
 # taskiq's marker class: `TaskiqDepends(...)` returns one of these.
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
+from taskiq_dependencies.utils import ParamInfo
 
 __all__ = [
+    "CONTEXT_TYPES",
     "DEPENDENCIES_LOGGER",
     "GATE",
     "RECEIVER_LOGGER",
@@ -35,7 +37,6 @@ __all__ = [
     "SyncBehindGate",
     "TaskiqMarker",
     "cwd_in_sys_path",
-    "declares_dependencies",
     "executing",
     "gated",
     "install_request_context",
@@ -44,11 +45,16 @@ __all__ = [
     "own_function",
     "replace_task_function",
     "set_executing",
+    "sets_up_dependencies",
     "task_request",
     "wrap_outermost",
 ]
 
 Task = AsyncTaskiqDecoratedTask[Any, Any]
+# What a task's dependency context holds (taskiq's receiver puts Context and
+# TaskiqState in it, `PerTaskContext` the Request): `TaskiqDepends()` of
+# these is a value, nothing is called.
+CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
 # Builds a task's Request from its message's labels (None outside the receiver).
 MakeRequest = Callable[[Mapping[str, Any] | None], Request]
 
@@ -274,16 +280,24 @@ def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Sig
     )
 
 
-def declares_dependencies(function: Callable[..., Any]) -> bool:
-    """Whether taskiq-dependencies finds a dependency among its parameters."""
+def sets_up_dependencies(function: Callable[..., Any]) -> bool:
+    """Whether taskiq calls anything to resolve the function's parameters.
+
+    Values of the dependency context (`CONTEXT_TYPES`) are taken as they are.
+    """
     try:
         signature = inspect.signature(function, eval_str=True)
+        hints = get_type_hints(function)
     except Exception:
-        signature = inspect.signature(function)
-    return any(
-        isinstance(marker_of(parameter), (TaskiqMarker, FastAPIDepends))
-        for parameter in signature.parameters.values()
-    )
+        signature, hints = inspect.signature(function), {}
+    for parameter in signature.parameters.values():
+        marker = marker_of(parameter)
+        if not isinstance(marker, (TaskiqMarker, FastAPIDepends)):
+            continue
+        target = marker.dependency or hints.get(parameter.name)
+        if target not in CONTEXT_TYPES:
+            return True
+    return False
 
 
 class SyncBehindGate:

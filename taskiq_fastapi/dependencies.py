@@ -32,11 +32,11 @@ from weakref import WeakKeyDictionary
 from fastapi import BackgroundTasks, Response, WebSocket
 from fastapi.security import SecurityScopes
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqState
-from taskiq_dependencies import ParamInfo
+from taskiq import AsyncBroker, TaskiqDepends
 
 from taskiq_fastapi import _fastapi
 from taskiq_fastapi._taskiq import (
+    CONTEXT_TYPES,
     Task,
     TaskiqMarker,
     marker_of,
@@ -54,8 +54,6 @@ from taskiq_fastapi.request_context import (
 
 logger = logging.getLogger("taskiq_fastapi")
 
-# What taskiq's per-task context provides: TaskiqDepends() of these is a value.
-_CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
 # Objects FastAPI only has while serving an HTTP request or a websocket.
 _REQUEST_ONLY_TYPES = (WebSocket, Response, BackgroundTasks, SecurityScopes)
 _PLAN = "__taskiq_fastapi_plan__"
@@ -237,7 +235,7 @@ class _Planner:
     def __init__(self, task_name: str, broker: AsyncBroker) -> None:
         self.task_name = task_name
         self.broker = broker
-        self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
+        self.context_types = (*CONTEXT_TYPES, *broker.custom_dependency_context)
         self.problems: list[str] = []
         self.needs_carried: list[CarriedNeed] = []
         # Each FastAPI parameter: its node, the parameter, the function that

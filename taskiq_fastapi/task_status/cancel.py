@@ -21,7 +21,7 @@ blocking read at a time.
   taskiq resolves before any other (`_taskiq.gated`), ends it, so none of
   its dependencies is set up and its function is never called; its result
   is the cancellation. Sync tasks too: the gate runs on the event loop. An
-  async task without dependencies is checked by its wrapper instead.
+  async task with nothing to set up is checked by its wrapper instead.
 - A running task's asyncio task is cancelled, from when a worker begins it
   (in its dependencies' setup too) until its function ends; every one
   running its id (a message delivered again while it runs runs twice).
@@ -58,10 +58,10 @@ from taskiq_fastapi._taskiq import (
     RECEIVER_LOGGER,
     RETRY_LABEL,
     SyncBehindGate,
-    declares_dependencies,
     executing,
     gated,
     set_executing,
+    sets_up_dependencies,
     wrap_outermost,
 )
 from taskiq_fastapi.connections import backoff, describe, is_connection_error
@@ -373,9 +373,11 @@ def _behind_gate(
 ) -> Callable[..., Any]:
     """`function` stopped on request, and not begun once cancelled.
 
-    An async task that declares no dependency is not gated: its wrapper
-    checks as soon, without the cost of a dependency context per task
-    (a Request, with `init`). A sync one always is: its wrapper runs in
+    An async task whose dependencies (if any) are only values of the
+    dependency context (its Context, its Request) is not gated: its wrapper
+    checks before anything is set up, without the cost of resolving one
+    more dependency per task (for a task without any, a dependency context,
+    and with `init` a Request). A sync one always is: its wrapper runs in
     taskiq's executor, and in another process with `--use-process-pool`.
     """
     if not inspect.iscoroutinefunction(function):
@@ -391,7 +393,7 @@ def _behind_gate(
             return await function(*args, **kwargs)  # called, not by the receiver
         return await canceller.run(message, function, args, kwargs)
 
-    if declares_dependencies(function):
+    if sets_up_dependencies(function):
         run.__signature__ = gated(function, canceller.gate)  # type: ignore[attr-defined]
     setattr(run, _WRAPPED, True)
     return run
