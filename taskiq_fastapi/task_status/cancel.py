@@ -10,11 +10,11 @@ while it was down is honoured), and keeps the ids in a dict.
 InMemoryBroker runs its tasks in the process that cancels them: there the
 request is handed over directly.
 
-Per task, when nothing is cancelled: a context variable set, one more
-dependency for taskiq to resolve (the gate: one dict lookup), its asyncio
-task kept in a dict while it runs (with a done callback), one more
-coroutine call; the only thing that reads the server is the watch, one
-blocking read at a time.
+Per task, when nothing is cancelled: a context variable set, one dict
+lookup, its asyncio task kept in a dict while it runs (with a done
+callback), one more coroutine call, and for a task with dependencies to
+set up one more for taskiq to resolve (the gate); the only thing that
+reads the server is the watch, one blocking read at a time.
 
 - A task whose id was cancelled is not run when a worker begins it (fetched
   later, or delivered again after it was cancelled): the gate, a dependency
@@ -103,7 +103,7 @@ class Canceller(TaskiqMiddleware):
         self._watch: asyncio.Task[None] | None = None
 
         def gate() -> None:
-            """The first dependency of every wrapped task: see `_taskiq.gated`."""
+            """The first dependency of every gated task: see `_taskiq.gated`."""
             message = executing()
             if message is not None and message.task_id in self.cancelled:
                 self._skip(message)
@@ -228,7 +228,7 @@ class Canceller(TaskiqMiddleware):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """Run the task's function; say so if a request stopped it.
+        """Run the task's function unless it was cancelled; stop it if it is.
 
         The CancelledError goes on to taskiq, so that the task's generator
         dependencies see one; on_error puts a TaskCancelledError in the
