@@ -7,14 +7,15 @@ taskiq-nats, redis-py and nats-py live in `_brokers.py`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, get_type_hints
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context, TaskiqMessage
+from taskiq import AsyncBroker, Context, TaskiqMessage, TaskiqState
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -23,24 +24,37 @@ from taskiq.decor import AsyncTaskiqDecoratedTask
 
 # taskiq's marker class: `TaskiqDepends(...)` returns one of these.
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
+from taskiq_dependencies.utils import ParamInfo
 
 __all__ = [
+    "CONTEXT_TYPES",
     "DEPENDENCIES_LOGGER",
+    "GATE",
     "RECEIVER_LOGGER",
+    "RETRY_LABEL",
     "MakeRequest",
     "PerTaskContext",
+    "SyncBehindGate",
     "TaskiqMarker",
     "cwd_in_sys_path",
     "executing",
+    "gated",
     "install_request_context",
     "marker_of",
     "on_registration",
+    "own_function",
     "replace_task_function",
     "set_executing",
+    "sets_up_dependencies",
     "task_request",
+    "wrap_outermost",
 ]
 
 Task = AsyncTaskiqDecoratedTask[Any, Any]
+# What a task's dependency context holds (taskiq's receiver puts Context and
+# TaskiqState in it, `PerTaskContext` the Request): `TaskiqDepends()` of
+# these is a value, nothing is called.
+CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
 # Builds a task's Request from its message's labels (None outside the receiver).
 MakeRequest = Callable[[Mapping[str, Any] | None], Request]
 
@@ -179,9 +193,136 @@ def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
     """Make workers call `function` for the task and build its graph from it.
 
     taskiq's receiver reads `task.original_func` for both, when it is created
-    and for each message.
+    and for each message. Under a wrapper put there by `wrap_outermost`,
+    `function` replaces what it wraps, and is wrapped the same way.
     """
+    outer = getattr(task.original_func, _OUTERMOST, None)
+    if outer is not None:
+        _, wrap = outer
+        function = _wrapped(function, wrap)
     task.original_func = function
+
+
+def wrap_outermost(task: Task, wrap: Callable[[Callable[..., Any]], Any]) -> None:
+    """Make `wrap(function)` the task's function, staying around later ones.
+
+    So the cancel gate stays outside FastAPI's solve however the app orders
+    `TaskStatus` and `init`.
+    """
+    task.original_func = _wrapped(task.original_func, wrap)
+
+
+def own_function(task: Task) -> Callable[..., Any]:
+    """The task's function under any `wrap_outermost` wrapper."""
+    outer = getattr(task.original_func, _OUTERMOST, None)
+    return task.original_func if outer is None else outer[0]
+
+
+def _wrapped(function: Callable[..., Any], wrap: Callable[..., Any]) -> Any:
+    wrapper = wrap(function)
+    setattr(wrapper, _OUTERMOST, (function, wrap))
+    return wrapper
+
+
+_OUTERMOST = "__taskiq_fastapi_outermost__"
+# The hidden parameter a gated task function takes first (see `gated`).
+GATE = "__taskiq_fastapi_gate__"
+
+
+def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Signature:
+    """`function`'s signature, as taskiq reads it, with `gate` resolved first.
+
+    taskiq-dependencies resolves a task's dependencies in the order of
+    `graphlib.TopologicalSorter(...).static_order()` over its graph
+    (`DependencyGraph._build_graph`), whose first batch is every dependency
+    without parameters of its own in the order they were added: the task's
+    own parameters first, in order. So a parameter-less dependency declared
+    first runs before any other is set up, and what it raises ends the task
+    with nothing to tear down (tests/test_taskiq_internals.py pins it).
+    Keyword-only, so taskiq's positional arguments keep their positions;
+    hence an unchecked signature (a keyword-only parameter first).
+
+    The other parameters as taskiq-dependencies would read them from
+    `function`: annotations evaluated (it evaluates the ones it reads from a
+    function, not from a signature), and a `TaskiqDepends()` without a
+    dependency naming its hint (it reads an object's hints from `__call__`).
+    """
+    try:
+        signature = inspect.signature(function, eval_str=True)
+        hints = get_type_hints(function)
+    except Exception:  # taskiq reports what it cannot read, as before
+        signature, hints = inspect.signature(function), {}
+    first = inspect.Parameter(
+        GATE, inspect.Parameter.KEYWORD_ONLY, default=TaskiqMarker(gate)
+    )
+    parameters = [first]
+    for parameter in signature.parameters.values():
+        marker = marker_of(parameter)
+        hint = hints.get(parameter.name)
+        if (
+            isinstance(marker, (TaskiqMarker, FastAPIDepends))
+            and marker.dependency is None
+            and hint is not None
+        ):
+            explicit = TaskiqMarker(
+                hint,
+                use_cache=marker.use_cache,
+                kwargs=getattr(marker, "kwargs", None),
+            )
+            parameter = parameter.replace(
+                default=explicit, annotation=inspect.Parameter.empty
+            )
+        parameters.append(parameter)
+    return inspect.Signature(
+        parameters,
+        return_annotation=signature.return_annotation,
+        __validate_parameters__=False,
+    )
+
+
+def sets_up_dependencies(function: Callable[..., Any]) -> bool:
+    """Whether taskiq calls anything to resolve the function's parameters.
+
+    Values of the dependency context (`CONTEXT_TYPES`) are taken as they are.
+    """
+    try:
+        signature = inspect.signature(function, eval_str=True)
+        hints = get_type_hints(function)
+    except Exception:
+        signature, hints = inspect.signature(function), {}
+    for parameter in signature.parameters.values():
+        marker = marker_of(parameter)
+        if not isinstance(marker, (TaskiqMarker, FastAPIDepends)):
+            continue
+        target = marker.dependency or hints.get(parameter.name)
+        if target not in CONTEXT_TYPES:
+            return True
+    return False
+
+
+class SyncBehindGate:
+    """A sync task's function as taskiq sees it once gated (see `gated`).
+
+    A class, not a closure: taskiq's `worker --use-process-pool` pickles the
+    function it calls, and this pickles as the task's own function, which
+    taskiq keeps importable by name (`AsyncTaskiqDecoratedTask.__init__`).
+    """
+
+    def __init__(self, function: Callable[..., Any], gate: Callable[[], None]) -> None:
+        functools.update_wrapper(self, function)
+        self.function = function
+        self.__signature__ = gated(function, gate)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _without_gate(self.function, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return functools.partial, (_without_gate, self.function)
+
+
+def _without_gate(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    kwargs.pop(GATE, None)
+    return function(*args, **kwargs)
 
 
 # The logger of taskiq's receiver, which logs each exception a task raises
@@ -192,12 +333,18 @@ def replace_task_function(task: Task, function: Callable[..., Any]) -> None:
 RECEIVER_LOGGER = "taskiq.receiver.receiver"
 DEPENDENCIES_LOGGER = "taskiq.dependencies.ctx"
 # The message whose task the running asyncio task executes. taskiq's receiver
-# runs each message in an asyncio task of its own (`Receiver.callback`): the
-# middlewares' `pre_execute`, then the task's function, then the result,
-# built with the message's labels as they are once the function returned.
+# runs each message in one asyncio task of its own (`Receiver.callback`): the
+# middlewares' `pre_execute`, then the task's dependencies and function, then
+# the result, built with a copy of the message's labels as they are once the
+# function returned (so `on_error` sets a result's labels itself).
 _executing: ContextVar[TaskiqMessage | None] = ContextVar(
     "taskiq_fastapi_executing", default=None
 )
+
+
+# The label taskiq's retry middlewares (SimpleRetryMiddleware,
+# SmartRetryMiddleware) read to retry a task that failed: False, no retry.
+RETRY_LABEL = "retry_on_error"
 
 
 def set_executing(message: TaskiqMessage) -> None:

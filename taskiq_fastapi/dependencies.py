@@ -32,15 +32,16 @@ from weakref import WeakKeyDictionary
 from fastapi import BackgroundTasks, Response, WebSocket
 from fastapi.security import SecurityScopes
 from starlette.requests import HTTPConnection, Request
-from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqState
-from taskiq_dependencies import ParamInfo
+from taskiq import AsyncBroker, TaskiqDepends
 
 from taskiq_fastapi import _fastapi
 from taskiq_fastapi._taskiq import (
+    CONTEXT_TYPES,
     Task,
     TaskiqMarker,
     marker_of,
     on_registration,
+    own_function,
     replace_task_function,
     task_request,
 )
@@ -53,8 +54,6 @@ from taskiq_fastapi.request_context import (
 
 logger = logging.getLogger("taskiq_fastapi")
 
-# What taskiq's per-task context provides: TaskiqDepends() of these is a value.
-_CONTEXT_TYPES = (Request, HTTPConnection, Context, TaskiqState, ParamInfo)
 # Objects FastAPI only has while serving an HTTP request or a websocket.
 _REQUEST_ONLY_TYPES = (WebSocket, Response, BackgroundTasks, SecurityScopes)
 _PLAN = "__taskiq_fastapi_plan__"
@@ -236,7 +235,7 @@ class _Planner:
     def __init__(self, task_name: str, broker: AsyncBroker) -> None:
         self.task_name = task_name
         self.broker = broker
-        self.context_types = (*_CONTEXT_TYPES, *broker.custom_dependency_context)
+        self.context_types = (*CONTEXT_TYPES, *broker.custom_dependency_context)
         self.problems: list[str] = []
         self.needs_carried: list[CarriedNeed] = []
         # Each FastAPI parameter: its node, the parameter, the function that
@@ -688,9 +687,10 @@ def adopt(broker: AsyncBroker) -> None:
 
 
 def _adopt(broker: AsyncBroker, task: Task) -> None:
-    if hasattr(task.original_func, _PLAN):
+    function = own_function(task)  # under the cancel gate, if it came first
+    if hasattr(function, _PLAN):
         return
-    plan = _Planner(task.task_name, broker).plan(task.original_func)
+    plan = _Planner(task.task_name, broker).plan(function)
     _plans[broker][task.task_name] = plan
     if plan.replacement is not None:
         replace_task_function(task, plan.replacement)
@@ -701,9 +701,10 @@ def plans(broker: AsyncBroker) -> list[TaskPlan]:
     found = []
     known = _plans.get(broker, {})
     for name, task in sorted(broker.get_all_tasks().items()):
-        plan = getattr(task.original_func, _PLAN, None) or known.get(name)
+        function = own_function(task)
+        plan = getattr(function, _PLAN, None) or known.get(name)
         if plan is None:
-            plan = _Planner(name, broker).plan(task.original_func)
+            plan = _Planner(name, broker).plan(function)
         found.append(plan)
     return found
 

@@ -10,13 +10,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from conftest import as_worker
+from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from taskiq import InMemoryBroker, TaskiqDepends
+from taskiq import InMemoryBroker, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
 from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
 from workerapp.cancelapp import build
 
 import taskiq_fastapi
+from taskiq_fastapi.dependencies import plans
 
 ALICE = {"X-User": "alice"}
 
@@ -103,6 +105,8 @@ def test_a_cancelled_task_delivered_again_is_not_run(app: App) -> None:
     app.client.portal.call(again.kiq, 2, 30)  # type: ignore[union-attr]
     time.sleep(0.2)
     assert app.events.count("job 2 started") == 1
+    # Nor was its dependency set up again.
+    assert app.events.count(f"{task_id} dependency released") == 1
     shown = app.wait_for(task_id, "cancelled")
     assert shown["started_at"] is None  # the last run never began
 
@@ -147,14 +151,14 @@ def test_a_task_that_catches_the_cancellation_is_reported_running(
     )
 
 
-def test_a_sync_task_cannot_be_cancelled(app: App) -> None:
+def test_a_running_sync_task_cannot_be_cancelled(app: App) -> None:
     task_id = app.kick("/threads", seconds=0.5)
     app.wait_for(task_id, "started")
     response = app.client.delete(f"/tasks/{task_id}", headers=ALICE)
     assert response.status_code == 409
     assert response.json() == {
-        "detail": "Task 'workerapp.cancelapp:in_a_thread' is a sync function, "
-        "which runs in a thread that cannot be stopped"
+        "detail": f"Task {task_id} is running: 'workerapp.cancelapp:in_a_thread' "
+        "is a sync function, which runs in a thread that cannot be stopped"
     }
     assert app.wait_for(task_id, "succeeded")["result"] == "done"
 
@@ -550,3 +554,110 @@ async def test_on_redis_a_user_who_may_not_read_streams_still_runs_tasks(
         await broker.shutdown()
         async with Redis.from_url(redis_url) as admin:
             await admin.execute_command("ACL", "DELUSER", user)
+
+
+class Hold(TaskiqMiddleware):
+    """Holds every task the worker fetched until released, before it begins.
+
+    The broker's first middleware: the task's record says `queued` meanwhile,
+    as for a task still in the queue that a worker fetches later.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()
+
+    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        await self.released.wait()
+        return message
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["async", "async, FastAPI ones only", "sync"])
+@pytest.mark.parametrize("order", ["TaskStatus, then init", "init, then TaskStatus"])
+async def test_a_queued_task_cancelled_sets_up_none_of_its_dependencies(
+    order: str, kind: str
+) -> None:
+    """Neither its taskiq dependencies nor its FastAPI ones (which `init`
+    solves inside the task's call, for an async task whose own parameters
+    they are), however the app orders TaskStatus and init; sync tasks too.
+    An async task whose only dependencies FastAPI solves in its call has no
+    gate: its wrapper's check comes first."""
+    events: list[str] = []
+    hold = Hold()
+    broker = InMemoryBroker().with_middlewares(hold)
+
+    def connection() -> Iterator[str]:
+        events.append("taskiq dependency set up")
+        yield "conn"
+        events.append("taskiq dependency closed")
+
+    async def session() -> AsyncIterator[str]:
+        events.append("FastAPI dependency set up")
+        yield "session"
+        events.append("FastAPI dependency closed")
+
+    if kind == "async":
+
+        @broker.task
+        async def job(
+            n: int, s: str = Depends(session), c: str = TaskiqDepends(connection)
+        ) -> str:
+            events.append(f"job {n} ran")
+            return f"{n} {s} {c}"
+
+    elif kind == "async, FastAPI ones only":
+
+        @broker.task
+        async def job(n: int, s: str = Depends(session), c: str = "conn") -> str:
+            events.append(f"job {n} ran")
+            return f"{n} {s} {c}"
+
+    else:
+
+        @broker.task
+        def job(
+            n: int, s: str = Depends(session), c: str = TaskiqDepends(connection)
+        ) -> str:
+            events.append(f"job {n} ran")
+            return f"{n} {s} {c}"
+
+    def make_status() -> taskiq_fastapi.TaskStatus:
+        return taskiq_fastapi.TaskStatus(broker, [job], cancellable=True)
+
+    if order == "TaskStatus, then init":
+        status = make_status()
+        taskiq_fastapi.init(broker, FastAPI())
+    else:
+        taskiq_fastapi.init(broker, FastAPI())
+        status = make_status()
+    # `taskiq-fastapi check` shows the task's own tree: no gate in it.
+    (plan,) = plans(broker)
+    taskiq_too = kind != "async, FastAPI ones only"
+    assert [(n.parameter, n.source) for n in plan.tree] == [
+        ("n", "message"),
+        ("s", "fastapi"),
+        ("c", "taskiq" if taskiq_too else "message"),
+    ]
+    assert plan.problems == []
+    async with as_worker(broker):
+        cancelled = await job.kiq(1)
+        other = await job.kiq("2")
+        record = await status.cancel(cancelled.task_id)
+        assert record.state == "queued"
+        hold.released.set()
+        result = await cancelled.wait_result(timeout=5)
+        assert isinstance(result.error, taskiq_fastapi.TaskCancelledError)
+        assert str(result.error) == (
+            f"Task {cancelled.task_id} was cancelled before it began."
+        )
+        shown = await status.kicked(cancelled.task_id)
+        assert (shown.state, shown.started_at) == ("cancelled", None)
+        # The other one runs as ever: its argument parsed, its dependencies set.
+        assert (await other.wait_result(timeout=5)).return_value == "2 session conn"
+    assert sorted(events) == [
+        "FastAPI dependency closed",
+        "FastAPI dependency set up",
+        "job 2 ran",
+        *(["taskiq dependency closed", "taskiq dependency set up"] * taskiq_too),
+    ]

@@ -107,6 +107,8 @@ async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
         assert run.stop(command) == 0, run.output(command)
     events = [event for _, event in run.events()]
     assert "job 1 started" not in events
+    # Nor was its dependency set up.
+    assert not [event for event in events if event.startswith(queued_id)]
     assert events.count("job 2 started") == 1
     assert "job 2 finished" not in events
     (ran_it,) = {pid for pid, event in run.events() if event == "job 2 started"}

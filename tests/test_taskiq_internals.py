@@ -6,8 +6,10 @@ If one of these fails after an upgrade, revisit taskiq_fastapi/_taskiq.py
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
+import pickle
 import signal
 import sys
 import time
@@ -15,17 +17,32 @@ from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI, Request
-from taskiq import Context, InMemoryBroker, TaskiqDepends
+from taskiq import (
+    Context,
+    InMemoryBroker,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+)
+from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
 from taskiq.receiver import Receiver
 from taskiq_dependencies import DependencyGraph
 
 from taskiq_fastapi._taskiq import (
+    GATE,
+    RETRY_LABEL,
     PerTaskContext,
+    SyncBehindGate,
     cwd_in_sys_path,
+    executing,
+    gated,
     install_request_context,
     marker_of,
     on_registration,
     replace_task_function,
+    set_executing,
+    wrap_outermost,
 )
 from taskiq_fastapi.request import RequestFactory
 
@@ -333,7 +350,7 @@ async def test_pre_execute_and_the_function_share_a_context_and_labels_reach_the
     is seen by the task's function, labels it adds to its message are saved
     with its result, and the receiver logs a task's exception under
     RECEIVER_LOGGER."""
-    from taskiq import TaskiqMessage, TaskiqMiddleware
+    from taskiq import TaskiqMiddleware
 
     from taskiq_fastapi._taskiq import RECEIVER_LOGGER, executing, set_executing
 
@@ -385,3 +402,192 @@ def test_taskiqs_instrumentor_replaces_start_listen_which_the_runner_honours() -
         instrumentor.uninstrument()
         # Its uninstrument puts back a method bound to the instrumentor.
         taskiq_run.start_listen = original
+
+
+def gate_leaf() -> None: ...
+
+
+def setup_leaf() -> int:
+    return 1
+
+
+def setup_parent(leaf: int = TaskiqDepends(setup_leaf)) -> int:
+    return leaf + 1
+
+
+async def test_a_parameterless_dependency_declared_first_is_resolved_first() -> None:
+    """What `gated` relies on: taskiq-dependencies resolves the first batch of
+    its topological order (dependencies without parameters) in the order the
+    task declares them, so the gate comes before every other dependency, at
+    any depth, and what it raises leaves nothing set up."""
+    set_up: list[str] = []
+
+    def held() -> Any:
+        set_up.append("held")
+        yield "held"
+
+    def task(
+        parent: int = TaskiqDepends(setup_parent),
+        leaf: int = TaskiqDepends(setup_leaf),
+        resource: Any = TaskiqDepends(held),
+        context: Context = TaskiqDepends(),
+    ) -> None: ...
+
+    def stand_in(**kwargs: Any) -> None: ...
+
+    stand_in.__signature__ = gated(task, gate_leaf)  # type: ignore[attr-defined]
+    graph = DependencyGraph(stand_in)
+    order = [d.dependency for d in graph.ordered_deps]
+    assert order[0] is gate_leaf
+    assert order[-1] is stand_in
+    assert set(order[1:-1]) == {setup_parent, setup_leaf, held, Context}
+
+    class StopError(Exception): ...
+
+    def stopping_gate() -> None:
+        raise StopError
+
+    stand_in.__signature__ = gated(task, stopping_gate)  # type: ignore[attr-defined]
+    context = DependencyGraph(stand_in).async_ctx({Context: "ctx"})
+    with pytest.raises(StopError):
+        await context.resolve_kwargs()
+    await context.close()
+    assert set_up == []
+    stand_in.__signature__ = gated(task, gate_leaf)  # type: ignore[attr-defined]
+    resolved = (
+        await DependencyGraph(stand_in).async_ctx({Context: "ctx"}).resolve_kwargs()
+    )
+    assert resolved == {
+        GATE: None,
+        "parent": 2,
+        "leaf": 1,
+        "resource": "held",
+        "context": "ctx",
+    }
+
+
+async def test_a_gated_task_keeps_its_positional_arguments_and_their_types() -> None:
+    """The gate is keyword-only, first: taskiq still maps and parses a
+    message's positional arguments by position."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def task(n: int, m: int = 0, context: Context = TaskiqDepends()) -> str:
+        return f"{n!r} {m!r} {context.message.task_name}"
+
+    function = task.original_func
+
+    async def behind(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs.pop(GATE) is None
+        return await function(*args, **kwargs)
+
+    behind.__signature__ = gated(function, gate_leaf)  # type: ignore[attr-defined]
+    behind.__annotations__ = function.__annotations__
+    replace_task_function(task, behind)
+    await broker.startup()
+    result = await (await task.kiq("3", "4")).wait_result(timeout=5)
+    await broker.shutdown()
+    assert result.return_value == f"3 4 {task.task_name}"
+
+
+def add_one(n: int) -> int:
+    return n + 1
+
+
+_pool_broker = InMemoryBroker()
+pooled_add_one = _pool_broker.task(add_one)
+
+
+def test_a_gated_sync_task_pickles_as_its_own_function() -> None:
+    """taskiq's `worker --use-process-pool` pickles the function it calls
+    (taskiq 0.13 does; 0.11.20 pickled a contextvars.Context, which failed for
+    every sync task): a sync task's own one pickles by name, taskiq putting
+    it in its module, and a gated one pickles as that."""
+    wrap_outermost(pooled_add_one, lambda f: SyncBehindGate(f, gate_leaf))
+    sent = pickle.dumps(pooled_add_one.original_func)
+    assert b"SyncBehindGate" not in sent
+    assert pickle.loads(sent)(41, **{GATE: None}) == 42
+
+
+async def test_pre_execute_dependencies_and_function_run_in_one_asyncio_task() -> None:
+    """What cancel.py relies on to stop a running task from its pre_execute on."""
+    seen: list[Any] = []
+
+    class Tasks(TaskiqMiddleware):
+        def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+            seen.append(asyncio.current_task())
+            return message
+
+    broker = InMemoryBroker().with_middlewares(Tasks())
+
+    async def dependency() -> Any:
+        seen.append(asyncio.current_task())
+        yield
+
+    @broker.task
+    async def task(held: None = TaskiqDepends(dependency)) -> None:
+        seen.append(asyncio.current_task())
+
+    await broker.startup()
+    await (await task.kiq()).wait_result(timeout=5)
+    await broker.shutdown()
+    assert len(seen) == 3
+    assert seen[0] is not None
+    assert seen[0] is seen[1] is seen[2]
+
+
+async def test_a_results_labels_are_a_copy_of_its_messages() -> None:
+    """So cancel.py's on_error writes the result's labels itself."""
+
+    class Late(TaskiqMiddleware):
+        def on_error(
+            self, message: TaskiqMessage, result: TaskiqResult[Any], exc: BaseException
+        ) -> None:
+            message.labels["late"] = "message"
+            result.labels["own"] = "result"
+
+    broker = InMemoryBroker().with_middlewares(Late())
+
+    @broker.task
+    async def task() -> None:
+        raise ValueError
+
+    await broker.startup()
+    result = await (await task.kiq()).wait_result(timeout=5)
+    await broker.shutdown()
+    assert result.labels["own"] == "result"
+    assert "late" not in result.labels
+
+
+@pytest.mark.parametrize("switched_off", [False, True])
+@pytest.mark.parametrize("retry", [SimpleRetryMiddleware, SmartRetryMiddleware])
+async def test_taskiqs_retry_middlewares_read_the_retry_label_from_the_message(
+    retry: Any, switched_off: bool
+) -> None:
+    """What cancel.py sets to keep a cancelled task from being retried."""
+
+    class Names(TaskiqMiddleware):
+        def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+            set_executing(message)
+            return message
+
+    options = {"default_delay": 0} if retry is SmartRetryMiddleware else {}
+    broker = InMemoryBroker().with_middlewares(
+        Names(), retry(default_retry_count=2, **options)
+    )
+    runs: list[str] = []
+
+    @broker.task(**{RETRY_LABEL: True})
+    async def failing() -> None:
+        runs.append("ran")
+        message = executing()
+        assert message is not None
+        if switched_off:
+            message.labels[RETRY_LABEL] = False
+        raise ValueError
+
+    await broker.startup()
+    await failing.kiq()
+    await asyncio.sleep(0.5)
+    await broker.shutdown()
+    assert len(runs) == (1 if switched_off else 2)

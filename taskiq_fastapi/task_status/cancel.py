@@ -1,22 +1,27 @@
 """Cancelling tasks: a request on the records' server, honoured by every worker.
 
 `TaskStatus(..., cancellable=True)` adds one `Canceller` middleware to the
-broker and wraps the listed async tasks' functions. A cancel request is
-sent on the server that keeps the records (`_brokers.cancel_channel`: a
-Redis stream, or keys of the NATS records bucket), never kept in one
-process: every worker process follows it from its first task on, reading
-first the requests still kept (so one sent while it was down is honoured),
-and keeps the ids in a dict. InMemoryBroker runs its tasks in the process
-that cancels them: there the request is handed over directly.
+broker and wraps the listed tasks' functions, outside any other wrapper.
+A cancel request is sent on the server that keeps the records
+(`_brokers.cancel_channel`: a Redis stream, or keys of the NATS records
+bucket), never kept in one process: every worker process follows it from
+its first task on, reading first the requests still kept (so one sent
+while it was down is honoured), and keeps the ids in a dict.
+InMemoryBroker runs its tasks in the process that cancels them: there the
+request is handed over directly.
 
 Per task, when nothing is cancelled: a context variable set, one dict
 lookup, its asyncio task kept in a dict while it runs (with a done
-callback), one more coroutine call; the only thing that reads the server
-is the watch, one blocking read at a time.
+callback), one more coroutine call, and for a task with dependencies to
+set up one more for taskiq to resolve (the gate); the only thing that
+reads the server is the watch, one blocking read at a time.
 
 - A task whose id was cancelled is not run when a worker begins it (fetched
-  later, or delivered again after it was cancelled): its function is never
-  called, and its result is the cancellation.
+  later, or delivered again after it was cancelled): the gate, a dependency
+  taskiq resolves before any other (`_taskiq.gated`), ends it, so none of
+  its dependencies is set up and its function is never called; its result
+  is the cancellation. Sync tasks too: the gate runs on the event loop. An
+  async task with nothing to set up is checked by its wrapper instead.
 - A running task's asyncio task is cancelled, from when a worker begins it
   (in its dependencies' setup too) until its function ends; every one
   running its id (a message delivered again while it runs runs twice).
@@ -27,8 +32,9 @@ is the watch, one blocking read at a time.
   and one that blocks its event loop keeps running until it awaits. A
   worker's own stop cancels tasks too: those were not asked to stop, and
   stay as the stop leaves them.
-- Sync tasks run in taskiq's executor threads, which cannot be stopped:
-  they are not wrapped, and a cancel request for one is refused.
+- A running sync task runs in taskiq's executor thread, which cannot be
+  stopped: only its gate is added, and a cancel request for one that has
+  started is refused.
 """
 
 from __future__ import annotations
@@ -48,10 +54,15 @@ from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq_fastapi._brokers import CancelChannel
 from taskiq_fastapi._taskiq import (
     DEPENDENCIES_LOGGER,
+    GATE,
     RECEIVER_LOGGER,
+    RETRY_LABEL,
+    SyncBehindGate,
     executing,
-    replace_task_function,
+    gated,
     set_executing,
+    sets_up_dependencies,
+    wrap_outermost,
 )
 from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskCancelledError
@@ -66,8 +77,6 @@ _FIRST_RETRY_SECONDS = 0.1
 _MAX_RETRY_SECONDS = 2.0
 # Marks a task function wrapped by `stop_on_request`.
 _WRAPPED = "__taskiq_fastapi_cancellable__"
-# The label taskiq's SimpleRetryMiddleware and SmartRetryMiddleware read.
-RETRY_LABEL = "retry_on_error"
 # The asyncio tasks cancelled on request, until their message's post_execute.
 _stopping: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
@@ -79,7 +88,8 @@ class Canceller(TaskiqMiddleware):
         super().__init__()
         self.channel = channel
         self.keep = keep
-        # The names of the wrapped (async) tasks: only those can be stopped.
+        # The names of the wrapped async tasks: only those can be stopped
+        # once they run.
         self.names: set[str] = set()
         # Cancelled task ids, and when each request expires (epoch seconds).
         self.cancelled: dict[str, float] = {}
@@ -91,6 +101,27 @@ class Canceller(TaskiqMiddleware):
         # Set once the requests kept on the server are read.
         self._ready: asyncio.Event | None = None
         self._watch: asyncio.Task[None] | None = None
+
+        def gate() -> None:
+            """The first dependency of every gated task: see `_taskiq.gated`."""
+            message = executing()
+            if message is not None and message.task_id in self.cancelled:
+                self._skip(message)
+
+        self.gate = gate
+
+    def _skip(self, message: TaskiqMessage) -> None:
+        """End a task cancelled before it began: nothing of it is set up yet.
+
+        The CancelledError goes on to taskiq, as a stopped task's does;
+        on_error puts a TaskCancelledError in its result instead.
+        """
+        task = asyncio.current_task()
+        assert task is not None  # resolved by the receiver, in the message's task
+        self._end(message.task_id, task)
+        message.labels[CANCELLED_LABEL] = "queued"
+        message.labels[RETRY_LABEL] = False
+        raise asyncio.CancelledError
 
     async def send(self, task_id: str) -> None:
         """Ask every worker to cancel the task."""
@@ -206,11 +237,8 @@ class Canceller(TaskiqMiddleware):
         task_id = message.task_id
         task = asyncio.current_task()
         assert task is not None  # called by the receiver, in the message's task
-        if task_id in self.cancelled:
-            self._end(task_id, task)
-            message.labels[CANCELLED_LABEL] = "queued"
-            message.labels[RETRY_LABEL] = False
-            raise asyncio.CancelledError
+        if task_id in self.cancelled:  # a task without a gate: nothing set up
+            self._skip(message)
         try:
             return await function(*args, **kwargs)
         except asyncio.CancelledError:
@@ -325,27 +353,50 @@ def canceller(
 
 
 def stop_on_request(task: Any, canceller: Canceller) -> bool:
-    """Make the task stop on request; False for a sync task, which cannot."""
-    function = task.original_func
-    if getattr(function, _WRAPPED, False):
-        canceller.names.add(task.task_name)
-        return True
-    if not inspect.iscoroutinefunction(function):
-        return False
+    """Gate the task and stop it on request; False for a sync one.
 
-    name = task.task_name
+    A sync task is only gated: once it runs, in taskiq's executor thread,
+    nothing can stop it. The wrapper stays outermost (`wrap_outermost`), so
+    that the gate comes before the FastAPI dependencies of the task, whether
+    `init` adopts it before or after.
+    """
+    if not getattr(task.original_func, _WRAPPED, False):
+        wrap_outermost(task, functools.partial(_behind_gate, canceller, task.task_name))
+    stoppable = inspect.iscoroutinefunction(task.original_func)
+    if stoppable:
+        canceller.names.add(task.task_name)
+    return stoppable
+
+
+def _behind_gate(
+    canceller: Canceller, name: str, function: Callable[..., Any]
+) -> Callable[..., Any]:
+    """`function` stopped on request, and not begun once cancelled.
+
+    An async task whose dependencies (if any) are only values of the
+    dependency context (its Context, its Request) is not gated: its wrapper
+    checks before anything is set up, without the cost of resolving one
+    more dependency per task (for a task without any, a dependency context,
+    and with `init` a Request). A sync one always is: its wrapper runs in
+    taskiq's executor, and in another process with `--use-process-pool`.
+    """
+    if not inspect.iscoroutinefunction(function):
+        behind = SyncBehindGate(function, canceller.gate)
+        setattr(behind, _WRAPPED, True)
+        return behind
 
     @functools.wraps(function)
     async def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop(GATE, None)
         message = executing()
         if message is None or message.task_name != name:
             return await function(*args, **kwargs)  # called, not by the receiver
         return await canceller.run(message, function, args, kwargs)
 
+    if sets_up_dependencies(function):
+        run.__signature__ = gated(function, canceller.gate)  # type: ignore[attr-defined]
     setattr(run, _WRAPPED, True)
-    replace_task_function(task, run)
-    canceller.names.add(name)
-    return True
+    return run
 
 
 def _cancellation(record: logging.LogRecord) -> str | None:

@@ -181,7 +181,7 @@ class TaskStatus:
         self._recorder.started_after.update(dict.fromkeys(self.models, started_after))
         self.error_messages = error_messages
         self._canceller: Canceller | None = None
-        # The listed tasks that can be stopped (async ones), by name.
+        # The listed tasks that can be stopped once running (async ones).
         self._stoppable: set[str] = set()
         if cancellable:
             self._cancellable(broker, tasks)
@@ -210,7 +210,7 @@ class TaskStatus:
         skipped it; until then its record stays `queued` or `started`.
         Raises TaskNotFoundError where `GET` would answer 404 (a route's
         own access checks are the route's), TaskNotCancellableError (409)
-        for a finished task or a sync one, and TaskStatusError if this
+        for a finished task or a sync one that is running, and TaskStatusError if this
         TaskStatus was not made with `cancellable=True`.
         """
         if self._canceller is None:
@@ -228,10 +228,10 @@ class TaskStatus:
                 f"Task {record.task_id} has already finished: {record.state}",
                 record.state,
             )
-        if record.task_name not in self._stoppable:
+        if record.task_name not in self._stoppable and record.state != "queued":
             raise TaskNotCancellableError(
-                f"Task {record.task_name!r} is a sync function, which runs in a "
-                f"thread that cannot be stopped",
+                f"Task {record.task_id} is running: {record.task_name!r} is a "
+                f"sync function, which runs in a thread that cannot be stopped",
                 record.state,
             )
         await canceller.send(record.task_id)
@@ -352,7 +352,7 @@ class TaskStatus:
             responses={
                 202: {"description": "Cancel requested: the status as it stands"},
                 404: {"description": "No such task, or not shown"},
-                409: {"description": "Finished already, or a sync task"},
+                409: {"description": "Finished already, or a sync task running"},
             },
         )
         async def cancel_task(
