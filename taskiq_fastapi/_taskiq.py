@@ -11,7 +11,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 from fastapi.params import Depends as FastAPIDepends
 from starlette.requests import HTTPConnection, Request
@@ -269,9 +269,19 @@ def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Sig
                 use_cache=marker.use_cache,
                 kwargs=getattr(marker, "kwargs", None),
             )
-            parameter = parameter.replace(
-                default=explicit, annotation=inspect.Parameter.empty
-            )
+            # What a dependency reads through ParamInfo stays as declared:
+            # the annotation (its Annotated metadata too), with the marker
+            # naming its dependency where it stood.
+            annotation = parameter.annotation
+            metadata = getattr(annotation, "__metadata__", None)
+            if metadata is not None and any(meta is marker for meta in metadata):
+                named = (explicit if meta is marker else meta for meta in metadata)
+                declared: Any = Annotated
+                parameter = parameter.replace(
+                    annotation=declared[(annotation.__origin__,) + tuple(named)]
+                )
+            else:
+                parameter = parameter.replace(default=explicit, annotation=hint)
         parameters.append(parameter)
     return inspect.Signature(
         parameters,

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from conftest import as_worker
@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from taskiq import InMemoryBroker, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
 from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
+from taskiq_dependencies import ParamInfo
 from workerapp.cancelapp import build
 
 import taskiq_fastapi
@@ -661,3 +662,54 @@ async def test_a_queued_task_cancelled_sets_up_none_of_its_dependencies(
         "job 2 ran",
         *(["taskiq dependency closed", "taskiq dependency set up"] * taskiq_too),
     ]
+
+
+class _Section(str):
+    """Metadata a dependency reads from its own Annotated declaration."""
+
+
+class _Config:
+    def __init__(self, info: ParamInfo = TaskiqDepends()) -> None:
+        annotation = info.definition.annotation if info.definition else None
+        self.sections = [
+            m
+            for m in getattr(annotation, "__metadata__", ())
+            if isinstance(m, _Section)
+        ]
+        self.annotation = annotation
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_gated_tasks_dependencies_see_their_parameters_as_declared(
+    kind: str,
+) -> None:
+    # The gate names each hint-only dependency; what a dependency reads of
+    # its parameter through ParamInfo (annotation, Annotated metadata) is what
+    # the same task shows without the gate.
+    def body(
+        n: int,
+        meta: Annotated[_Config, TaskiqDepends(), _Section("db")],
+        plain: _Config = TaskiqDepends(use_cache=False),
+    ) -> tuple[list[str], str]:
+        return meta.sections, repr(plain.annotation)
+
+    async def job(
+        n: int,
+        meta: Annotated[_Config, TaskiqDepends(), _Section("db")],
+        plain: _Config = TaskiqDepends(use_cache=False),
+    ) -> tuple[list[str], str]:
+        return body(n, meta, plain)
+
+    seen = []
+    for cancellable in (False, True):
+        broker = InMemoryBroker()
+        task = broker.task(job if kind == "async" else body)
+        if cancellable:
+            taskiq_fastapi.TaskStatus(broker, [task], cancellable=True)
+        async with as_worker(broker):
+            result = await (await task.kiq(1)).wait_result(timeout=5)
+        assert not result.is_err, result.error
+        seen.append(result.return_value)
+    assert seen[0][0] == ["db"]
+    assert seen[1] == seen[0]
