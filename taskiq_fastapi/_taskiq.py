@@ -277,9 +277,8 @@ def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Sig
             if metadata is not None and any(meta is marker for meta in metadata):
                 named = (explicit if meta is marker else meta for meta in metadata)
                 declared: Any = Annotated
-                parameter = parameter.replace(
-                    annotation=declared[(annotation.__origin__,) + tuple(named)]
-                )
+                params = (annotation.__origin__, *named)
+                parameter = parameter.replace(annotation=declared[params])
             else:
                 parameter = parameter.replace(default=explicit, annotation=hint)
         parameters.append(parameter)
