@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -713,3 +714,32 @@ async def test_a_gated_tasks_dependencies_see_their_parameters_as_declared(
         seen.append(result.return_value)
     assert seen[0][0] == ["db"]
     assert seen[1] == seen[0]
+
+
+@pytest.mark.anyio
+async def test_a_sync_task_in_its_thread_is_refused_whatever_started_after() -> None:
+    # Recorded `started` as it goes to its thread, not `started_after` later:
+    # a cancel meanwhile would be accepted, and never honoured.
+    broker = InMemoryBroker()
+    running, release = threading.Event(), threading.Event()
+
+    @broker.task
+    def report() -> str:
+        running.set()
+        release.wait(10)
+        return "done"
+
+    status = taskiq_fastapi.TaskStatus(
+        broker, [report], cancellable=True, started_after=30
+    )
+    async with as_worker(broker):
+        kicked = await report.kiq()
+        await asyncio.to_thread(running.wait, 10)
+        try:
+            with pytest.raises(taskiq_fastapi.TaskNotCancellableError, match="sync"):
+                await status.cancel(kicked.task_id)
+        finally:
+            release.set()
+        result = await kicked.wait_result(timeout=5)
+    assert result.return_value == "done"
+    assert (await status.kicked(kicked.task_id)).state == "succeeded"

@@ -202,6 +202,11 @@ class TaskStatus:
         for task in tasks:
             if stop_on_request(task, self._canceller):
                 self._stoppable.add(task.task_name)
+            else:
+                # A sync task cannot be stopped once in its thread: recorded
+                # `started` as it goes there, so that a cancel sent while it
+                # runs is refused (409) instead of accepted and not honoured.
+                self._recorder.started_after[task.task_name] = 0.0
 
     async def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued or running task; its record as it stands now.
