@@ -77,6 +77,10 @@ async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
         asked = client.delete(f"/tasks/{queued_id}", headers=ALICE)
         assert asked.status_code == 202
         assert asked.json()["state"] == "queued"
+        # A sync task too: its thread is never entered.
+        thread = client.post("/threads", params={"seconds": 60}, headers=ALICE)
+        thread_id = thread.json()["task_id"]
+        assert client.delete(f"/tasks/{thread_id}", headers=ALICE).status_code == 202
 
         commands = [
             run.start("worker", *CANCEL_APP, "--workers", "2") for _ in range(2)
@@ -86,6 +90,7 @@ async def test_queued_and_running_tasks_are_cancelled_on_any_worker(
         running_id = running.json()["task_id"]
         cancelled = wait_for(client, queued_id, "cancelled")
         assert cancelled["started_at"] is None
+        assert wait_for(client, thread_id, "cancelled")["started_at"] is None
         run.wait_for("job 2 started", processes=1)
         sent = time.monotonic()
         assert client.delete(f"/tasks/{running_id}", headers=ALICE).status_code == 202
