@@ -247,11 +247,7 @@ def gated(function: Callable[..., Any], gate: Callable[[], None]) -> inspect.Sig
     function, not from a signature), and a `TaskiqDepends()` without a
     dependency naming its hint (it reads an object's hints from `__call__`).
     """
-    try:
-        signature = inspect.signature(function, eval_str=True)
-        hints = get_type_hints(function)
-    except Exception:  # taskiq reports what it cannot read, as before
-        signature, hints = inspect.signature(function), {}
+    signature, hints = _as_taskiq_reads(function)
     first = inspect.Parameter(
         GATE, inspect.Parameter.KEYWORD_ONLY, default=TaskiqMarker(gate)
     )
@@ -294,11 +290,7 @@ def sets_up_dependencies(function: Callable[..., Any]) -> bool:
 
     Values of the dependency context (`CONTEXT_TYPES`) are taken as they are.
     """
-    try:
-        signature = inspect.signature(function, eval_str=True)
-        hints = get_type_hints(function)
-    except Exception:
-        signature, hints = inspect.signature(function), {}
+    signature, hints = _as_taskiq_reads(function)
     for parameter in signature.parameters.values():
         marker = marker_of(parameter)
         if not isinstance(marker, (TaskiqMarker, FastAPIDepends)):
@@ -307,6 +299,16 @@ def sets_up_dependencies(function: Callable[..., Any]) -> bool:
         if target not in CONTEXT_TYPES:
             return True
     return False
+
+
+def _as_taskiq_reads(
+    function: Callable[..., Any],
+) -> tuple[inspect.Signature, dict[str, Any]]:
+    """The function's signature, annotations evaluated, and its type hints."""
+    try:
+        return inspect.signature(function, eval_str=True), get_type_hints(function)
+    except Exception:  # taskiq reports what it cannot read, as before
+        return inspect.signature(function), {}
 
 
 class SyncBehindGate:
