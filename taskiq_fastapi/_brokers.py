@@ -76,6 +76,8 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     pooled connection found closed before the command went out.
     """
     _guard_redis_pools(broker, retry_timeout)
+    for owner in (broker, broker.result_backend):
+        _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
     if _is_jetstream(broker):
         _guard_nats_kick(broker)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -139,8 +141,38 @@ def _redis_pools(owner: object) -> list[Any]:
     return [v for v in vars(owner).values() if isinstance(v, ConnectionPool)]
 
 
+def _guard_sentinel_pools(
+    owner: object, broker_name: str, retry_timeout: float
+) -> None:
+    """The same for each pool of taskiq-redis' sentinel brokers and backends.
+
+    They ask their `sentinel` (a redis-py Sentinel) for a client of the
+    master, with a pool of its own, for every command (`master_for`, in
+    their `_acquire_master_conn`): no connection is kept from before a
+    restart, but a kick while the master is down failed at once.
+    """
+    try:
+        from redis.asyncio import Sentinel
+    except ImportError:
+        return
+    sentinel = getattr(owner, "sentinel", None)
+    if not isinstance(sentinel, Sentinel):
+        return
+    master_for = sentinel.master_for
+
+    def guarded_master_for(*args: Any, **kwargs: Any) -> Any:
+        client = master_for(*args, **kwargs)
+        _guard_redis_pool(client.connection_pool, broker_name, retry_timeout)
+        return client
+
+    sentinel.master_for = guarded_master_for  # type: ignore[method-assign]
+
+
 def _where(pool: Any) -> str:
     """host:port or socket path; never the URL, which may hold a password."""
+    service = getattr(pool, "service_name", None)
+    if service is not None:  # a Sentinel's pool: the master it asks them for
+        return f"Sentinel master {service!r}"
     kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return str(kwargs["path"])
@@ -532,19 +564,44 @@ class LostState:
 
 
 def _is_redis_stream(broker: AsyncBroker) -> bool:
+    """taskiq-redis' stream brokers: on one server, behind Sentinel, on a cluster.
+
+    They share their consumer group's handling: created once at startup
+    (`_declare_consumer_group`), each message's ack made by `_ack_generator`
+    with its id and stream.
+    """
     try:
-        from taskiq_redis import RedisStreamBroker
+        from taskiq_redis import (
+            RedisStreamBroker,
+            RedisStreamClusterBroker,
+            RedisStreamSentinelBroker,
+        )
     except ImportError:
         return False
-    return isinstance(broker, RedisStreamBroker)
+    return isinstance(
+        broker, (RedisStreamBroker, RedisStreamSentinelBroker, RedisStreamClusterBroker)
+    )
 
 
 @asynccontextmanager
 async def _redis(broker: Any) -> AsyncIterator[Any]:
-    from redis.asyncio import Redis
+    """A client of the broker's server, as taskiq-redis makes its own.
 
-    async with Redis(connection_pool=broker.connection_pool) as redis:
-        yield redis
+    A client of the master's for a sentinel broker (`_acquire_master_conn`);
+    the broker's own RedisCluster for a cluster one (`redis`), left open: it
+    is the broker's; else one on the broker's pool (`connection_pool`).
+    """
+    from redis.asyncio import Redis, RedisCluster
+
+    acquire = getattr(broker, "_acquire_master_conn", None)
+    if acquire is not None:
+        async with acquire() as redis:
+            yield redis
+    elif isinstance(getattr(broker, "redis", None), RedisCluster):
+        yield broker.redis
+    else:
+        async with Redis(connection_pool=broker.connection_pool) as redis:
+            yield redis
 
 
 def _no_group(exc: BaseException) -> bool:

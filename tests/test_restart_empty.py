@@ -33,7 +33,7 @@ from workers import APP, BROKER, WorkerRun, get_json
 
 from tools.nats_server import NatsServer
 from tools.nats_server import running_server as running_nats
-from tools.redis_server import RedisServer
+from tools.redis_server import MASTER_NAME, RedisServer, running_sentinel
 from tools.redis_server import running_server as running_redis
 
 pytestmark = pytest.mark.anyio
@@ -149,18 +149,38 @@ async def test_redis_restarted_without_data_loses_no_task_kicked_since(
     finally:
         run.kill_all()
     if streams:
-        # The first process to meet the missing group recreates it, where the
-        # restarted server's stream begins; one WARNING line.
-        recreated = [
-            line
-            for line in worker_output.splitlines()
-            if "consumer group 'taskiq'" in line
-        ]
-        assert len(recreated) == 1, worker_output
-        assert recreated[0].endswith(
-            f"recreated consumer group 'taskiq' on '{run.queue}' at 0: the Redis "
-            "server restarted without its data."
-        ), recreated
+        assert_group_recreated_once(worker_output, run.queue)
+
+
+def assert_group_recreated_once(worker_output: str, queue: str) -> None:
+    """The first process to meet the missing group recreated it, one WARNING line.
+
+    Where the restarted server's stream begins: every entry is newer.
+    """
+    recreated = [
+        line for line in worker_output.splitlines() if "consumer group 'taskiq'" in line
+    ]
+    assert len(recreated) == 1, worker_output
+    assert "WARNING" in recreated[0], recreated
+    assert recreated[0].endswith(
+        f"recreated consumer group 'taskiq' on '{queue}' at 0: the Redis "
+        "server restarted without its data."
+    ), recreated
+
+
+async def test_sentinel_master_restarted_without_data_loses_no_task_kicked_since(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """RedisStreamSentinelBroker: its master restarts empty, on the same address."""
+    with running_sentinel(redis_server) as sentinel:
+        run = WorkerRun(
+            redis_server.url, tmp_path, sentinel=f"{sentinel.url}/{MASTER_NAME}"
+        )
+        try:
+            worker_output, _ = await restart_empty_under_load(run, redis_server)
+        finally:
+            run.kill_all()
+    assert_group_recreated_once(worker_output, run.queue)
 
 
 async def test_nats_restarted_without_store_loses_no_task_kicked_since(

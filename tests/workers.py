@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from taskiq.kicker import AsyncKicker
-from workerapp.brokers import make_broker, make_nats_broker
+from workerapp.brokers import make_broker, make_nats_broker, make_sentinel_broker
 
 from tools.processes import free_port
 
@@ -52,6 +52,7 @@ class WorkerRun:
         *,
         streams: bool = False,
         nats_url: str | None = None,
+        sentinel: str | None = None,
     ) -> None:
         self.queue = f"test-{uuid.uuid4().hex}"
         self.events_file = tmp_path / f"events-{self.queue}.log"
@@ -64,9 +65,15 @@ class WorkerRun:
             "EVENTS_FILE": str(self.events_file),
             "PYTHONUNBUFFERED": "1",
         }
+        self.env.pop("TASKIQ_TEST_SENTINEL", None)
         if nats_url is not None:  # the workers' broker: NATS JetStream
             self.env["NATS_URL"] = nats_url
             self.sender = make_nats_broker(nats_url, self.queue)
+        elif sentinel is not None:  # a stream broker behind Redis Sentinel
+            self.env.pop("NATS_URL", None)
+            self.env["TASKIQ_TEST_SENTINEL"] = sentinel
+            self.env["TASKIQ_TEST_STREAMS"] = "1"
+            self.sender = make_sentinel_broker(sentinel, self.queue)
         else:
             self.env.pop("NATS_URL", None)
             self.sender = make_broker(redis_url, self.queue, streams=streams)

