@@ -11,13 +11,19 @@ brokers and their clients do about it, and what this module does instead:
   server. `guard_connections` checks again in the API process, and retries
   getting a connection (nothing is sent before one is had) for a bounded time;
   `renew_closed_connections` checks again in workers.
-- taskiq-redis's `RedisStreamBroker` creates its consumer group once, at
-  startup, at `$`: after the restart its fetch fails with NOGROUP for ever,
-  and a group created again at `$` skips what the API kicked meanwhile.
-  `LostState` creates it again in place, at the stream's beginning when the
-  server lost its state (INFO's run_id changed since startup), else after the
-  newest message this process fetched (it reads ids where taskiq-redis makes
-  each message's ack, `_ack_generator`).
+- taskiq-redis's `RedisStreamBroker`, and its sentinel and cluster variants,
+  create their consumer group once, at startup, at `$`: after the restart
+  their fetch fails with NOGROUP for ever, and a group created again at `$`
+  skips what the API kicked meanwhile. `LostState` creates it again in
+  place, at the stream's beginning when the server lost its state (INFO's
+  run_id of the server, or cluster node, holding the stream changed since
+  startup), else after the newest message this process fetched (it reads
+  ids where taskiq-redis makes each message's ack, `_ack_generator`).
+- taskiq-redis's sentinel brokers and backends get a client and pool of the
+  master for every command (`master_for`): `guard_connections` retries
+  getting a connection there too. Its cluster ones keep one RedisCluster,
+  which finds its nodes again (`initialize`) after a failure, raising at
+  once when none answers: `guard_connections` retries that.
 - taskiq-nats creates its JetStream stream and durable consumer, and its
   result bucket, once, at startup: after the restart publishing fails with
   "no stream", fetching with "service unavailable" (no consumer answers),
@@ -78,6 +84,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
+        _guard_cluster_clients(owner, type(broker).__name__, retry_timeout)
     if _is_jetstream(broker):
         _guard_nats_kick(broker)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -221,34 +228,74 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
             # (redis-py hands out the idle connection checked here), so
             # nothing to bound or to retry.
             return await get_connection(*args, **kwargs)
-        # One clock from the first attempt: an attempt that never returns (a
-        # server that accepts and never answers) counts, as one that fails.
-        started = time.monotonic()
-        deadline = started + retry_timeout
-        attempt = 0
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                return await _within(live_connection(*args, **kwargs), left)
-            except asyncio.TimeoutError:
-                exc: Exception = TimeoutError(
-                    f"no connection within {retry_timeout:g} s"
-                )
-            except Exception as error:
-                if not is_connection_error(error):
-                    raise
-                exc = error
-            now = time.monotonic()
-            if now >= deadline:
-                raise BrokerUnreachableError(
-                    f"Broker {broker_name} at {_where(pool)} unreachable for "
-                    f"{now - started:.0f} s: {describe(exc)}"
-                ) from exc
-            delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
-            attempt += 1
-            await asyncio.sleep(min(delay, deadline - now))
+        return await _until_connected(
+            lambda: live_connection(*args, **kwargs),
+            retry_timeout,
+            f"Broker {broker_name} at {_where(pool)}",
+        )
 
     pool.get_connection = get_live_connection
+
+
+async def _until_connected(
+    attempt: Callable[[], Awaitable[Any]], retry_timeout: float, what: str
+) -> Any:
+    """`attempt()`, tried again on connection-type errors for `retry_timeout` s.
+
+    Only for attempts that send nothing (getting a connection). One clock
+    from the first attempt: an attempt that never returns (a server that
+    accepts and never answers) counts, as one that fails. Past it,
+    BrokerUnreachableError naming `what`.
+    """
+    started = time.monotonic()
+    deadline = started + retry_timeout
+    tries = 0
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await _within(attempt(), left)
+        except asyncio.TimeoutError:
+            exc: Exception = TimeoutError(f"no connection within {retry_timeout:g} s")
+        except Exception as error:
+            if not is_connection_error(error):
+                raise
+            exc = error
+        now = time.monotonic()
+        if now >= deadline:
+            raise BrokerUnreachableError(
+                f"{what} unreachable for {now - started:.0f} s: {describe(exc)}"
+            ) from exc
+        delay = backoff(tries, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
+        tries += 1
+        await asyncio.sleep(min(delay, deadline - now))
+
+
+def _guard_cluster_clients(
+    owner: object, broker_name: str, retry_timeout: float
+) -> None:
+    """taskiq-redis' cluster brokers and backends: connecting is retried.
+
+    Their RedisCluster (`redis`) finds its nodes again (`initialize`) before
+    a command whenever one failed; with no node reachable, that raised at
+    once and the kick failed. Nothing is sent while it runs.
+    """
+    try:
+        from redis.asyncio import RedisCluster
+    except ImportError:
+        return
+    client = getattr(owner, "redis", None)
+    if not isinstance(client, RedisCluster):
+        return
+    initialize = client.initialize
+
+    async def initialize_within(*args: Any, **kwargs: Any) -> Any:
+        return await _until_connected(
+            lambda: initialize(*args, **kwargs),
+            retry_timeout,
+            f"Broker {broker_name} (Redis Cluster)",
+        )
+
+    client.initialize = initialize_within  # type: ignore[method-assign]
 
 
 if sys.version_info >= (3, 11):
@@ -435,7 +482,9 @@ class LostState:
     def __init__(self, broker: AsyncBroker, name: str) -> None:
         self.broker = broker
         self.name = name
-        self.run_id: str | None = None
+        # Per stream, the run_id of the server that holds it (on a cluster,
+        # each stream's node).
+        self.run_ids: dict[str, str | None] = {}
         # Per stream, the newest message id this process fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
         if _is_redis_stream(broker):
@@ -444,7 +493,7 @@ class LostState:
     async def remember(self) -> None:
         """Which server the broker talks to (Redis stream brokers only)."""
         if _is_redis_stream(self.broker):
-            self.run_id = await self._redis_run_id()
+            self.run_ids = await self._redis_run_ids()
 
     async def recover(self, exc: BaseException) -> bool:
         """Recreate what `exc` says the server lost; whether to try again."""
@@ -491,17 +540,21 @@ class LostState:
 
         broker._ack_generator = ack_generator
 
-    async def _redis_run_id(self) -> str | None:
+    def _streams(self) -> list[str]:
+        broker: Any = self.broker
+        return [broker.queue_name, *broker.additional_streams]
+
+    async def _redis_run_ids(self) -> dict[str, str | None]:
+        """Per stream, INFO's run_id of the server (the cluster node) holding it."""
+        streams = self._streams()
         try:
             async with _redis(self.broker) as redis:
-                info = await redis.info("server")
+                return {stream: await _run_id(redis, stream) for stream in streams}
         except Exception as exc:
             if is_connection_error(exc):
                 raise
             logger.debug("No INFO from the Redis server (%s).", describe(exc))
-            return None
-        run_id = info.get("run_id")
-        return None if run_id is None else str(run_id)
+            return dict.fromkeys(streams)
 
     async def _recreate_redis_group(self) -> str:
         """The consumer group again, where nothing added since it vanished is skipped.
@@ -512,14 +565,17 @@ class LostState:
         newest message this process fetched, else at the beginning.
         """
         broker: Any = self.broker
-        run_id = await self._redis_run_id()
-        restarted = self.run_id is not None and run_id != self.run_id
-        self.run_id = run_id
-        streams = [broker.queue_name, *broker.additional_streams]
+        run_ids = await self._redis_run_ids()
+        restarted = {
+            stream
+            for stream, run_id in run_ids.items()
+            if self.run_ids.get(stream) is not None and run_id != self.run_ids[stream]
+        }
+        self.run_ids = run_ids
         created = []
         async with _redis(broker) as redis:
-            for stream in streams:
-                start = "0" if restarted else self._after_fetched(stream)
+            for stream in run_ids:
+                start = "0" if stream in restarted else self._after_fetched(stream)
                 try:
                     await redis.xgroup_create(
                         stream, broker.consumer_group_name, id=start, mkstream=True
@@ -602,6 +658,19 @@ async def _redis(broker: Any) -> AsyncIterator[Any]:
     else:
         async with Redis(connection_pool=broker.connection_pool) as redis:
             yield redis
+
+
+async def _run_id(redis: Any, key: str) -> str | None:
+    """INFO's run_id of the server holding `key`: on a cluster, its node's."""
+    from redis.asyncio import RedisCluster
+
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        info = await redis.info("server", target_nodes=node)
+    else:
+        info = await redis.info("server")
+    run_id = info.get("run_id")
+    return None if run_id is None else str(run_id)
 
 
 def _no_group(exc: BaseException) -> bool:

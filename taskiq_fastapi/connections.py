@@ -8,7 +8,11 @@ rule lives here once.
 Connection-type errors are `OSError` (socket errors, Python's
 ConnectionError and TimeoutError) and errors whose class or a base class is
 named like a connection, timeout or no-servers error, as redis-py, aio-pika
-and nats-py name theirs.
+and nats-py name theirs. A Redis Cluster that cannot serve is one too:
+redis-py's ClusterDownError (a node refusing commands until its cluster is
+ok again, as for seconds after it restarts), and a cluster error raised from
+a connection-type error (RedisClusterException "Redis Cluster cannot be
+connected", when no node answers).
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ from __future__ import annotations
 import logging
 import random
 
-_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers")
+_CONNECTION_NAMES = ("Connection", "Timeout", "NoServers", "ClusterDown")
 
 
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` says the broker cannot be reached (worth a retry)."""
     if isinstance(exc, OSError):
         return True
-    return any(
+    if any(
         fragment in cls.__name__
         for cls in type(exc).__mro__
         for fragment in _CONNECTION_NAMES
+    ):
+        return True
+    cause = exc.__cause__
+    return (
+        "Cluster" in type(exc).__name__
+        and cause is not None
+        and is_connection_error(cause)
     )
 
 

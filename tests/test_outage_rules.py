@@ -12,6 +12,17 @@ from taskiq_fastapi import connections
 from taskiq_fastapi_cli.runtime import outages
 
 
+def cluster_error_from(cause: Exception) -> Exception:
+    """redis-py's RedisClusterException, raised from `cause` as redis-py raises it.
+
+    "Redis Cluster cannot be connected" when no node answers.
+    """
+    try:
+        raise redis.exceptions.RedisClusterException("Redis Cluster") from cause
+    except redis.exceptions.RedisClusterException as error:
+        return error
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -23,6 +34,9 @@ from taskiq_fastapi_cli.runtime import outages
         asyncio.TimeoutError(),
         type("AMQPConnectionError", (Exception,), {})(),  # aio-pika / aiormq
         type("NoServersError", (Exception,), {})(),  # nats-py
+        redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        redis.exceptions.MasterDownError("MASTERDOWN Link with MASTER is down"),
+        cluster_error_from(redis.exceptions.ConnectionError("Error 111")),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -37,6 +51,8 @@ def test_connection_type_errors_are_retried(error: BaseException) -> None:
         json.JSONDecodeError("bad message", "{", 0),
         ValueError("a bug in a broker"),
         KeyError("data"),
+        redis.exceptions.RedisClusterException("No targets were found"),
+        cluster_error_from(ValueError("a bug")),
     ],
     ids=lambda e: type(e).__name__,
 )

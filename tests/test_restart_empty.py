@@ -33,7 +33,12 @@ from workers import APP, BROKER, WorkerRun, get_json
 
 from tools.nats_server import NatsServer
 from tools.nats_server import running_server as running_nats
-from tools.redis_server import MASTER_NAME, RedisServer, running_sentinel
+from tools.redis_server import (
+    MASTER_NAME,
+    RedisServer,
+    running_cluster,
+    running_sentinel,
+)
 from tools.redis_server import running_server as running_redis
 
 pytestmark = pytest.mark.anyio
@@ -178,6 +183,19 @@ async def test_sentinel_master_restarted_without_data_loses_no_task_kicked_since
         )
         try:
             worker_output, _ = await restart_empty_under_load(run, redis_server)
+        finally:
+            run.kill_all()
+    assert_group_recreated_once(worker_output, run.queue)
+
+
+async def test_cluster_node_restarted_without_data_loses_no_task_kicked_since(
+    tmp_path: Path,
+) -> None:
+    """RedisStreamClusterBroker: a node restarts empty, its slots kept."""
+    with running_cluster() as node:
+        run = WorkerRun(node.url, tmp_path, cluster=True)
+        try:
+            worker_output, _ = await restart_empty_under_load(run, node)
         finally:
             run.kill_all()
     assert_group_recreated_once(worker_output, run.queue)

