@@ -1159,7 +1159,8 @@ def cancel_channel(storage: RecordStorage) -> CancelChannel | None:
 
     ProgressSlots has no channel: its backends are InMemoryBroker's (where
     the tasks run in the process that cancels them) and taskiq-redis'
-    cluster and sentinel ones, whose clients this module does not drive.
+    cluster and sentinel ones, whose clients this module sends no records
+    through.
     """
     if isinstance(storage, RedisRecords):
         return RedisCancels(storage)

@@ -4,7 +4,9 @@ A real uvicorn serves an API that kicks tasks (`broker_lifespan`), the real
 worker command serves them, and the test's own server (Redis without
 persistence, NATS without its store directory) is stopped and started again
 empty on the same port. Every task the API kicked after the restart runs
-exactly once, in the same worker processes.
+exactly once, in the same worker processes. For taskiq-redis' stream
+brokers, also behind a real Redis Sentinel (its master restarts empty) and
+on a one-node Redis Cluster (the node restarts empty, its nodes.conf kept).
 
 Where tasks were lost is the window between the restart and the workers' next
 fetch. How long that is depends on where each worker is in its backoff, so
