@@ -24,11 +24,22 @@ from redis.asyncio import Redis
 from taskiq import AsyncBroker
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
-from taskiq_redis import ListQueueBroker, RedisStreamBroker
+from taskiq_redis import (
+    ListQueueBroker,
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+)
 
 import taskiq_fastapi
 from taskiq_fastapi._brokers import LostState
-from tools.redis_server import RedisServer, running_server
+from tools.redis_server import (
+    MASTER_NAME,
+    RedisServer,
+    running_cluster,
+    running_sentinel,
+    running_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -108,6 +119,53 @@ async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) ->
     assert str(cause).startswith(
         f"Broker ListQueueBroker at 127.0.0.1:{server.port} unreachable for 1 s: "
         "ConnectionError: "
+    ), cause
+    assert 1 <= waited < 5
+
+
+async def test_behind_sentinel_past_the_bound_one_error_names_the_master(
+    server: RedisServer,
+) -> None:
+    """Pins taskiq-redis' sentinel broker asking its `sentinel` (redis-py's
+    Sentinel) for a client of the master per command (`master_for`)."""
+    with running_sentinel(server) as sentinel:
+        sentinels = [("127.0.0.1", sentinel.port)]
+        broker = RedisStreamSentinelBroker(sentinels, MASTER_NAME, queue_name="s")
+        async with api(broker, retry_timeout=1):
+            await kiq(broker, 1)
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(SendTaskError) as raised:
+                await kiq(broker, 2)
+            waited = time.monotonic() - started
+            server.start()  # for the broker's shutdown
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError)
+    assert str(cause).startswith(
+        f"Broker RedisStreamSentinelBroker at Sentinel master '{MASTER_NAME}' "
+        "unreachable for 1 s: ConnectionError: "
+    ), cause
+    assert 1 <= waited < 5
+
+
+async def test_on_a_cluster_past_the_bound_one_error_names_the_broker() -> None:
+    """Pins redis-py's RedisCluster finding its nodes (`initialize`) before a
+    command once one failed, which taskiq-redis' cluster broker relies on."""
+    with running_cluster() as node:
+        broker = RedisStreamClusterBroker(node.url, queue_name="s")
+        async with api(broker, retry_timeout=1):
+            await kiq(broker, 1)
+            node.stop()
+            started = time.monotonic()
+            with pytest.raises(SendTaskError) as raised:
+                await kiq(broker, 2)
+            waited = time.monotonic() - started
+            node.start()  # for the broker's shutdown
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError)
+    assert str(cause).startswith(
+        "Broker RedisStreamClusterBroker (Redis Cluster) unreachable for 1 s: "
+        "RedisClusterException: Redis Cluster cannot be connected."
     ), cause
     assert 1 <= waited < 5
 
