@@ -103,11 +103,26 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
     """How to ask the server of a broker or result backend for an answer.
 
-    A PING on a connection of its Redis pool, or a PING/PONG round trip of its
-    NATS client (`flush`); None for a client we do not know. The caller bounds
-    it with a deadline: a server that accepts connections and never answers
-    makes it wait for ever.
+    A PING on a connection of its Redis pool; behind Sentinel, to its master;
+    on a Redis Cluster, to the nodes it waits on (`_cluster_pinger`); or a
+    PING/PONG round trip of its NATS client (`flush`). None for a client we do
+    not know. The caller bounds it with a deadline: a server that accepts
+    connections and never answers makes it wait for ever. A cancelled PING
+    leaves no reply behind: redis-py closes a connection whose read is
+    cancelled (`read_response`).
     """
+    if getattr(owner, "_acquire_master_conn", None) is not None:
+
+        async def sentinel_ping() -> None:
+            # A client of the master, asked of the sentinels, as taskiq-redis
+            # gets one for every command; closed with its pool afterwards.
+            async with _redis(owner) as redis:
+                await redis.ping()
+
+        return sentinel_ping
+    cluster = _cluster_client(owner)
+    if cluster is not None:
+        return _cluster_pinger(owner, cluster)
     pools = _redis_pools(owner)
     if pools:
         pool = pools[0]
@@ -131,6 +146,41 @@ def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
 
         return nats_ping
     return None
+
+
+def _cluster_pinger(owner: object, cluster: Any) -> Callable[[], Awaitable[None]]:
+    """A PING to each node a cluster broker fetches from, or to every primary.
+
+    redis-py sends a bare PING to the client's default node only, which
+    need not hold the broker's streams. A broker waits on the nodes holding
+    its queue (and additional streams); a result backend's save, on the node
+    of its task's key, which may be any primary. With the nodes given,
+    redis-py sends it without its cluster-level retries. `initialize` first
+    finds the nodes again if a failure asked for it (a no-op otherwise): the
+    PING then knows where the slots are.
+    """
+    queue = getattr(owner, "queue_name", None)
+    keys = [] if queue is None else [queue, *getattr(owner, "additional_streams", ())]
+
+    async def cluster_ping() -> None:
+        await cluster.initialize()
+        if keys:
+            nodes = {node.name: node for node in map(cluster.get_node_from_key, keys)}
+            await cluster.ping(target_nodes=list(nodes.values()))
+        else:
+            await cluster.ping(target_nodes=cluster.get_primaries())
+
+    return cluster_ping
+
+
+def _cluster_client(owner: object) -> Any:
+    """The RedisCluster of taskiq-redis' cluster brokers and backends, or None."""
+    try:
+        from redis.asyncio import RedisCluster
+    except ImportError:
+        return None
+    client = getattr(owner, "redis", None)
+    return client if isinstance(client, RedisCluster) else None
 
 
 def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
@@ -279,12 +329,8 @@ def _guard_cluster_clients(
     a command whenever one failed; with no node reachable, that raised at
     once and the kick failed. Nothing is sent while it runs.
     """
-    try:
-        from redis.asyncio import RedisCluster
-    except ImportError:
-        return
-    client = getattr(owner, "redis", None)
-    if not isinstance(client, RedisCluster):
+    client = _cluster_client(owner)
+    if client is None:
         return
     initialize = client.initialize
 
@@ -295,7 +341,7 @@ def _guard_cluster_clients(
             f"Broker {broker_name} (Redis Cluster)",
         )
 
-    client.initialize = initialize_within  # type: ignore[method-assign]
+    client.initialize = initialize_within
 
 
 if sys.version_info >= (3, 11):

@@ -3,22 +3,36 @@
 Each has one clock, from the first failed attempt to the next success,
 whatever the client library does inside; past `--broker-retry-timeout` the
 command exits 3 with one line naming what was unreachable and for how long.
+A server that accepts connections and never answers (a silent port; a real
+Sentinel master or cluster node frozen with SIGSTOP) is found out by PINGs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 from redis.asyncio import Redis
+from taskiq import TaskiqResult
 from workers import APP, BROKER, WorkerRun
 
-from tools.processes import free_port, silent_port
-from tools.redis_server import RedisServer, running_server
+from taskiq_fastapi_cli.runtime.outages import Dependency
+from tools.processes import ServerProcess, free_port, silent_port
+from tools.redis_server import (
+    MASTER_NAME,
+    RedisServer,
+    running_cluster,
+    running_sentinel,
+    running_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +203,135 @@ async def test_a_result_save_stuck_on_a_silent_backend_is_cut_at_the_give_up(
     async with Redis.from_url(server.url) as redis:
         pending = await redis.xpending(run.queue, "taskiq")
     assert pending["pending"] == 1, output
+
+
+@contextmanager
+def variant(name: str, tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerRun]]:
+    """taskiq-redis' stream broker and results behind a real Sentinel, or on a
+    real one-node cluster; and the server holding the data (the master, the
+    node)."""
+    if name == "sentinel":
+        with running_server() as master, running_sentinel(master) as sentinel:
+            where = f"{sentinel.url}/{MASTER_NAME}"
+            yield master, WorkerRun(master.url, tmp_path, sentinel=where)
+    else:
+        with running_cluster() as node:
+            yield node, WorkerRun(node.url, tmp_path, cluster=True)
+
+
+@contextmanager
+def frozen(server: ServerProcess) -> Iterator[None]:
+    """The server process stopped (SIGSTOP): the kernel still accepts
+    connections on its port, nothing answers. Continued on the way out."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+VARIANTS = pytest.mark.parametrize("name", ["sentinel", "cluster"])
+
+
+async def logged(run: WorkerRun, worker: Popen[bytes], text: str) -> None:
+    """Wait until the worker command's output holds `text`."""
+    deadline = time.monotonic() + 30
+    while text not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.1)
+
+
+@VARIANTS
+async def test_a_frozen_sentinel_master_or_cluster_node_is_exit_3(
+    name: str, tmp_path: Path
+) -> None:
+    """Its socket accepts, nothing answers: the worker's PINGs go unanswered."""
+    with variant(name, tmp_path) as (server, run):
+        try:
+            worker = run.start(
+                "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "4"
+            )
+            await logged(run, worker, "Listening started")  # the broker started
+            with frozen(server):
+                froze = time.monotonic()
+                code = await asyncio.to_thread(worker.wait, 60)
+                took = time.monotonic() - froze
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    assert 4 <= gave_up(output, BROKER_NAME, 4) < 7, output
+    assert took < 4 + 20, output  # the PINGs' period and the stop included
+    # Found out by the PINGs (redis-py's own socket timeouts come later, and
+    # behind Sentinel the sentinel's 30 s to call the master down), each one
+    # unanswered logged.
+    retries = retry_times(output, BROKER_NAME)
+    assert len(retries) >= 2, output
+    assert "(ConnectionError: no answer to a PING within " in retries[0], output
+    assert "Traceback" not in output
+
+
+@VARIANTS
+async def test_a_sentinel_master_or_cluster_node_frozen_a_while_is_ridden_out(
+    name: str, tmp_path: Path
+) -> None:
+    """Frozen for less than the timeout, then continued: "back", tasks run."""
+    with variant(name, tmp_path) as (server, run):
+        try:
+            worker = run.start(
+                "worker",
+                *BROKER,
+                *APP,
+                "--workers",
+                "1",
+                "--broker-retry-timeout",
+                "12",
+            )
+            await logged(run, worker, "Listening started")  # the broker started
+            with frozen(server):
+                await logged(run, worker, f"{BROKER_NAME} unreachable (")
+            # No message sent meanwhile: a PING answered.
+            await logged(run, worker, f"{BROKER_NAME} is back after ")
+            await run.sender.startup()
+            try:
+                tasks = await run.kiq_all("mark", [(n,) for n in range(5)])
+                results = [await task.wait_result(timeout=30) for task in tasks]
+            finally:
+                await run.sender.shutdown()
+            assert [result.return_value for result in results] == list(range(5))
+            assert worker.poll() is None, run.output(worker)
+            assert run.stop(worker) == 0
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert not [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert "Traceback" not in output
+
+
+@VARIANTS
+async def test_their_result_backends_ping_the_frozen_server_with_a_deadline(
+    name: str, tmp_path: Path
+) -> None:
+    """The result backends' PING: answered; unanswered within its deadline
+    while the server is frozen; answered again once it is continued, on
+    connections still in step (no late PONG read as another reply)."""
+    with variant(name, tmp_path) as (server, run):
+        backend = run.sender.result_backend
+        await backend.startup()
+        try:
+            results = Dependency(BACKEND_NAME, backend, 4, lambda unreachable: None)
+            assert await results.unanswered() is None
+            with frozen(server):
+                asked = time.monotonic()
+                unanswered = await results.unanswered()
+                took = time.monotonic() - asked
+            assert isinstance(unanswered, ConnectionError), unanswered
+            assert took < results.ping_timeout + 5
+            assert await results.unanswered() is None
+            await backend.set_result("answered", TaskiqResult(
+                is_err=False, return_value=1, execution_time=0.0
+            ))  # fmt: skip
+            assert (await backend.get_result("answered")).return_value == 1
+        finally:
+            await backend.shutdown()
