@@ -693,14 +693,15 @@ async def _redis(broker: Any) -> AsyncIterator[Any]:
     the broker's own RedisCluster for a cluster one (`redis`), left open: it
     is the broker's; else one on the broker's pool (`connection_pool`).
     """
-    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio import Redis
 
     acquire = getattr(broker, "_acquire_master_conn", None)
+    cluster = _cluster_client(broker)
     if acquire is not None:
         async with acquire() as redis:
             yield redis
-    elif isinstance(getattr(broker, "redis", None), RedisCluster):
-        yield broker.redis
+    elif cluster is not None:
+        yield cluster
     else:
         async with Redis(connection_pool=broker.connection_pool) as redis:
             yield redis
