@@ -21,7 +21,6 @@ from taskiq import AsyncBroker, Context, TaskiqMessage, TaskiqState
 # reusing its helper keeps app imports resolving exactly like broker imports.
 from taskiq.cli.utils import add_cwd_in_path as cwd_in_sys_path
 from taskiq.decor import AsyncTaskiqDecoratedTask
-from taskiq_dependencies import DependencyGraph
 
 # taskiq's marker class: `TaskiqDepends(...)` returns one of these.
 from taskiq_dependencies.dependency import Dependency as TaskiqMarker
@@ -82,11 +81,9 @@ class PerTaskContext(dict[Any, Any]):
     dict after `update`: the task's Context is kept in a context variable of
     its own asyncio task, and every copy made for that task gets that Context
     and one Request, made once per task from its message's labels. Tasks
-    without dependencies are never copied, and a task none of whose
-    dependencies asks for a Request or HTTPConnection gets none made (which
-    tasks ask is read from their dependency graphs once per task name; with
-    `dependency_overrides` every task gets one); and taskiq's prebuilt
-    dependency graphs are kept (overrides would rebuild them for every task).
+    without dependencies are never copied, so they pay for no Request; and
+    taskiq's prebuilt dependency graphs are kept (overrides would rebuild
+    them for every task).
     """
 
     def __init__(
@@ -96,8 +93,6 @@ class PerTaskContext(dict[Any, Any]):
     ) -> None:
         super().__init__(values)
         self.make_request = make_request
-        # Per task name: whether its dependency graph asks for a Request.
-        self.asks: dict[str, bool] = {}
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         dict.update(self, other, **kwargs)
@@ -117,45 +112,11 @@ class PerTaskContext(dict[Any, Any]):
             request = _request_for(self.make_request, values.get(Context))
         else:
             values[Context] = context
-            try:
-                asks = self.asks[context.message.task_name]
-            except KeyError:
-                asks = self._asks_for_request(context)
-            # Overrides may be set at any time: a replacement may ask.
-            if not asks and not context.broker.dependency_overrides:
-                return values
             request = _this_tasks_request(self.make_request, context)
         # FastAPI hands the Request itself to HTTPConnection parameters too.
         values[Request] = request
         values[HTTPConnection] = request
         return values
-
-    def _asks_for_request(self, context: Context) -> bool:
-        """Whether the task's dependency graph asks for a Request.
-
-        taskiq's receiver builds the graph as this does, from `original_func`;
-        an unknown task is assumed to ask.
-        """
-        task = context.broker.find_task(context.message.task_name)
-        if task is None:
-            return True
-        asks = _graph_asks_for_request(DependencyGraph(task.original_func))
-        self.asks[context.message.task_name] = asks
-        return asks
-
-
-def _graph_asks_for_request(graph: DependencyGraph) -> bool:
-    """Whether any dependency in the graph, or its sub-graphs, is a Request.
-
-    taskiq-dependencies lists every cached dependency of the tree, with those
-    each depends on, in `dependencies`; a `use_cache=False` one gets a graph
-    of its own in `subgraphs`.
-    """
-    for dependency, needs in graph.dependencies.items():
-        for each in (dependency, *needs):
-            if each.dependency is Request or each.dependency is HTTPConnection:
-                return True
-    return any(_graph_asks_for_request(sub) for sub in graph.subgraphs.values())
 
 
 def _request_for(make_request: MakeRequest, context: Any) -> Request:

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI, Request
-from starlette.requests import HTTPConnection
 from taskiq import (
     Context,
     InMemoryBroker,
@@ -116,60 +115,6 @@ async def test_receiver_writes_each_tasks_context_with_update_before_resolving()
     result = await kicked.wait_result(timeout=5)
     await broker.shutdown()
     assert announced == [kicked.task_id] == [result.return_value]
-
-
-async def test_a_request_is_made_only_for_tasks_whose_graph_asks_for_one() -> None:
-    """Which tasks ask is read from taskiq-dependencies' graphs (`dependencies`,
-    `subgraphs`): a Request asked for only deep inside a `use_cache=False`
-    sub-dependency, or through an override, must still be found."""
-    broker = InMemoryBroker()
-    made: list[Request] = []
-    factory = _factory()
-
-    def make(labels: Any) -> Request:
-        made.append(factory(labels))
-        return made[-1]
-
-    def path_of(connection: HTTPConnection = TaskiqDepends()) -> str:
-        return connection.url.path
-
-    def outer(path: str = TaskiqDepends(path_of, use_cache=False)) -> str:
-        return path
-
-    def original() -> str:
-        return "original"
-
-    def override(request: Request = TaskiqDepends()) -> str:
-        return request.url.path
-
-    @broker.task
-    async def context_only(context: Context = TaskiqDepends()) -> str:
-        return context.message.task_id
-
-    @broker.task
-    async def deep(path: str = TaskiqDepends(outer, use_cache=False)) -> str:
-        return path
-
-    @broker.task
-    async def overridden(value: str = TaskiqDepends(original)) -> str:
-        return value
-
-    install_request_context(broker, make)
-    await broker.startup()
-    for _ in range(3):
-        await (await context_only.kiq()).wait_result(timeout=5)
-    assert made == []
-    assert (await (await deep.kiq()).wait_result(timeout=5)).return_value == "/"
-    assert len(made) == 1
-    assert (await (await overridden.kiq()).wait_result(timeout=5)).return_value == (
-        "original"
-    )
-    assert len(made) == 1
-    broker.dependency_overrides[original] = override
-    result = await (await overridden.kiq()).wait_result(timeout=5)
-    await broker.shutdown()
-    assert result.return_value == "/"
-    assert len(made) == 2
 
 
 def test_add_cwd_in_path_puts_the_working_directory_first() -> None:
