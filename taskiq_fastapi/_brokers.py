@@ -22,8 +22,10 @@ brokers and their clients do about it, and what this module does instead:
 - taskiq-redis's sentinel brokers and backends get a client and pool of the
   master for every command (`master_for`): `guard_connections` retries
   getting a connection there too. Its cluster ones keep one RedisCluster,
-  which finds its nodes again (`initialize`) after a failure, raising at
-  once when none answers: `guard_connections` retries that.
+  which sends a failed command again itself once it has found its nodes
+  again (`initialize`), also one whose reply timed out after it was sent:
+  nothing is added there, as waiting for the nodes would let such a kick be
+  sent twice.
 - taskiq-nats creates its JetStream stream and durable consumer, and its
   result bucket, once, at startup: after the restart publishing fails with
   "no stream", fetching with "service unavailable" (no consumer answers),
@@ -84,7 +86,6 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
-        _guard_cluster_clients(owner, type(broker).__name__, retry_timeout)
     if _is_jetstream(broker):
         _guard_nats_kick(broker)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -318,30 +319,6 @@ async def _until_connected(
         delay = backoff(tries, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
         tries += 1
         await asyncio.sleep(min(delay, deadline - now))
-
-
-def _guard_cluster_clients(
-    owner: object, broker_name: str, retry_timeout: float
-) -> None:
-    """taskiq-redis' cluster brokers and backends: connecting is retried.
-
-    Their RedisCluster (`redis`) finds its nodes again (`initialize`) before
-    a command whenever one failed; with no node reachable, that raised at
-    once and the kick failed. Nothing is sent while it runs.
-    """
-    client = _cluster_client(owner)
-    if client is None:
-        return
-    initialize = client.initialize
-
-    async def initialize_within(*args: Any, **kwargs: Any) -> Any:
-        return await _until_connected(
-            lambda: initialize(*args, **kwargs),
-            retry_timeout,
-            f"Broker {broker_name} (Redis Cluster)",
-        )
-
-    client.initialize = initialize_within
 
 
 if sys.version_info >= (3, 11):

@@ -25,14 +25,21 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
+from fastapi import FastAPI
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
+from taskiq.exceptions import SendTaskError
+from taskiq.kicker import AsyncKicker
+from taskiq_redis import RedisStreamClusterBroker
 from workers import APP, BROKER, WorkerRun, get_json
 
+import taskiq_fastapi
 from tools.nats_server import NatsServer
 from tools.nats_server import running_server as running_nats
 from tools.redis_server import (
@@ -99,9 +106,13 @@ def nats_server() -> Iterator[NatsServer]:
 
 
 async def restart_empty_under_load(
-    run: WorkerRun, server: RedisServer | NatsServer
+    run: WorkerRun, server: RedisServer | NatsServer, kick_during: bool = True
 ) -> tuple[str, str]:
-    """The scenario; returns the worker command's and the API's output."""
+    """The scenario; returns the worker command's and the API's output.
+
+    Without `kick_during`, nothing is kicked while the server is down (on a
+    Redis Cluster, such a kick fails at once, as in redis-py).
+    """
     worker = run.start("worker", *BROKER, *APP, "--workers", "2")
     run.wait_for("startup", processes=2)
     api, port = run.serve("workerapp.api:app")
@@ -114,13 +125,17 @@ async def restart_empty_under_load(
     try:
         await asyncio.sleep(0.5)
         # A kick while the server is down waits for it (broker_retry_timeout).
-        during = asyncio.ensure_future(asyncio.to_thread(call, port, f"/kick/{DURING}"))
+        during = None
+        if kick_during:
+            kick = asyncio.to_thread(call, port, f"/kick/{DURING}")
+            during = asyncio.ensure_future(kick)
         await asyncio.sleep(1.5)
-        assert not during.done()
+        assert during is None or not during.done()
         if isinstance(server, NatsServer):
             server.forget()
         server.start()  # empty, on the same port
-        assert await during == (200, DURING)
+        if during is not None:
+            assert await during == (200, DURING)
         answers = [call(port, f"/kick/{n}") for n in AFTER]
         assert answers == [(200, n) for n in AFTER], run.output(api)
         if isinstance(server, NatsServer):
@@ -128,13 +143,14 @@ async def restart_empty_under_load(
         else:
             streams = run.env["TASKIQ_TEST_STREAMS"] == "1"
             waiting = await waiting_in_redis(server, run.queue, streams)
-        assert waiting == len(AFTER) + 1  # every kick landed in the window
+        # Every kick landed in the window.
+        assert waiting == len(AFTER) + kick_during
     finally:
         hold(pids, signal.SIGCONT)
 
     assert call(port, "/wait/200") == (200, 200)  # a result wait, after the restart
     ran = Counter(event for _, event in run.events() if event.startswith("ran "))
-    for n in [DURING, *AFTER, 200]:
+    for n in [*[DURING] * kick_during, *AFTER, 200]:
         assert ran[f"ran {n}"] == 1, (n, ran)
     assert run.count("startup") == Counter(dict.fromkeys(pids, 1))  # same processes
     assert run.stop(worker) == 0
@@ -190,14 +206,42 @@ async def test_sentinel_master_restarted_without_data_loses_no_task_kicked_since
     assert_group_recreated_once(worker_output, run.queue)
 
 
+# redis-py 6 (6.4, beside taskiq-redis 1.1.2 in the oldest setup) never
+# reconnects its RedisCluster to a node that restarted; redis-py 8 does.
+CLUSTER_CLIENT_RECONNECTS = int(version("redis").split(".")[0]) >= 8
+
+
 async def test_cluster_node_restarted_without_data_loses_no_task_kicked_since(
     tmp_path: Path,
 ) -> None:
-    """RedisStreamClusterBroker: a node restarts empty, its slots kept."""
+    """RedisStreamClusterBroker: a node restarts empty, its slots kept.
+
+    A kick while the node is down fails at once, as in redis-py (its cluster
+    client sends failed commands again itself; waiting could send one twice).
+    With redis-py 6, every kick after the restart fails: what is asserted.
+    """
     with running_cluster() as node:
+        if not CLUSTER_CLIENT_RECONNECTS:
+            broker = RedisStreamClusterBroker(node.url, queue_name="q")
+            async with taskiq_fastapi.broker_lifespan(broker)(FastAPI()):
+                kicker: AsyncKicker[Any, Any] = AsyncKicker(
+                    "workerapp.tasks:mark", broker, {}
+                )
+                await kicker.kiq(0)
+                node.stop()
+                node.start()
+                for n in AFTER:
+                    with pytest.raises(SendTaskError) as raised:
+                        await kicker.kiq(n)
+                    assert "Redis Cluster cannot be connected" in str(
+                        raised.value.__cause__
+                    )
+            return
         run = WorkerRun(node.url, tmp_path, cluster=True)
         try:
-            worker_output, _ = await restart_empty_under_load(run, node)
+            worker_output, _ = await restart_empty_under_load(
+                run, node, kick_during=False
+            )
         finally:
             run.kill_all()
     assert_group_recreated_once(worker_output, run.queue)
