@@ -12,7 +12,9 @@ and nats-py name theirs. A Redis Cluster that cannot serve is one too:
 redis-py's ClusterDownError (a node refusing commands until its cluster is
 ok again, as for seconds after it restarts), and a cluster error raised from
 a connection-type error (RedisClusterException "Redis Cluster cannot be
-connected", when no node answers).
+connected", when no node answers). Refused credentials are not, though
+redis-py derives its AuthenticationError and AuthorizationError from its
+ConnectionError: retrying cannot help, and the error is shown at once.
 """
 
 from __future__ import annotations
@@ -21,23 +23,28 @@ import logging
 import random
 
 _CONNECTION_NAMES = ("Connection", "Timeout", "NoServers", "ClusterDown")
+# Refused credentials: redis-py makes them ConnectionErrors, but no retry helps.
+_CREDENTIAL_NAMES = ("Authentication", "Authorization")
 
 
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` says the broker cannot be reached (worth a retry)."""
-    if isinstance(exc, OSError):
-        return True
-    if any(
-        fragment in cls.__name__
-        for cls in type(exc).__mro__
-        for fragment in _CONNECTION_NAMES
-    ):
+    if _named(exc, _CREDENTIAL_NAMES):
+        return False
+    if isinstance(exc, OSError) or _named(exc, _CONNECTION_NAMES):
         return True
     cause = exc.__cause__
     return (
         "Cluster" in type(exc).__name__
         and cause is not None
         and is_connection_error(cause)
+    )
+
+
+def _named(exc: BaseException, fragments: tuple[str, ...]) -> bool:
+    """Whether the class of `exc`, or a base class, is named with a fragment."""
+    return any(
+        fragment in cls.__name__ for cls in type(exc).__mro__ for fragment in fragments
     )
 
 

@@ -53,6 +53,10 @@ def test_connection_type_errors_are_retried(error: BaseException) -> None:
         KeyError("data"),
         redis.exceptions.RedisClusterException("No targets were found"),
         cluster_error_from(ValueError("a bug")),
+        # Wrong credentials, though redis-py makes them ConnectionErrors.
+        redis.exceptions.AuthenticationError("invalid username-password pair"),
+        redis.exceptions.AuthorizationError("NOPERM"),
+        cluster_error_from(redis.exceptions.AuthenticationError("invalid")),
     ],
     ids=lambda e: type(e).__name__,
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from workers import APP, BROKER, WorkerRun
 
 from tools.redis_server import RedisServer, running_server
@@ -163,6 +164,34 @@ async def test_the_retry_timeout_applies_at_startup_too(
     assert len(GAVE_UP.findall(output)) == 1, output
     assert "Broker 'workerapp.broker:broker' unreachable (" in output  # retried
     assert "Traceback" not in output
+
+
+async def test_refused_credentials_are_one_clear_error_not_an_outage(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """redis-py derives AuthenticationError from its ConnectionError: a wrong
+    password was retried for the whole --broker-retry-timeout, then reported
+    as "unreachable"."""
+    async with Redis.from_url(server.url) as redis:
+        await redis.config_set("requirepass", "right")
+    wrong = server.url.replace("redis://", "redis://:wrong@")
+    run = WorkerRun(wrong, tmp_path, streams=True)  # connects at startup
+    try:
+        started = time.monotonic()
+        worker = run.start("worker", *BROKER, *APP, "--broker-retry-timeout", "60")
+        assert worker.wait(timeout=30) == 3
+        took = time.monotonic() - started
+        output = run.output(worker)
+    finally:
+        run.kill_all()
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(
+        "Error: Broker 'workerapp.broker:broker' failed to start: AuthenticationError: "
+    ), errors
+    assert "unreachable" not in output
+    assert "Traceback" not in output
+    assert took < 20, output
 
 
 async def test_stream_broker_outage_loses_nothing_and_runs_nothing_twice(
