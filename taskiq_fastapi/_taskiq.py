@@ -161,28 +161,6 @@ def install_request_context(broker: AsyncBroker, make_request: MakeRequest) -> N
         current.make_request = make_request
         return
     broker.custom_dependency_context = PerTaskContext(current, make_request)
-    if getattr(broker, "await_inplace", False):
-        _keep_the_kickers_task_context(broker)
-
-
-def _keep_the_kickers_task_context(broker: AsyncBroker) -> None:
-    """After an in-place kick, the kicking task's Context and Request again.
-
-    InMemoryBroker(await_inplace=True) runs a kicked task in the kicker's
-    asyncio task, through its receiver's `update`: without this, a task that
-    kicked one went on with the kicked task's Context and Request.
-    """
-    kick = broker.kick
-
-    async def kick_keeping_context(message: Any) -> None:
-        context, made = _task_context.get(None), _task_request.get()
-        try:
-            await kick(message)
-        finally:
-            _task_context.set(context)
-            _task_request.set(made)
-
-    broker.kick = kick_keeping_context  # type: ignore[method-assign]
 
 
 def marker_of(parameter: inspect.Parameter) -> Any:

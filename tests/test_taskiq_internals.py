@@ -117,47 +117,6 @@ async def test_receiver_writes_each_tasks_context_with_update_before_resolving()
     assert announced == [kicked.task_id] == [result.return_value]
 
 
-async def test_a_task_kicked_in_place_leaves_the_kickers_context_alone() -> None:
-    """Pins InMemoryBroker(await_inplace=True) running a kicked task in the
-    kicker's asyncio task, through the receiver's `update`: the kicker's
-    later dependencies still get its own Context and Request."""
-    broker = InMemoryBroker(await_inplace=True)
-
-    @broker.task(task_name="child")
-    async def child(context: Context = TaskiqDepends()) -> str:
-        return context.message.task_name
-
-    async def kicks_child() -> str:
-        kicked = await (await child.kiq()).wait_result(timeout=5)
-        return str(kicked.return_value)
-
-    def task_and_path(
-        context: Context = TaskiqDepends(), request: Request = TaskiqDepends()
-    ) -> str:
-        return f"{context.message.task_name}, {request.state.who}'s request"
-
-    @broker.task(task_name="parent")
-    async def parent(
-        kicked: str = TaskiqDepends(kicks_child),
-        seen: str = TaskiqDepends(task_and_path, use_cache=False),
-    ) -> str:
-        return f"{kicked}, then {seen}"
-
-    factory = _factory()
-
-    def make(labels: Any) -> Request:
-        request = factory(labels)
-        request.state.who = (labels or {}).get("who", "nobody")
-        return request
-
-    install_request_context(broker, make)
-    await broker.startup()
-    kicked = await parent.kicker().with_labels(who="parent").kiq()
-    result = await kicked.wait_result(timeout=5)
-    await broker.shutdown()
-    assert result.return_value == "child, then parent, parent's request"
-
-
 def test_add_cwd_in_path_puts_the_working_directory_first() -> None:
     cwd = os.getcwd()
     saved = list(sys.path)
