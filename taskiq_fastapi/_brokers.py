@@ -279,46 +279,34 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
             # (redis-py hands out the idle connection checked here), so
             # nothing to bound or to retry.
             return await get_connection(*args, **kwargs)
-        return await _until_connected(
-            lambda: live_connection(*args, **kwargs),
-            retry_timeout,
-            f"Broker {broker_name} at {_where(pool)}",
-        )
+        # One clock from the first attempt: an attempt that never returns (a
+        # server that accepts and never answers) counts, as one that fails.
+        started = time.monotonic()
+        deadline = started + retry_timeout
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await _within(live_connection(*args, **kwargs), left)
+            except asyncio.TimeoutError:
+                exc: Exception = TimeoutError(
+                    f"no connection within {retry_timeout:g} s"
+                )
+            except Exception as error:
+                if not is_connection_error(error):
+                    raise
+                exc = error
+            now = time.monotonic()
+            if now >= deadline:
+                raise BrokerUnreachableError(
+                    f"Broker {broker_name} at {_where(pool)} unreachable for "
+                    f"{now - started:.0f} s: {describe(exc)}"
+                ) from exc
+            delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
+            attempt += 1
+            await asyncio.sleep(min(delay, deadline - now))
 
     pool.get_connection = get_live_connection
-
-
-async def _until_connected(
-    attempt: Callable[[], Awaitable[Any]], retry_timeout: float, what: str
-) -> Any:
-    """`attempt()`, tried again on connection-type errors for `retry_timeout` s.
-
-    Only for attempts that send nothing (getting a connection). One clock
-    from the first attempt: an attempt that never returns (a server that
-    accepts and never answers) counts, as one that fails. Past it,
-    BrokerUnreachableError naming `what`.
-    """
-    started = time.monotonic()
-    deadline = started + retry_timeout
-    tries = 0
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            return await _within(attempt(), left)
-        except asyncio.TimeoutError:
-            exc: Exception = TimeoutError(f"no connection within {retry_timeout:g} s")
-        except Exception as error:
-            if not is_connection_error(error):
-                raise
-            exc = error
-        now = time.monotonic()
-        if now >= deadline:
-            raise BrokerUnreachableError(
-                f"{what} unreachable for {now - started:.0f} s: {describe(exc)}"
-            ) from exc
-        delay = backoff(tries, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
-        tries += 1
-        await asyncio.sleep(min(delay, deadline - now))
 
 
 if sys.version_info >= (3, 11):
