@@ -309,6 +309,53 @@ async def test_a_sentinel_master_or_cluster_node_frozen_a_while_is_ridden_out(
     assert "Traceback" not in output
 
 
+async def test_a_frozen_sentinel_first_in_the_list_is_ridden_out(
+    tmp_path: Path,
+) -> None:
+    """Two sentinels, the first frozen, the master fine: the worker goes on.
+
+    Every lookup of the master waits for the frozen sentinel until its socket
+    times out and redis-py tries the next (with redis-py 8's retries, several
+    seconds at 0.2 s; one timeout with redis-py 6); one that gets past it
+    puts the answering sentinel first (`discover_master`). No new connection
+    to the master is made meanwhile, which the worker logs as an outage; but
+    within the retry timeout it is none to exit on: tasks kicked meanwhile run.
+    """
+    with (
+        running_server() as master,
+        running_sentinel(master) as first,
+        running_sentinel(master) as second,
+    ):
+        sentinels = f"{first.url},{second.url}/{MASTER_NAME}?socket_timeout=0.2"
+        run = WorkerRun(master.url, tmp_path, sentinel=sentinels)
+        try:
+            worker = run.start(
+                "worker",
+                *BROKER,
+                *APP,
+                "--workers",
+                "1",
+                "--broker-retry-timeout",
+                "40",
+            )
+            await logged(run, worker, "Listening started")  # the broker started
+            with frozen(first):
+                await run.sender.startup()
+                try:
+                    tasks = await run.kiq_all("mark", [(n,) for n in range(5)])
+                    results = [await task.wait_result(timeout=60) for task in tasks]
+                finally:
+                    await run.sender.shutdown()
+                assert [result.return_value for result in results] == list(range(5))
+                assert worker.poll() is None, run.output(worker)
+                assert run.stop(worker) == 0
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert not [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert "Traceback" not in output
+
+
 @VARIANTS
 async def test_their_result_backends_ping_the_frozen_server_with_a_deadline(
     name: str, tmp_path: Path

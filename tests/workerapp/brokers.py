@@ -36,16 +36,25 @@ def make_nats_broker(url: str, queue: str) -> AsyncBroker:
 def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
     """A stream broker and its results behind Redis Sentinel.
 
-    `sentinel` is `host:port/master name`, taskiq-redis' defaults otherwise.
+    `sentinel` is `host:port[,host:port...]/master name[?socket_timeout=S]`:
+    the sentinels, asked in that order, and a socket timeout for them
+    (`sentinel_kwargs`); taskiq-redis' defaults otherwise.
     """
-    address, _, master = sentinel.partition("/")
-    host, _, port = address.rpartition(":")
-    sentinels = [(host, int(port))]
+    where, _, query = sentinel.partition("?")
+    addresses, _, master = where.partition("/")
+    sentinels = [
+        (host, int(port))
+        for host, _, port in (
+            address.rpartition(":") for address in addresses.split(",")
+        )
+    ]
+    timeout = query.removeprefix("socket_timeout=")
+    options = {"sentinel_kwargs": {"socket_timeout": float(timeout)}} if query else {}
     backend: RedisAsyncSentinelResultBackend[object] = RedisAsyncSentinelResultBackend(
-        sentinels, master
+        sentinels, master, **options
     )
     return RedisStreamSentinelBroker(
-        sentinels, master, queue_name=queue
+        sentinels, master, queue_name=queue, **options
     ).with_result_backend(backend)
 
 
