@@ -424,8 +424,11 @@ class BrokerOutages:
             # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
             await self._until_done(lambda: maybe_awaitable(ack()), self.broker)
 
-        # A copy, so a broker's own subclass keeps its type and fields.
-        return message.model_copy(update={"ack": ack_until_done})
+        # In place: the broker made this message for this one delivery, and
+        # its own subclass keeps its type and fields (a copy cost each task
+        # about 2 us).
+        message.ack = ack_until_done
+        return message
 
     async def _until_done(
         self, call: Callable[[], Awaitable[T]], dependency: Dependency

@@ -217,7 +217,8 @@ class ShutdownGuard:
             if task not in self.cancelled:
                 await maybe_awaitable(ack())
 
-        return message.model_copy(update={"ack": ack_unless_cancelled})
+        message.ack = ack_unless_cancelled  # in place, as the outage layer's
+        return message
 
     def on_signal(self) -> None:
         """A stop signal: apply the stage the supervisor has reached."""
