@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 _CONNECTION_NAMES = ("Connection", "Timeout", "NoServers", "ClusterDown")
 # Refused credentials: redis-py makes them ConnectionErrors, but no retry helps.
@@ -50,7 +51,21 @@ def _named(exc: BaseException, fragments: tuple[str, ...]) -> bool:
 
 def describe(exc: BaseException) -> str:
     """`ClassName: message`, or the class name for an error without a message."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    message = _REDIS_CLIENT.sub(_address, str(exc))
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+# redis-py writes the repr of a client into some messages: its Sentinel's
+# MasterNotFoundError names each sentinel it asked that way. Each repr lists
+# every option of the connection (a kilobyte with redis-py 8), the password
+# too before redis-py 8: in a log line, each becomes its host:port.
+_REDIS_CLIENT = re.compile(r"<redis\.asyncio\.client\.Redis\((.*?)\)>\)>\)>")
+_HOST = re.compile(r"[(,]host=([^,]*),port=(\d+)")
+
+
+def _address(client: re.Match[str]) -> str:
+    where = _HOST.search(client[1])
+    return f"{where[1]}:{where[2]}" if where else "a Redis client"
 
 
 def backoff(attempt: int, first: float, cap: float) -> float:

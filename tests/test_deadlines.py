@@ -356,6 +356,41 @@ async def test_a_frozen_sentinel_first_in_the_list_is_ridden_out(
     assert "Traceback" not in output
 
 
+async def test_no_sentinel_answering_is_named_by_address_without_its_password(
+    tmp_path: Path,
+) -> None:
+    """redis-py's MasterNotFoundError names each sentinel it asked by the repr
+    of its client: a kilobyte each, and the password in it before redis-py 8.
+    The worker's lines name each by its address."""
+    refused = sorted({free_port() for _ in range(2)})
+    password = "sentinel-password-7f3a"
+    sentinels = ",".join(f"127.0.0.1:{port}" for port in refused)
+    where = f"{sentinels}/{MASTER_NAME}?password={password}&socket_timeout=1"
+    run = WorkerRun(f"redis://127.0.0.1:{refused[0]}/0", tmp_path, sentinel=where)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "10"
+        )
+        code = await asyncio.to_thread(worker.wait, 60)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    gave_up(output, BROKER_NAME, 10)
+    # The failed lookups, logged as the startup is retried.
+    lookups = [line for line in output.splitlines() if "MasterNotFoundError" in line]
+    assert lookups, output
+    asked = " - .*, ".join(f"127\\.0\\.0\\.1:{port}" for port in refused)
+    for line in lookups:
+        assert re.search(
+            f"MasterNotFoundError: No master found for '{MASTER_NAME}' : {asked} - ",
+            line,
+        ), line
+    assert password not in output
+    assert max(map(len, output.splitlines())) < 500, output
+    assert "Traceback" not in output
+
+
 @VARIANTS
 async def test_their_result_backends_ping_the_frozen_server_with_a_deadline(
     name: str, tmp_path: Path

@@ -1,5 +1,8 @@
 """Brokers on a real server: the workers' (broker.py) and the tests' senders."""
 
+from typing import Any
+from urllib.parse import parse_qsl
+
 from nats.js.api import ConsumerConfig
 from taskiq import AsyncBroker
 from taskiq_nats import NATSObjectStoreResultBackend, PullBasedJetStreamBroker
@@ -36,9 +39,10 @@ def make_nats_broker(url: str, queue: str) -> AsyncBroker:
 def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
     """A stream broker and its results behind Redis Sentinel.
 
-    `sentinel` is `host:port[,host:port...]/master name[?socket_timeout=S]`:
-    the sentinels, asked in that order, and a socket timeout for them
-    (`sentinel_kwargs`); taskiq-redis' defaults otherwise.
+    `sentinel` is `host:port[,host:port...]/master name[?option=value&...]`:
+    the sentinels, asked in that order, and options for them
+    (`sentinel_kwargs`: `socket_timeout`, `password`); taskiq-redis' defaults
+    otherwise.
     """
     where, _, query = sentinel.partition("?")
     addresses, _, master = where.partition("/")
@@ -48,8 +52,10 @@ def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
             address.rpartition(":") for address in addresses.split(",")
         )
     ]
-    timeout = query.removeprefix("socket_timeout=")
-    options = {"sentinel_kwargs": {"socket_timeout": float(timeout)}} if query else {}
+    given: dict[str, Any] = dict(parse_qsl(query))
+    if "socket_timeout" in given:
+        given["socket_timeout"] = float(given["socket_timeout"])
+    options = {"sentinel_kwargs": given} if given else {}
     backend: RedisAsyncSentinelResultBackend[object] = RedisAsyncSentinelResultBackend(
         sentinels, master, **options
     )
