@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
+from pydantic import ConfigDict
 from taskiq import AckableMessage, InMemoryBroker, TaskiqMessage
 from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
@@ -89,3 +90,26 @@ async def test_the_health_wrapper_closes_the_fetch_it_wraps() -> None:
     WorkerHealth(Slots(1), 0).install(broker)
     assert await first_message(broker) == b"one"
     assert closed == ["closed"]
+
+
+class FrozenTaggedMessage(AckableMessage):
+    """A broker's own message type that pydantic keeps immutable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    delivery_tag: int
+
+
+async def test_a_frozen_message_of_a_broker_is_handed_on_acked_once() -> None:
+    """A broker may freeze its own message type: the wrapper must not assign."""
+    broker = InMemoryBroker()
+    acked: list[int] = []
+    serving(
+        broker,
+        [FrozenTaggedMessage(data=b"x", ack=lambda: acked.append(3), delivery_tag=3)],
+    )
+    BrokerOutages(broker, "b:b", 5, give_up=lambda message: None)
+    message = await first_message(broker)
+    assert isinstance(message, FrozenTaggedMessage)
+    await maybe_awaitable(message.ack())
+    assert acked == [3]
