@@ -70,3 +70,28 @@ def test_backoff_grows_to_the_cap_with_jitter() -> None:
     assert 2.0 <= delays[3] <= 4.0
     assert all(15.0 <= d <= 30.0 for d in delays[7:])
     assert len({round(outages._backoff(9), 6) for _ in range(20)}) > 1  # jitter
+
+
+@pytest.mark.anyio
+async def test_a_sentinel_error_with_a_multi_line_option_is_short_and_secret_free() -> (
+    None
+):
+    """A TLS sentinel given its CA as text (`ssl_ca_data`, a PEM: several
+    lines): redis-py's MasterNotFoundError still names it by its repr, which
+    holds the PEM (and, before redis-py 8, the password)."""
+    from redis.asyncio import Sentinel
+
+    from tools.processes import free_port
+
+    pem = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----\n"
+    password = "sentinel-password-5e1c"
+    sentinel = Sentinel(
+        [("127.0.0.1", free_port()), ("127.0.0.1", free_port())],
+        sentinel_kwargs={"password": password, "ssl": True, "ssl_ca_data": pem},
+    )
+    with pytest.raises(redis.exceptions.ConnectionError) as raised:
+        await sentinel.discover_master("taskiq-master")
+    described = connections.describe(raised.value)
+    assert password not in described
+    assert "\n" not in described
+    assert len(described) < 500, described
