@@ -15,6 +15,7 @@ from taskiq.utils import maybe_awaitable
 
 from taskiq_fastapi_cli.health.report import Slots, WorkerHealth
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages
+from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard
 
 pytestmark = pytest.mark.anyio
 
@@ -109,7 +110,15 @@ async def test_a_frozen_message_of_a_broker_is_handed_on_acked_once() -> None:
         [FrozenTaggedMessage(data=b"x", ack=lambda: acked.append(3), delivery_tag=3)],
     )
     BrokerOutages(broker, "b:b", 5, give_up=lambda message: None)
-    message = await first_message(broker)
-    assert isinstance(message, FrozenTaggedMessage)
-    await maybe_awaitable(message.ack())
+    guard = ShutdownGuard(broker)
+    handed: list[Any] = []
+
+    async def callback(message: Any, raise_err: bool) -> None:
+        handed.append(message)
+        await maybe_awaitable(message.ack())
+
+    # The outage layer's wrapper, then the stop guard's around it.
+    await guard.run(callback, await first_message(broker), False)
+    assert isinstance(handed[0], FrozenTaggedMessage)
+    assert handed[0].delivery_tag == 3
     assert acked == [3]

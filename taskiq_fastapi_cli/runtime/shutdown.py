@@ -51,6 +51,8 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq.receiver import Receiver
 from taskiq.utils import maybe_awaitable
 
+from taskiq_fastapi._taskiq import with_ack
+
 logger = logging.getLogger("taskiq_fastapi")
 
 FETCH_GRACE_SECONDS = 2.0
@@ -217,8 +219,7 @@ class ShutdownGuard:
             if task not in self.cancelled:
                 await maybe_awaitable(ack())
 
-        message.ack = ack_unless_cancelled  # in place, as the outage layer's
-        return message
+        return with_ack(message, ack_unless_cancelled)
 
     def on_signal(self) -> None:
         """A stop signal: apply the stage the supervisor has reached."""
