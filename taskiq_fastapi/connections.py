@@ -56,10 +56,14 @@ def describe(exc: BaseException) -> str:
 
 
 # redis-py writes the repr of a client into some messages: its Sentinel's
-# MasterNotFoundError names each sentinel it asked that way. Each repr lists
-# every option of the connection (a kilobyte with redis-py 8), the password
-# too before redis-py 8: in a log line, each becomes its host:port.
-_REDIS_CLIENT = re.compile(r"<redis\.asyncio\.client\.Redis\((.*?)\)>\)>\)>")
+# MasterNotFoundError names each sentinel it asked that way, followed by
+# " - " and that sentinel's error. Each repr lists every option of the
+# connection (a kilobyte with redis-py 8; a CA given as text spans lines),
+# the password too before redis-py 8: in a log line, each becomes its
+# host:port.
+_REDIS_CLIENT = re.compile(
+    r"<redis\.asyncio\.client\.Redis\((.*?)\)>\)>\)>(?= - |, |$)", re.DOTALL
+)
 _HOST = re.compile(r"[(,]host=([^,]*),port=(\d+)")
 
 
