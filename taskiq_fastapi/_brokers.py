@@ -298,10 +298,13 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
                 exc = error
             now = time.monotonic()
             if now >= deadline:
+                # Its cause is in the message, described: printed whole under
+                # a traceback, a redis-py error may hold the sentinels'
+                # password (`describe`).
                 raise BrokerUnreachableError(
                     f"Broker {broker_name} at {_where(pool)} unreachable for "
                     f"{now - started:.0f} s: {describe(exc)}"
-                ) from exc
+                ) from None
             delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
             attempt += 1
             await asyncio.sleep(min(delay, deadline - now))

@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from taskiq import AsyncBroker
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
@@ -34,6 +37,7 @@ from taskiq_redis import (
 
 import taskiq_fastapi
 from taskiq_fastapi._brokers import LostState
+from tools.processes import free_port
 from tools.redis_server import (
     MASTER_NAME,
     RedisServer,
@@ -152,6 +156,32 @@ async def test_behind_sentinel_past_the_bound_one_error_names_the_master(
         str(cause),
     ), cause
     assert 1 <= waited < 5
+
+
+async def test_behind_refusing_sentinels_what_the_app_prints_holds_no_password() -> (
+    None
+):
+    """The API's startup fails past the bound; the traceback its server
+    prints names each sentinel by address (redis-py's error names it by its
+    client's repr, the password in it before redis-py 8)."""
+    password = "sentinel-password-91c2"
+    refused = [("127.0.0.1", free_port()), ("127.0.0.1", free_port())]
+    # No retries of its own: each lookup fails at once, within the bound.
+    options = {
+        "password": password,
+        "socket_timeout": 1,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    broker = RedisStreamSentinelBroker(
+        refused, MASTER_NAME, queue_name="s", sentinel_kwargs=options
+    )
+    with pytest.raises(taskiq_fastapi.BrokerUnreachableError) as raised:
+        async with api(broker, retry_timeout=1):
+            pass
+    printed = "".join(traceback.format_exception(raised.value))
+    assert f"No master found for '{MASTER_NAME}' : 127.0.0.1:" in printed, printed
+    assert password not in printed
+    assert max(map(len, printed.splitlines())) < 500, printed
 
 
 async def test_on_a_cluster_a_kick_whose_reply_timed_out_is_not_sent_twice() -> None:
