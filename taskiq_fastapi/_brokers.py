@@ -86,6 +86,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
+        _share_master_lookups(owner)
     if _is_jetstream(broker):
         _guard_nats_kick(broker)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -99,6 +100,8 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     result save first.
     """
     _guard_redis_pools(broker, None)
+    for owner in (broker, broker.result_backend):
+        _share_master_lookups(owner)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
@@ -224,6 +227,51 @@ def _guard_sentinel_pools(
         return client
 
     sentinel.master_for = guarded_master_for  # type: ignore[method-assign]
+
+
+def _share_master_lookups(owner: object) -> None:
+    """Behind Sentinel: one lookup of the master at a time, run to its end.
+
+    redis-py asks the sentinels in order, and puts the one that answered
+    first only once a lookup completes (`discover_master`). Behind a
+    sentinel that accepts connections and never answers, a lookup waits out
+    the socket timeout and redis-py's retries before it asks the next one
+    (about 15 s with a 1 s timeout and redis-py 8): a kick's bound
+    (`broker_retry_timeout`) or a worker's PING deadline that cancelled it
+    earlier left the frozen sentinel first for ever, and every kick failed.
+    Cancelling a wait no longer cancels the lookup; the commands that need
+    the master meanwhile (one per command with taskiq-redis) wait for that
+    one lookup instead of each asking the frozen sentinel again.
+    """
+    try:
+        from redis.asyncio import Sentinel
+    except ImportError:
+        return
+    sentinel = getattr(owner, "sentinel", None)
+    if not isinstance(sentinel, Sentinel):
+        return
+    discover = sentinel.discover_master
+    running: dict[str, asyncio.Future[Any]] = {}
+
+    async def discover_master(service_name: str) -> Any:
+        lookup = running.get(service_name)
+        if (
+            lookup is None
+            or lookup.done()
+            or lookup.get_loop() is not asyncio.get_running_loop()
+        ):
+            lookup = asyncio.ensure_future(discover(service_name))
+            lookup.add_done_callback(_retrieved)
+            running[service_name] = lookup
+        return await asyncio.shield(lookup)
+
+    sentinel.discover_master = discover_master  # type: ignore[method-assign]
+
+
+def _retrieved(lookup: asyncio.Future[Any]) -> None:
+    """A lookup whose every waiter gave up: its error is not news."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _where(pool: Any) -> str:

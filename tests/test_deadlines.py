@@ -10,9 +10,7 @@ Sentinel master or cluster node frozen with SIGSTOP) is found out by PINGs.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +23,7 @@ from taskiq import TaskiqResult
 from workers import APP, BROKER, WorkerRun
 
 from taskiq_fastapi_cli.runtime.outages import Dependency
-from tools.processes import ServerProcess, free_port, silent_port
+from tools.processes import free_port, frozen, silent_port
 from tools.redis_server import (
     MASTER_NAME,
     RedisServer,
@@ -217,18 +215,6 @@ def variant(name: str, tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerRun]
     else:
         with running_cluster() as node:
             yield node, WorkerRun(node.url, tmp_path, cluster=True)
-
-
-@contextmanager
-def frozen(server: ServerProcess) -> Iterator[None]:
-    """The server process stopped (SIGSTOP): the kernel still accepts
-    connections on its port, nothing answers. Continued on the way out."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
 
 
 VARIANTS = pytest.mark.parametrize("name", ["sentinel", "cluster"])

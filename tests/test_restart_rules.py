@@ -37,7 +37,7 @@ from taskiq_redis import (
 
 import taskiq_fastapi
 from taskiq_fastapi._brokers import LostState
-from tools.processes import free_port
+from tools.processes import free_port, frozen
 from tools.redis_server import (
     MASTER_NAME,
     RedisServer,
@@ -182,6 +182,38 @@ async def test_behind_refusing_sentinels_what_the_app_prints_holds_no_password()
     assert f"No master found for '{MASTER_NAME}' : 127.0.0.1:" in printed, printed
     assert password not in printed
     assert max(map(len, printed.splitlines())) < 500, printed
+
+
+async def test_behind_a_frozen_first_sentinel_kicks_fail_only_until_it_is_passed(
+    server: RedisServer,
+) -> None:
+    """The first of two sentinels frozen, the master fine: a kick fails at its
+    bound while the lookup of the master waits for the frozen sentinel, but
+    the lookup goes on to the next one (redis-py then asks that one first):
+    kicks go through again, each one once."""
+    with running_sentinel(server) as first, running_sentinel(server) as second:
+        sentinels = [("127.0.0.1", first.port), ("127.0.0.1", second.port)]
+        broker = RedisStreamSentinelBroker(
+            sentinels,
+            MASTER_NAME,
+            queue_name="s",
+            sentinel_kwargs={"socket_timeout": 0.5},
+        )
+        outcomes: list[str] = []
+        async with api(broker, retry_timeout=2):
+            await kiq(broker, 0)  # the sentinels were asked before the freeze
+            with frozen(first):
+                deadline = time.monotonic() + 45
+                while outcomes[-3:] != ["sent"] * 3:
+                    assert time.monotonic() < deadline, outcomes
+                    try:
+                        await kiq(broker, 1)
+                    except SendTaskError:
+                        outcomes.append("failed")
+                    else:
+                        outcomes.append("sent")
+        async with Redis.from_url(server.url) as redis:
+            assert await redis.xlen("s") == 1 + outcomes.count("sent"), outcomes
 
 
 async def test_on_a_cluster_a_kick_whose_reply_timed_out_is_not_sent_twice() -> None:

@@ -6,6 +6,7 @@ Linux /proc only, which the suite and `make bench` run on; no root needed.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -98,6 +99,21 @@ def silent_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         yield int(sock.getsockname()[1])
+
+
+@contextmanager
+def frozen(server: ServerProcess) -> Iterator[None]:
+    """The server process stopped (SIGSTOP) while in the block.
+
+    The kernel still accepts connections on its port; nothing answers.
+    Continued (SIGCONT) on the way out.
+    """
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def greets(port: int, send: bytes, expect: bytes) -> bool:
