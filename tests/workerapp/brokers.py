@@ -4,6 +4,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from nats.js.api import ConsumerConfig
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from taskiq import AsyncBroker
 from taskiq_nats import NATSObjectStoreResultBackend, PullBasedJetStreamBroker
 from taskiq_redis import (
@@ -41,8 +43,8 @@ def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
 
     `sentinel` is `host:port[,host:port...]/master name[?option=value&...]`:
     the sentinels, asked in that order, and options for them
-    (`sentinel_kwargs`: `socket_timeout`, `password`); taskiq-redis' defaults
-    otherwise.
+    (`sentinel_kwargs`: `socket_timeout`, `password`, and `retries=0` for no
+    retries of redis-py's own); taskiq-redis' defaults otherwise.
     """
     where, _, query = sentinel.partition("?")
     addresses, _, master = where.partition("/")
@@ -55,6 +57,8 @@ def make_sentinel_broker(sentinel: str, queue: str) -> AsyncBroker:
     given: dict[str, Any] = dict(parse_qsl(query))
     if "socket_timeout" in given:
         given["socket_timeout"] = float(given["socket_timeout"])
+    if given.pop("retries", None) == "0":
+        given["retry"] = Retry(NoBackoff(), 0)
     options = {"sentinel_kwargs": given} if given else {}
     backend: RedisAsyncSentinelResultBackend[object] = RedisAsyncSentinelResultBackend(
         sentinels, master, **options
