@@ -123,7 +123,7 @@ async def test_a_server_gone_mid_run_past_the_retry_timeout_is_exit_3_in_time(
         await asyncio.sleep(1)
         own_server.stop()
         stopped = time.monotonic()
-        code = await asyncio.to_thread(worker.wait, 60)
+        code = await asyncio.to_thread(run.exit_status, worker, 60)
         took = time.monotonic() - stopped
     finally:
         run.kill_all()
