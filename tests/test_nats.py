@@ -8,6 +8,7 @@ a JetStream object store, and the real `taskiq-fastapi worker` command.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -155,6 +156,31 @@ def test_an_unreachable_server_past_the_retry_timeout_is_exit_3(
     unreachable_broker_is_exit_3(
         run, retry_timeout=6, cause="ConnectionError: ", within=6 + 8
     )
+
+
+def test_a_ctrl_c_while_nats_py_retries_connecting_stops_at_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Not at --broker-retry-timeout, and not as an unreachable broker."""
+    run = WorkerRun(redis_url, tmp_path, nats_url="nats://127.0.0.1:1")
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "60"
+    )
+    try:
+        run.wait_for("startup", processes=2)  # lifespans up: connecting now
+        time.sleep(1)  # a few attempts refused
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C: the whole group
+        stopped = time.monotonic()
+        code = run.exit_status(worker, timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 0, output
+    assert not [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert "Traceback" not in output
+    assert took < 10, output
+    assert run.count("shutdown") == run.count("startup")
 
 
 async def test_a_cancellation_swallowed_at_the_deadline_still_ends_the_startup(

@@ -292,7 +292,7 @@ class BrokerOutages:
                 try:
                     await self._bounded(startup())
                     await self.lost.remember()
-                except TaskiqFastAPIError:
+                except (TaskiqFastAPIError, WorkerStopped):
                     raise
                 except Exception as exc:
                     if not is_connection_error(exc):
@@ -344,7 +344,10 @@ class BrokerOutages:
         The app's lifespan is not bounded: only the time since it finished,
         and within the outage's clock once an attempt failed (a client that
         retries inside its connect, as nats-py does, is stopped at the
-        deadline rather than given a whole retry timeout per attempt).
+        deadline rather than given a whole retry timeout per attempt). A stop
+        signal stops the connecting too: a Ctrl-C while nats-py retried was
+        ignored until the deadline (2 minutes by default), and so was the
+        supervisor's stop when another worker gave up.
         """
         self.connecting_since = None
         running = asyncio.ensure_future(startup)
@@ -355,6 +358,9 @@ class BrokerOutages:
             since = self.connecting_since
             if since is None:
                 continue
+            if self.stopping.is_set():
+                await _cancel_until_done(running)
+                raise WorkerStopped
             deadline = self.broker.deadline() or since + self.retry_timeout
             if time.monotonic() >= deadline:
                 await _cancel_until_done(running)
