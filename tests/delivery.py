@@ -88,7 +88,7 @@ def unreachable_broker_is_exit_3(
         "--broker-retry-timeout", str(retry_timeout),
     )  # fmt: skip
     try:
-        code = worker.wait(timeout=60)
+        code = run.exit_status(worker, timeout=60)
     finally:
         run.kill_all()
     output = run.output(worker)

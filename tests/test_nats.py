@@ -8,13 +8,16 @@ a JetStream object store, and the real `taskiq-fastapi worker` command.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from delivery import (
@@ -22,8 +25,10 @@ from delivery import (
     killed_mid_task_is_redelivered_to_a_fresh_process,
     unreachable_broker_is_exit_3,
 )
+from workerapp.brokers import make_nats_broker
 from workers import APP, BROKER, COMMAND, TESTS_DIR, WorkerRun
 
+from taskiq_fastapi_cli.runtime.outages import BrokerOutages, BrokerStartupError
 from tools.nats_server import NatsServer, running_server
 
 pytestmark = pytest.mark.anyio
@@ -123,7 +128,7 @@ async def test_a_server_gone_mid_run_past_the_retry_timeout_is_exit_3_in_time(
         await asyncio.sleep(1)
         own_server.stop()
         stopped = time.monotonic()
-        code = await asyncio.to_thread(worker.wait, 60)
+        code = await asyncio.to_thread(run.exit_status, worker, 60)
         took = time.monotonic() - stopped
     finally:
         run.kill_all()
@@ -151,6 +156,88 @@ def test_an_unreachable_server_past_the_retry_timeout_is_exit_3(
     unreachable_broker_is_exit_3(
         run, retry_timeout=6, cause="ConnectionError: ", within=6 + 8
     )
+
+
+def test_a_ctrl_c_while_nats_py_retries_connecting_stops_at_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Not at --broker-retry-timeout, and not as an unreachable broker."""
+    run = WorkerRun(redis_url, tmp_path, nats_url="nats://127.0.0.1:1")
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "60"
+    )
+    try:
+        run.wait_for("startup", processes=2)  # lifespans up: connecting now
+        time.sleep(1)  # a few attempts refused
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C: the whole group
+        stopped = time.monotonic()
+        code = run.exit_status(worker, timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 0, output
+    assert not [ln for ln in output.splitlines() if ln.startswith("Error: ")]
+    assert "Traceback" not in output
+    assert took < 10, output
+    assert run.count("shutdown") == run.count("startup")
+
+
+async def test_a_cancellation_swallowed_at_the_deadline_still_ends_the_startup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process stalls (a loaded machine) as a connection attempt is refused.
+
+    It resumes with the refused attempt finishing and the deadline's check due
+    in the same turn of the loop. Before Python 3.12, `asyncio.wait_for` then
+    answers the cancellation with the refusal, and nats-py tries again, 2 s
+    apart for 2 minutes: the command exited after the test gave up on it.
+    """
+    retry_timeout = 1.0
+    broker = make_nats_broker("nats://127.0.0.1:1", f"test-{uuid.uuid4().hex}")
+    broker.is_worker_process = True
+    outages = BrokerOutages(broker, "b:b", retry_timeout, give_up=lambda _: None)
+    open_connection = asyncio.open_connection
+    stalls: list[float] = []
+
+    async def refused_then_stalled(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await open_connection(*args, **kwargs)
+        except OSError:
+            since = outages.connecting_since
+            if not stalls and since is not None:
+                # Descheduled past the deadline; the attempt ends as the
+                # process resumes, two steps after the stall.
+                stall = since + retry_timeout + 0.3 - time.monotonic()
+                asyncio.get_running_loop().call_soon(time.sleep, stall)
+                stalls.append(stall)
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            raise
+
+    monkeypatch.setattr(asyncio, "open_connection", refused_then_stalled)
+    started = time.monotonic()
+    starting = asyncio.ensure_future(broker.startup())
+    try:
+        await asyncio.wait({starting}, timeout=retry_timeout + 5)
+        took = time.monotonic() - started
+        assert stalls, "nats-py made no connection attempt"
+        assert starting.done(), f"still connecting after {took:.1f} s"
+        with pytest.raises(BrokerStartupError) as raised:
+            starting.result()
+    finally:
+        while not starting.done():  # without the fix, as often as nats-py needs
+            starting.cancel()
+            await asyncio.wait({starting}, timeout=0.25)
+        await broker.shutdown()
+    said = re.fullmatch(
+        r"Broker 'b:b' unreachable for (\d+\.\d) s \(--broker-retry-timeout 1\): "
+        r"ConnectionError: its startup was still connecting after \d+\.\d s",
+        str(raised.value),
+    )
+    assert said is not None, str(raised.value)
+    assert retry_timeout <= float(said[1]) < retry_timeout + 2
+    assert took < retry_timeout + 3
 
 
 def test_a_fetch_without_timeout_is_named_before_any_worker_starts() -> None:

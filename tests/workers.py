@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class WorkerRun:
             "TASKIQ_TEST_STREAMS": "1" if streams else "0",
             "EVENTS_FILE": str(self.events_file),
             "PYTHONUNBUFFERED": "1",
+            # A command that hangs shows each process's stack (`exit_status`).
+            "PYTHONFAULTHANDLER": "1",
         }
         self.env.pop("TASKIQ_TEST_SENTINEL", None)
         self.env.pop("TASKIQ_TEST_CLUSTER", None)
@@ -151,6 +154,25 @@ class WorkerRun:
         self.stopped.append(process)
         process.send_signal(sig)
         return process.wait(timeout=timeout)
+
+    def exit_status(self, process: subprocess.Popen[bytes], timeout: float) -> int:
+        """How the command exited; if it has not within `timeout`, a failure
+        showing its output and where each of its processes was stuck.
+        """
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # faulthandler writes every thread's stack to the log, then the
+            # process dies; the whole session, supervisor and workers.
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGABRT)
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+            self.kill_all()
+            raise AssertionError(
+                f"the command did not exit within {timeout:g} s:\n"
+                + self.output(process)
+            ) from None
 
     def kill_all(self) -> None:
         for process in self.processes:

@@ -45,7 +45,9 @@ gracefully and the command exits 3, naming which one and the real duration.
   startup: nats-py tries 60 times, 2 s apart, before it raises, so a
   `--broker-retry-timeout` shorter than that was never applied. Once the
   worker's startup handlers (the app's lifespan) are done, the rest of the
-  broker's startup is bounded by the retry timeout too.
+  broker's startup is bounded by the retry timeout too. At the deadline it
+  is cancelled until it ends: before Python 3.12 nats-py can swallow one
+  cancellation (`_cancel_until_done`).
 - A broker whose startup never connected, or whose server is gone, may fail
   to shut down: taskiq-nats closes its client first, which raises for a
   client that never connected or lost its server,
@@ -66,7 +68,6 @@ failures and long waits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import (
@@ -104,6 +105,9 @@ PING_TIMEOUT_SECONDS = 2.0
 # never answers is found out well before the deadline.
 PROBE_SECONDS = 5.0
 PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
+# A startup cancelled at the deadline that still runs after this is
+# cancelled again (its client swallowed the cancellation).
+RECANCEL_SECONDS = 0.25
 # Retry lines of one dependency: at most one a second (many tasks may retry
 # at once), one per attempt otherwise.
 LOG_EVERY_SECONDS = 1.0
@@ -289,7 +293,7 @@ class BrokerOutages:
                 try:
                     await self._bounded(startup())
                     await self.lost.remember()
-                except TaskiqFastAPIError:
+                except (TaskiqFastAPIError, WorkerStopped):
                     raise
                 except Exception as exc:
                     if not is_connection_error(exc):
@@ -341,7 +345,10 @@ class BrokerOutages:
         The app's lifespan is not bounded: only the time since it finished,
         and within the outage's clock once an attempt failed (a client that
         retries inside its connect, as nats-py does, is stopped at the
-        deadline rather than given a whole retry timeout per attempt).
+        deadline rather than given a whole retry timeout per attempt). A stop
+        signal stops the connecting too: a Ctrl-C while nats-py retried was
+        ignored until the deadline (2 minutes by default), and so was the
+        supervisor's stop when another worker gave up.
         """
         self.connecting_since = None
         running = asyncio.ensure_future(startup)
@@ -352,11 +359,12 @@ class BrokerOutages:
             since = self.connecting_since
             if since is None:
                 continue
+            if self.stopping.is_set():
+                await _cancel_until_done(running)
+                raise WorkerStopped
             deadline = self.broker.deadline() or since + self.retry_timeout
             if time.monotonic() >= deadline:
-                running.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await running
+                await _cancel_until_done(running)
                 raise ConnectionError(
                     f"its startup was still connecting after "
                     f"{time.monotonic() - since:.1f} s"
@@ -541,6 +549,26 @@ class BrokerOutages:
                         if isinstance(token, asyncio.Task):
                             token.cancel()
                     return
+
+
+async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it ends, cancelling it again as long as it runs.
+
+    One cancellation may be swallowed: before Python 3.12, `asyncio.wait_for`
+    answers a cancellation that lands just after the future it waits on
+    finished with that future's result or error. nats-py waits for each
+    connection attempt so, and a cancellation landing as an attempt was
+    refused became one more refusal: it tried again, 2 s apart for 2 minutes
+    at its defaults, and the command exited that long past its deadline (on
+    a loaded machine, where the deadline's check can fall in the turn of the
+    event loop that handles a refusal). What the task raises as it ends is
+    not news.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
+    if not task.cancelled():
+        task.exception()  # retrieved, or asyncio logs it as never retrieved
 
 
 async def _close_fetch(source: AsyncIterator[Any]) -> None:
