@@ -91,7 +91,7 @@ async def stop_in_state(
     )  # fmt: skip
     run.stopped.append(worker)
     if state == "starting":
-        time.sleep(1.5)  # imported, in the lifespan's 3 s startup
+        run.wait_for("starting", processes=1)  # in the lifespan's 3 s startup
         assert run.count("startup") == {}
     else:
         run.wait_for("startup", processes=1)

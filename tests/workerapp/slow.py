@@ -15,6 +15,7 @@ from workerapp.broker import broker
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    record("starting")
     await anyio.sleep(float(os.environ.get("SLOW_STARTUP", "2")))
     record("startup")
     yield {}
