@@ -19,6 +19,12 @@ brokers and their clients do about it, and what this module does instead:
   run_id of the server, or cluster node, holding the stream changed since
   startup), else after the newest message this process fetched (it reads
   ids where taskiq-redis makes each message's ack, `_ack_generator`).
+- taskiq-redis 1.1's stream brokers take a Redis lock, with no expiry,
+  around the XAUTOCLAIM after each fetch (`autoclaim:<group>:<stream>`). A
+  worker inside that step when the server restarted empty released a lock
+  the new server does not have: redis-py raised LockNotOwnedError, and the
+  worker process died. `LostState` fetches again instead (taskiq-redis 1.2
+  sends the lock in the XAUTOCLAIM's pipeline, and never raises it).
 - taskiq-redis's sentinel brokers and backends get a client and pool of the
   master for every command (`master_for`): `guard_connections` retries
   getting a connection there too. Its cluster ones keep one RedisCluster,
@@ -560,6 +566,11 @@ class LostState:
     async def recover(self, exc: BaseException) -> bool:
         """Recreate what `exc` says the server lost; whether to try again."""
         what: str | None = None
+        if _is_redis_stream(self.broker) and _lost_lock(exc):
+            # The fetch's own error (NOGROUP, or the old server's connection
+            # closing) comes again from the next fetch, and is handled there.
+            logger.debug("Broker %s: %s; fetching again.", self.name, describe(exc))
+            return True
         if _is_redis_stream(self.broker) and _no_group(exc):
             what = await self._recreate_redis_group()
         elif _is_jetstream(self.broker):
@@ -741,6 +752,17 @@ def _no_group(exc: BaseException) -> bool:
     from redis.exceptions import ResponseError
 
     return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+def _lost_lock(exc: BaseException) -> bool:
+    """A Redis lock the server no longer had, as its release found.
+
+    In a stream broker's fetch, only taskiq-redis' autoclaim lock: the server
+    restarted without its data while the fetch held it.
+    """
+    from redis.exceptions import LockNotOwnedError
+
+    return isinstance(exc, LockNotOwnedError)
 
 
 def _text(raw: Any) -> str:

@@ -145,6 +145,15 @@ class WorkerRun:
                 )
             time.sleep(0.05)
 
+    def wait_for_each(self, events: list[str], timeout: float = 30) -> Counter[str]:
+        """How often each of `events` was logged, once each was, or at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = Counter(name for _, name in self.events() if name in events)
+            if len(seen) == len(set(events)) or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.05)
+
     def stop(
         self,
         process: subprocess.Popen[bytes],
