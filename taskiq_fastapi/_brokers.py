@@ -338,18 +338,21 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
         started = time.monotonic()
         deadline = started + retry_timeout
         attempt = 0
+        answered: Exception | None = None  # the last error the client raised
         while True:
             left = deadline - time.monotonic()
             try:
                 return await _within(live_connection(*args, **kwargs), left)
             except asyncio.TimeoutError:
-                exc: Exception = TimeoutError(
+                # The last attempt starts at the deadline, with no time left:
+                # what was said before is the cause, if anything was.
+                exc: Exception = answered or TimeoutError(
                     f"no connection within {retry_timeout:g} s"
                 )
             except Exception as error:
                 if not is_connection_error(error):
                     raise
-                exc = error
+                exc = answered = error
             now = time.monotonic()
             if now >= deadline:
                 # Its cause is in the message, described: printed whole under
