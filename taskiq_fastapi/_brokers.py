@@ -566,10 +566,14 @@ class LostState:
         if _is_redis_stream(self.broker):
             self.run_ids = await self._redis_run_ids()
 
-    async def recover(self, exc: BaseException) -> bool:
-        """Recreate what `exc` says the server lost; whether to try again."""
+    async def recover(self, exc: BaseException, fetching: bool = False) -> bool:
+        """Recreate what `exc` says the server lost; whether to try again.
+
+        `fetching`: `exc` came out of the broker's fetch (not an ack or a
+        result save, whose own locks are none of taskiq-redis' autoclaim).
+        """
         what: str | None = None
-        if _is_redis_stream(self.broker) and _lost_lock(exc):
+        if fetching and _is_redis_stream(self.broker) and _lost_lock(exc):
             # The fetch's own error (NOGROUP, or the old server's connection
             # closing) comes again from the next fetch, and is handled there.
             logger.debug("Broker %s: %s; fetching again.", self.name, describe(exc))

@@ -101,14 +101,11 @@ async def test_a_sentinel_error_with_a_multi_line_option_is_short_and_secret_fre
 
 @pytest.mark.anyio
 async def test_a_result_save_that_finds_its_lock_expired_fails_once() -> None:
-    """Failing test (review): redis-py's LockNotOwnedError is "fetch again"
-    for a stream broker's fetch (taskiq-redis 1.1's autoclaim lock), but
-    `LostState.recover` also answers it for a result save (and an ack): a
-    backend saving under a Redis lock its save outlives was tried again for
-    ever, with nothing logged, the task never finished and a SIGTERM did not
-    stop the worker (on Python 3.10 the lock's release turns the
-    cancellation into one more LockNotOwnedError, tried again too). taskiq
-    reports the save's error once instead."""
+    """redis-py's LockNotOwnedError is "fetch again" for a stream broker's
+    fetch only (taskiq-redis 1.1's autoclaim lock after an empty restart):
+    a backend saving under a Redis lock its save outlives was tried again for
+    ever, with nothing logged, and a SIGTERM did not stop the worker. taskiq
+    reports the save's error once, as without this project."""
     from redis.asyncio import Redis
     from taskiq import TaskiqResult
     from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker

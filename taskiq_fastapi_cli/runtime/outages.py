@@ -389,7 +389,7 @@ class BrokerOutages:
                     except Exception as exc:
                         source = None  # it raised, so it is finished
                         if not is_connection_error(exc):
-                            outage = await self._recover(exc)
+                            outage = await self._recover(exc, fetching=True)
                             if outage is None:
                                 continue  # recreated: fetch again
                             exc = outage
@@ -472,14 +472,16 @@ class BrokerOutages:
                 dependency.recovered()
             return done
 
-    async def _recover(self, exc: Exception) -> Exception | None:
+    async def _recover(
+        self, exc: Exception, fetching: bool = False
+    ) -> Exception | None:
         """Recreate what the server lost, if `exc` says it lost the broker's state.
 
         None once recreated (try again); the outage met while recreating, to
         retry as one; otherwise `exc` is raised, as taskiq would.
         """
         try:
-            recreated = await self.lost.recover(exc)
+            recreated = await self.lost.recover(exc, fetching)
         except Exception as recovering:
             if is_connection_error(recovering):
                 return recovering
