@@ -106,8 +106,6 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     result save first.
     """
     _guard_redis_pools(broker, None)
-    for owner in (broker, broker.result_backend):
-        _share_master_lookups(owner)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
@@ -236,18 +234,22 @@ def _guard_sentinel_pools(
 
 
 def _share_master_lookups(owner: object) -> None:
-    """Behind Sentinel: one lookup of the master at a time, run to its end.
+    """In the API, behind Sentinel: one lookup of the master at a time, run to its end.
 
     redis-py asks the sentinels in order, and puts the one that answered
     first only once a lookup completes (`discover_master`). Behind a
     sentinel that accepts connections and never answers, a lookup waits out
     the socket timeout and redis-py's retries before it asks the next one
     (about 15 s with a 1 s timeout and redis-py 8): a kick's bound
-    (`broker_retry_timeout`) or a worker's PING deadline that cancelled it
-    earlier left the frozen sentinel first for ever, and every kick failed.
-    Cancelling a wait no longer cancels the lookup; the commands that need
-    the master meanwhile (one per command with taskiq-redis) wait for that
-    one lookup instead of each asking the frozen sentinel again.
+    (`broker_retry_timeout`) that cancelled it earlier left the frozen
+    sentinel first for ever, and every kick failed. Cancelling a wait no
+    longer cancels the lookup; the kicks meanwhile (a lookup each with
+    taskiq-redis) wait for that one lookup instead of each asking the frozen
+    sentinel again. (With redis-py 6 a lookup run to its end retries on the
+    connection it had to the frozen sentinel, 6 to 15 s; one cancelled and
+    asked again took a new connection and passed it sooner. Workers need
+    none of this: nothing of theirs cancels a lookup that a command waits
+    for, only their PINGs' own.)
     """
     try:
         from redis.asyncio import Sentinel
