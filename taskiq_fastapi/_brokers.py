@@ -216,12 +216,8 @@ def _guard_sentinel_pools(
     their `_acquire_master_conn`): no connection is kept from before a
     restart, but a kick while the master is down failed at once.
     """
-    try:
-        from redis.asyncio import Sentinel
-    except ImportError:
-        return
-    sentinel = getattr(owner, "sentinel", None)
-    if not isinstance(sentinel, Sentinel):
+    sentinel = _sentinel_of(owner)
+    if sentinel is None:
         return
     master_for = sentinel.master_for
 
@@ -230,7 +226,17 @@ def _guard_sentinel_pools(
         _guard_redis_pool(client.connection_pool, broker_name, retry_timeout)
         return client
 
-    sentinel.master_for = guarded_master_for  # type: ignore[method-assign]
+    sentinel.master_for = guarded_master_for
+
+
+def _sentinel_of(owner: object) -> Any:
+    """The redis-py Sentinel of taskiq-redis' sentinel brokers and backends, or None."""
+    try:
+        from redis.asyncio import Sentinel
+    except ImportError:
+        return None
+    sentinel = getattr(owner, "sentinel", None)
+    return sentinel if isinstance(sentinel, Sentinel) else None
 
 
 def _share_master_lookups(owner: object) -> None:
@@ -251,12 +257,8 @@ def _share_master_lookups(owner: object) -> None:
     none of this: nothing of theirs cancels a lookup that a command waits
     for, only their PINGs' own.)
     """
-    try:
-        from redis.asyncio import Sentinel
-    except ImportError:
-        return
-    sentinel = getattr(owner, "sentinel", None)
-    if not isinstance(sentinel, Sentinel):
+    sentinel = _sentinel_of(owner)
+    if sentinel is None:
         return
     discover = sentinel.discover_master
     running: dict[str, asyncio.Future[Any]] = {}
@@ -273,7 +275,7 @@ def _share_master_lookups(owner: object) -> None:
             running[service_name] = lookup
         return await asyncio.shield(lookup)
 
-    sentinel.discover_master = discover_master  # type: ignore[method-assign]
+    sentinel.discover_master = discover_master
 
 
 def _retrieved(lookup: asyncio.Future[Any]) -> None:
