@@ -228,6 +228,19 @@ async def logged(run: WorkerRun, worker: Popen[bytes], text: str) -> None:
         await asyncio.sleep(0.1)
 
 
+async def run_tasks_and_stop(run: WorkerRun, worker: Popen[bytes], wait: float) -> None:
+    """Kick 5 tasks: each runs within `wait` s; the worker, still up, stops with 0."""
+    await run.sender.startup()
+    try:
+        tasks = await run.kiq_all("mark", [(n,) for n in range(5)])
+        results = [await task.wait_result(timeout=wait) for task in tasks]
+    finally:
+        await run.sender.shutdown()
+    assert [result.return_value for result in results] == list(range(5))
+    assert worker.poll() is None, run.output(worker)
+    assert run.stop(worker) == 0
+
+
 @VARIANTS
 async def test_a_frozen_sentinel_master_or_cluster_node_is_exit_3(
     name: str, tmp_path: Path
@@ -279,15 +292,7 @@ async def test_a_sentinel_master_or_cluster_node_frozen_a_while_is_ridden_out(
                 await logged(run, worker, f"{BROKER_NAME} unreachable (")
             # No message sent meanwhile: a PING answered.
             await logged(run, worker, f"{BROKER_NAME} is back after ")
-            await run.sender.startup()
-            try:
-                tasks = await run.kiq_all("mark", [(n,) for n in range(5)])
-                results = [await task.wait_result(timeout=30) for task in tasks]
-            finally:
-                await run.sender.shutdown()
-            assert [result.return_value for result in results] == list(range(5))
-            assert worker.poll() is None, run.output(worker)
-            assert run.stop(worker) == 0
+            await run_tasks_and_stop(run, worker, wait=30)
         finally:
             run.kill_all()
     output = run.output(worker)
@@ -327,15 +332,7 @@ async def test_a_frozen_sentinel_first_in_the_list_is_ridden_out(
             )
             await logged(run, worker, "Listening started")  # the broker started
             with frozen(first):
-                await run.sender.startup()
-                try:
-                    tasks = await run.kiq_all("mark", [(n,) for n in range(5)])
-                    results = [await task.wait_result(timeout=60) for task in tasks]
-                finally:
-                    await run.sender.shutdown()
-                assert [result.return_value for result in results] == list(range(5))
-                assert worker.poll() is None, run.output(worker)
-                assert run.stop(worker) == 0
+                await run_tasks_and_stop(run, worker, wait=60)
         finally:
             run.kill_all()
     output = run.output(worker)
