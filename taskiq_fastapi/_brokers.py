@@ -261,7 +261,7 @@ def _share_master_lookups(owner: object) -> None:
     if sentinel is None:
         return
     discover = sentinel.discover_master
-    running: dict[str, asyncio.Future[Any]] = {}
+    running = _lookups[sentinel] = {}
 
     async def discover_master(service_name: str) -> Any:
         lookup = running.get(service_name)
@@ -276,6 +276,37 @@ def _share_master_lookups(owner: object) -> None:
         return await asyncio.shield(lookup)
 
     sentinel.discover_master = discover_master
+
+
+async def stop_master_lookups(broker: AsyncBroker) -> None:
+    """As the API shuts down: cancel the shared lookups no kick waits for now.
+
+    A lookup behind a frozen sentinel outlives the kicks that gave up on it;
+    left running, it outlived the app's lifespan too, and a loop closed
+    without cancelling its tasks said "Task was destroyed but it is pending".
+    """
+    loop = asyncio.get_running_loop()
+    sentinels = [_sentinel_of(owner) for owner in (broker, broker.result_backend)]
+    pending = [
+        lookup
+        for sentinel in sentinels
+        if sentinel in _lookups
+        for lookup in _lookups[sentinel].values()
+        if not lookup.done() and lookup.get_loop() is loop
+    ]
+    for lookup in pending:
+        lookup.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=_LOOKUP_CANCEL_SECONDS)
+
+
+# The lookups `_share_master_lookups` runs, by Sentinel and service name.
+_lookups: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+# How long shutdown waits for a cancelled lookup: redis-py's connect steps
+# may hold a cancellation back until they end.
+_LOOKUP_CANCEL_SECONDS = 1.0
 
 
 def _retrieved(lookup: asyncio.Future[Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
-from taskiq_fastapi._brokers import guard_connections
+from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
 from taskiq_fastapi.integration import populate_dependency_context
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
@@ -56,6 +56,7 @@ def broker_lifespan(
             finally:
                 if isinstance(broker, InMemoryBroker):
                     await broker.wait_all()  # let in-process tasks finish first
+                await stop_master_lookups(broker)
                 await broker.shutdown()
 
     return run

@@ -216,6 +216,33 @@ async def test_behind_a_frozen_first_sentinel_kicks_fail_only_until_it_is_passed
             assert await redis.xlen("s") == 1 + outcomes.count("sent"), outcomes
 
 
+async def test_a_lookup_still_waiting_for_a_frozen_sentinel_ends_with_the_lifespan(
+    server: RedisServer,
+) -> None:
+    """The app shuts down while the shared lookup of the master still waits
+    for a frozen sentinel: the lookup is cancelled with it, not left running
+    in the loop (a loop closed without cancelling it logs "Task was
+    destroyed but it is pending")."""
+    with running_sentinel(server) as first, running_sentinel(server) as second:
+        sentinels = [("127.0.0.1", first.port), ("127.0.0.1", second.port)]
+        broker = RedisStreamSentinelBroker(
+            sentinels,
+            MASTER_NAME,
+            queue_name="s",
+            sentinel_kwargs={"socket_timeout": 0.5},
+        )
+        before = asyncio.all_tasks()
+        with contextlib.ExitStack() as freezing:
+            async with api(broker, retry_timeout=1):
+                await kiq(broker, 0)
+                freezing.enter_context(frozen(first))
+                with pytest.raises(SendTaskError):
+                    await kiq(broker, 1)
+                waiting = {t for t in asyncio.all_tasks() - before if not t.done()}
+                assert waiting  # the lookup the kick gave up on
+            assert [t for t in waiting if not t.done()] == []
+
+
 async def test_on_a_cluster_a_kick_whose_reply_timed_out_is_not_sent_twice() -> None:
     """redis-py's RedisCluster sends a failed command again itself once it
     has found its nodes (`initialize`), also one whose reply timed out after
