@@ -742,6 +742,54 @@ def test_started_after_0_records_a_short_task_started_at_its_first_wait(
     assert done["queued_at"] <= done["started_at"] <= done["finished_at"]
 
 
+@pytest.mark.anyio
+async def test_concurrent_tasks_are_shown_started_only_past_their_own_started_after() -> (
+    None
+):
+    """Two listings with different started_after, kicks at staggered moments,
+    some tasks ending before their started_after and some after, all running
+    at once: each long one is shown started while it runs, no short one ever
+    is (one timer serves every running task, moved as earlier ones come)."""
+    broker = InMemoryBroker()
+    seen: dict[str, str] = {}
+
+    async def look(context: Context, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        task_id = context.message.task_id
+        seen[task_id] = (
+            await statuses[context.message.task_name].kicked(task_id)
+        ).state
+
+    @broker.task
+    async def soon(seconds: float, context: Context = TaskiqDepends()) -> None:
+        await look(context, seconds)
+
+    @broker.task
+    async def later(seconds: float, context: Context = TaskiqDepends()) -> None:
+        await look(context, seconds)
+
+    after = {soon.task_name: 0.1, later.task_name: 0.4}
+    statuses = {
+        task.task_name: taskiq_fastapi.TaskStatus(
+            broker, [task], started_after=after[task.task_name], name=task.task_name
+        )
+        for task in (soon, later)
+    }
+    expected: dict[str, str] = {}
+    async with taskiq_fastapi.broker_lifespan(broker)(FastAPI()):
+        # A later due first, then sooner ones, long and short mixed.
+        for i in range(24):
+            task = (later, soon, soon)[i % 3]
+            long = i % 4 in (0, 1)
+            due = after[task.task_name]
+            seconds = due + 0.25 if long else max(due - 0.08, 0.01)
+            kicked = await task.kiq(seconds)
+            expected[kicked.task_id] = "started" if long else "queued"
+            await asyncio.sleep(0.03)
+        await broker.wait_all()
+    assert seen == expected
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), "0.1", None, True])
 def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
     broker = InMemoryBroker()

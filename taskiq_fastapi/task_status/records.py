@@ -216,23 +216,20 @@ def _record(message: TaskiqMessage) -> TaskRecord | None:
 
 
 class _Start:
-    """A running task's `started` write: due after `delay` seconds, or sooner.
+    """A running task's `started` write: due at `due` (the loop's clock), or sooner.
 
-    With no delay the timer fires at the task's first await: the event loop
-    runs it as soon as the task lets it.
+    No timer of its own: the Recorder keeps one for every running task. With
+    no delay it is due at once, and begins at the task's first await.
     """
 
-    def __init__(
-        self, store: RecordStore, message: TaskiqMessage, delay: float
-    ) -> None:
+    def __init__(self, store: RecordStore, message: TaskiqMessage, due: float) -> None:
         self.store = store
         self.message = message
+        self.due = due
         self.write: asyncio.Future[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(delay, self.begin)
 
     def begin(self) -> asyncio.Future[None]:
         if self.write is None:
-            self.timer.cancel()
             # Made only now: most tasks end before, and never need it.
             record = _record(self.message)
             assert record is not None  # only made for messages with QUEUED_LABEL
@@ -245,11 +242,10 @@ class _Start:
         await self.begin()
 
     async def settle(self) -> None:
-        """At the task's end: no write if none began, else wait for it.
+        """At the task's end: wait for the write if one began.
 
         So that a `started` record cannot land after the outcome.
         """
-        self.timer.cancel()
         if self.write is not None:
             await self.write
 
@@ -282,6 +278,13 @@ class Recorder(TaskiqMiddleware):
         # By the message object's id: a retry (same task id) can begin in this
         # process before the failed run's post_execute.
         self._starting: dict[int, _Start] = {}
+        # One timer for all of them, at the earliest `started` due. A timer
+        # per task, cancelled as nearly every task ends first, left the
+        # event loop's heap full of cancelled timers, which every other
+        # timer then sifted through.
+        # (A loop of its own: a broker may outlive the loop a timer was on.)
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_loop: asyncio.AbstractEventLoop | None = None
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         if message.task_name not in self.started_after:
@@ -323,8 +326,33 @@ class Recorder(TaskiqMiddleware):
         if QUEUED_LABEL in message.labels:
             message.labels[STARTED_LABEL] = _now().isoformat()
             delay = self.started_after.get(message.task_name, STARTED_AFTER)
-            self._starting[id(message)] = _Start(self.store, message, delay)
+            loop = asyncio.get_running_loop()
+            due = loop.time() + delay
+            self._starting[id(message)] = _Start(self.store, message, due)
+            wake = self._wake
+            if wake is None or due < wake.when() or self._wake_loop is not loop:
+                self._wake_at(loop, due)
         return message
+
+    def _wake_at(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_at(due, self._begin_due, loop)
+        self._wake_loop = loop
+
+    def _begin_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin the `started` writes now due; wake again at the next one."""
+        self._wake = None
+        now = loop.time()
+        later = []
+        for start in self._starting.values():
+            if start.write is None:
+                if start.due <= now:
+                    start.begin()
+                else:
+                    later.append(start.due)
+        if later:
+            self._wake_at(loop, min(later))
 
     async def started(self, message: TaskiqMessage) -> None:
         """Write the task's `started` record now, if it is still to come."""
