@@ -37,7 +37,9 @@ gracefully and the command exits 3, naming which one and the real duration.
   BRPOP wants; nats-py's fetch times out and looks idle). An operation that
   has waited a while has its server PINGed with a deadline (`_watch`); no
   answer is a failed attempt, an answer ends an outage, so "back" is logged
-  and readiness restored while the worker is idle.
+  and readiness restored while the worker is idle. At the give-up, a result
+  save or ack still waiting is cancelled until it ends (a client may swallow
+  one cancellation, as below).
 - taskiq acknowledges a `when_saved` message whose result it failed to save:
   once the result backend is given up on, acknowledgements are skipped.
 
@@ -105,8 +107,8 @@ PING_TIMEOUT_SECONDS = 2.0
 # never answers is found out well before the deadline.
 PROBE_SECONDS = 5.0
 PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
-# A startup cancelled at the deadline that still runs after this is
-# cancelled again (its client swallowed the cancellation).
+# A startup, result save or ack cancelled at the deadline that still runs
+# after this is cancelled again (its client swallowed the cancellation).
 RECANCEL_SECONDS = 0.25
 # Retry lines of one dependency: at most one a second (many tasks may retry
 # at once), one per attempt otherwise.
@@ -525,6 +527,13 @@ class BrokerOutages:
         the connection and never answers; a fetch may also wait because no
         message comes. A PING with a deadline tells them apart, and ends the
         outage it finds as soon as the server answers again.
+
+        At the give-up, a result save or an ack still waiting on the server
+        would keep its task in flight, and the stop waiting for it: it is
+        cancelled (so not acknowledged) until it ends, as a client may
+        swallow one cancellation (`_cancel_until_done`); a save that did so
+        kept the command from exiting until --wait-tasks-timeout. The watch
+        ends there, so waiting for them here holds up nothing else.
         """
         every = self.broker.probe_every()
         while True:
@@ -544,12 +553,13 @@ class BrokerOutages:
                 if dependency.failed(unanswered, now, next_in=every) is None:
                     self.results_lost |= dependency is self.backend
                     self.give_up(dependency.gave_up(unanswered))
-                    # A result save or an ack waiting on a server that never
-                    # answers would keep its task in flight, and the stop
-                    # waiting for it: cancelled, it is not acknowledged.
-                    for token in list(dependency.pending):
-                        if isinstance(token, asyncio.Task):
-                            token.cancel()
+                    await asyncio.gather(
+                        *(
+                            _cancel_until_done(token)
+                            for token in list(dependency.pending)
+                            if isinstance(token, asyncio.Task)
+                        )
+                    )
                     return
 
 
