@@ -240,6 +240,46 @@ async def test_a_stuck_result_save_that_swallows_a_cancellation_is_cut_too(
     assert pending["pending"] == 1, output
 
 
+async def test_a_result_save_begun_after_the_give_up_fails_at_once(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A task still running at the give-up finishes during the stop: its save
+    waited on the server that never answers (no socket timeout: for ever),
+    with nothing left to cut it, and the stop for it. Not tried: the result
+    is not saved, the message not acknowledged."""
+    with silent_port() as port:
+        run = WorkerRun(server.url, tmp_path, streams=True)
+        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
+        try:
+            worker = run.start(
+                "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
+                "--workers", "1", "--broker-retry-timeout", "2",
+                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+            )  # fmt: skip
+            run.wait_for("startup", processes=1)
+            await run.sender.startup()
+            try:
+                await run.kiq("mark", 1)  # its save starts the outage
+                await run.kiq("slow", 2, 8)
+            finally:
+                await run.sender.shutdown()
+            run.wait_for("ran 1", 1)
+            code = await asyncio.to_thread(run.exit_status, worker, 8 + 20)
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    # The stop came while the slow task ran; it finished after the give-up.
+    assert "Waiting for 1 running tasks" in output, output
+    assert "task 2 done" in [event for _, event in run.events()]
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 2, output
+
+
 @contextmanager
 def variant(name: str, tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerRun]]:
     """taskiq-redis' stream broker and results behind a real Sentinel, or on a

@@ -154,6 +154,7 @@ class Dependency:
         self.since: float | None = None
         self.attempts = 0
         self.logged_at = 0.0
+        self.given_up = False
         # Operations under way (a token each) and when each started.
         self.pending: dict[object, float] = {}
 
@@ -444,11 +445,16 @@ class BrokerOutages:
 
         Past the deadline the command is stopped and the last error raised:
         taskiq reports it as it did before, and does not acknowledge a message
-        whose result was not saved.
+        whose result was not saved. Once `dependency` is given up on, `call`
+        is not tried: a task finishing during the stop waited on a server
+        that never answers, with no watch left to cut it (a client with no
+        socket timeout waits for ever), and the stop waited for it.
         """
         # The task itself: the watch cancels it if the server never answers.
         token: object = asyncio.current_task() or object()
         while True:
+            if dependency.given_up:
+                raise ConnectionError(f"not tried: {dependency.name} was given up on")
             dependency.pending[token] = time.monotonic()
             try:
                 done = await call()
@@ -462,8 +468,7 @@ class BrokerOutages:
                     raise
                 delay = dependency.failed(exc)
                 if delay is None:
-                    self.results_lost = dependency is self.backend
-                    self.give_up(dependency.gave_up(exc))
+                    self._give_up(dependency, exc)
                     raise
                 if await _wait_for(self.stopping.wait(), delay):
                     raise
@@ -473,6 +478,12 @@ class BrokerOutages:
             if dependency.since is not None:
                 dependency.recovered()
             return done
+
+    def _give_up(self, dependency: Dependency, exc: BaseException) -> None:
+        """Past `dependency`'s deadline: the command stops, naming it."""
+        dependency.given_up = True
+        self.results_lost |= dependency is self.backend
+        self.give_up(dependency.gave_up(exc))
 
     async def _recover(
         self, exc: Exception, fetching: bool = False
@@ -515,7 +526,7 @@ class BrokerOutages:
         else:
             delay = self.broker.failed(exc)  # from now: a fetch may wait idle
         if delay is None:
-            self.give_up(self.broker.gave_up(exc))  # every process stops gracefully
+            self._give_up(self.broker, exc)  # every process stops gracefully
             await self.stopping.wait()
             return True
         return await _wait_for(self.stopping.wait(), delay)
@@ -551,8 +562,7 @@ class BrokerOutages:
                     dependency.recovered()
                     continue
                 if dependency.failed(unanswered, now, next_in=every) is None:
-                    self.results_lost |= dependency is self.backend
-                    self.give_up(dependency.gave_up(unanswered))
+                    self._give_up(dependency, unanswered)
                     await asyncio.gather(
                         *(
                             _cancel_until_done(token)
