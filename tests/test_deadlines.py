@@ -280,6 +280,46 @@ async def test_a_result_save_begun_after_the_give_up_fails_at_once(
     assert pending["pending"] == 2, output
 
 
+async def test_a_result_save_is_still_watched_after_the_broker_is_given_up_on(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """Broker and results on one server, frozen while a task runs: the idle
+    fetch finds it out first, and the broker is given up on. The task then
+    finishes and its save waits on the frozen server (no socket timeout: for
+    ever); the watch had ended at the broker's give-up, so nothing cut the
+    save, and the stop waited for it. Watched still, it is given up on in
+    turn and cut; the message is not acknowledged."""
+    run = WorkerRun(server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = server.url
+    try:
+        worker = run.start(
+            "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
+            "--workers", "1", "--broker-retry-timeout", "2",
+            "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            await run.kiq("slow", 2, 3)
+        finally:
+            await run.sender.shutdown()
+        run.wait_for("task 2 started", 1)
+        with frozen(server):
+            code = await asyncio.to_thread(run.exit_status, worker, 3 + 2 + 2 + 20)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = "Broker 'workerapp.swallowed_cancel:broker'"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    assert "task 2 done" in [event for _, event in run.events()]
+    assert retry_times(output, f"Result backend of broker {name[7:]}"), output
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output
+
+
 @contextmanager
 def variant(name: str, tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerRun]]:
     """taskiq-redis' stream broker and results behind a real Sentinel, or on a

@@ -266,6 +266,8 @@ class BrokerOutages:
             lambda unreachable: None,
         )
         self.watching: asyncio.Task[None] | None = None
+        # Operations waiting on a dependency given up on, being cancelled.
+        self.cutting: set[asyncio.Future[None]] = set()
         self.results_lost = False
         # taskiq logs a result it could not save with a traceback.
         logging.getLogger("taskiq.receiver.receiver").addFilter(_unsaved_in_one_line)
@@ -480,10 +482,24 @@ class BrokerOutages:
             return done
 
     def _give_up(self, dependency: Dependency, exc: BaseException) -> None:
-        """Past `dependency`'s deadline: the command stops, naming it."""
+        """Past `dependency`'s deadline: the command stops, naming it.
+
+        A result save or an ack still waiting on its server would keep its
+        task in flight, and the stop waiting for it: it is cancelled (so not
+        acknowledged) until it ends, as a client may swallow one
+        cancellation (`_cancel_until_done`); a save that did so kept the
+        command from exiting until --wait-tasks-timeout. Cancelled in tasks
+        of their own, as the watch goes on.
+        """
         dependency.given_up = True
         self.results_lost |= dependency is self.backend
         self.give_up(dependency.gave_up(exc))
+        this = asyncio.current_task()  # an operation giving up raises itself
+        for token in list(dependency.pending):
+            if isinstance(token, asyncio.Task) and token is not this:
+                cutting = asyncio.ensure_future(_cancel_until_done(token))
+                self.cutting.add(cutting)
+                cutting.add_done_callback(self.cutting.discard)
 
     async def _recover(
         self, exc: Exception, fetching: bool = False
@@ -539,19 +555,17 @@ class BrokerOutages:
         message comes. A PING with a deadline tells them apart, and ends the
         outage it finds as soon as the server answers again.
 
-        At the give-up, a result save or an ack still waiting on the server
-        would keep its task in flight, and the stop waiting for it: it is
-        cancelled (so not acknowledged) until it ends, as a client may
-        swallow one cancellation (`_cancel_until_done`); a save that did so
-        kept the command from exiting until --wait-tasks-timeout. The watch
-        ends there, so waiting for them here holds up nothing else.
+        After one is given up on, the other is watched still: broker and
+        results on one server that stopped answering, the broker was given
+        up on first, and a result save then waited on it for ever (with no
+        socket timeout), and the stop with it.
         """
         every = self.broker.probe_every()
         while True:
             await asyncio.sleep(every)
             for dependency in (self.broker, self.backend):
                 now = time.monotonic()
-                if not any(
+                if dependency.given_up or not any(
                     now - started >= every for started in dependency.pending.values()
                 ):
                     continue
@@ -563,14 +577,6 @@ class BrokerOutages:
                     continue
                 if dependency.failed(unanswered, now, next_in=every) is None:
                     self._give_up(dependency, unanswered)
-                    await asyncio.gather(
-                        *(
-                            _cancel_until_done(token)
-                            for token in list(dependency.pending)
-                            if isinstance(token, asyncio.Task)
-                        )
-                    )
-                    return
 
 
 async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
