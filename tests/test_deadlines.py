@@ -203,6 +203,123 @@ async def test_a_result_save_stuck_on_a_silent_backend_is_cut_at_the_give_up(
     assert pending["pending"] == 1, output
 
 
+async def test_a_stuck_result_save_that_swallows_a_cancellation_is_cut_too(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The same, with a save that swallows the first cancellation it gets and
+    goes on waiting, as redis-py or nats-py may before Python 3.12: cancelled
+    once at the give-up, its task stayed in flight and the stop waited for it
+    (here, the 60 s of --wait-tasks-timeout)."""
+    with silent_port() as port:
+        run = WorkerRun(server.url, tmp_path, streams=True)
+        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
+        try:
+            worker = run.start(
+                "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
+                "--workers", "1", "--broker-retry-timeout", "2",
+                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+            )  # fmt: skip
+            run.wait_for("startup", processes=1)
+            await run.sender.startup()
+            try:
+                await run.kiq("mark", 1)
+            finally:
+                await run.sender.shutdown()
+            run.wait_for("ran 1", 1)
+            code = await asyncio.to_thread(run.exit_status, worker, 2 + 20)
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    assert "save swallowed a cancellation" in [event for _, event in run.events()]
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output
+
+
+async def test_a_result_save_begun_after_the_give_up_fails_at_once(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A task still running at the give-up finishes during the stop: its save
+    waited on the server that never answers (no socket timeout: for ever),
+    with nothing left to cut it, and the stop for it. Not tried: the result
+    is not saved, the message not acknowledged."""
+    with silent_port() as port:
+        run = WorkerRun(server.url, tmp_path, streams=True)
+        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
+        try:
+            worker = run.start(
+                "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
+                "--workers", "1", "--broker-retry-timeout", "2",
+                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+            )  # fmt: skip
+            run.wait_for("startup", processes=1)
+            await run.sender.startup()
+            try:
+                await run.kiq("mark", 1)  # its save starts the outage
+                await run.kiq("slow", 2, 8)
+            finally:
+                await run.sender.shutdown()
+            run.wait_for("ran 1", 1)
+            code = await asyncio.to_thread(run.exit_status, worker, 8 + 20)
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    # The stop came while the slow task ran; it finished after the give-up.
+    assert "Waiting for 1 running tasks" in output, output
+    assert "task 2 done" in [event for _, event in run.events()]
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 2, output
+
+
+async def test_a_result_save_is_still_watched_after_the_broker_is_given_up_on(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """Broker and results on one server, frozen while a task runs: the idle
+    fetch finds it out first, and the broker is given up on. The task then
+    finishes and its save waits on the frozen server (no socket timeout: for
+    ever); the watch had ended at the broker's give-up, so nothing cut the
+    save, and the stop waited for it. Watched still, it is given up on in
+    turn and cut; the message is not acknowledged."""
+    run = WorkerRun(server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = server.url
+    try:
+        worker = run.start(
+            "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
+            "--workers", "1", "--broker-retry-timeout", "2",
+            "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            await run.kiq("slow", 2, 3)
+        finally:
+            await run.sender.shutdown()
+        run.wait_for("task 2 started", 1)
+        with frozen(server):
+            code = await asyncio.to_thread(run.exit_status, worker, 3 + 2 + 2 + 20)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = "Broker 'workerapp.swallowed_cancel:broker'"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    assert "task 2 done" in [event for _, event in run.events()]
+    assert retry_times(output, f"Result backend of broker {name[7:]}"), output
+    assert "Traceback" not in output
+    async with Redis.from_url(server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output
+
+
 @contextmanager
 def variant(name: str, tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerRun]]:
     """taskiq-redis' stream broker and results behind a real Sentinel, or on a

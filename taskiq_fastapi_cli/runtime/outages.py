@@ -37,7 +37,9 @@ gracefully and the command exits 3, naming which one and the real duration.
   BRPOP wants; nats-py's fetch times out and looks idle). An operation that
   has waited a while has its server PINGed with a deadline (`_watch`); no
   answer is a failed attempt, an answer ends an outage, so "back" is logged
-  and readiness restored while the worker is idle.
+  and readiness restored while the worker is idle. At the give-up, a result
+  save or ack still waiting is cancelled until it ends (a client may swallow
+  one cancellation, as below).
 - taskiq acknowledges a `when_saved` message whose result it failed to save:
   once the result backend is given up on, acknowledgements are skipped.
 
@@ -105,8 +107,8 @@ PING_TIMEOUT_SECONDS = 2.0
 # never answers is found out well before the deadline.
 PROBE_SECONDS = 5.0
 PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
-# A startup cancelled at the deadline that still runs after this is
-# cancelled again (its client swallowed the cancellation).
+# A startup, result save or ack cancelled at the deadline that still runs
+# after this is cancelled again (its client swallowed the cancellation).
 RECANCEL_SECONDS = 0.25
 # Retry lines of one dependency: at most one a second (many tasks may retry
 # at once), one per attempt otherwise.
@@ -152,6 +154,7 @@ class Dependency:
         self.since: float | None = None
         self.attempts = 0
         self.logged_at = 0.0
+        self.given_up = False
         # Operations under way (a token each) and when each started.
         self.pending: dict[object, float] = {}
 
@@ -263,6 +266,8 @@ class BrokerOutages:
             lambda unreachable: None,
         )
         self.watching: asyncio.Task[None] | None = None
+        # Operations waiting on a dependency given up on, being cancelled.
+        self.cutting: set[asyncio.Future[None]] = set()
         self.results_lost = False
         # taskiq logs a result it could not save with a traceback.
         logging.getLogger("taskiq.receiver.receiver").addFilter(_unsaved_in_one_line)
@@ -442,11 +447,16 @@ class BrokerOutages:
 
         Past the deadline the command is stopped and the last error raised:
         taskiq reports it as it did before, and does not acknowledge a message
-        whose result was not saved.
+        whose result was not saved. Once `dependency` is given up on, `call`
+        is not tried: a task finishing during the stop waited on a server
+        that never answers, with no watch left to cut it (a client with no
+        socket timeout waits for ever), and the stop waited for it.
         """
         # The task itself: the watch cancels it if the server never answers.
         token: object = asyncio.current_task() or object()
         while True:
+            if dependency.given_up:
+                raise ConnectionError(f"not tried: {dependency.name} was given up on")
             dependency.pending[token] = time.monotonic()
             try:
                 done = await call()
@@ -460,8 +470,7 @@ class BrokerOutages:
                     raise
                 delay = dependency.failed(exc)
                 if delay is None:
-                    self.results_lost = dependency is self.backend
-                    self.give_up(dependency.gave_up(exc))
+                    self._give_up(dependency, exc)
                     raise
                 if await _wait_for(self.stopping.wait(), delay):
                     raise
@@ -471,6 +480,26 @@ class BrokerOutages:
             if dependency.since is not None:
                 dependency.recovered()
             return done
+
+    def _give_up(self, dependency: Dependency, exc: BaseException) -> None:
+        """Past `dependency`'s deadline: the command stops, naming it.
+
+        A result save or an ack still waiting on its server would keep its
+        task in flight, and the stop waiting for it: it is cancelled (so not
+        acknowledged) until it ends, as a client may swallow one
+        cancellation (`_cancel_until_done`); a save that did so kept the
+        command from exiting until --wait-tasks-timeout. Cancelled in tasks
+        of their own, as the watch goes on.
+        """
+        dependency.given_up = True
+        self.results_lost |= dependency is self.backend
+        self.give_up(dependency.gave_up(exc))
+        this = asyncio.current_task()  # an operation giving up raises itself
+        for token in list(dependency.pending):
+            if isinstance(token, asyncio.Task) and token is not this:
+                cutting = asyncio.ensure_future(_cancel_until_done(token))
+                self.cutting.add(cutting)
+                cutting.add_done_callback(self.cutting.discard)
 
     async def _recover(
         self, exc: Exception, fetching: bool = False
@@ -513,7 +542,7 @@ class BrokerOutages:
         else:
             delay = self.broker.failed(exc)  # from now: a fetch may wait idle
         if delay is None:
-            self.give_up(self.broker.gave_up(exc))  # every process stops gracefully
+            self._give_up(self.broker, exc)  # every process stops gracefully
             await self.stopping.wait()
             return True
         return await _wait_for(self.stopping.wait(), delay)
@@ -525,13 +554,18 @@ class BrokerOutages:
         the connection and never answers; a fetch may also wait because no
         message comes. A PING with a deadline tells them apart, and ends the
         outage it finds as soon as the server answers again.
+
+        After one is given up on, the other is watched still: broker and
+        results on one server that stopped answering, the broker was given
+        up on first, and a result save then waited on it for ever (with no
+        socket timeout), and the stop with it.
         """
         every = self.broker.probe_every()
         while True:
             await asyncio.sleep(every)
             for dependency in (self.broker, self.backend):
                 now = time.monotonic()
-                if not any(
+                if dependency.given_up or not any(
                     now - started >= every for started in dependency.pending.values()
                 ):
                     continue
@@ -542,15 +576,7 @@ class BrokerOutages:
                     dependency.recovered()
                     continue
                 if dependency.failed(unanswered, now, next_in=every) is None:
-                    self.results_lost |= dependency is self.backend
-                    self.give_up(dependency.gave_up(unanswered))
-                    # A result save or an ack waiting on a server that never
-                    # answers would keep its task in flight, and the stop
-                    # waiting for it: cancelled, it is not acknowledged.
-                    for token in list(dependency.pending):
-                        if isinstance(token, asyncio.Task):
-                            token.cancel()
-                    return
+                    self._give_up(dependency, unanswered)
 
 
 async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
