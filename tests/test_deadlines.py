@@ -272,7 +272,8 @@ async def test_a_result_save_begun_after_the_give_up_fails_at_once(
     name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
     assert 2 <= gave_up(output, name, 2) < 5, output
     # The stop came while the slow task ran; it finished after the give-up.
-    assert "Waiting for 1 running tasks" in output, output
+    # (taskiq-redis 1.1 claims idle messages again, so that more may run.)
+    assert re.search(r"Waiting for \d+ running tasks", output), output
     assert "task 2 done" in [event for _, event in run.events()]
     assert "Traceback" not in output
     async with Redis.from_url(server.url) as redis:
