@@ -321,27 +321,65 @@ def carried_scope(label: Any, template: Mapping[str, Any]) -> dict[str, Any]:
     """Scope keys of the request a task was kicked from, from its label.
 
     Host, scheme and server stay the worker's (its base URL). A label this
-    version cannot read changes nothing.
+    version cannot read changes nothing, whole: one that is not JSON, nests
+    deeper than the parser goes, or holds values of other types than
+    `_encode` writes (a message written by hand, or corrupted) would
+    otherwise fail the task deep in Starlette or FastAPI, with a traceback.
     """
     try:
-        carried = json.loads(label)
-        if carried.get("v") != FORMAT:
-            return {}
+        carried = read_label(label)
         headers = [
             (name.encode("latin-1"), value.encode("latin-1"))
             for name, value in carried["headers"]
         ]
-        return {
-            "method": carried["method"],
-            "path": carried["path"],
-            "raw_path": carried["path"].encode(),
-            "root_path": carried["root_path"],
-            "path_params": carried["path_params"],
-            "query_string": carried["query_string"].encode("latin-1"),
-            "headers": [*template["headers"], *headers],
-        }
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+    except ValueError:  # UnicodeEncodeError too: a header beyond latin-1
         return {}
+    return {
+        "method": carried["method"],
+        "path": carried["path"],
+        "raw_path": carried["path"].encode(),
+        "root_path": carried["root_path"],
+        "path_params": carried["path_params"],
+        "query_string": carried["query_string"].encode("latin-1"),
+        "headers": [*template["headers"], *headers],
+    }
+
+
+_TEXTS = ("method", "path", "root_path", "query_string")
+_PARTS = frozenset({"v", "path_params", "headers", *_TEXTS})
+
+
+def read_label(label: Any) -> dict[str, Any]:
+    """The label as `_encode` writes it; ValueError for anything else.
+
+    Headers are `[name, value]` lists of strings, path parameters strings or
+    numbers, the rest strings.
+    """
+    try:
+        carried = json.loads(label)
+    except (TypeError, RecursionError):  # not text, or "[[[[..." too deep
+        raise ValueError("not a label of this version") from None
+    if not isinstance(carried, dict) or not carried.keys() >= _PARTS:
+        raise ValueError("not a label of this version")
+    params, headers = carried["path_params"], carried["headers"]
+    if (
+        carried["v"] != FORMAT
+        or not all(isinstance(carried[key], str) for key in _TEXTS)
+        or not isinstance(params, dict)
+        or not all(isinstance(value, str | int | float) for value in params.values())
+        or not isinstance(headers, list)
+        or not all(_is_header(pair) for pair in headers)
+    ):
+        raise ValueError("not a label of this version: a part of another type")
+    return carried
+
+
+def _is_header(pair: Any) -> bool:
+    return (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(part, str) for part in pair)
+    )
 
 
 def carried(app: Any) -> CarrySettings | None:

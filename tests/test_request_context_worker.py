@@ -116,3 +116,44 @@ async def test_hundreds_of_concurrent_requests_each_task_sees_its_own(
     ]  # fmt: skip
     assert run.stop(worker) == 0
     run.stop(api)
+
+
+async def test_a_label_the_worker_cannot_read_is_ignored_whole(run: WorkerRun) -> None:
+    """Messages written by hand into the queue, their label corrupt: each task
+    runs with the plain Request, as with no label. A label nested past the
+    JSON parser's depth used to fail the task with a RecursionError traceback,
+    and with --task-logs (which reads the request id from it) the message was
+    dropped: no result, no line in the log. A label read only in part (path
+    parameters not an object, a root path not text) failed tasks deep in
+    FastAPI or Starlette, or gave them a Request of the wrong types.
+    """
+    worker = run.start("worker", *CARRIED, "--task-logs")
+    run.wait_for("startup", processes=2)
+    good = {"v": 1, "method": "GET", "path": "/shops/5/report", "root_path": "",
+            "path_params": {"shop_id": "5"}, "query_string": "page=3",
+            "headers": [["x-request-id", "req-1"]]}  # fmt: skip
+    deep = "[" * 10_000 + "]" * 10_000
+    labels = {
+        "nested too deep": f'{{"headers": [["x-request-id", "req-1"]], "x": {deep}}}',
+        "path parameters not an object": json.dumps({**good, "path_params": ["5"]}),
+        "root path not text": json.dumps({**good, "root_path": 5}),
+        "a header value not text": json.dumps({**good, "headers": [["x-a", 1]]}),
+    }
+    kicker: AsyncKicker[Any, Any] = AsyncKicker(
+        "workerapp.carried:report", run.sender, {}
+    )
+    await run.sender.startup()
+    try:
+        tasks = {what: await kicker.with_labels(**{LABEL: label}).kiq()
+                 for what, label in labels.items()}  # fmt: skip
+        results = {what: await task.wait_result(timeout=30)
+                   for what, task in tasks.items()}  # fmt: skip
+    finally:
+        await run.sender.shutdown()
+    plain = {"page": 1, "request_id": None, "url": "http://localhost:8000/",
+             "path_params": {}, "headers": ["host"]}  # fmt: skip
+    for what, result in results.items():
+        assert not result.is_err, (what, result.error)
+        assert {k: v for k, v in result.return_value.items() if k != "pid"} == plain
+    assert run.stop(worker) == 0
+    assert "Traceback" not in run.output(worker)
