@@ -87,6 +87,23 @@ class _Carried:
         self.label = label
 
 
+class _Handling:
+    """A request the app is handling, until its middleware returns.
+
+    Code the request started outlives it with the context variable (an
+    asyncio task made in a route, say a refresher started by the first
+    request): from then on its kicks carry nothing, or it would kick every
+    task with that request's headers, and its user's, for as long as it runs.
+    """
+
+    __slots__ = ("done", "scope", "settings")
+
+    def __init__(self, scope: Scope, settings: CarrySettings) -> None:
+        self.scope = scope
+        self.settings = settings
+        self.done = False
+
+
 class _HeaderChoice:
     """Which headers to carry: the named ones, or all but credentials with "*".
 
@@ -161,7 +178,7 @@ def _header_names(headers: Iterable[str]) -> list[str]:
 
 # The request the running code serves, with its app's settings, in the API;
 # in a worker task whose kicker passed its context on, what that task carried.
-_current: ContextVar[tuple[Scope, CarrySettings] | _Carried | None] = ContextVar(
+_current: ContextVar[_Handling | _Carried | None] = ContextVar(
     "taskiq_fastapi_request", default=None
 )
 
@@ -210,8 +227,10 @@ class _KickWithContext(TaskiqMiddleware):
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
-        scope, settings = current
-        encoded = _encode(scope, settings.headers)
+        if current.done:
+            return message  # kicked after its request was handled
+        settings = current.settings
+        encoded = _encode(current.scope, settings.headers)
         size = len(encoded.encode())
         if size > settings.max_bytes:
             raise RequestContextTooLargeError(
@@ -310,10 +329,12 @@ class CarryRequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _current.set((scope, self.settings))
+        handling = _Handling(scope, self.settings)
+        token = _current.set(handling)
         try:
             await self.app(scope, receive, send)
         finally:
+            handling.done = True
             _current.reset(token)
 
 

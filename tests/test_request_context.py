@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: FastAPI reads the annotations of
 # the functions defined inside the tests.
+import asyncio
 import json
 import re
 from typing import Annotated, Any
@@ -155,6 +156,38 @@ def test_background_tasks_kick_with_the_request_context() -> None:
         assert client.post("/later?from=bg", headers=HEADERS).status_code == 200
     assert results[0]["query"] == {"from": "bg"}
     assert results[0]["headers"]["x-request-id"] == "req-42"
+
+
+def test_code_a_request_started_kicks_with_nothing_once_it_is_handled() -> None:
+    """A refresher the first request started (an asyncio task, which keeps the
+    context variable) kicked every task with that request's Authorization for
+    as long as it ran: tasks from nobody's request acted as that user. Kicks
+    it makes before the request is handled still carry it."""
+    broker = InMemoryBroker()
+    app, seen = make_app(broker, carry={"headers": ["authorization"]})
+    kicked: list[Any] = []
+    handled = asyncio.Event()
+
+    async def refresher() -> None:
+        kicked.append(await _kick_and_wait(seen))  # while the request is handled
+        await handled.wait()
+        kicked.append(await _kick_and_wait(seen))
+
+    @app.get("/start")
+    async def start() -> None:
+        app.state.refresher = asyncio.create_task(refresher())
+        while not kicked:
+            await asyncio.sleep(0.01)
+
+    async def finish() -> None:
+        handled.set()
+        await app.state.refresher
+
+    with TestClient(app) as client:
+        assert client.get("/start", headers=HEADERS).status_code == 200
+        client.portal.call(finish)  # type: ignore[union-attr]
+    assert kicked[0]["headers"]["authorization"] == "Bearer secret"
+    assert kicked[1]["headers"] == {"host": "localhost:8000"}
 
 
 def test_an_oversize_context_is_refused_at_kick_time() -> None:
