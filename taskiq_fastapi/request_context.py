@@ -261,11 +261,21 @@ class _KickWithContext(TaskiqMiddleware):
         return message
 
     def post_execute(self, message: TaskiqMessage, result: Any) -> None:
-        """Give back what was current before the task.
+        """Give back what was current before the task; keep the result free of it.
 
         A task run in place (`InMemoryBroker(await_inplace=True)`) runs in
         the kicking request's own context, which must carry on after it.
+        taskiq saves the message's labels with the result, after this: what
+        the request carried (its named headers) would stay in the result
+        backend, with no expiry by default, and come back with every
+        `wait_result`, where it was meant to travel in the message only.
         """
+        if LABEL in result.labels or PASS_ON_LABEL in result.labels:
+            result.labels = {
+                name: value
+                for name, value in result.labels.items()
+                if name not in (LABEL, PASS_ON_LABEL)
+            }
         tokens = _restore.get()
         if tokens:
             _restore.set(tokens[:-1])

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx2
 import pytest
+import redis
 from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun, get_json
 
-from taskiq_fastapi.request_context import LABEL
+from taskiq_fastapi.request_context import LABEL, PASS_ON_LABEL
 
 pytestmark = pytest.mark.anyio
 
@@ -157,3 +158,37 @@ async def test_a_label_the_worker_cannot_read_is_ignored_whole(run: WorkerRun) -
         assert {k: v for k, v in result.return_value.items() if k != "pid"} == plain
     assert run.stop(worker) == 0
     assert "Traceback" not in run.output(worker)
+
+
+async def test_what_a_task_carried_is_not_saved_with_its_result(
+    run: WorkerRun, redis_url: str
+) -> None:
+    """taskiq saves a message's labels with its result: a header the app
+    carries (an Authorization it names) stayed in the result backend, with no
+    expiry at taskiq-redis' default, and came back with every wait_result. It
+    travels in the message only."""
+    worker = run.start("worker", *CARRIED, "workerapp.tasks")
+    run.wait_for("startup", processes=2)
+    label = json.dumps({"v": 1, "method": "GET", "path": "/", "root_path": "",
+                        "path_params": {}, "query_string": "",
+                        "headers": [["authorization", "Bearer s3cret"]]})  # fmt: skip
+    kicker: AsyncKicker[Any, Any] = AsyncKicker("workerapp.tasks:mark", run.sender, {})
+    await run.sender.startup()
+    try:
+        carrying = kicker.with_labels(**{LABEL: label, PASS_ON_LABEL: "1"})
+        task = await carrying.with_labels(kept="yes").kiq(5)
+        result = await task.wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert not result.is_err, result.error
+    assert result.labels["kept"] == "yes"  # the kick's own labels stay
+    assert LABEL not in result.labels
+    assert PASS_ON_LABEL not in result.labels
+    client = redis.Redis.from_url(redis_url)
+    try:
+        saved = [client.get(key) for key in client.scan_iter(f"*{task.task_id}*")]
+    finally:
+        client.close()
+    assert saved
+    assert not any(b"s3cret" in (value or b"") for value in saved)
+    assert run.stop(worker) == 0
