@@ -379,6 +379,8 @@ CREDENTIAL_LIKE = [
     "X-Password", "X-Credentials", "Proxy-Authorization", "Cookie",
     "X-Shopify-Hmac-Sha256", "X-OTP", "X-MFA-Code", "X-Passcode", "X-Pass", "DPoP",
     "X-MS-Client-Principal", "X-Forwarded-Client-Cert", "X-Functions-Key", "X-PIN",
+    # AWS ALB's signed claims of the signed-in user, Bunny's API key header.
+    "X-Amzn-Oidc-Data", "AccessKey", "X-API-Keys", "X-TOTP", "X-2FA-Code", "X-Pwd",
 ]  # fmt: skip
 
 
