@@ -142,6 +142,11 @@ class CarrySettings:
                 f"CarryRequestContext max_bytes must be a number of bytes, "
                 f"not {max_bytes!r}."
             )
+        if not isinstance(pass_on, bool):
+            # "false" from an environment variable would pass the context on.
+            raise TypeError(
+                f"CarryRequestContext pass_on must be True or False, not {pass_on!r}."
+            )
         self.headers = _HeaderChoice(self.names)
         self.max_bytes = max_bytes
         self.pass_on = pass_on

@@ -527,6 +527,22 @@ def test_invalid_headers_are_one_clear_error_naming_the_value(
     )
 
 
+@pytest.mark.parametrize("pass_on", ["false", 0, None])
+def test_pass_on_other_than_true_or_false_is_one_clear_error(pass_on: Any) -> None:
+    """pass_on="false" (read from an environment variable, say) was taken as
+    true: tasks kicked by tasks carried the request on, with its headers."""
+    app = FastAPI()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=InMemoryBroker(), pass_on=pass_on
+    )
+    with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
+        taskiq_fastapi.request_context.carried(app)
+    assert str(raised.value) == (
+        "The app's CarryRequestContext is invalid: CarryRequestContext pass_on "
+        f"must be True or False, not {pass_on!r}."
+    )
+
+
 def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     """The worker reads the settings before the middleware is built."""
     broker = InMemoryBroker()
