@@ -91,17 +91,24 @@ class _Carried:
 class _Handling:
     """A request the app is handling, until its middleware returns.
 
+    `by_broker`: the request (as each middleware saw it) and what to carry,
+    for each broker a `CarryRequestContext` of this request names; a kick to
+    another broker carries nothing. An app with one broker for its public
+    tasks and one for internal ones, each with its own header list, would
+    otherwise send the innermost middleware's list to both.
+
     Code the request started outlives it with the context variable (an
     asyncio task made in a route, say a refresher started by the first
     request): from then on its kicks carry nothing, or it would kick every
     task with that request's headers, and its user's, for as long as it runs.
     """
 
-    __slots__ = ("done", "scope", "settings")
+    __slots__ = ("by_broker", "done")
 
-    def __init__(self, scope: Scope, settings: CarrySettings) -> None:
-        self.scope = scope
-        self.settings = settings
+    def __init__(
+        self, by_broker: dict[AsyncBroker, tuple[Scope, CarrySettings]]
+    ) -> None:
+        self.by_broker = by_broker
         self.done = False
 
 
@@ -233,10 +240,11 @@ class _KickWithContext(TaskiqMiddleware):
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
-        if current.done:
-            return message  # kicked after its request was handled
-        settings = current.settings
-        encoded = _encode(current.scope, settings.headers)
+        chosen = current.by_broker.get(self.broker)
+        if chosen is None or current.done:
+            return message  # not this broker's, or after the request was handled
+        scope, settings = chosen
+        encoded = _encode(scope, settings.headers)
         size = len(encoded.encode())
         if size > settings.max_bytes:
             raise RequestContextTooLargeError(
@@ -336,6 +344,7 @@ class CarryRequestContext:
         pass_on: bool = False,
     ) -> None:
         self.app = app
+        self.broker = broker
         self.settings = CarrySettings(headers, max_bytes, pass_on)
         if broker not in _labelling:
             _labelling.add(broker)
@@ -345,7 +354,11 @@ class CarryRequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        handling = _Handling(scope, self.settings)
+        outer = _current.get()
+        by_broker = {self.broker: (scope, self.settings)}
+        if isinstance(outer, _Handling) and not outer.done:
+            by_broker = {**outer.by_broker, **by_broker}
+        handling = _Handling(by_broker)
         token = _current.set(handling)
         try:
             await self.app(scope, receive, send)

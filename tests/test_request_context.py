@@ -22,7 +22,7 @@ from fastapi import (
 )
 from fastapi.testclient import TestClient
 from pydantic import AliasChoices, BaseModel
-from taskiq import AsyncBroker, InMemoryBroker
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 
 import taskiq_fastapi
 from taskiq_fastapi import dependencies
@@ -370,6 +370,51 @@ def test_two_apps_on_one_broker_each_carry_what_they_name() -> None:
     public_sees = {"host": "localhost:8000", "x-request-id": "req-42"}
     admin_sees = {**public_sees, "authorization": "Bearer secret"}
     assert seen == [public_sees, admin_sees, public_sees, admin_sees]
+
+
+class Sent(TaskiqMiddleware):
+    """Notes the carried label of each message the broker sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.carried: list[Any] = []
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        self.carried.append(json.loads(message.labels[LABEL])["headers"])
+
+
+def test_one_app_with_two_brokers_carries_to_each_what_its_middleware_names() -> None:
+    """Public tasks on one broker, internal ones on another, each broker with
+    its own CarryRequestContext: the public broker's messages carried the
+    Authorization header only the internal broker's names (the innermost
+    middleware's list went to both)."""
+    public, internal = InMemoryBroker(), InMemoryBroker()
+    sent = {"public": Sent(), "internal": Sent()}
+    public.add_middlewares(sent["public"])
+    internal.add_middlewares(sent["internal"])
+    email = public.register_task(lambda: None, task_name="email")
+    audit = internal.register_task(lambda: None, task_name="audit")
+    app = FastAPI()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext,
+        broker=internal,
+        headers=["authorization", "x-request-id"],
+    )
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=public, headers=["x-request-id"]
+    )
+
+    @app.get("/signup")
+    async def signup() -> None:
+        await email.kiq()
+        await audit.kiq()
+
+    with TestClient(app) as client:
+        assert client.get("/signup", headers=HEADERS).status_code == 200
+    assert sent["public"].carried == [[["x-request-id", "req-42"]]]
+    assert sent["internal"].carried == [
+        [["x-request-id", "req-42"], ["authorization", "Bearer secret"]]
+    ]
 
 
 CREDENTIAL_LIKE = [
