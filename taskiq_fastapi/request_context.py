@@ -432,29 +432,40 @@ def _is_header(pair: Any) -> bool:
     )
 
 
-def carried(app: Any) -> CarrySettings | None:
-    """What the app carries to its tasks, if anything (the worker and `check` ask).
+def carried(app: Any, broker: AsyncBroker) -> CarrySettings | None:
+    """What the app carries to the broker's tasks, if anything (worker, `check`).
 
     Read from the app's middleware list, so the app's middleware stack is not
-    built and nothing is started. An invalid argument is the app's startup
-    failing, as it would fail when the stack is built.
+    built and nothing is started. An app with a broker per kind of task has a
+    middleware for each: the one naming `broker`, else (a broker the worker
+    imported as another object) the first, as before there was a choice. An
+    invalid argument is the app's startup failing, as it would fail when the
+    stack is built.
     """
-    for middleware in getattr(app, "user_middleware", ()):
-        if getattr(middleware, "cls", None) is CarryRequestContext:
-            options = getattr(middleware, "kwargs", {})
-            headers = options.get("headers", ())
-            try:
-                settings = CarrySettings(
-                    headers,
-                    options.get("max_bytes", DEFAULT_MAX_BYTES),
-                    options.get("pass_on", False),
-                )
-            except (TypeError, ValueError) as exc:
-                raise AppStartupError(
-                    f"The app's CarryRequestContext is invalid: {exc}"
-                ) from None
-            if isinstance(headers, Iterator):
-                # Read once here: the middleware, built later, reads a list.
-                options["headers"] = settings.names
-            return settings
-    return None
+    middlewares = [
+        middleware
+        for middleware in getattr(app, "user_middleware", ())
+        if getattr(middleware, "cls", None) is CarryRequestContext
+    ]
+    if not middlewares:
+        return None
+    middleware = next(
+        (m for m in middlewares if getattr(m, "kwargs", {}).get("broker") is broker),
+        middlewares[0],
+    )
+    options = getattr(middleware, "kwargs", {})
+    headers = options.get("headers", ())
+    try:
+        settings = CarrySettings(
+            headers,
+            options.get("max_bytes", DEFAULT_MAX_BYTES),
+            options.get("pass_on", False),
+        )
+    except (TypeError, ValueError) as exc:
+        raise AppStartupError(
+            f"The app's CarryRequestContext is invalid: {exc}"
+        ) from None
+    if isinstance(headers, Iterator):
+        # Read once here: the middleware, built later, reads a list.
+        options["headers"] = settings.names
+    return settings

@@ -286,7 +286,9 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
     broker = InMemoryBroker()
     app, report = dependency_app(broker, carry=False)
     with pytest.raises(taskiq_fastapi.DependencyError) as raised:
-        dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
+        dependencies.check(
+            broker, carry=taskiq_fastapi.request_context.carried(app, broker)
+        )
     assert str(raised.value) == (
         f"Task {report.task_name!r}: parameter 'user_id' of listing() is a Path "
         "parameter, which only an HTTP request has (the app can carry it from "
@@ -296,7 +298,9 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
 
     broker = InMemoryBroker()
     app, _ = dependency_app(broker, carry=True)
-    dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
+    dependencies.check(
+        broker, carry=taskiq_fastapi.request_context.carried(app, broker)
+    )
 
 
 def test_the_label_is_plain_json_any_broker_transports() -> None:
@@ -505,7 +509,7 @@ def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
         result = await (await task.kiq()).wait_result(timeout=5)
         return {"value": result.return_value, "error": str(result.error or "")}
 
-    carry = taskiq_fastapi.request_context.carried(app)
+    carry = taskiq_fastapi.request_context.carried(app, broker)
     try:
         dependencies.check(broker, carry=carry)
     except taskiq_fastapi.DependencyError as exc:
@@ -561,12 +565,12 @@ def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
 def test_invalid_headers_are_one_clear_error_naming_the_value(
     headers: Any, error: str
 ) -> None:
-    app = FastAPI()
+    app, broker = FastAPI(), InMemoryBroker()
     app.add_middleware(
-        taskiq_fastapi.CarryRequestContext, broker=InMemoryBroker(), headers=headers
+        taskiq_fastapi.CarryRequestContext, broker=broker, headers=headers
     )
     with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
-        taskiq_fastapi.request_context.carried(app)
+        taskiq_fastapi.request_context.carried(app, broker)
     assert str(raised.value) == (
         f"The app's CarryRequestContext is invalid: CarryRequestContext {error}."
     )
@@ -576,12 +580,12 @@ def test_invalid_headers_are_one_clear_error_naming_the_value(
 def test_pass_on_other_than_true_or_false_is_one_clear_error(pass_on: Any) -> None:
     """pass_on="false" (read from an environment variable, say) was taken as
     true: tasks kicked by tasks carried the request on, with its headers."""
-    app = FastAPI()
+    app, broker = FastAPI(), InMemoryBroker()
     app.add_middleware(
-        taskiq_fastapi.CarryRequestContext, broker=InMemoryBroker(), pass_on=pass_on
+        taskiq_fastapi.CarryRequestContext, broker=broker, pass_on=pass_on
     )
     with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
-        taskiq_fastapi.request_context.carried(app)
+        taskiq_fastapi.request_context.carried(app, broker)
     assert str(raised.value) == (
         "The app's CarryRequestContext is invalid: CarryRequestContext pass_on "
         f"must be True or False, not {pass_on!r}."
@@ -593,7 +597,7 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     broker = InMemoryBroker()
     names = map(str.lower, ["X-Request-ID"])
     app, _ = make_app(broker, carry={"headers": names})
-    carry = taskiq_fastapi.request_context.carried(app)
+    carry = taskiq_fastapi.request_context.carried(app, broker)
     assert carry is not None
     assert carry.names == ["x-request-id"]
     seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]

@@ -192,3 +192,21 @@ async def test_what_a_task_carried_is_not_saved_with_its_result(
     assert saved
     assert not any(b"s3cret" in (value or b"") for value in saved)
     assert run.stop(worker) == 0
+
+
+def test_check_and_worker_read_what_the_app_carries_to_their_broker(
+    run: WorkerRun,
+) -> None:
+    """An app with a CarryRequestContext per broker: the check of the internal
+    broker's tasks read the first one in the app's list, the public broker's,
+    and refused a task whose header only the internal broker's carries."""
+    project = ["workerapp.broker:broker", "workerapp.twobrokers"]
+    app = ["--app", "workerapp.twobrokers:app"]
+    result = subprocess.run(
+        [COMMAND, "check", *project, *app], cwd=TESTS_DIR, env=run.env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    worker = run.start("worker", *project, *app)
+    run.wait_for("startup", processes=2)
+    assert run.stop(worker) == 0
