@@ -51,7 +51,7 @@ class _Integration:
         if not self.broker.is_worker_process or self.lifespan is not None:
             return
         app = load_app(self.source)
-        dependencies.check(self.broker, carry=request_context.carried(app))
+        dependencies.check(self.broker, carry=request_context.carried(app, self.broker))
         lifespan = AppLifespan(app)
         started = time.monotonic()
         try:

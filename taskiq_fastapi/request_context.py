@@ -45,12 +45,13 @@ SENSITIVE_HEADERS = frozenset(
 )
 _CREDENTIAL_PARTS = re.compile(
     rb"auth|token|secret|passw|passcode|passphrase|credential|cookie|session"
-    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey"
+    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey|accesskey|oidc"
 )
 _CREDENTIAL_WORDS = frozenset(
     {
-        b"key", b"pass", b"pw", b"pin", b"sig", b"otp", b"mfa", b"dpop",
-        b"principal", b"cert", b"certificate", b"private", b"license",
+        b"key", b"keys", b"pass", b"pw", b"pwd", b"pin", b"sig", b"otp", b"totp",
+        b"hotp", b"mfa", b"2fa", b"dpop", b"principal", b"cert", b"certificate",
+        b"private", b"license",
     }
 )  # fmt: skip
 # Describe how the request was sent, not the request the task is about. The
@@ -85,6 +86,30 @@ class _Carried:
 
     def __init__(self, label: str) -> None:
         self.label = label
+
+
+class _Handling:
+    """A request the app is handling, until its middleware returns.
+
+    `by_broker`: the request (as each middleware saw it) and what to carry,
+    for each broker a `CarryRequestContext` of this request names; a kick to
+    another broker carries nothing. An app with one broker for its public
+    tasks and one for internal ones, each with its own header list, would
+    otherwise send the innermost middleware's list to both.
+
+    Code the request started outlives it with the context variable (an
+    asyncio task made in a route, say a refresher started by the first
+    request): from then on its kicks carry nothing, or it would kick every
+    task with that request's headers, and its user's, for as long as it runs.
+    """
+
+    __slots__ = ("by_broker", "done")
+
+    def __init__(
+        self, by_broker: dict[AsyncBroker, tuple[Scope, CarrySettings]]
+    ) -> None:
+        self.by_broker = by_broker
+        self.done = False
 
 
 class _HeaderChoice:
@@ -124,6 +149,11 @@ class CarrySettings:
                 f"CarryRequestContext max_bytes must be a number of bytes, "
                 f"not {max_bytes!r}."
             )
+        if not isinstance(pass_on, bool):
+            # "false" from an environment variable would pass the context on.
+            raise TypeError(
+                f"CarryRequestContext pass_on must be True or False, not {pass_on!r}."
+            )
         self.headers = _HeaderChoice(self.names)
         self.max_bytes = max_bytes
         self.pass_on = pass_on
@@ -161,7 +191,7 @@ def _header_names(headers: Iterable[str]) -> list[str]:
 
 # The request the running code serves, with its app's settings, in the API;
 # in a worker task whose kicker passed its context on, what that task carried.
-_current: ContextVar[tuple[Scope, CarrySettings] | _Carried | None] = ContextVar(
+_current: ContextVar[_Handling | _Carried | None] = ContextVar(
     "taskiq_fastapi_request", default=None
 )
 
@@ -210,7 +240,10 @@ class _KickWithContext(TaskiqMiddleware):
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
-        scope, settings = current
+        chosen = current.by_broker.get(self.broker)
+        if chosen is None or current.done:
+            return message  # not this broker's, or after the request was handled
+        scope, settings = chosen
         encoded = _encode(scope, settings.headers)
         size = len(encoded.encode())
         if size > settings.max_bytes:
@@ -242,11 +275,21 @@ class _KickWithContext(TaskiqMiddleware):
         return message
 
     def post_execute(self, message: TaskiqMessage, result: Any) -> None:
-        """Give back what was current before the task.
+        """Give back what was current before the task; keep the result free of it.
 
         A task run in place (`InMemoryBroker(await_inplace=True)`) runs in
         the kicking request's own context, which must carry on after it.
+        taskiq saves the message's labels with the result, after this: what
+        the request carried (its named headers) would stay in the result
+        backend, with no expiry by default, and come back with every
+        `wait_result`, where it was meant to travel in the message only.
         """
+        if LABEL in result.labels or PASS_ON_LABEL in result.labels:
+            result.labels = {
+                name: value
+                for name, value in result.labels.items()
+                if name not in (LABEL, PASS_ON_LABEL)
+            }
         tokens = _restore.get()
         if tokens:
             _restore.set(tokens[:-1])
@@ -301,6 +344,7 @@ class CarryRequestContext:
         pass_on: bool = False,
     ) -> None:
         self.app = app
+        self.broker = broker
         self.settings = CarrySettings(headers, max_bytes, pass_on)
         if broker not in _labelling:
             _labelling.add(broker)
@@ -310,10 +354,16 @@ class CarryRequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _current.set((scope, self.settings))
+        outer = _current.get()
+        by_broker = {self.broker: (scope, self.settings)}
+        if isinstance(outer, _Handling) and not outer.done:
+            by_broker = {**outer.by_broker, **by_broker}
+        handling = _Handling(by_broker)
+        token = _current.set(handling)
         try:
             await self.app(scope, receive, send)
         finally:
+            handling.done = True
             _current.reset(token)
 
 
@@ -321,52 +371,101 @@ def carried_scope(label: Any, template: Mapping[str, Any]) -> dict[str, Any]:
     """Scope keys of the request a task was kicked from, from its label.
 
     Host, scheme and server stay the worker's (its base URL). A label this
-    version cannot read changes nothing.
+    version cannot read changes nothing, whole: one that is not JSON, nests
+    deeper than the parser goes, or holds values of other types than
+    `_encode` writes (a message written by hand, or corrupted) would
+    otherwise fail the task deep in Starlette or FastAPI, with a traceback.
     """
     try:
-        carried = json.loads(label)
-        if carried.get("v") != FORMAT:
-            return {}
+        carried = read_label(label)
         headers = [
             (name.encode("latin-1"), value.encode("latin-1"))
             for name, value in carried["headers"]
         ]
-        return {
-            "method": carried["method"],
-            "path": carried["path"],
-            "raw_path": carried["path"].encode(),
-            "root_path": carried["root_path"],
-            "path_params": carried["path_params"],
-            "query_string": carried["query_string"].encode("latin-1"),
-            "headers": [*template["headers"], *headers],
-        }
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+    except ValueError:  # UnicodeEncodeError too: a header beyond latin-1
         return {}
+    return {
+        "method": carried["method"],
+        "path": carried["path"],
+        "raw_path": carried["path"].encode(),
+        "root_path": carried["root_path"],
+        "path_params": carried["path_params"],
+        "query_string": carried["query_string"].encode("latin-1"),
+        "headers": [*template["headers"], *headers],
+    }
 
 
-def carried(app: Any) -> CarrySettings | None:
-    """What the app carries to its tasks, if anything (the worker and `check` ask).
+_TEXTS = ("method", "path", "root_path", "query_string")
+_PARTS = frozenset({"v", "path_params", "headers", *_TEXTS})
+
+
+def read_label(label: Any) -> dict[str, Any]:
+    """The label as `_encode` writes it; ValueError for anything else.
+
+    Headers are `[name, value]` lists of strings, path parameters strings or
+    numbers, the rest strings.
+    """
+    try:
+        carried = json.loads(label)
+    except (TypeError, RecursionError):  # not text, or "[[[[..." too deep
+        raise ValueError("not a label of this version") from None
+    if not isinstance(carried, dict) or not carried.keys() >= _PARTS:
+        raise ValueError("not a label of this version")
+    params, headers = carried["path_params"], carried["headers"]
+    if (
+        carried["v"] != FORMAT
+        or not all(isinstance(carried[key], str) for key in _TEXTS)
+        or not isinstance(params, dict)
+        or not all(isinstance(value, str | int | float) for value in params.values())
+        or not isinstance(headers, list)
+        or not all(_is_header(pair) for pair in headers)
+    ):
+        raise ValueError("not a label of this version: a part of another type")
+    return carried
+
+
+def _is_header(pair: Any) -> bool:
+    return (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(part, str) for part in pair)
+    )
+
+
+def carried(app: Any, broker: AsyncBroker) -> CarrySettings | None:
+    """What the app carries to the broker's tasks, if anything (worker, `check`).
 
     Read from the app's middleware list, so the app's middleware stack is not
-    built and nothing is started. An invalid argument is the app's startup
-    failing, as it would fail when the stack is built.
+    built and nothing is started. An app with a broker per kind of task has a
+    middleware for each: the one naming `broker`, else (a broker the worker
+    imported as another object) the first, as before there was a choice. An
+    invalid argument is the app's startup failing, as it would fail when the
+    stack is built.
     """
-    for middleware in getattr(app, "user_middleware", ()):
-        if getattr(middleware, "cls", None) is CarryRequestContext:
-            options = getattr(middleware, "kwargs", {})
-            headers = options.get("headers", ())
-            try:
-                settings = CarrySettings(
-                    headers,
-                    options.get("max_bytes", DEFAULT_MAX_BYTES),
-                    options.get("pass_on", False),
-                )
-            except (TypeError, ValueError) as exc:
-                raise AppStartupError(
-                    f"The app's CarryRequestContext is invalid: {exc}"
-                ) from None
-            if isinstance(headers, Iterator):
-                # Read once here: the middleware, built later, reads a list.
-                options["headers"] = settings.names
-            return settings
-    return None
+    middlewares = [
+        middleware
+        for middleware in getattr(app, "user_middleware", ())
+        if getattr(middleware, "cls", None) is CarryRequestContext
+    ]
+    if not middlewares:
+        return None
+    middleware = next(
+        (m for m in middlewares if getattr(m, "kwargs", {}).get("broker") is broker),
+        middlewares[0],
+    )
+    options = getattr(middleware, "kwargs", {})
+    headers = options.get("headers", ())
+    try:
+        settings = CarrySettings(
+            headers,
+            options.get("max_bytes", DEFAULT_MAX_BYTES),
+            options.get("pass_on", False),
+        )
+    except (TypeError, ValueError) as exc:
+        raise AppStartupError(
+            f"The app's CarryRequestContext is invalid: {exc}"
+        ) from None
+    if isinstance(headers, Iterator):
+        # Read once here: the middleware, built later, reads a list.
+        options["headers"] = settings.names
+    return settings

@@ -25,7 +25,7 @@ from typing import Any
 
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
-from taskiq_fastapi.request_context import LABEL
+from taskiq_fastapi.request_context import LABEL, read_label
 
 REQUEST_ID_HEADER = "x-request-id"
 # What a record shows where there is no task, or no request id.
@@ -58,12 +58,10 @@ def _request_id(message: TaskiqMessage) -> str:
     if not isinstance(label, str) or _QUOTED_HEADER not in label:
         return NONE  # the usual case costs one substring search
     try:
-        headers = json.loads(label)["headers"]
-        return next(
-            (value for name, value in headers if name == REQUEST_ID_HEADER), NONE
-        )
-    except (ValueError, TypeError, KeyError):
+        headers = read_label(label)["headers"]
+    except ValueError:
         return NONE  # a label this version cannot read changes nothing
+    return next((value for name, value in headers if name == REQUEST_ID_HEADER), NONE)
 
 
 def add_to(broker: AsyncBroker) -> None:

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: FastAPI reads the annotations of
 # the functions defined inside the tests.
+import asyncio
 import json
 import re
 from typing import Annotated, Any
@@ -21,7 +22,7 @@ from fastapi import (
 )
 from fastapi.testclient import TestClient
 from pydantic import AliasChoices, BaseModel
-from taskiq import AsyncBroker, InMemoryBroker
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 
 import taskiq_fastapi
 from taskiq_fastapi import dependencies
@@ -157,6 +158,38 @@ def test_background_tasks_kick_with_the_request_context() -> None:
     assert results[0]["headers"]["x-request-id"] == "req-42"
 
 
+def test_code_a_request_started_kicks_with_nothing_once_it_is_handled() -> None:
+    """A refresher the first request started (an asyncio task, which keeps the
+    context variable) kicked every task with that request's Authorization for
+    as long as it ran: tasks from nobody's request acted as that user. Kicks
+    it makes before the request is handled still carry it."""
+    broker = InMemoryBroker()
+    app, seen = make_app(broker, carry={"headers": ["authorization"]})
+    kicked: list[Any] = []
+    handled = asyncio.Event()
+
+    async def refresher() -> None:
+        kicked.append(await _kick_and_wait(seen))  # while the request is handled
+        await handled.wait()
+        kicked.append(await _kick_and_wait(seen))
+
+    @app.get("/start")
+    async def start() -> None:
+        app.state.refresher = asyncio.create_task(refresher())
+        while not kicked:
+            await asyncio.sleep(0.01)
+
+    async def finish() -> None:
+        handled.set()
+        await app.state.refresher
+
+    with TestClient(app) as client:
+        assert client.get("/start", headers=HEADERS).status_code == 200
+        client.portal.call(finish)  # type: ignore[union-attr]
+    assert kicked[0]["headers"]["authorization"] == "Bearer secret"
+    assert kicked[1]["headers"] == {"host": "localhost:8000"}
+
+
 def test_an_oversize_context_is_refused_at_kick_time() -> None:
     broker = InMemoryBroker()
     app, seen = make_app(broker, carry={"headers": ["x-trace"], "max_bytes": 1024})
@@ -253,7 +286,9 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
     broker = InMemoryBroker()
     app, report = dependency_app(broker, carry=False)
     with pytest.raises(taskiq_fastapi.DependencyError) as raised:
-        dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
+        dependencies.check(
+            broker, carry=taskiq_fastapi.request_context.carried(app, broker)
+        )
     assert str(raised.value) == (
         f"Task {report.task_name!r}: parameter 'user_id' of listing() is a Path "
         "parameter, which only an HTTP request has (the app can carry it from "
@@ -263,7 +298,9 @@ def test_with_carrying_off_such_dependencies_stay_startup_errors() -> None:
 
     broker = InMemoryBroker()
     app, _ = dependency_app(broker, carry=True)
-    dependencies.check(broker, carry=taskiq_fastapi.request_context.carried(app))
+    dependencies.check(
+        broker, carry=taskiq_fastapi.request_context.carried(app, broker)
+    )
 
 
 def test_the_label_is_plain_json_any_broker_transports() -> None:
@@ -339,6 +376,51 @@ def test_two_apps_on_one_broker_each_carry_what_they_name() -> None:
     assert seen == [public_sees, admin_sees, public_sees, admin_sees]
 
 
+class Sent(TaskiqMiddleware):
+    """Notes the carried label of each message the broker sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.carried: list[Any] = []
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        self.carried.append(json.loads(message.labels[LABEL])["headers"])
+
+
+def test_one_app_with_two_brokers_carries_to_each_what_its_middleware_names() -> None:
+    """Public tasks on one broker, internal ones on another, each broker with
+    its own CarryRequestContext: the public broker's messages carried the
+    Authorization header only the internal broker's names (the innermost
+    middleware's list went to both)."""
+    public, internal = InMemoryBroker(), InMemoryBroker()
+    sent = {"public": Sent(), "internal": Sent()}
+    public.add_middlewares(sent["public"])
+    internal.add_middlewares(sent["internal"])
+    email = public.register_task(lambda: None, task_name="email")
+    audit = internal.register_task(lambda: None, task_name="audit")
+    app = FastAPI()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext,
+        broker=internal,
+        headers=["authorization", "x-request-id"],
+    )
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=public, headers=["x-request-id"]
+    )
+
+    @app.get("/signup")
+    async def signup() -> None:
+        await email.kiq()
+        await audit.kiq()
+
+    with TestClient(app) as client:
+        assert client.get("/signup", headers=HEADERS).status_code == 200
+    assert sent["public"].carried == [[["x-request-id", "req-42"]]]
+    assert sent["internal"].carried == [
+        [["x-request-id", "req-42"], ["authorization", "Bearer secret"]]
+    ]
+
+
 CREDENTIAL_LIKE = [
     "X-Auth-Token", "X-Access-Token", "X-CSRF-Token", "X-XSRF-TOKEN",
     "X-Amz-Security-Token", "X-Client-Secret", "X-Session-Id", "X-Api-Key",
@@ -346,6 +428,8 @@ CREDENTIAL_LIKE = [
     "X-Password", "X-Credentials", "Proxy-Authorization", "Cookie",
     "X-Shopify-Hmac-Sha256", "X-OTP", "X-MFA-Code", "X-Passcode", "X-Pass", "DPoP",
     "X-MS-Client-Principal", "X-Forwarded-Client-Cert", "X-Functions-Key", "X-PIN",
+    # AWS ALB's signed claims of the signed-in user, Bunny's API key header.
+    "X-Amzn-Oidc-Data", "AccessKey", "X-API-Keys", "X-TOTP", "X-2FA-Code", "X-Pwd",
 ]  # fmt: skip
 
 
@@ -425,7 +509,7 @@ def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
         result = await (await task.kiq()).wait_result(timeout=5)
         return {"value": result.return_value, "error": str(result.error or "")}
 
-    carry = taskiq_fastapi.request_context.carried(app)
+    carry = taskiq_fastapi.request_context.carried(app, broker)
     try:
         dependencies.check(broker, carry=carry)
     except taskiq_fastapi.DependencyError as exc:
@@ -481,14 +565,30 @@ def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
 def test_invalid_headers_are_one_clear_error_naming_the_value(
     headers: Any, error: str
 ) -> None:
-    app = FastAPI()
+    app, broker = FastAPI(), InMemoryBroker()
     app.add_middleware(
-        taskiq_fastapi.CarryRequestContext, broker=InMemoryBroker(), headers=headers
+        taskiq_fastapi.CarryRequestContext, broker=broker, headers=headers
     )
     with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
-        taskiq_fastapi.request_context.carried(app)
+        taskiq_fastapi.request_context.carried(app, broker)
     assert str(raised.value) == (
         f"The app's CarryRequestContext is invalid: CarryRequestContext {error}."
+    )
+
+
+@pytest.mark.parametrize("pass_on", ["false", 0, None])
+def test_pass_on_other_than_true_or_false_is_one_clear_error(pass_on: Any) -> None:
+    """pass_on="false" (read from an environment variable, say) was taken as
+    true: tasks kicked by tasks carried the request on, with its headers."""
+    app, broker = FastAPI(), InMemoryBroker()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=broker, pass_on=pass_on
+    )
+    with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
+        taskiq_fastapi.request_context.carried(app, broker)
+    assert str(raised.value) == (
+        "The app's CarryRequestContext is invalid: CarryRequestContext pass_on "
+        f"must be True or False, not {pass_on!r}."
     )
 
 
@@ -497,7 +597,7 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     broker = InMemoryBroker()
     names = map(str.lower, ["X-Request-ID"])
     app, _ = make_app(broker, carry={"headers": names})
-    carry = taskiq_fastapi.request_context.carried(app)
+    carry = taskiq_fastapi.request_context.carried(app, broker)
     assert carry is not None
     assert carry.names == ["x-request-id"]
     seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx2
 import pytest
+import redis
 from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun, get_json
 
-from taskiq_fastapi.request_context import LABEL
+from taskiq_fastapi.request_context import LABEL, PASS_ON_LABEL
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +117,96 @@ async def test_hundreds_of_concurrent_requests_each_task_sees_its_own(
     ]  # fmt: skip
     assert run.stop(worker) == 0
     run.stop(api)
+
+
+async def test_a_label_the_worker_cannot_read_is_ignored_whole(run: WorkerRun) -> None:
+    """Messages written by hand into the queue, their label corrupt: each task
+    runs with the plain Request, as with no label. A label nested past the
+    JSON parser's depth used to fail the task with a RecursionError traceback,
+    and with --task-logs (which reads the request id from it) the message was
+    dropped: no result, no line in the log. A label read only in part (path
+    parameters not an object, a root path not text) failed tasks deep in
+    FastAPI or Starlette, or gave them a Request of the wrong types.
+    """
+    worker = run.start("worker", *CARRIED, "--task-logs")
+    run.wait_for("startup", processes=2)
+    good = {"v": 1, "method": "GET", "path": "/shops/5/report", "root_path": "",
+            "path_params": {"shop_id": "5"}, "query_string": "page=3",
+            "headers": [["x-request-id", "req-1"]]}  # fmt: skip
+    deep = "[" * 10_000 + "]" * 10_000
+    labels = {
+        "nested too deep": f'{{"headers": [["x-request-id", "req-1"]], "x": {deep}}}',
+        "path parameters not an object": json.dumps({**good, "path_params": ["5"]}),
+        "root path not text": json.dumps({**good, "root_path": 5}),
+        "a header value not text": json.dumps({**good, "headers": [["x-a", 1]]}),
+    }
+    kicker: AsyncKicker[Any, Any] = AsyncKicker(
+        "workerapp.carried:report", run.sender, {}
+    )
+    await run.sender.startup()
+    try:
+        tasks = {what: await kicker.with_labels(**{LABEL: label}).kiq()
+                 for what, label in labels.items()}  # fmt: skip
+        results = {what: await task.wait_result(timeout=30)
+                   for what, task in tasks.items()}  # fmt: skip
+    finally:
+        await run.sender.shutdown()
+    plain = {"page": 1, "request_id": None, "url": "http://localhost:8000/",
+             "path_params": {}, "headers": ["host"]}  # fmt: skip
+    for what, result in results.items():
+        assert not result.is_err, (what, result.error)
+        assert {k: v for k, v in result.return_value.items() if k != "pid"} == plain
+    assert run.stop(worker) == 0
+    assert "Traceback" not in run.output(worker)
+
+
+async def test_what_a_task_carried_is_not_saved_with_its_result(
+    run: WorkerRun, redis_url: str
+) -> None:
+    """taskiq saves a message's labels with its result: a header the app
+    carries (an Authorization it names) stayed in the result backend, with no
+    expiry at taskiq-redis' default, and came back with every wait_result. It
+    travels in the message only."""
+    worker = run.start("worker", *CARRIED, "workerapp.tasks")
+    run.wait_for("startup", processes=2)
+    label = json.dumps({"v": 1, "method": "GET", "path": "/", "root_path": "",
+                        "path_params": {}, "query_string": "",
+                        "headers": [["authorization", "Bearer s3cret"]]})  # fmt: skip
+    kicker: AsyncKicker[Any, Any] = AsyncKicker("workerapp.tasks:mark", run.sender, {})
+    await run.sender.startup()
+    try:
+        carrying = kicker.with_labels(**{LABEL: label, PASS_ON_LABEL: "1"})
+        task = await carrying.with_labels(kept="yes").kiq(5)
+        result = await task.wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert not result.is_err, result.error
+    assert result.labels["kept"] == "yes"  # the kick's own labels stay
+    assert LABEL not in result.labels
+    assert PASS_ON_LABEL not in result.labels
+    client = redis.Redis.from_url(redis_url)
+    try:
+        saved = [client.get(key) for key in client.scan_iter(f"*{task.task_id}*")]
+    finally:
+        client.close()
+    assert saved
+    assert not any(b"s3cret" in (value or b"") for value in saved)
+    assert run.stop(worker) == 0
+
+
+def test_check_and_worker_read_what_the_app_carries_to_their_broker(
+    run: WorkerRun,
+) -> None:
+    """An app with a CarryRequestContext per broker: the check of the internal
+    broker's tasks read the first one in the app's list, the public broker's,
+    and refused a task whose header only the internal broker's carries."""
+    project = ["workerapp.broker:broker", "workerapp.twobrokers"]
+    app = ["--app", "workerapp.twobrokers:app"]
+    result = subprocess.run(
+        [COMMAND, "check", *project, *app], cwd=TESTS_DIR, env=run.env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    worker = run.start("worker", *project, *app)
+    run.wait_for("startup", processes=2)
+    assert run.stop(worker) == 0

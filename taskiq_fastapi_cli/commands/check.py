@@ -46,7 +46,7 @@ def run_check(
     assert source is not None  # load_project wired the broker to its app
     # As the worker decides: from the app, so a factory is called here.
     try:
-        carry = request_context.carried(load_app(source))
+        carry = request_context.carried(load_app(source), broker)
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
     problems = [problem for plan in plans for problem in plan.problems_when(carry)]

@@ -213,7 +213,7 @@ def _check_dependencies(broker: AsyncBroker) -> None:
     if not isinstance(app, FastAPI):
         return
     try:
-        dependencies.check(broker, carry=request_context.carried(app))
+        dependencies.check(broker, carry=request_context.carried(app, broker))
     except TaskiqFastAPIError as exc:  # as a worker process's startup would fail
         raise CLIError(str(exc), EXIT_STARTUP_FAILURE) from None
 
