@@ -203,6 +203,45 @@ async def test_a_result_save_stuck_on_a_silent_backend_is_cut_at_the_give_up(
     assert pending["pending"] == 1, output
 
 
+SWALLOWING = "workerapp.swallowed_cancel:broker"
+
+
+async def saves_swallowing_a_cancel(
+    server: RedisServer, tmp_path: Path, slow: float | None
+) -> tuple[WorkerRun, str]:
+    """A worker whose result saves swallow their first cancellation, on a
+    port that never answers (retry timeout 2 s): `mark 1` kicked, then
+    `slow 2` for `slow` seconds if given. It exits 3 at the give-up, naming
+    the result backend; the run and its output."""
+    with silent_port() as port:
+        run = WorkerRun(server.url, tmp_path, streams=True)
+        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
+        try:
+            worker = run.start(
+                "worker", SWALLOWING, *BROKER[1:], *APP,
+                "--workers", "1", "--broker-retry-timeout", "2",
+                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
+            )  # fmt: skip
+            run.wait_for("startup", processes=1)
+            await run.sender.startup()
+            try:
+                await run.kiq("mark", 1)  # its save starts the outage
+                if slow is not None:
+                    await run.kiq("slow", 2, slow)
+            finally:
+                await run.sender.shutdown()
+            run.wait_for("ran 1", 1)
+            code = await asyncio.to_thread(run.exit_status, worker, (slow or 2) + 20)
+        finally:
+            run.kill_all()
+    output = run.output(worker)
+    assert code == 3, output
+    name = f"Result backend of broker {SWALLOWING!r}"
+    assert 2 <= gave_up(output, name, 2) < 5, output
+    assert "Traceback" not in output
+    return run, output
+
+
 async def test_a_stuck_result_save_that_swallows_a_cancellation_is_cut_too(
     server: RedisServer, tmp_path: Path
 ) -> None:
@@ -210,31 +249,8 @@ async def test_a_stuck_result_save_that_swallows_a_cancellation_is_cut_too(
     goes on waiting, as redis-py or nats-py may before Python 3.12: cancelled
     once at the give-up, its task stayed in flight and the stop waited for it
     (here, the 60 s of --wait-tasks-timeout)."""
-    with silent_port() as port:
-        run = WorkerRun(server.url, tmp_path, streams=True)
-        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
-        try:
-            worker = run.start(
-                "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
-                "--workers", "1", "--broker-retry-timeout", "2",
-                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
-            )  # fmt: skip
-            run.wait_for("startup", processes=1)
-            await run.sender.startup()
-            try:
-                await run.kiq("mark", 1)
-            finally:
-                await run.sender.shutdown()
-            run.wait_for("ran 1", 1)
-            code = await asyncio.to_thread(run.exit_status, worker, 2 + 20)
-        finally:
-            run.kill_all()
-    output = run.output(worker)
-    assert code == 3, output
-    name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
-    assert 2 <= gave_up(output, name, 2) < 5, output
+    run, output = await saves_swallowing_a_cancel(server, tmp_path, slow=None)
     assert "save swallowed a cancellation" in [event for _, event in run.events()]
-    assert "Traceback" not in output
     async with Redis.from_url(server.url) as redis:
         pending = await redis.xpending(run.queue, "taskiq")
     assert pending["pending"] == 1, output
@@ -247,35 +263,11 @@ async def test_a_result_save_begun_after_the_give_up_fails_at_once(
     waited on the server that never answers (no socket timeout: for ever),
     with nothing left to cut it, and the stop for it. Not tried: the result
     is not saved, the message not acknowledged."""
-    with silent_port() as port:
-        run = WorkerRun(server.url, tmp_path, streams=True)
-        run.env["TASKIQ_TEST_RESULTS_URL"] = f"redis://127.0.0.1:{port}"
-        try:
-            worker = run.start(
-                "worker", "workerapp.swallowed_cancel:broker", *BROKER[1:], *APP,
-                "--workers", "1", "--broker-retry-timeout", "2",
-                "--ack-type", "when_saved", "--wait-tasks-timeout", "60",
-            )  # fmt: skip
-            run.wait_for("startup", processes=1)
-            await run.sender.startup()
-            try:
-                await run.kiq("mark", 1)  # its save starts the outage
-                await run.kiq("slow", 2, 8)
-            finally:
-                await run.sender.shutdown()
-            run.wait_for("ran 1", 1)
-            code = await asyncio.to_thread(run.exit_status, worker, 8 + 20)
-        finally:
-            run.kill_all()
-    output = run.output(worker)
-    assert code == 3, output
-    name = "Result backend of broker 'workerapp.swallowed_cancel:broker'"
-    assert 2 <= gave_up(output, name, 2) < 5, output
+    run, output = await saves_swallowing_a_cancel(server, tmp_path, slow=8)
     # The stop came while the slow task ran; it finished after the give-up.
     # (taskiq-redis 1.1 claims idle messages again, so that more may run.)
     assert re.search(r"Waiting for \d+ running tasks", output), output
     assert "task 2 done" in [event for _, event in run.events()]
-    assert "Traceback" not in output
     async with Redis.from_url(server.url) as redis:
         pending = await redis.xpending(run.queue, "taskiq")
     assert pending["pending"] == 2, output
