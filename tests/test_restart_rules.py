@@ -184,6 +184,16 @@ async def test_behind_refusing_sentinels_what_the_app_prints_holds_no_password()
     assert max(map(len, printed.splitlines())) < 500, printed
 
 
+def sentinel_broker(*sentinels: RedisServer) -> RedisStreamSentinelBroker:
+    """A stream broker asking these sentinels, in order, with a 0.5 s timeout."""
+    return RedisStreamSentinelBroker(
+        [("127.0.0.1", sentinel.port) for sentinel in sentinels],
+        MASTER_NAME,
+        queue_name="s",
+        sentinel_kwargs={"socket_timeout": 0.5},
+    )
+
+
 async def test_behind_a_frozen_first_sentinel_kicks_fail_only_until_it_is_passed(
     server: RedisServer,
 ) -> None:
@@ -192,13 +202,7 @@ async def test_behind_a_frozen_first_sentinel_kicks_fail_only_until_it_is_passed
     the lookup goes on to the next one (redis-py then asks that one first):
     kicks go through again, each one once."""
     with running_sentinel(server) as first, running_sentinel(server) as second:
-        sentinels = [("127.0.0.1", first.port), ("127.0.0.1", second.port)]
-        broker = RedisStreamSentinelBroker(
-            sentinels,
-            MASTER_NAME,
-            queue_name="s",
-            sentinel_kwargs={"socket_timeout": 0.5},
-        )
+        broker = sentinel_broker(first, second)
         outcomes: list[str] = []
         async with api(broker, retry_timeout=2):
             await kiq(broker, 0)  # the sentinels were asked before the freeze
@@ -224,13 +228,7 @@ async def test_a_lookup_still_waiting_for_a_frozen_sentinel_ends_with_the_lifesp
     in the loop (a loop closed without cancelling it logs "Task was
     destroyed but it is pending")."""
     with running_sentinel(server) as first, running_sentinel(server) as second:
-        sentinels = [("127.0.0.1", first.port), ("127.0.0.1", second.port)]
-        broker = RedisStreamSentinelBroker(
-            sentinels,
-            MASTER_NAME,
-            queue_name="s",
-            sentinel_kwargs={"socket_timeout": 0.5},
-        )
+        broker = sentinel_broker(first, second)
         before = asyncio.all_tasks()
         with contextlib.ExitStack() as freezing:
             async with api(broker, retry_timeout=1):
