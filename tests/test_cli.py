@@ -259,6 +259,20 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--workers", "many"], 2,
      "Error: argument --workers/-w: invalid int value: 'many'"),
+    # taskiq takes any int: 0 workers waited for ever, a negative limit
+    # restarted each worker every second before its first task.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--workers", "0"], 2,
+     "Error: argument --workers/-w: 0 is below 1: expected 1 or more worker "
+     "processes."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "-w", "-1"], 2,
+     "Error: argument --workers/-w: -1 is below 1: expected 1 or more worker "
+     "processes."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--max-tasks-per-child", "-1"], 2,
+     "Error: argument --max-tasks-per-child: -1 is below 0: expected a number "
+     "of tasks, or 0 for no limit."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--ack-type", "sometimes"], 2,
      "Error: argument --ack-type: invalid value: 'sometimes'"),
