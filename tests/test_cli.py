@@ -285,6 +285,24 @@ BAD_INPUTS = [
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
      "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): -1 is below 0: expected seconds, "
      "0 or more."),
+    # nan: a timeout that never expires; the broker was retried for ever.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--broker-retry-timeout", "nan"], 2,
+     "Error: Invalid value for '--broker-retry-timeout' (env var: "
+     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): nan is not a number: expected "
+     "seconds, 0 or more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--stall-timeout", "NaN"], 2,
+     "Error: Invalid value for '--stall-timeout' (env var: "
+     "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
+     "seconds, 0 or more."),
+    # Reported as a worker that is not live (exit 1) before.
+    (["health", "--port", "9", "--timeout", "0"], 2,
+     "Error: Invalid value for '--timeout': 0 is not above 0: expected seconds."),
+    (["health", "--port", "9", "--timeout", "-1"], 2,
+     "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
+    (["health", "--port", "9", "--timeout", "nan"], 2,
+     "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--start-method", "clone"], 2,
      # Typer 0.29 adds "Value error, " (pydantic's words); Typer 0.28 does not.
