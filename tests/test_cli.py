@@ -253,6 +253,14 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:raising_broker_factory"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:raising_broker_factory': the factory "
      "raised RuntimeError: BROKER_URL is not set"),
+    # A BaseException from an import was a traceback, here and in check.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.cancelled_import:broker"], 1,
+     "Error: Cannot load broker 'sampleapp.cancelled_import:broker': importing it "
+     "raised CancelledError"),
+    (["check", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "sampleapp.cancelled_import"], 1,
+     "Error: Cannot load task module 'sampleapp.cancelled_import': importing it "
+     "raised CancelledError"),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:not_a_broker"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:not_a_broker': expected a taskiq "
      "broker or a function returning one, got str."),
