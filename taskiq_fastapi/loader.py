@@ -41,7 +41,9 @@ def import_string(
     try:
         with cwd_in_sys_path():
             return import_from_string(path)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise  # a stop asked for, not a broken module
+    except BaseException as exc:  # asyncio.CancelledError, too, is one line
         raise error(f"Cannot load {what} {path!r}: {_why(path, exc)}") from exc
 
 
@@ -50,11 +52,13 @@ def import_module(name: str, what: str) -> None:
     try:
         with cwd_in_sys_path():
             importlib.import_module(name)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
         raise LoadError(f"Cannot load {what} {name!r}: {_why(name, exc)}") from exc
 
 
-def _why(path: str, exc: Exception) -> str:
+def _why(path: str, exc: BaseException) -> str:
     from uvicorn.importer import ImportFromStringError
 
     if isinstance(exc, ImportFromStringError):
@@ -67,7 +71,8 @@ def _why(path: str, exc: Exception) -> str:
     ):
         # A missing parent package: the path itself is wrong, not its code.
         return f'Could not import module "{module}".'
-    return f"importing it raised {type(exc).__name__}: {exc}"
+    said = f": {exc}" if str(exc) else ""  # a bare CancelledError says nothing
+    return f"importing it raised {type(exc).__name__}{said}"
 
 
 def import_target(source: AppSource) -> Any:

@@ -253,12 +253,34 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:raising_broker_factory"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:raising_broker_factory': the factory "
      "raised RuntimeError: BROKER_URL is not set"),
+    # A BaseException from an import was a traceback, here and in check.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.cancelled_import:broker"], 1,
+     "Error: Cannot load broker 'sampleapp.cancelled_import:broker': importing it "
+     "raised CancelledError"),
+    (["check", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "sampleapp.cancelled_import"], 1,
+     "Error: Cannot load task module 'sampleapp.cancelled_import': importing it "
+     "raised CancelledError"),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:not_a_broker"], 1,
      "Error: Cannot load broker 'sampleapp.inmemory:not_a_broker': expected a taskiq "
      "broker or a function returning one, got str."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--workers", "many"], 2,
      "Error: argument --workers/-w: invalid int value: 'many'"),
+    # taskiq takes any int: 0 workers waited for ever, a negative limit
+    # restarted each worker every second before its first task.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--workers", "0"], 2,
+     "Error: argument --workers/-w: 0 is below 1: expected 1 or more worker "
+     "processes."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "-w", "-1"], 2,
+     "Error: argument --workers/-w: -1 is below 1: expected 1 or more worker "
+     "processes."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--max-tasks-per-child", "-1"], 2,
+     "Error: argument --max-tasks-per-child: -1 is below 0: expected a number "
+     "of tasks, or 0 for no limit."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--ack-type", "sometimes"], 2,
      "Error: argument --ack-type: invalid value: 'sometimes'"),
@@ -271,6 +293,24 @@ BAD_INPUTS = [
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
      "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): -1 is below 0: expected seconds, "
      "0 or more."),
+    # nan: a timeout that never expires; the broker was retried for ever.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--broker-retry-timeout", "nan"], 2,
+     "Error: Invalid value for '--broker-retry-timeout' (env var: "
+     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): nan is not a number: expected "
+     "seconds, 0 or more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+      "--stall-timeout", "NaN"], 2,
+     "Error: Invalid value for '--stall-timeout' (env var: "
+     "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
+     "seconds, 0 or more."),
+    # Reported as a worker that is not live (exit 1) before.
+    (["health", "--port", "9", "--timeout", "0"], 2,
+     "Error: Invalid value for '--timeout': 0 is not above 0: expected seconds."),
+    (["health", "--port", "9", "--timeout", "-1"], 2,
+     "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
+    (["health", "--port", "9", "--timeout", "nan"], 2,
+     "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
       "--start-method", "clone"], 2,
      # Typer 0.29 adds "Value error, " (pydantic's words); Typer 0.28 does not.

@@ -284,3 +284,21 @@ async def test_readyz_is_503_while_the_broker_is_unreachable_and_200_after(
             assert run.stop(worker) == 0
         finally:
             run.kill_all()
+
+
+def test_an_ipv6_host_is_served_and_probed(run: WorkerRun) -> None:
+    """`::1` (or `::` on an IPv6 cluster) was refused as a host that does not
+    resolve: the standard library's server is IPv4 only."""
+    run.env["SLOW_STARTUP"] = "0"
+    port = free_port()
+    worker = run.start(
+        "worker", *SLOW, "--workers", "1", "--health-port", str(port),
+        "--health-host", "::1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    result = health_command(port, "--host", "::1", "--ready")
+    assert (result.returncode, result.stdout) == (
+        0,
+        "Ready: 1 worker process ready.\n",
+    ), run.output(worker) + result.stderr
+    assert run.stop(worker) == 0

@@ -7,6 +7,7 @@ Only Typer and the standard library are imported here, so `--help` and
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Annotated, Any
@@ -136,8 +137,20 @@ FactoryOption = Annotated[
 
 
 def _not_negative(value: float) -> float:
+    # Click's float takes 'nan', which compares false with everything: as a
+    # timeout it never expired (a broker retried for ever, no stall seen).
+    if math.isnan(value):
+        raise typer.BadParameter("nan is not a number: expected seconds, 0 or more.")
     if value < 0:
         raise typer.BadParameter(f"{value:g} is below 0: expected seconds, 0 or more.")
+    return value
+
+
+def _positive(value: float) -> float:
+    # Passed on, 0, a negative value or nan made urllib fail, which the health
+    # command reported as a worker that is not live (exit 1, not 2).
+    if not value > 0:
+        raise typer.BadParameter(f"{value:g} is not above 0: expected seconds.")
     return value
 
 
@@ -363,7 +376,12 @@ def health(
     ] = False,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", metavar="SECONDS", help="How long to wait."),
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            callback=_positive,
+            help="How long to wait.",
+        ),
     ] = 5.0,
 ) -> None:
     """Exit 0 when the worker is live (ready, with --ready), 1 otherwise.

@@ -224,7 +224,7 @@ class HealthServer:
         self.handler: type[_Handler] = type("Handler", (_Handler,), {})
         self.metrics = metrics  # --metrics: the workers' metrics directory
         try:
-            self.server = ThreadingHTTPServer((host, port), self.handler)
+            self.server = _server_for(host)((host, port), self.handler)
         except socket.gaierror as exc:
             raise CLIError(f"--health-host {host!r}: {exc.strerror}.", 2) from None
         except OSError as exc:
@@ -269,3 +269,17 @@ class HealthServer:
         if self.thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
+
+
+def _server_for(host: str) -> type[ThreadingHTTPServer]:
+    """The HTTP server class for `host`'s address family.
+
+    The standard library's server is IPv4 only: an IPv6 host (`::1`, or `::`
+    on an IPv6 cluster) was refused as a host that does not resolve.
+    """
+    family, *_ = socket.getaddrinfo(
+        host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    if family == socket.AF_INET:
+        return ThreadingHTTPServer
+    return type("HealthServerV6", (ThreadingHTTPServer,), {"address_family": family})

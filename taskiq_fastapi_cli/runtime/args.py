@@ -55,7 +55,7 @@ def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return WorkerArgs.from_cli(list(argv))
+            args = WorkerArgs.from_cli(list(argv))
     except SystemExit as exc:
         lines = stderr.getvalue().strip().splitlines()
         message = lines[-1].split(": error: ", 1)[-1] if lines else str(exc)
@@ -64,6 +64,32 @@ def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
         # taskiq parses --ack-type with a lambda, which argparse names as such.
         message = message.replace("invalid <lambda> value", "invalid value")
         raise CLIError(message, EXIT_USAGE_ERROR) from None
+    _check_counts(args)
+    return args
+
+
+def _check_counts(args: WorkerArgs) -> None:
+    """Refuse the counts taskiq's parser takes but its worker cannot run.
+
+    taskiq reads any int: with `--workers 0` (or less) its manager starts no
+    process and waits for ever, and with a negative `--max-tasks-per-child`
+    each worker stops before its first task, to be restarted every second
+    (its lifespan run each time). Both are usage errors here, before any
+    worker starts.
+    """
+    if args.workers < 1:
+        raise CLIError(
+            f"argument --workers/-w: {args.workers} is below 1: expected 1 or "
+            "more worker processes.",
+            EXIT_USAGE_ERROR,
+        )
+    limit = args.max_tasks_per_child
+    if limit is not None and limit < 0:
+        raise CLIError(
+            f"argument --max-tasks-per-child: {limit} is below 0: expected a "
+            "number of tasks, or 0 for no limit.",
+            EXIT_USAGE_ERROR,
+        )
 
 
 def with_app(
