@@ -125,6 +125,25 @@ async def stop_in_state(
         assert time.monotonic() - started < SHUTDOWN_TIMEOUT + 3 + 10, output
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_main_process_imports_the_project_exits_0(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # Ctrl-C exited 1 ("Aborted!") and SIGTERM killed the command (-15).
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.slow_import",
+        "--app", "workerapp.slow:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("importing", processes=1)
+    started = time.monotonic()
+    os.killpg(worker.pid, sig)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert time.monotonic() - started < 10  # not after the 30 s import
+    assert run.output(worker) == ""
+    assert_nothing_left(worker.pid)
+
+
 async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
     stream_run: WorkerRun,
 ) -> None:

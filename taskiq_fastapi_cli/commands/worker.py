@@ -38,6 +38,10 @@ from taskiq_fastapi_cli.runtime.discover import (
     load_broker,
 )
 from taskiq_fastapi_cli.runtime.outages import unrenewed_fetch
+from taskiq_fastapi_cli.runtime.supervisor import (
+    StoppedWhileStarting,
+    stops_while_starting,
+)
 
 
 def start_worker(
@@ -95,7 +99,10 @@ def start_worker(
 
         directory = use_directory()
     try:
-        return _start(args, factory, start_method, health, directory)
+        with stops_while_starting():
+            return _start(args, factory, start_method, health, directory)
+    except StoppedWhileStarting:
+        return 0  # no worker had started: a clean stop
     finally:
         if directory is not None:
             remove_directory(directory)  # the next run starts from nothing

@@ -148,6 +148,39 @@ class StopSignals:
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
+class StoppedWhileStarting(KeyboardInterrupt):
+    """A stop signal reached the main process before any worker started."""
+
+
+@contextmanager
+def stops_while_starting() -> Iterator[None]:
+    """Until the process manager takes them over, a stop signal ends the command.
+
+    The main process imports the project before any worker starts, which can
+    take seconds. Python's own handling there made a Ctrl-C exit 1 (Click's
+    "Aborted!") and a SIGTERM kill the command, where nothing had started
+    and the exit status must say a clean stop: the caller exits 0 on
+    `StoppedWhileStarting`. Installed whatever the signals' disposition was,
+    as the manager's handlers are: a command started in the background
+    (SIGINT ignored) stops the same way. The previous handlers come back
+    only if the manager never took over (its own outlive the command).
+    """
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise StoppedWhileStarting
+
+    previous = {signum: signal.signal(signum, stop) for signum in STARTING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is stop:
+                signal.signal(signum, handler)
+
+
+STARTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def stop_signals_held() -> Iterator[None]:
     """Block the stop signals; processes started meanwhile inherit the block."""
