@@ -356,6 +356,24 @@ def test_bad_input_from_the_real_command_has_no_traceback() -> None:
     assert time.monotonic() - started < 10
 
 
+def test_an_in_memory_broker_is_refused_in_one_line_not_restarted_forever() -> None:
+    # Its `listen` raises: taskiq restarted each worker every second, with a
+    # traceback each time, for as long as the command ran.
+    result = subprocess.run(
+        [COMMAND, "worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+         "--workers", "1"],
+        cwd=TESTS_DIR, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "restarted" not in result.stderr
+    assert result.stderr.endswith(
+        "\nError: Cannot serve broker 'sampleapp.inmemory:broker': an InMemoryBroker "
+        "runs each task in the process that kicks it, so no worker can listen to "
+        "it. Give workers a broker with a server (taskiq-redis, taskiq-nats, ...).\n"
+    )
+
+
 def test_taskiq_lists_the_plugin_and_python_m_works() -> None:
     (entry,) = entry_points(group="taskiq_cli", name="fastapi")
     assert entry.load() is FastAPICMD

@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from fastapi import FastAPI
-from taskiq import AsyncBroker
+from taskiq import AsyncBroker, InMemoryBroker
 
 from taskiq_fastapi.exceptions import LoadError
 from taskiq_fastapi.loader import (
@@ -28,6 +28,21 @@ def load_broker(path: str) -> AsyncBroker:
             f"function returning one, got {type(broker).__name__}.",
         )
     return broker
+
+
+def check_servable(broker: AsyncBroker, path: str) -> None:
+    """Refuse a broker a worker cannot listen to, in one line.
+
+    `InMemoryBroker` (which projects pick for tests, often by an environment
+    variable) runs each task in the process that kicks it; its `listen`
+    raises, and taskiq restarted the worker every second with a traceback.
+    """
+    if isinstance(broker, InMemoryBroker):
+        raise LoadError(
+            f"Cannot serve broker {path!r}: an InMemoryBroker runs each task in "
+            "the process that kicks it, so no worker can listen to it. Give "
+            "workers a broker with a server (taskiq-redis, taskiq-nats, ...)."
+        )
 
 
 def check_app(path: str, factory: bool) -> str | None:

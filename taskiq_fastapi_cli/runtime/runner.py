@@ -36,7 +36,11 @@ from taskiq_fastapi_cli.exceptions import (
 )
 from taskiq_fastapi_cli.runtime import logs
 from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
-from taskiq_fastapi_cli.runtime.discover import import_task_modules, load_broker
+from taskiq_fastapi_cli.runtime.discover import (
+    check_servable,
+    import_task_modules,
+    load_broker,
+)
 from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
 from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages, WorkerStopped
@@ -63,6 +67,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # --reload) would otherwise come out bare. A no-op under fork.
         logs.configure(args)
         broker = load_broker(args.broker)
+        check_servable(broker, args.broker)
         # Before taskiq's own import, which logs a broken module's traceback
         # and goes on without its tasks: here it is one line.
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
