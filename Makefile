@@ -11,6 +11,10 @@ OLDEST := .venv-oldest
 # Every Python the package declares (pyproject's classifiers list the same).
 MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
 
+# The suite's processes (pytest-xdist); PYTEST_WORKERS=0 runs it in this one.
+PYTEST_WORKERS ?= 3
+export PYTEST_WORKERS
+
 .PHONY: install test test-oldest test-matrix lint format bench demo build clean
 
 install: $(STAMP)
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 # The suite on the oldest Python with every dependency at its lower bound.
 test-oldest:
@@ -30,11 +34,12 @@ test-oldest:
 	$(OLDEST_PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST)/bin/python -m pip install --quiet -c constraints-oldest.txt -e '.[dev]'
-	$(OLDEST)/bin/python -m pytest
+	$(OLDEST)/bin/python -m pytest -n $(PYTEST_WORKERS)
 
 # The suite on every supported Python with the newest dependencies.
+# MATRIX_SKIP: versions already run elsewhere (CI: the one `make test` ran).
 test-matrix:
-	tools/test_matrix.sh $(MATRIX_PYTHONS)
+	tools/test_matrix.sh $(filter-out $(MATRIX_SKIP),$(MATRIX_PYTHONS))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -101,11 +102,29 @@ def _still_running(pid: int) -> list[str]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Every server and worker a test started is stopped, also after a failure."""
+    """Every server and worker a test started is stopped, also after a failure.
+
+    Under pytest-xdist each worker process looks at its own children and
+    hands what it found to the main process, which fails the run.
+    """
     left = _still_running(os.getpid())
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker
+        workeroutput["still_running"] = left
+        return
+    left += _left_by_xdist_workers
     if left:
         print("\nStill running after the tests:\n  " + "\n  ".join(left))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_left_by_xdist_workers: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: a worker process finished; keep what it left running."""
+    _left_by_xdist_workers.extend(node.workeroutput.get("still_running", []))
 
 
 # Generated examples: a fixed set in CI and by default, more on demand

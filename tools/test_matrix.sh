@@ -25,8 +25,8 @@ for version in "$@"; do
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -e '.[dev]'
     if [ "$version" = "$newest" ]; then
-        "$venv/bin/python" -m pytest -q
+        "$venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-3}"
     else
-        "$venv/bin/python" -m pytest -q -m "not e2e"
+        "$venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-3}" -m "not e2e"
     fi
 done
