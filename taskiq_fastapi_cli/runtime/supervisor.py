@@ -270,6 +270,16 @@ class SafeProcessManager(ProcessManager):
             health.start(view, lambda: self.workers)
         actions = ActionQueue(args.failures.reported, self._log_stopping)
         self.action_queue = actions  # type: ignore[assignment]
+        self.stop = StopSignals(
+            actions, args, lambda: self.workers, view.drain if view else None
+        )
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        if sys.platform != "win32":
+            signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
+        # After ours replace taskiq's handlers (its constructor installs them,
+        # and they put a shutdown on a queue nothing reads any more): watching
+        # a large tree takes seconds, and a stop signal then was lost.
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
             from taskiq_fastapi_cli.runtime import reload
@@ -281,13 +291,6 @@ class SafeProcessManager(ProcessManager):
                 actions.put,
                 use_gitignore=not args.no_gitignore,
             )
-        self.stop = StopSignals(
-            actions, args, lambda: self.workers, view.drain if view else None
-        )
-        signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGTERM, self.stop)
-        if sys.platform != "win32":
-            signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
 
     def prepare_workers(self) -> None:
         with stop_signals_held():
