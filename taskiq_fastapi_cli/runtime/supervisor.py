@@ -194,10 +194,19 @@ def stop_signals_held() -> Iterator[None]:
 def release_stop_signals() -> None:
     """In a worker process: deliver the stop signals that arrived while it started.
 
-    A SIGINT waiting here raises KeyboardInterrupt, which `worker_process`
-    takes as a quiet exit.
+    A SIGINT or SIGTERM waiting here raises KeyboardInterrupt, which
+    `worker_process` takes as a quiet exit. A spawned worker (`--reload`,
+    `--start-method spawn`) has Python's default SIGTERM, which killed it:
+    a SIGTERM to the whole group (systemd's default) then made the command
+    exit 4 ("not cleanly") with no task in flight.
     """
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class HeldRestart(ReloadOneAction):
