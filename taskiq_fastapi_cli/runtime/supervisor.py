@@ -196,17 +196,28 @@ def release_stop_signals() -> None:
 
     A SIGINT or SIGTERM waiting here raises KeyboardInterrupt, which
     `worker_process` takes as a quiet exit. A spawned worker (`--reload`,
-    `--start-method spawn`) has Python's default SIGTERM, which killed it:
-    a SIGTERM to the whole group (systemd's default) then made the command
-    exit 4 ("not cleanly") with no task in flight.
+    `--start-method spawn`) has Python's default handlers: its SIGTERM
+    killed it, so a SIGTERM to the whole group (systemd's default) made the
+    command exit 4 ("not cleanly") with no task in flight; and a SIGINT and
+    the supervisor's SIGTERM both waiting raised twice, the second in the
+    middle of the quiet exit. Here the first raises, the others are ignored.
     """
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _interrupt_once)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _interrupt(_signum: int, _frame: Any) -> None:
+def _interrupt_once(_signum: int, _frame: Any) -> None:
+    # Exiting: nothing left to stop. A handler, not SIG_IGN, which makes
+    # Python print "ignored due to race condition" for a signal already taken.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exiting)
     raise KeyboardInterrupt
+
+
+def _exiting(_signum: int, _frame: Any) -> None:
+    """A worker already stopping ignores further stop signals."""
 
 
 class HeldRestart(ReloadOneAction):
