@@ -144,6 +144,26 @@ def test_a_stop_while_the_main_process_imports_the_project_exits_0(
     assert_nothing_left(worker.pid)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_stop_while_the_import_unwinds_still_exits_0(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # The first signal's exit takes a few tenths of a second; the handlers
+    # put back for it let a second one kill the command (-2, -15).
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.slow_import",
+        "--app", "workerapp.slow:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("importing", processes=1)
+    os.killpg(worker.pid, sig)
+    time.sleep(0.05)  # a double Ctrl-C
+    os.killpg(worker.pid, sig)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert run.output(worker) == ""
+    assert_nothing_left(worker.pid)
+
+
 @pytest.mark.parametrize(
     "options", [["--start-method", "spawn"], ["--reload", "--reload-dir", "{tmp}"]]
 )

@@ -163,15 +163,25 @@ def stops_while_starting() -> Iterator[None]:
     `StoppedWhileStarting`. Installed whatever the signals' disposition was,
     as the manager's handlers are: a command started in the background
     (SIGINT ignored) stops the same way. The previous handlers come back
-    only if the manager never took over (its own outlive the command).
+    only if neither the manager took over (its own outlive the command) nor
+    a stop came (then the signals stay ignored while the command exits).
     """
 
     def stop(_signum: int, _frame: Any) -> None:
+        for signum in STARTING_SIGNALS:
+            signal.signal(signum, _exiting)  # a second must not cut the unwinding
         raise StoppedWhileStarting
 
     previous = {signum: signal.signal(signum, stop) for signum in STARTING_SIGNALS}
     try:
         yield
+    except StoppedWhileStarting:
+        # Exiting, as the supervisor does at its end: with the previous
+        # handlers back, a second Ctrl-C or SIGTERM in the fraction of a
+        # second the exit takes killed the command (-2, -15) instead of 0.
+        for signum in STARTING_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        raise
     finally:
         for signum, handler in previous.items():
             if signal.getsignal(signum) is stop:
