@@ -123,8 +123,13 @@ _left_by_xdist_workers: list[str] = []
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """pytest-xdist: a worker process finished; keep what it left running."""
-    _left_by_xdist_workers.extend(node.workeroutput.get("still_running", []))
+    """pytest-xdist: a worker process finished; keep what it left running.
+
+    A worker that crashed sent nothing (no `workeroutput`): xdist reports
+    the crash and replaces it, which an AttributeError here would stop.
+    """
+    output = getattr(node, "workeroutput", {})
+    _left_by_xdist_workers.extend(output.get("still_running", []))
 
 
 # Generated examples: a fixed set in CI and by default, more on demand

@@ -125,6 +125,24 @@ def test_ctrl_c_while_a_worker_restarts_prints_no_traceback(
     assert "KeyboardInterrupt" not in output
 
 
+def test_a_stop_while_a_large_tree_is_being_watched_is_not_lost(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    # Watching a tree (a monorepo, a node_modules) takes the main process
+    # seconds; a signal then went to taskiq's own handler, whose queue nothing
+    # reads, and the command served on until killed.
+    watched = tmp_path / "project"
+    for branch in range(200):
+        for leaf in range(100):
+            (watched / f"d{branch}" / f"e{leaf}").mkdir(parents=True)
+    worker = run.start(
+        "worker", *BROKER, *APP, "--reload", "--reload-dir", str(watched)
+    )
+    wait_for_output(run, worker, "--reload: starting 1 worker process")
+    time.sleep(0.3)  # past taskiq's constructor, within the second of watching
+    assert run.stop(worker, signal.SIGTERM, timeout=60) == 0, run.output(worker)
+
+
 # A project of its own, so that the test can break and fix its files.
 PROJECT_APP = """\
 from fastapi import FastAPI

@@ -144,6 +144,51 @@ def test_a_stop_while_the_main_process_imports_the_project_exits_0(
     assert_nothing_left(worker.pid)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_stop_while_the_import_unwinds_still_exits_0(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # The first signal's exit takes a few tenths of a second; the handlers
+    # put back for it let a second one kill the command (-2, -15).
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.slow_import",
+        "--app", "workerapp.slow:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("importing", processes=1)
+    os.killpg(worker.pid, sig)
+    time.sleep(0.05)  # a double Ctrl-C
+    os.killpg(worker.pid, sig)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert run.output(worker) == ""
+    assert_nothing_left(worker.pid)
+
+
+@pytest.mark.parametrize(
+    "options", [["--start-method", "spawn"], ["--reload", "--reload-dir", "{tmp}"]]
+)
+def test_a_sigterm_to_the_group_while_a_spawned_worker_imports_exits_0(
+    run: WorkerRun, tmp_path: Path, options: list[str]
+) -> None:
+    # systemd (KillMode=control-group) signals every process: the spawned
+    # worker, still importing, had Python's default SIGTERM and was killed,
+    # and the command exited 4 with nothing in flight.
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        *(option.format(tmp=tmp_path) for option in options),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    deadline = time.monotonic() + 30
+    while "Started process worker-0" not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        time.sleep(0.01)
+    os.killpg(worker.pid, signal.SIGTERM)  # the worker imports for a second
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert "Traceback" not in run.output(worker)
+    assert_nothing_left(worker.pid)
+
+
 async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
     stream_run: WorkerRun,
 ) -> None:

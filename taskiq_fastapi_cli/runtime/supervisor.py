@@ -163,15 +163,25 @@ def stops_while_starting() -> Iterator[None]:
     `StoppedWhileStarting`. Installed whatever the signals' disposition was,
     as the manager's handlers are: a command started in the background
     (SIGINT ignored) stops the same way. The previous handlers come back
-    only if the manager never took over (its own outlive the command).
+    only if neither the manager took over (its own outlive the command) nor
+    a stop came (then the signals stay ignored while the command exits).
     """
 
     def stop(_signum: int, _frame: Any) -> None:
+        for signum in STARTING_SIGNALS:
+            signal.signal(signum, _exiting)  # a second must not cut the unwinding
         raise StoppedWhileStarting
 
     previous = {signum: signal.signal(signum, stop) for signum in STARTING_SIGNALS}
     try:
         yield
+    except StoppedWhileStarting:
+        # Exiting, as the supervisor does at its end: with the previous
+        # handlers back, a second Ctrl-C or SIGTERM in the fraction of a
+        # second the exit takes killed the command (-2, -15) instead of 0.
+        for signum in STARTING_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        raise
     finally:
         for signum, handler in previous.items():
             if signal.getsignal(signum) is stop:
@@ -194,10 +204,30 @@ def stop_signals_held() -> Iterator[None]:
 def release_stop_signals() -> None:
     """In a worker process: deliver the stop signals that arrived while it started.
 
-    A SIGINT waiting here raises KeyboardInterrupt, which `worker_process`
-    takes as a quiet exit.
+    A SIGINT or SIGTERM waiting here raises KeyboardInterrupt, which
+    `worker_process` takes as a quiet exit. A spawned worker (`--reload`,
+    `--start-method spawn`) has Python's default handlers: its SIGTERM
+    killed it, so a SIGTERM to the whole group (systemd's default) made the
+    command exit 4 ("not cleanly") with no task in flight; and a SIGINT and
+    the supervisor's SIGTERM both waiting raised twice, the second in the
+    middle of the quiet exit. Here the first raises, the others are ignored.
     """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _interrupt_once)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _interrupt_once(_signum: int, _frame: Any) -> None:
+    # Exiting: nothing left to stop. A handler, not SIG_IGN, which makes
+    # Python print "ignored due to race condition" for a signal already taken.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exiting)
+    raise KeyboardInterrupt
+
+
+def _exiting(_signum: int, _frame: Any) -> None:
+    """A worker already stopping ignores further stop signals."""
 
 
 class HeldRestart(ReloadOneAction):
@@ -270,6 +300,16 @@ class SafeProcessManager(ProcessManager):
             health.start(view, lambda: self.workers)
         actions = ActionQueue(args.failures.reported, self._log_stopping)
         self.action_queue = actions  # type: ignore[assignment]
+        self.stop = StopSignals(
+            actions, args, lambda: self.workers, view.drain if view else None
+        )
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        if sys.platform != "win32":
+            signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
+        # After ours replace taskiq's handlers (its constructor installs them,
+        # and they put a shutdown on a queue nothing reads any more): watching
+        # a large tree takes seconds, and a stop signal then was lost.
         if args.reload and observer is not None:
             # Imported here: it needs taskiq's `reload` extra.
             from taskiq_fastapi_cli.runtime import reload
@@ -281,13 +321,6 @@ class SafeProcessManager(ProcessManager):
                 actions.put,
                 use_gitignore=not args.no_gitignore,
             )
-        self.stop = StopSignals(
-            actions, args, lambda: self.workers, view.drain if view else None
-        )
-        signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGTERM, self.stop)
-        if sys.platform != "win32":
-            signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
 
     def prepare_workers(self) -> None:
         with stop_signals_held():
