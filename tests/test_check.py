@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TASKIQ, TESTS_DIR, WorkerRun
 
 from taskiq_fastapi_cli.commands import cli
@@ -191,6 +194,31 @@ def test_worker_finds_dependency_problems_before_any_worker_process(
     assert run.count("startup") == {}
 
 
+def test_an_in_memory_broker_that_brings_its_own_listen_is_served(
+    run: WorkerRun,
+) -> None:
+    """Only a `listen` that cannot work is refused, not the class: this
+    InMemoryBroker subclass fetches from Redis, and its task runs."""
+    worker = run.start(
+        "worker", "workerapp.fed_inmemory:broker", "workerapp.fed_inmemory",
+        "--app", "workerapp.app:app", "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", 1, timeout=60)
+    kicker: AsyncKicker[Any, Any] = AsyncKicker(
+        "workerapp.fed_inmemory:note", run.sender, {}
+    )
+
+    async def kick() -> None:
+        await run.sender.startup()
+        await kicker.kiq(7)
+        await run.sender.shutdown()
+
+    asyncio.run(kick())
+    run.wait_for("fed 7", 1, timeout=30)
+    assert run.stop(worker) == 0, run.output(worker)
+    assert "Cannot serve" not in run.output(worker)
+
+
 def test_check_names_a_class_dependency_by_its_class(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -221,11 +249,11 @@ def test_an_invalid_carry_setting_is_one_line_for_check_and_worker(
 
 COUNTED_PROJECT = """\
 from fastapi import FastAPI
-from taskiq import InMemoryBroker
+from taskiq_redis import ListQueueBroker
 
 import taskiq_fastapi
 
-broker = InMemoryBroker()
+broker = ListQueueBroker("redis://localhost:1")  # check connects to nothing
 app = FastAPI()
 taskiq_fastapi.init(broker, app)
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_every_taskiq_worker_option_passes_through_unchanged(
     option = sample_argv(action)
     if action.dest == "fs_discover":
         monkeypatch.chdir(tmp_path)  # task modules are imported: find none
-    argv = ["sampleapp.inmemory:broker", "sampleapp.inmemory", *option]
+    argv = ["sampleapp.queue_broker:broker", "sampleapp.queue_broker", *option]
     expected = WorkerArgs.from_cli(argv)
     code, _, err = run_cli(capsys, "worker", "--app", "sampleapp.apps:app", *argv)
     assert (code, err) == (0, "")
@@ -152,7 +153,7 @@ def test_app_and_base_url_from_environment(
 ) -> None:
     monkeypatch.setenv("TASKIQ_FASTAPI_APP", "sampleapp.apps:app")
     monkeypatch.setenv("TASKIQ_FASTAPI_BASE_URL", "https://example.com/api")
-    code, _, err = run_cli(capsys, "worker", "sampleapp.inmemory:broker")
+    code, _, err = run_cli(capsys, "worker", "sampleapp.queue_broker:broker")
     assert (code, err) == (0, "")
     assert captured_run[0].app == "sampleapp.apps:app"
     assert captured_run[0].base_url == "https://example.com/api"
@@ -183,7 +184,7 @@ def test_the_same_app_by_both_ways_is_fine(
 def test_broker_retry_timeout_default_flag_and_environment(
     captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv = ["worker", "sampleapp.inmemory:broker", "--app", "sampleapp.apps:app"]
+    argv = ["worker", "sampleapp.queue_broker:broker", "--app", "sampleapp.apps:app"]
     assert run_cli(capsys, *argv)[0] == 0
     assert run_cli(capsys, *argv, "--broker-retry-timeout", "2.5")[0] == 0
     monkeypatch.setenv("TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT", "0")
@@ -219,87 +220,87 @@ BAD_INPUTS = [
      "FastAPI app."),
     (["worker", "--app", "sampleapp.apps:app"], 2, "Error: Missing argument 'BROKER'."),
     (["wrkr"], 2, "Error: No such command 'wrkr'. Did you mean 'worker'?"),
-    (["worker", "--app", "nowhere.app:app", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "nowhere.app:app", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'nowhere.app:app': Could not import module \"nowhere.app\"."
      + LOOKED_HERE),
-    (["worker", "--app", "sampleapp.apps:missing", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "sampleapp.apps:missing", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:missing': "
      "Attribute \"missing\" not found in module \"sampleapp.apps\"."),
-    (["worker", "--app", "sampleapp.apps", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "sampleapp.apps", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps': "
      "Import string \"sampleapp.apps\" must be in format \"<module>:<attribute>\"."),
-    (["worker", "--app", "sampleapp.apps:not_an_app", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "sampleapp.apps:not_an_app", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
      "or a zero-argument factory returning one, got int."),
-    (["worker", "--app", "sampleapp.apps:plain_asgi_app", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "sampleapp.apps:plain_asgi_app", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:plain_asgi_app': expected a FastAPI app "
      "or a zero-argument factory returning one, got function."),
-    (["worker", "--app", "sampleapp.apps:app", "--factory", "sampleapp.inmemory:broker"], 1,
+    (["worker", "--app", "sampleapp.apps:app", "--factory", "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:app': --factory was given, but it is a "
      "FastAPI app, not a factory returning one."),
     (["worker", "--app", "sampleapp.apps:not_an_app", "--factory",
-      "sampleapp.inmemory:broker"], 1,
+      "sampleapp.queue_broker:broker"], 1,
      "Error: Cannot load app 'sampleapp.apps:not_an_app': expected a FastAPI app "
      "or a zero-argument factory returning one, got int."),
     (["worker", "--app", "sampleapp.apps:app", "nowhere:broker"], 1,
      "Error: Cannot load broker 'nowhere:broker': Could not import module \"nowhere\"."
      + LOOKED_HERE),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:nope"], 1,
-     "Error: Cannot load broker 'sampleapp.inmemory:nope': "
-     "Attribute \"nope\" not found in module \"sampleapp.inmemory\"."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory"], 1,
-     "Error: Cannot load broker 'sampleapp.inmemory': Import string "
-     "\"sampleapp.inmemory\" must be in format \"<module>:<attribute>\"."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:raising_broker_factory"], 1,
-     "Error: Cannot load broker 'sampleapp.inmemory:raising_broker_factory': the factory "
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:nope"], 1,
+     "Error: Cannot load broker 'sampleapp.queue_broker:nope': "
+     "Attribute \"nope\" not found in module \"sampleapp.queue_broker\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker"], 1,
+     "Error: Cannot load broker 'sampleapp.queue_broker': Import string "
+     "\"sampleapp.queue_broker\" must be in format \"<module>:<attribute>\"."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:raising_broker_factory"], 1,
+     "Error: Cannot load broker 'sampleapp.queue_broker:raising_broker_factory': the factory "
      "raised RuntimeError: BROKER_URL is not set"),
     # A BaseException from an import was a traceback, here and in check.
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.cancelled_import:broker"], 1,
      "Error: Cannot load broker 'sampleapp.cancelled_import:broker': importing it "
      "raised CancelledError"),
-    (["check", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["check", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "sampleapp.cancelled_import"], 1,
      "Error: Cannot load task module 'sampleapp.cancelled_import': importing it "
      "raised CancelledError"),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:not_a_broker"], 1,
-     "Error: Cannot load broker 'sampleapp.inmemory:not_a_broker': expected a taskiq "
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:not_a_broker"], 1,
+     "Error: Cannot load broker 'sampleapp.queue_broker:not_a_broker': expected a taskiq "
      "broker or a function returning one, got str."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--workers", "many"], 2,
      "Error: argument --workers/-w: invalid int value: 'many'"),
     # taskiq takes any int: 0 workers waited for ever, a negative limit
     # restarted each worker every second before its first task.
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--workers", "0"], 2,
      "Error: argument --workers/-w: 0 is below 1: expected 1 or more worker "
      "processes."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "-w", "-1"], 2,
      "Error: argument --workers/-w: -1 is below 1: expected 1 or more worker "
      "processes."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--max-tasks-per-child", "-1"], 2,
      "Error: argument --max-tasks-per-child: -1 is below 0: expected a number "
      "of tasks, or 0 for no limit."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--ack-type", "sometimes"], 2,
      "Error: argument --ack-type: invalid value: 'sometimes'"),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--base-url", "localhost:8000"], 2,
      "Error: --base-url: Invalid base URL 'localhost:8000': "
      "expected http(s)://host[:port][/root/path]."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--broker-retry-timeout", "-1"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
      "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): -1 is below 0: expected seconds, "
      "0 or more."),
     # nan: a timeout that never expires; the broker was retried for ever.
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--broker-retry-timeout", "nan"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
      "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): nan is not a number: expected "
      "seconds, 0 or more."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--stall-timeout", "NaN"], 2,
      "Error: Invalid value for '--stall-timeout' (env var: "
      "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
@@ -311,7 +312,7 @@ BAD_INPUTS = [
      "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
     (["health", "--port", "9", "--timeout", "nan"], 2,
      "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
-    (["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--start-method", "clone"], 2,
      # Typer 0.29 adds "Value error, " (pydantic's words); Typer 0.28 does not.
      re.compile(r"Error: Invalid value for '--start-method': (Value error, )?"
@@ -345,7 +346,7 @@ def test_bad_input_is_one_line_naming_it(
 def test_bad_input_from_the_real_command_has_no_traceback() -> None:
     started = time.monotonic()
     result = subprocess.run(
-        [COMMAND, "worker", "--app", "sampleapp.apps:nope", "sampleapp.inmemory:broker"],
+        [COMMAND, "worker", "--app", "sampleapp.apps:nope", "sampleapp.queue_broker:broker"],
         cwd=TESTS_DIR, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1
@@ -356,22 +357,53 @@ def test_bad_input_from_the_real_command_has_no_traceback() -> None:
     assert time.monotonic() - started < 10
 
 
-def test_an_in_memory_broker_is_refused_in_one_line_not_restarted_forever() -> None:
+UNSERVABLE = {
+    "sampleapp.inmemory:broker": (
+        "an InMemoryBroker runs each task in the process that kicks it, so no "
+        "worker can listen to it. Give workers a broker with a server "
+        "(taskiq-redis, taskiq-nats, ...)."
+    ),
+    "sampleapp.shared:broker": (
+        "taskiq's shared broker only declares shared tasks, so no worker can "
+        "listen to it. Give workers the broker the tasks are kicked to (the "
+        "one passed to async_shared_broker.default_broker)."
+    ),
+}
+
+
+@pytest.mark.parametrize("broker", list(UNSERVABLE))
+@pytest.mark.parametrize("command", [[COMMAND], [TASKIQ, "fastapi"]])
+def test_a_broker_no_worker_can_listen_to_is_refused_before_any_worker_starts(
+    broker: str, command: list[str]
+) -> None:
     # Its `listen` raises: taskiq restarted each worker every second, with a
     # traceback each time, for as long as the command ran.
     result = subprocess.run(
-        [COMMAND, "worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker",
-         "--workers", "1"],
+        [*command, "worker", "--app", "sampleapp.apps:app", broker, "--workers", "1"],
         cwd=TESTS_DIR, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "restarted" not in result.stderr
-    assert result.stderr.endswith(
-        "\nError: Cannot serve broker 'sampleapp.inmemory:broker': an InMemoryBroker "
-        "runs each task in the process that kicks it, so no worker can listen to "
-        "it. Give workers a broker with a server (taskiq-redis, taskiq-nats, ...).\n"
+    # One line, from the main process: no worker was started to meet it.
+    assert result.stderr.splitlines() == [
+        f"Error: Cannot serve broker {broker!r}: {UNSERVABLE[broker]}"
+    ]
+
+
+@pytest.mark.parametrize("broker", list(UNSERVABLE))
+def test_check_reports_a_broker_no_worker_can_listen_to(broker: str) -> None:
+    """`check` lists what a worker would refuse to start with: this too."""
+    refused = f"Cannot serve broker {broker!r}: {UNSERVABLE[broker]}"
+    argv = [COMMAND, "check", broker, "--app", "sampleapp.apps:app"]
+    text = subprocess.run(
+        argv, cwd=TESTS_DIR, capture_output=True, text=True, timeout=60
     )
+    assert text.returncode == 1, text.stderr
+    assert text.stdout.endswith(f"1 problem:\n- {refused}\n")
+    as_json = subprocess.run(
+        [*argv, "--json"], cwd=TESTS_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert as_json.returncode == 1, as_json.stderr
+    assert json.loads(as_json.stdout)["problems"] == [refused]
 
 
 def test_taskiq_lists_the_plugin_and_python_m_works() -> None:
@@ -413,7 +445,7 @@ def test_reload_without_taskiq_reload_extra_is_a_clear_error(
     captured_run: list[FastAPIWorkerArgs], capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "taskiq.cli.watcher", None)  # as if not installed
-    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker"]
     code, _, err = run_cli(capsys, *argv, "--reload")
     assert (code, err) == (
         1,
@@ -426,7 +458,7 @@ def test_reload_without_taskiq_reload_extra_is_a_clear_error(
 def test_reload_patterns_need_reload(
     captured_run: list[FastAPIWorkerArgs], capsys: Any
 ) -> None:
-    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker"]
     code, _, err = run_cli(capsys, *argv, "--reload-include", "*.toml")
     assert (code, err) == (
         2,
@@ -438,7 +470,7 @@ def test_reload_patterns_need_reload(
 def test_reload_patterns_reach_the_workers(
     captured_run: list[FastAPIWorkerArgs], capsys: Any
 ) -> None:
-    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.inmemory:broker"]
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker"]
     code, _, _ = run_cli(
         capsys, *argv, "--reload", "--reload-include", "*.toml",
         "--reload-exclude", "*_test.py", "--reload-include", "*.env",
@@ -488,8 +520,8 @@ def test_app_and_broker_import_from_app_dir(
     (project / "far_pkg").mkdir(parents=True)
     (project / "far_pkg" / "__init__.py").write_text("")
     (project / "far_pkg" / "main.py").write_text(
-        "from fastapi import FastAPI\nfrom taskiq import InMemoryBroker\n"
-        "app = FastAPI()\nbroker = InMemoryBroker()\n"
+        "from fastapi import FastAPI\nfrom taskiq_redis import ListQueueBroker\n"
+        'app = FastAPI()\nbroker = ListQueueBroker("redis://127.0.0.1:1")\n'
     )
     monkeypatch.chdir(tmp_path)  # not on sys.path by itself
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -517,7 +549,7 @@ def test_a_misspelled_task_module_is_refused_before_any_worker_starts(
     captured_run: list[FastAPIWorkerArgs], capsys: Any
 ) -> None:
     code, out, err = run_cli(
-        capsys, "worker", "sampleapp.inmemory:broker", "sampleapp.taskz",
+        capsys, "worker", "sampleapp.queue_broker:broker", "sampleapp.taskz",
         "--app", "sampleapp.apps:app",
     )  # fmt: skip
     assert (code, out) == (1, "")
@@ -537,7 +569,7 @@ def test_a_task_module_with_a_syntax_error_is_refused_naming_file_and_line(
     (tmp_path / "broken_tasks.py").write_text("def make_receipt(:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = run_cli(
-        capsys, "worker", "sampleapp.inmemory:broker", "broken_tasks",
+        capsys, "worker", "sampleapp.queue_broker:broker", "broken_tasks",
         "--app", "sampleapp.apps:app",
     )  # fmt: skip
     assert (code, out) == (1, "")
@@ -557,7 +589,7 @@ def test_task_logs_and_log_json_options(
     unless a --log-format is given; --log-json needs the command's logging."""
     from taskiq_fastapi_cli.runtime.logs import TASK_LOG_FORMAT
 
-    argv = ["worker", "sampleapp.inmemory:broker", "--app", "sampleapp.apps:app"]
+    argv = ["worker", "sampleapp.queue_broker:broker", "--app", "sampleapp.apps:app"]
     assert run_cli(capsys, *argv)[0] == 0
     assert run_cli(capsys, *argv, "--task-logs")[0] == 0
     assert run_cli(capsys, *argv, "--task-logs", "--log-format", "%(task_id)s")[0] == 0

@@ -21,6 +21,7 @@ from taskiq_fastapi.request_context import CarrySettings
 from taskiq_fastapi_cli.commands.worker import load_project
 from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.runtime.args import parse_taskiq_args, with_app
+from taskiq_fastapi_cli.runtime.discover import unservable
 
 SOURCES = {
     "message": "message argument",
@@ -50,6 +51,9 @@ def run_check(
     except TaskiqFastAPIError as exc:
         raise CLIError(str(exc)) from None
     problems = [problem for plan in plans for problem in plan.problems_when(carry)]
+    refused = unservable(broker, args.broker)
+    if refused is not None:  # the worker's first refusal, before any task's
+        problems.insert(0, refused)
     if as_json:
         report = {
             "tasks": [
@@ -77,14 +81,15 @@ def _text(
 ) -> Iterator[str]:
     if not plans:
         yield "No tasks found: name the task modules after the broker."
-        return
     for plan in plans:
         yield plan.task_name
         yield from _nodes(plan.tree, "  ", carry)
-    yield ""
     if not problems:
-        yield f"{_count(len(plans), 'task')} checked, no problems."
+        if plans:
+            yield ""
+            yield f"{_count(len(plans), 'task')} checked, no problems."
         return
+    yield ""
     yield f"{_count(len(problems), 'problem')}:"
     yield from (f"- {problem}" for problem in problems)
 

@@ -36,6 +36,7 @@ from taskiq_fastapi_cli.runtime.discover import (
     check_app,
     import_task_modules,
     load_broker,
+    unservable,
 )
 from taskiq_fastapi_cli.runtime.outages import unrenewed_fetch
 from taskiq_fastapi_cli.runtime.supervisor import (
@@ -116,7 +117,11 @@ def _start(
     metrics: str | None,
 ) -> int:
     try:
-        _check_dependencies(load_project(args, factory))
+        broker = load_project(args, factory)
+        refused = unservable(broker, args.broker)
+        if refused is not None:  # as each worker process would refuse it
+            raise CLIError(refused, EXIT_STARTUP_FAILURE)
+        _check_dependencies(broker)
     except CLIError as exc:
         if not args.reload or exc.exit_code == EXIT_USAGE_ERROR:
             raise

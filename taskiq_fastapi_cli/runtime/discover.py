@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
+from taskiq.brokers.shared_broker import AsyncSharedBroker
 
 from taskiq_fastapi.exceptions import LoadError
 from taskiq_fastapi.loader import (
@@ -30,19 +31,39 @@ def load_broker(path: str) -> AsyncBroker:
     return broker
 
 
-def check_servable(broker: AsyncBroker, path: str) -> None:
-    """Refuse a broker a worker cannot listen to, in one line.
+# taskiq's brokers whose `listen` only raises, and why no worker can serve them.
+_CANNOT_LISTEN: dict[Any, str] = {
+    InMemoryBroker.listen: (
+        "an InMemoryBroker runs each task in the process that kicks it, so no "
+        "worker can listen to it. Give workers a broker with a server "
+        "(taskiq-redis, taskiq-nats, ...)."
+    ),
+    AsyncSharedBroker.listen: (
+        "taskiq's shared broker only declares shared tasks, so no worker can "
+        "listen to it. Give workers the broker the tasks are kicked to (the "
+        "one passed to async_shared_broker.default_broker)."
+    ),
+}
 
-    `InMemoryBroker` (which projects pick for tests, often by an environment
-    variable) runs each task in the process that kicks it; its `listen`
-    raises, and taskiq restarted the worker every second with a traceback.
+
+def unservable(broker: AsyncBroker, path: str) -> str | None:
+    """Why no worker can listen to the broker, in one line; None if one can.
+
+    An `InMemoryBroker` (which projects pick for tests, often by an
+    environment variable) or taskiq's `async_shared_broker` has a `listen`
+    that raises, and taskiq restarted the worker every second with a
+    traceback. Told by that `listen` itself, not by the class: a subclass
+    that brings its own (fed from a server) is served.
     """
-    if isinstance(broker, InMemoryBroker):
-        raise LoadError(
-            f"Cannot serve broker {path!r}: an InMemoryBroker runs each task in "
-            "the process that kicks it, so no worker can listen to it. Give "
-            "workers a broker with a server (taskiq-redis, taskiq-nats, ...)."
-        )
+    why = _CANNOT_LISTEN.get(getattr(type(broker), "listen", None))
+    return None if why is None else f"Cannot serve broker {path!r}: {why}"
+
+
+def check_servable(broker: AsyncBroker, path: str) -> None:
+    """Raise `unservable`'s reason, in a worker process that imported the broker."""
+    why = unservable(broker, path)
+    if why is not None:
+        raise LoadError(why)
 
 
 def check_app(path: str, factory: bool) -> str | None:
