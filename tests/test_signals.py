@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +141,47 @@ def test_a_stop_while_the_main_process_imports_the_project_exits_0(
     os.killpg(worker.pid, sig)
     assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
     assert time.monotonic() - started < 10  # not after the 30 s import
+    assert run.output(worker) == ""
+    assert_nothing_left(worker.pid)
+
+
+# The console script's own entry point, with the import of the worker command
+# (FastAPI, taskiq: most of a second) held for 30 s, so that a signal surely
+# lands in it. Only the standard library is imported before the command's.
+SLOW_COMMAND_IMPORT = """
+import importlib.abc, os, sys, time
+
+class HoldTheWorkerCommand(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "taskiq_fastapi_cli.commands.worker":
+            with open(os.environ["EVENTS_FILE"], "a") as events:
+                events.write(f"{os.getpid()} importing the command\\n")
+            time.sleep(30)
+        return None
+
+sys.meta_path.insert(0, HoldTheWorkerCommand())
+from taskiq_fastapi_cli.commands.cli import run
+run()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_command_itself_imports_exits_0(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # Before the command imported FastAPI and taskiq, a Ctrl-C printed a
+    # KeyboardInterrupt traceback and a SIGTERM killed it (-15).
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        command=(sys.executable, "-c", SLOW_COMMAND_IMPORT),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("importing the command", processes=1)
+    started = time.monotonic()
+    os.killpg(worker.pid, sig)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert time.monotonic() - started < 10  # not after the 30 s hold
     assert run.output(worker) == ""
     assert_nothing_left(worker.pid)
 

@@ -301,23 +301,34 @@ def worker(
     ] = False,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
-    from taskiq_fastapi_cli.commands.worker import start_worker
-
-    code = start_worker(
-        taskiq_args or [],
-        app=app_path,
-        factory=factory,
-        base_url=base_url,
-        start_method=start_method.value if start_method else None,
-        broker_retry_timeout=broker_retry_timeout,
-        reload_includes=reload_include or [],
-        reload_excludes=reload_exclude or [],
-        health=(health_host, health_port) if health_port else None,
-        stall_timeout=stall_timeout,
-        metrics=metrics,
-        task_logs=task_logs,
-        log_json=log_json,
+    from taskiq_fastapi_cli.runtime.starting import (
+        StoppedWhileStarting,
+        stops_while_starting,
     )
+
+    try:
+        # From before the imports of FastAPI, taskiq and the project, most of
+        # a second, until the process manager takes the signals over.
+        with stops_while_starting():
+            from taskiq_fastapi_cli.commands.worker import start_worker
+
+            code = start_worker(
+                taskiq_args or [],
+                app=app_path,
+                factory=factory,
+                base_url=base_url,
+                start_method=start_method.value if start_method else None,
+                broker_retry_timeout=broker_retry_timeout,
+                reload_includes=reload_include or [],
+                reload_excludes=reload_exclude or [],
+                health=(health_host, health_port) if health_port else None,
+                stall_timeout=stall_timeout,
+                metrics=metrics,
+                task_logs=task_logs,
+                log_json=log_json,
+            )
+    except StoppedWhileStarting:
+        code = 0  # no worker had started: a clean stop
     if code:
         raise typer.Exit(code)
 

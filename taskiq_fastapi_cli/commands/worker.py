@@ -39,10 +39,6 @@ from taskiq_fastapi_cli.runtime.discover import (
     unservable,
 )
 from taskiq_fastapi_cli.runtime.outages import unrenewed_fetch
-from taskiq_fastapi_cli.runtime.supervisor import (
-    StoppedWhileStarting,
-    stops_while_starting,
-)
 
 
 def start_worker(
@@ -100,10 +96,7 @@ def start_worker(
 
         directory = use_directory()
     try:
-        with stops_while_starting():
-            return _start(args, factory, start_method, health, directory)
-    except StoppedWhileStarting:
-        return 0  # no worker had started: a clean stop
+        return _start(args, factory, start_method, health, directory)
     finally:
         if directory is not None:
             remove_directory(directory)  # the next run starts from nothing

@@ -57,6 +57,7 @@ from taskiq.cli.worker.process_manager import (
 
 from taskiq_fastapi_cli.exceptions import EXIT_STOPPED_UNCLEAN
 from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
+from taskiq_fastapi_cli.runtime.starting import ignore_stop
 
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.health.server import HealthServer
@@ -148,49 +149,6 @@ class StopSignals:
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-class StoppedWhileStarting(KeyboardInterrupt):
-    """A stop signal reached the main process before any worker started."""
-
-
-@contextmanager
-def stops_while_starting() -> Iterator[None]:
-    """Until the process manager takes them over, a stop signal ends the command.
-
-    The main process imports the project before any worker starts, which can
-    take seconds. Python's own handling there made a Ctrl-C exit 1 (Click's
-    "Aborted!") and a SIGTERM kill the command, where nothing had started
-    and the exit status must say a clean stop: the caller exits 0 on
-    `StoppedWhileStarting`. Installed whatever the signals' disposition was,
-    as the manager's handlers are: a command started in the background
-    (SIGINT ignored) stops the same way. The previous handlers come back
-    only if neither the manager took over (its own outlive the command) nor
-    a stop came (then the signals stay ignored while the command exits).
-    """
-
-    def stop(_signum: int, _frame: Any) -> None:
-        for signum in STARTING_SIGNALS:
-            signal.signal(signum, _exiting)  # a second must not cut the unwinding
-        raise StoppedWhileStarting
-
-    previous = {signum: signal.signal(signum, stop) for signum in STARTING_SIGNALS}
-    try:
-        yield
-    except StoppedWhileStarting:
-        # Exiting, as the supervisor does at its end: with the previous
-        # handlers back, a second Ctrl-C or SIGTERM in the fraction of a
-        # second the exit takes killed the command (-2, -15) instead of 0.
-        for signum in STARTING_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        raise
-    finally:
-        for signum, handler in previous.items():
-            if signal.getsignal(signum) is stop:
-                signal.signal(signum, handler)
-
-
-STARTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 @contextmanager
 def stop_signals_held() -> Iterator[None]:
     """Block the stop signals; processes started meanwhile inherit the block."""
@@ -222,12 +180,8 @@ def _interrupt_once(_signum: int, _frame: Any) -> None:
     # Exiting: nothing left to stop. A handler, not SIG_IGN, which makes
     # Python print "ignored due to race condition" for a signal already taken.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _exiting)
+        signal.signal(signum, ignore_stop)
     raise KeyboardInterrupt
-
-
-def _exiting(_signum: int, _frame: Any) -> None:
-    """A worker already stopping ignores further stop signals."""
 
 
 class HeldRestart(ReloadOneAction):
