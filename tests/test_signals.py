@@ -19,6 +19,8 @@ import pytest
 from taskiq.kicker import AsyncKicker
 from workers import WorkerRun
 
+from tools.processes import free_port
+
 pytestmark = pytest.mark.anyio
 
 SHUTDOWN_TIMEOUT = 2
@@ -183,6 +185,47 @@ def test_a_stop_while_the_command_itself_imports_exits_0(
     assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
     assert time.monotonic() - started < 10  # not after the 30 s hold
     assert run.output(worker) == ""
+    assert_nothing_left(worker.pid)
+
+
+# The console script's own entry point, with the supervisor held for 3 s as it
+# takes the signals over from taskiq's process manager (in the health view it
+# makes there with --health-port), so that a signal surely lands meanwhile.
+SLOW_TAKEOVER = """
+import os, time
+from taskiq_fastapi_cli.health import server
+
+made = server.HealthView.__init__
+
+def held(self, *args, **kwargs):
+    with open(os.environ["EVENTS_FILE"], "a") as events:
+        events.write(f"{os.getpid()} taking the signals over\\n")
+    time.sleep(3)
+    made(self, *args, **kwargs)
+
+server.HealthView.__init__ = held
+from taskiq_fastapi_cli.commands.cli import run
+run()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_supervisor_takes_the_signals_over_is_not_lost(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # taskiq's constructor installs its handlers before ours: a signal in
+    # between went on a queue nothing reads, and the command served on.
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--health-port", str(free_port()),
+        command=(sys.executable, "-c", SLOW_TAKEOVER),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("taking the signals over", processes=1)
+    os.kill(worker.pid, sig)
+    assert run.exit_status(worker, timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert "Traceback" not in run.output(worker)
     assert_nothing_left(worker.pid)
 
 

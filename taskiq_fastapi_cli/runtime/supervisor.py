@@ -240,8 +240,31 @@ class SafeProcessManager(ProcessManager):
         observer: Any = None,
         health: HealthServer | None = None,
     ) -> None:
-        # Without the observer, taskiq's constructor schedules no watcher.
-        super().__init__(args=args, worker_function=worker_function)
+        # Held until ours replace the handlers taskiq's constructor installs:
+        # a signal taken by those is put on a queue nothing reads any more,
+        # and the command served on; a held one reaches ours. Without the
+        # observer, taskiq's constructor schedules no watcher.
+        with stop_signals_held():
+            super().__init__(args=args, worker_function=worker_function)
+            self._take_signals(args, health)
+        # After ours replace taskiq's handlers: watching a large tree takes
+        # seconds, and a stop signal then was lost.
+        if args.reload and observer is not None:
+            # Imported here: it needs taskiq's `reload` extra.
+            from taskiq_fastapi_cli.runtime import reload
+
+            reload.watch(
+                observer,
+                args.reload_dirs,
+                reload.ReloadFilter(args.reload_includes, args.reload_excludes),
+                self.action_queue.put,
+                use_gitignore=not args.no_gitignore,
+            )
+
+    def _take_signals(
+        self, args: FastAPIWorkerArgs, health: HealthServer | None
+    ) -> None:
+        """Our action queue and stop handlers, in place of taskiq's."""
         view = None
         if health is not None:
             from taskiq_fastapi_cli.health.report import Slots
@@ -261,20 +284,6 @@ class SafeProcessManager(ProcessManager):
         signal.signal(signal.SIGTERM, self.stop)
         if sys.platform != "win32":
             signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
-        # After ours replace taskiq's handlers (its constructor installs them,
-        # and they put a shutdown on a queue nothing reads any more): watching
-        # a large tree takes seconds, and a stop signal then was lost.
-        if args.reload and observer is not None:
-            # Imported here: it needs taskiq's `reload` extra.
-            from taskiq_fastapi_cli.runtime import reload
-
-            reload.watch(
-                observer,
-                args.reload_dirs,
-                reload.ReloadFilter(args.reload_includes, args.reload_excludes),
-                actions.put,
-                use_gitignore=not args.no_gitignore,
-            )
 
     def prepare_workers(self) -> None:
         with stop_signals_held():
