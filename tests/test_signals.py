@@ -229,6 +229,51 @@ def test_a_stop_while_the_supervisor_takes_the_signals_over_is_not_lost(
     assert_nothing_left(worker.pid)
 
 
+# The console script's own entry point, with each forked worker process held
+# for 2 s before it takes the stop signals that arrived while it started (a
+# spawned worker imports the command afresh: test_signals' reload rows).
+HELD_WORKER_START = """
+import os, time
+from taskiq_fastapi_cli.runtime import runner
+
+release = runner.release_stop_signals
+
+def held():
+    with open(os.environ["EVENTS_FILE"], "a") as events:
+        events.write(f"{os.getpid()} worker starting\\n")
+    time.sleep(2)
+    release()
+
+runner.release_stop_signals = held
+from taskiq_fastapi_cli.commands.cli import run
+run()
+"""
+
+
+def test_two_stops_waiting_as_a_forked_worker_starts_stop_it_once_and_quietly(
+    run: WorkerRun,
+) -> None:
+    # Two Ctrl-C: the group's SIGINT and the supervisor's SIGTERM wait in the
+    # starting worker. Forked, each raised: the second in the middle of the
+    # quiet exit, with a traceback, and the command exited 4.
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--start-method", "fork",  # the held start reaches forked workers only
+        command=(sys.executable, "-c", HELD_WORKER_START),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("worker starting", processes=1)
+    os.killpg(worker.pid, signal.SIGINT)
+    time.sleep(0.5)  # the supervisor has taken the first: this is a second
+    os.killpg(worker.pid, signal.SIGINT)
+    # No task was in flight and no lifespan had started: a clean stop.
+    assert run.exit_status(worker, timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert "Traceback" not in run.output(worker)
+    assert run.count("startup") == {}
+    assert_nothing_left(worker.pid)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_stop_while_the_import_unwinds_still_exits_0(
     run: WorkerRun, sig: signal.Signals

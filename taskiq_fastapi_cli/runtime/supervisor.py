@@ -80,11 +80,11 @@ def signal_handler(
     `also` must be as safe: the health view's `drain` only sets an attribute.
     """
 
-    def handle(_signum: int, _frame: Any) -> None:
+    def handle(signum: int, frame: Any) -> None:
         # As taskiq's: a forked worker that has not installed its own
         # handlers yet stops at once.
         if current_process().name.startswith("worker"):
-            raise KeyboardInterrupt
+            interrupt_once(signum, frame)
         if also is not None:
             also()
         actions.put(action)
@@ -119,11 +119,11 @@ class StopSignals:
         self.count = 0
         self.kill_at: float | None = None
 
-    def __call__(self, _signum: int, _frame: Any) -> None:
+    def __call__(self, signum: int, frame: Any) -> None:
         # As taskiq's: a forked worker that has not installed its own
         # handlers yet stops at once.
         if current_process().name.startswith("worker"):
-            raise KeyboardInterrupt
+            interrupt_once(signum, frame)
         self.count += 1
         if self.count == 1:
             if self.also is not None:
@@ -172,13 +172,18 @@ def release_stop_signals() -> None:
     """
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(signum, _interrupt_once)
+            signal.signal(signum, interrupt_once)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _interrupt_once(_signum: int, _frame: Any) -> None:
-    # Exiting: nothing left to stop. A handler, not SIG_IGN, which makes
-    # Python print "ignored due to race condition" for a signal already taken.
+def interrupt_once(_signum: int, _frame: Any) -> None:
+    """A worker that has not started listening stops, once.
+
+    Exiting, it has nothing left to stop: the stop signals still waiting
+    (a Ctrl-C to the group and the supervisor's SIGTERM of a second one) are
+    taken by a no-op, where each raised again in the middle of the quiet
+    exit, with a traceback, and made the command exit 4.
+    """
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, ignore_stop)
     raise KeyboardInterrupt
