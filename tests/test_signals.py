@@ -311,3 +311,22 @@ async def test_reload_says_once_how_many_processes_it_starts(
         "--reload: starting 1 worker process, so that each restart imports the "
         "changed code." in messages
     ), messages
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_to_the_group_while_a_forked_worker_starts_exits_0(
+    run: WorkerRun, sig: signal.Signals
+) -> None:
+    # The group's signal and the supervisor's SIGINT both wait in the forked
+    # worker, whose inherited handler raised twice: the second in the middle
+    # of its quiet exit, a traceback and exit 1, so the command exited 4.
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", "workerapp.slow_fork",
+        "--app", "workerapp.app:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("forked", processes=1)
+    os.killpg(worker.pid, sig)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert "Traceback" not in run.output(worker)
+    assert_nothing_left(worker.pid)
