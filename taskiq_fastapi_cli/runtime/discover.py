@@ -37,13 +37,13 @@ _CANNOT_LISTEN: tuple[tuple[Any, str], ...] = (
         InMemoryBroker.listen,
         "an InMemoryBroker runs each task in the process that kicks it, so no "
         "worker can listen to it. Give workers a broker with a server "
-        "(taskiq-redis, taskiq-nats, ...)."
+        "(taskiq-redis, taskiq-nats, ...).",
     ),
     (
         AsyncSharedBroker.listen,
         "taskiq's shared broker only declares shared tasks, so no worker can "
         "listen to it. Give workers the broker the tasks are kicked to (the "
-        "one passed to async_shared_broker.default_broker)."
+        "one passed to async_shared_broker.default_broker).",
     ),
 )
 
