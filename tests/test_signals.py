@@ -330,3 +330,40 @@ def test_a_stop_to_the_group_while_a_forked_worker_starts_exits_0(
     assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
     assert "Traceback" not in run.output(worker)
     assert_nothing_left(worker.pid)
+
+
+# The console script's entry point, with a SIGTERM sent to itself right after
+# taskiq's process manager installs its own handler, before ours replace it:
+# where a stop arriving as the manager takes over lands.
+STOP_AS_THE_MANAGER_TAKES_OVER = """
+import os, signal, sys
+
+install = signal.signal
+sent = []
+
+def install_then_stop(signum, handler):
+    previous = install(signum, handler)
+    module = getattr(handler, "__module__", "") or ""
+    if signum == signal.SIGTERM and module.startswith("taskiq.") and not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return previous
+
+signal.signal = install_then_stop
+from taskiq_fastapi_cli.commands.cli import run
+run()
+"""
+
+
+def test_a_stop_as_the_manager_takes_over_is_not_lost(run: WorkerRun) -> None:
+    # taskiq's handler put it on taskiq's queue, which ours replace: the
+    # command went on serving, deaf to the stop it had been sent.
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        command=(sys.executable, "-c", STOP_AS_THE_MANAGER_TAKES_OVER),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
+    assert "Traceback" not in run.output(worker)
+    assert_nothing_left(worker.pid)

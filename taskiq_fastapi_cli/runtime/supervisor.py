@@ -243,6 +243,33 @@ class SafeProcessManager(ProcessManager):
         observer: Any = None,
         health: HealthServer | None = None,
     ) -> None:
+        # Held from before taskiq's constructor installs its handlers until
+        # ours replace them: a stop in between went to taskiq's, onto a queue
+        # nothing reads, and the command ran on. Held, it reaches ours.
+        with stop_signals_held():
+            self._take_over(args, worker_function, health)
+        # After ours replace taskiq's handlers (its constructor installs them,
+        # and they put a shutdown on a queue nothing reads any more): watching
+        # a large tree takes seconds, and a stop signal then was lost.
+        if args.reload and observer is not None:
+            # Imported here: it needs taskiq's `reload` extra.
+            from taskiq_fastapi_cli.runtime import reload
+
+            reload.watch(
+                observer,
+                args.reload_dirs,
+                reload.ReloadFilter(args.reload_includes, args.reload_excludes),
+                self.action_queue.put,
+                use_gitignore=not args.no_gitignore,
+            )
+
+    def _take_over(
+        self,
+        args: FastAPIWorkerArgs,
+        worker_function: Callable[[Any], None],
+        health: HealthServer | None,
+    ) -> None:
+        """Run taskiq's constructor, then put our queue and handlers in its place."""
         # Without the observer, taskiq's constructor schedules no watcher.
         super().__init__(args=args, worker_function=worker_function)
         view = None
@@ -264,20 +291,6 @@ class SafeProcessManager(ProcessManager):
         signal.signal(signal.SIGTERM, self.stop)
         if sys.platform != "win32":
             signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
-        # After ours replace taskiq's handlers (its constructor installs them,
-        # and they put a shutdown on a queue nothing reads any more): watching
-        # a large tree takes seconds, and a stop signal then was lost.
-        if args.reload and observer is not None:
-            # Imported here: it needs taskiq's `reload` extra.
-            from taskiq_fastapi_cli.runtime import reload
-
-            reload.watch(
-                observer,
-                args.reload_dirs,
-                reload.ReloadFilter(args.reload_includes, args.reload_excludes),
-                actions.put,
-                use_gitignore=not args.no_gitignore,
-            )
 
     def prepare_workers(self) -> None:
         with stop_signals_held():
