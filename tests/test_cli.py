@@ -612,3 +612,14 @@ def test_task_logs_and_log_json_options(
         "taskiq_fastapi.task_logs.JSONFormatter, with --task-logs.\n",
     )  # fmt: skip
     assert len(captured_run) == 4
+
+
+def test_a_broker_with_an_unhashable_listen_is_checked_in_one_piece() -> None:
+    # Its `listen` was looked up as a dict key: a TypeError traceback, exit 1.
+    result = subprocess.run(
+        [COMMAND, "check", "sampleapp.unhashable_listen:broker",
+         "--app", "sampleapp.apps:app"],
+        cwd=TESTS_DIR, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "No tasks found: name the task modules after the broker.\n"

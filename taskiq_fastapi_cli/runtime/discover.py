@@ -32,18 +32,20 @@ def load_broker(path: str) -> AsyncBroker:
 
 
 # taskiq's brokers whose `listen` only raises, and why no worker can serve them.
-_CANNOT_LISTEN: dict[Any, str] = {
-    InMemoryBroker.listen: (
+_CANNOT_LISTEN: tuple[tuple[Any, str], ...] = (
+    (
+        InMemoryBroker.listen,
         "an InMemoryBroker runs each task in the process that kicks it, so no "
         "worker can listen to it. Give workers a broker with a server "
-        "(taskiq-redis, taskiq-nats, ...)."
+        "(taskiq-redis, taskiq-nats, ...).",
     ),
-    AsyncSharedBroker.listen: (
+    (
+        AsyncSharedBroker.listen,
         "taskiq's shared broker only declares shared tasks, so no worker can "
         "listen to it. Give workers the broker the tasks are kicked to (the "
-        "one passed to async_shared_broker.default_broker)."
+        "one passed to async_shared_broker.default_broker).",
     ),
-}
+)
 
 
 def unservable(broker: AsyncBroker, path: str) -> str | None:
@@ -53,9 +55,12 @@ def unservable(broker: AsyncBroker, path: str) -> str | None:
     environment variable) or taskiq's `async_shared_broker` has a `listen`
     that raises, and taskiq restarted the worker every second with a
     traceback. Told by that `listen` itself, not by the class: a subclass
-    that brings its own (fed from a server) is served.
+    that brings its own (fed from a server) is served. Compared by identity,
+    not as a dict key: a class's `listen` may be any object, an unhashable
+    one too, which made a TypeError traceback here.
     """
-    why = _CANNOT_LISTEN.get(getattr(type(broker), "listen", None))
+    listen = getattr(type(broker), "listen", None)
+    why = next((why for raising, why in _CANNOT_LISTEN if listen is raising), None)
     return None if why is None else f"Cannot serve broker {path!r}: {why}"
 
 

@@ -168,10 +168,13 @@ def release_stop_signals() -> None:
     killed it, so a SIGTERM to the whole group (systemd's default) made the
     command exit 4 ("not cleanly") with no task in flight; and a SIGINT and
     the supervisor's SIGTERM both waiting raised twice, the second in the
-    middle of the quiet exit. Here the first raises, the others are ignored.
+    middle of the quiet exit. A forked worker has the main process's
+    handlers, which raise on each signal: a SIGTERM to the group and the
+    supervisor's SIGINT both waiting made the same traceback and exit 4.
+    Here the first raises, the others are ignored; an ignored signal stays so.
     """
     for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, interrupt_once)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
