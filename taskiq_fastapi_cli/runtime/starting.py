@@ -25,6 +25,12 @@ def ignore_stop(_signum: int, _frame: Any) -> None:
     """
 
 
+def ignore_further_stops() -> None:
+    """The process is exiting: later stop signals must not cut its unwinding."""
+    for signum in STARTING_SIGNALS:
+        signal.signal(signum, ignore_stop)
+
+
 class StoppedWhileStarting(KeyboardInterrupt):
     """A stop signal reached the main process before any worker started."""
 
@@ -45,17 +51,17 @@ def stops_while_starting() -> Iterator[None]:
     """
 
     def stop(_signum: int, _frame: Any) -> None:
-        for signum in STARTING_SIGNALS:
-            signal.signal(signum, ignore_stop)  # a second must not cut the unwinding
+        ignore_further_stops()  # a second must not cut the unwinding
         raise StoppedWhileStarting
 
     previous = {signum: signal.signal(signum, stop) for signum in STARTING_SIGNALS}
     try:
         yield
     except StoppedWhileStarting:
-        # Exiting, as the supervisor does at its end: with the previous
-        # handlers back, a second Ctrl-C or SIGTERM in the fraction of a
-        # second the exit takes killed the command (-2, -15) instead of 0.
+        # Exiting, as the supervisor does at its end: Python puts the default
+        # handlers back in place of its own as it finalizes, so a second
+        # Ctrl-C or SIGTERM in the fraction of a second the exit takes killed
+        # the command (-2, -15) instead of 0. SIG_IGN outlives that.
         for signum in STARTING_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         raise

@@ -57,7 +57,7 @@ from taskiq.cli.worker.process_manager import (
 
 from taskiq_fastapi_cli.exceptions import EXIT_STOPPED_UNCLEAN
 from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
-from taskiq_fastapi_cli.runtime.starting import ignore_stop
+from taskiq_fastapi_cli.runtime.starting import ignore_further_stops
 
 if TYPE_CHECKING:
     from taskiq_fastapi_cli.health.server import HealthServer
@@ -119,11 +119,9 @@ class StopSignals:
         self.count = 0
         self.kill_at: float | None = None
 
-    def __call__(self, signum: int, frame: Any) -> None:
-        # As taskiq's: a forked worker that has not installed its own
-        # handlers yet stops at once.
-        if current_process().name.startswith("worker"):
-            interrupt_once(signum, frame)
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        # Never run in a worker: the first thing a forked one does, signals
+        # still held, is put `interrupt_once` in its place.
         self.count += 1
         if self.count == 1:
             if self.also is not None:
@@ -187,8 +185,7 @@ def interrupt_once(_signum: int, _frame: Any) -> None:
     taken by a no-op, where each raised again in the middle of the quiet
     exit, with a traceback, and made the command exit 4.
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, ignore_stop)
+    ignore_further_stops()
     raise KeyboardInterrupt
 
 
