@@ -119,9 +119,13 @@ class StopSignals:
         self.count = 0
         self.kill_at: float | None = None
 
-    def __call__(self, _signum: int, _frame: Any) -> None:
-        # Never run in a worker: the first thing a forked one does, signals
-        # still held, is put `interrupt_once` in its place.
+    def __call__(self, signum: int, frame: Any) -> None:
+        # As taskiq's: a process named as a worker that still has this
+        # handler stops at once. The command's own forked workers replace it
+        # before they take any signal (`release_stop_signals`); a process the
+        # project forks from the main process under such a name does not.
+        if current_process().name.startswith("worker"):
+            interrupt_once(signum, frame)
         self.count += 1
         if self.count == 1:
             if self.also is not None:
