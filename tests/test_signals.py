@@ -267,6 +267,9 @@ async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
         time.sleep(0.5)
         os.killpg(first.pid, signal.SIGINT)
         assert first.wait(timeout=EXIT_WITHIN) == EXIT_UNCLEAN, run.output(first)
+        # Said in one line, without taskiq's traceback of the cancellation.
+        assert "1 task(s) cancelled" in run.output(first)
+        assert "Traceback" not in run.output(first)
         (pid,) = run.count("startup")
         assert run.count("shutdown") == {pid: 1}  # the lifespan still shut down
         assert not await task.is_ready()  # no result for the cut task

@@ -41,6 +41,7 @@ one more ack wrapper.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import signal
@@ -80,6 +81,17 @@ async def _nothing() -> None:
     return None
 
 
+def _not_cut(cancelled: set[asyncio.Task[Any]], record: logging.LogRecord) -> bool:
+    """Drop taskiq's traceback for a task cancelled here (said in one line)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, asyncio.CancelledError):
+        return True
+    try:
+        return asyncio.current_task() not in cancelled
+    except RuntimeError:  # no running loop
+        return True
+
+
 class ShutdownGuard:
     """Installed on the broker of every worker process."""
 
@@ -99,20 +111,16 @@ class ShutdownGuard:
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.cancelled: set[asyncio.Task[Any]] = set()
         self.shut_down = False
-        logging.getLogger("taskiq.receiver.receiver").addFilter(self._not_cut)
+        # A partial of a function, not a bound method: logging first asks
+        # each filter for a `filter` attribute, and a bound method answers by
+        # raising AttributeError, about a microsecond on every record that
+        # taskiq's receiver makes, one or more a task.
+        logging.getLogger("taskiq.receiver.receiver").addFilter(
+            functools.partial(_not_cut, self.cancelled)
+        )
         self._remember_fetch(broker)
         self._no_result_when_cancelled(broker)
         self._note_shutdown(broker)
-
-    def _not_cut(self, record: logging.LogRecord) -> bool:
-        """Drop taskiq's traceback for a task cancelled here (said in one line)."""
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, asyncio.CancelledError):
-            return True
-        try:
-            return asyncio.current_task() not in self.cancelled
-        except RuntimeError:  # no running loop
-            return True
 
     @property
     def clean(self) -> bool:
