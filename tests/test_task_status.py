@@ -349,6 +349,40 @@ async def test_nats_records_live_in_a_key_value_bucket_whose_ttl_is_keep_for(
         await backend.shutdown()
 
 
+@pytest.mark.parametrize("task_id", ["a b", "a*b", "a>b", ".a", "é"])
+def test_on_nats_an_id_no_key_can_be_is_404_as_any_unknown_one(
+    nats_url: str, task_id: str
+) -> None:
+    """A JetStream key-value bucket refuses such keys (nats-py's InvalidKeyError):
+    no record can be there, so a client that sends one is told what any
+    unknown id is told, not 500, on every route."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=f"status-{uuid.uuid4().hex}"
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    app, _ = accepting(broker, job, cancellable=True)
+    with TestClient(app) as client:
+        started_here = not hasattr(backend, "nats_jetstream")
+        if started_here:  # InMemoryBroker 0.11 does not start it
+            client.portal.call(backend.startup)
+        path = f"/tasks/{task_id}"
+        for method, url in [("GET", path), ("GET", path + "/events"), ("DELETE", path)]:
+            response = client.request(method, url)
+            assert response.status_code == 404, (method, url)
+            assert response.json() == {"detail": "Task not found"}
+        if started_here:
+            client.portal.call(backend.shutdown)
+
+
 def test_a_task_another_task_status_lists_is_404_here() -> None:
     broker = InMemoryBroker()
 
