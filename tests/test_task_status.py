@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
 from workerapp.statusapp import build
 
@@ -718,6 +719,61 @@ def test_a_result_that_does_not_match_its_annotation_shows_no_result(
         shown = wait_for(client, f"/tasks/{task_id}", "succeeded")
     assert shown["result"] is None
     assert "its result does not match its return annotation" in caplog.text
+
+
+class Ratio(BaseModel):
+    value: float
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as a browser's JSON.parse reads it: no NaN, Infinity or -Infinity."""
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"not JSON: {constant} in {text}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("kind", ["infinite float", "nan in a model", "not UTF-8"])
+def test_a_result_json_cannot_hold_is_shown_as_none_not_failing_every_read(
+    kind: str,
+) -> None:
+    """InMemoryBroker, the README's broker for tests, keeps a return value as
+    it is: an infinite or NaN float, or bytes that are not UTF-8, have no JSON.
+    Such a result is the task's, not the client's: the status and its events
+    answer, in JSON, with the result (or the float) shown as null, instead of
+    a 500 on every read (or an event stream a browser cannot parse)."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def infinite() -> float:
+        return float("inf")
+
+    @broker.task
+    async def ratio() -> Ratio:
+        return Ratio(value=float("nan"))
+
+    @broker.task
+    async def raw() -> bytes:
+        return b"\xff\xfe"
+
+    task, shown_as = {
+        "infinite float": (infinite, None),
+        "nan in a model": (ratio, {"value": None}),  # as JSON has it: null
+        "not UTF-8": (raw, None),
+    }[kind]
+    app, _ = accepting(broker, task)
+    with TestClient(app) as client:
+        url = client.post("/kick").headers["location"]
+        wait_for(client, url, "succeeded")
+        response = client.get(url)
+        assert response.status_code == 200
+        assert _strict_json(response.text)["result"] == shown_as
+        with client.stream("GET", url + "/events") as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert [_strict_json(line[len("data: ") :])["result"] for line in lines] == [
+        shown_as
+    ]
 
 
 def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
-import json
 import logging
 import typing
 from collections.abc import AsyncIterator, Sequence
@@ -13,7 +12,7 @@ from typing import Annotated, Any, Literal
 from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic.errors import PydanticUserError
 from taskiq import (
@@ -43,6 +42,8 @@ from taskiq_fastapi.task_status.records import (
 Task = AsyncTaskiqDecoratedTask[Any, Any]
 
 logger = logging.getLogger("taskiq_fastapi")
+
+_JSON = "application/json"
 
 
 class TaskAccepted(BaseModel):
@@ -261,12 +262,15 @@ class TaskStatus:
     def _expired(self, record: TaskRecord) -> bool:
         return dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
 
-    async def _status(self, record: TaskRecord) -> dict[str, Any]:
-        """The record as the task's own status model, in JSON form.
+    async def _status(self, record: TaskRecord) -> str:
+        """The record as the task's own status model, as JSON text.
 
         A result that does not match the task's return annotation is the
         task's bug, not the client's: the status answers without it (and
-        says so in the log) instead of failing every read.
+        says so in the log) instead of failing every read. Written by
+        Pydantic, whose JSON has null for a float that is infinite or NaN
+        (which a backend keeping Python values, InMemoryBroker's, returns
+        as they are), where JSONResponse refuses them: a 500 on every read.
         """
         model = self.models[record.task_name]
         progress = await self.store.progress(record.task_id)
@@ -292,7 +296,7 @@ class TaskStatus:
                 " ".join(str(exc).split()),
             )
             status = model.model_validate({**fields, "result": None})
-        return status.model_dump(mode="json")
+        return status.model_dump_json()
 
     def router(self, *, prefix: str = "/tasks", **kwargs: Any) -> APIRouter:
         """The routes: `GET {prefix}/{task_id}` and `GET {prefix}/{task_id}/events`.
@@ -317,8 +321,8 @@ class TaskStatus:
         )
         async def task_status(
             record: TaskRecord = Depends(self.kicked),
-        ) -> JSONResponse:
-            return JSONResponse(await self._status(record))
+        ) -> Response:
+            return Response(await self._status(record), media_type=_JSON)
 
         @router.get(
             "/{task_id}/events",
@@ -362,14 +366,17 @@ class TaskStatus:
         )
         async def cancel_task(
             request: Request, record: TaskRecord = Depends(self.kicked)
-        ) -> JSONResponse:
+        ) -> Response:
             try:
                 await self._cancel(record, canceller)
             except TaskNotCancellableError as exc:
                 raise HTTPException(status_code=409, detail=str(exc)) from None
             url = str(request.url_for(self.name, task_id=record.task_id))
-            return JSONResponse(
-                await self._status(record), status_code=202, headers={"Location": url}
+            return Response(
+                await self._status(record),
+                status_code=202,
+                headers={"Location": url},
+                media_type=_JSON,
             )
 
     async def _events(self, record: TaskRecord | None) -> AsyncIterator[str]:
@@ -378,7 +385,7 @@ class TaskStatus:
             status = await self._status(record)
             if status != sent:
                 sent = status
-                yield f"event: status\ndata: {json.dumps(status)}\n\n"
+                yield f"event: status\ndata: {status}\n\n"
             if record.state in FINISHED:
                 return
             await asyncio.sleep(self.poll_interval)
