@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi import FastAPI, Request
@@ -382,6 +383,40 @@ def test_on_nats_an_id_no_key_can_be_is_404_as_any_unknown_one(
             assert response.json() == {"detail": "Task not found"}
         if started_here:
             client.portal.call(backend.shutdown)
+
+
+@pytest.mark.parametrize("task_id", ["order 42", "order#42", "order?42", "订单"])
+def test_the_status_url_of_a_task_id_urls_reserve_characters_of_leads_to_it(
+    task_id: str,
+) -> None:
+    """taskiq lets a kick choose its task id (`with_task_id`): the 202's
+    Location and status_url, and DELETE's Location, are URLs, so the id is
+    percent-encoded there; unencoded, `#` and `?` cut the path short, and a
+    character Latin-1 has not failed the response (500). (Not `%` here:
+    TestClient decodes a path twice; under uvicorn `100%` is followed too.)"""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job], cancellable=True)
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/kick", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await job.kicker().with_task_id(task_id).kiq(), request)
+
+    with TestClient(app) as client:
+        response = client.post("/kick")
+        assert response.status_code == 202
+        url = response.headers["location"]
+        assert url == f"http://testserver/tasks/{quote(task_id, safe='')}"
+        assert response.json() == {"task_id": task_id, "status_url": url}
+        assert wait_for(client, url, "succeeded")["task_id"] == task_id
+        # Finished: DELETE answers 409, but reaches the task by that URL.
+        assert client.delete(url).status_code == 409
 
 
 def test_a_task_another_task_status_lists_is_404_here() -> None:

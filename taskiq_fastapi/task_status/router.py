@@ -9,6 +9,7 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -371,7 +372,7 @@ class TaskStatus:
                 await self._cancel(record, canceller)
             except TaskNotCancellableError as exc:
                 raise HTTPException(status_code=409, detail=str(exc)) from None
-            url = str(request.url_for(self.name, task_id=record.task_id))
+            url = self._status_url(request, record.task_id)
             return Response(
                 await self._status(record),
                 status_code=202,
@@ -391,13 +392,23 @@ class TaskStatus:
             await asyncio.sleep(self.poll_interval)
             record = await self.store.current(record.task_id, self.error_messages)
 
+    def _status_url(self, request: Request, task_id: str) -> str:
+        """The task's status URL, its id percent-encoded.
+
+        Starlette puts a path parameter in a URL as it is, and taskiq lets a
+        kick choose its id (`with_task_id`): `#` or `?` would cut the path
+        short, `%` escape what follows, and a character Latin-1 has not
+        fail the response's Location header.
+        """
+        return str(request.url_for(self.name, task_id=quote(task_id, safe="")))
+
     def accepted(self, task: AsyncTaskiqTask[Any], request: Request) -> JSONResponse:
         """`202 Accepted` for a kicked task: its id, and its status URL as Location.
 
         Declare the route with `status_code=202, response_model=TaskAccepted`
         so its OpenAPI says so too.
         """
-        url = str(request.url_for(self.name, task_id=task.task_id))
+        url = self._status_url(request, task.task_id)
         body = TaskAccepted(task_id=task.task_id, status_url=url)
         return JSONResponse(
             body.model_dump(), status_code=202, headers={"Location": url}
