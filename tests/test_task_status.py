@@ -928,3 +928,36 @@ def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
         match=r"started_after=(-1\.0|nan|'0\.1'|None|True): expected seconds",
     ):
         taskiq_fastapi.TaskStatus(broker, [compute], started_after=bad)
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("keep_for", dt.timedelta(0)),
+        ("keep_for", dt.timedelta(seconds=-5)),
+        ("keep_for", 3600),
+        ("poll_interval", 0),
+        ("poll_interval", -1.0),
+        ("poll_interval", float("nan")),
+        ("poll_interval", "0.25"),
+        ("poll_interval", True),
+    ],
+)
+def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(
+    option: str, bad: Any
+) -> None:
+    """Taken as they came, a keep_for of 0 or less hid every record at once
+    (404 right after the kick), and a poll_interval of 0 or less had each
+    event stream read the records without pause (not a number: each stream
+    failed at its first wait)."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def compute() -> None:
+        return None
+
+    with pytest.raises(
+        taskiq_fastapi.TaskStatusError, match=rf"^{option}=.*: expected "
+    ):
+        taskiq_fastapi.TaskStatus(broker, [compute], **{option: bad})
+    assert broker.middlewares == []

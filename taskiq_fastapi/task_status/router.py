@@ -97,6 +97,13 @@ def _status_model(task: Task, taken: set[str]) -> type[TaskStatusBase]:
     )
 
 
+def _seconds(value: object) -> float:
+    """A number of seconds as given; NaN (never in range) for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float("nan")
+
+
 # The TaskStatus objects made for each broker (they share its records).
 _serving: WeakKeyDictionary[AsyncBroker, list[TaskStatus]] = WeakKeyDictionary()
 
@@ -129,13 +136,19 @@ class TaskStatus:
         name: str = "task_status",
         cancellable: bool = False,
     ) -> None:
-        if (
-            not isinstance(started_after, (int, float))
-            or isinstance(started_after, bool)
-            or not started_after >= 0  # NaN too
-        ):
+        if not _seconds(started_after) >= 0:  # NaN too
             raise TaskStatusError(
                 f"started_after={started_after!r}: expected seconds, 0 or more."
+            )
+        # Else every record would be hidden at once, and each event stream
+        # would read the records without pause.
+        if not isinstance(keep_for, dt.timedelta) or keep_for <= dt.timedelta(0):
+            raise TaskStatusError(
+                f"keep_for={keep_for!r}: expected a timedelta longer than 0."
+            )
+        if not _seconds(poll_interval) > 0:
+            raise TaskStatusError(
+                f"poll_interval={poll_interval!r}: expected seconds, more than 0."
             )
         storage = record_storage(broker.result_backend, keep_for.total_seconds())
         if storage is None:
