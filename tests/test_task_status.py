@@ -472,6 +472,50 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
     )
 
 
+@pytest.mark.anyio
+async def test_a_progress_that_cannot_be_written_is_logged_and_the_task_goes_on(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a record that cannot be written: a report of how far a task got
+    must not fail the task. Here the NATS server refuses a value over its
+    max payload (1 MB), as a server that is down refuses every write."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=f"progress-{uuid.uuid4().hex}"
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job(progress: taskiq_fastapi.Progress = TaskiqDepends()) -> str:
+        await progress.set({"log": "x" * 2_000_000})
+        await progress.set({"done": 1})
+        return "done"
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    await broker.startup()
+    started_here = not hasattr(backend, "nats_jetstream")
+    if started_here:  # InMemoryBroker 0.11 does not start it
+        await backend.startup()
+    try:
+        task = await job.kiq()
+        result = await task.wait_result(timeout=10)
+        assert not result.is_err, result.error
+        assert result.return_value == "done"
+        assert (await status.kicked(task.task_id)).state == "succeeded"
+        assert await status.store.progress(task.task_id) == {"done": 1}
+    finally:
+        if started_here:
+            await backend.shutdown()
+        await broker.shutdown()
+    assert (
+        f"Task {job.task_name!r} ({task.task_id}): its progress was not recorded: "
+        "MaxPayloadError" in caplog.text
+    )
+
+
 def test_a_status_never_shows_progress_with_a_state_read_before_it() -> None:
     """The route reads the record, then the progress: a task that started and
     reported progress in between is shown started, as it is."""

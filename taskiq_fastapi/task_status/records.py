@@ -445,6 +445,11 @@ class Progress:
         self.context = context
 
     async def set(self, progress: Any) -> None:
+        """Report it; a report that cannot be written is logged, not raised.
+
+        As a record that cannot be written (the server is down, or the value
+        is over its size limit): how far a task got must not fail the task.
+        """
         message = self.context.message
         if QUEUED_LABEL not in message.labels:
             return
@@ -452,4 +457,12 @@ class Progress:
             if isinstance(middleware, Recorder):
                 # A task reporting progress has started, however soon.
                 await middleware.started(message)
-                await middleware.store.set_progress(message.task_id, progress)
+                try:
+                    await middleware.store.set_progress(message.task_id, progress)
+                except Exception as exc:
+                    logger.warning(
+                        "Task %r (%s): its progress was not recorded: %s",
+                        message.task_name,
+                        message.task_id,
+                        describe(exc),
+                    )
