@@ -922,16 +922,25 @@ class NatsKeyValues:
                     self.bucket = None
 
     async def get(self, key: str) -> dict[str, Any] | None:
-        from nats.js.errors import KeyNotFoundError
+        """The key's record; None where there is none.
+
+        Also for a key the bucket refuses (a space, `*`, `>`, a leading
+        dot...: nats-py's InvalidKeyError): none can be there, and the key
+        comes from a task id in a request's path.
+        """
+        from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
         try:
             entry = await (await self._bucket()).get(key)
-        except KeyNotFoundError:  # and KeyDeletedError, its subclass
+        except (KeyNotFoundError, InvalidKeyError):  # KeyDeletedError included
             return None
         return json.loads(entry.value)  # type: ignore[no-any-return]
 
     async def delete(self, key: str) -> None:
-        await (await self._bucket()).delete(key)
+        from nats.js.errors import InvalidKeyError
+
+        with contextlib.suppress(InvalidKeyError):  # none can be there: see get
+            await (await self._bucket()).delete(key)
 
 
 class RedisRecords:

@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
 from workerapp.statusapp import build
 
@@ -349,6 +351,74 @@ async def test_nats_records_live_in_a_key_value_bucket_whose_ttl_is_keep_for(
         await backend.shutdown()
 
 
+@pytest.mark.parametrize("task_id", ["a b", "a*b", "a>b", ".a", "é"])
+def test_on_nats_an_id_no_key_can_be_is_404_as_any_unknown_one(
+    nats_url: str, task_id: str
+) -> None:
+    """A JetStream key-value bucket refuses such keys (nats-py's InvalidKeyError):
+    no record can be there, so a client that sends one is told what any
+    unknown id is told, not 500, on every route."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=f"status-{uuid.uuid4().hex}"
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    app, _ = accepting(broker, job, cancellable=True)
+    with TestClient(app) as client:
+        started_here = not hasattr(backend, "nats_jetstream")
+        if started_here:  # InMemoryBroker 0.11 does not start it
+            client.portal.call(backend.startup)
+        path = f"/tasks/{task_id}"
+        for method, url in [("GET", path), ("GET", path + "/events"), ("DELETE", path)]:
+            response = client.request(method, url)
+            assert response.status_code == 404, (method, url)
+            assert response.json() == {"detail": "Task not found"}
+        if started_here:
+            client.portal.call(backend.shutdown)
+
+
+@pytest.mark.parametrize("task_id", ["order 42", "order#42", "order?42", "订单"])
+def test_the_status_url_of_a_task_id_urls_reserve_characters_of_leads_to_it(
+    task_id: str,
+) -> None:
+    """taskiq lets a kick choose its task id (`with_task_id`): the 202's
+    Location and status_url, and DELETE's Location, are URLs, so the id is
+    percent-encoded there; unencoded, `#` and `?` cut the path short, and a
+    character Latin-1 has not failed the response (500). (Not `%` here:
+    TestClient decodes a path twice; under uvicorn `100%` is followed too.)"""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job], cancellable=True)
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/kick", status_code=202)
+    async def kick(request: Request) -> Any:
+        return status.accepted(await job.kicker().with_task_id(task_id).kiq(), request)
+
+    with TestClient(app) as client:
+        response = client.post("/kick")
+        assert response.status_code == 202
+        url = response.headers["location"]
+        assert url == f"http://testserver/tasks/{quote(task_id, safe='')}"
+        assert response.json() == {"task_id": task_id, "status_url": url}
+        assert wait_for(client, url, "succeeded")["task_id"] == task_id
+        # Finished: DELETE answers 409, but reaches the task by that URL.
+        assert client.delete(url).status_code == 409
+
+
 def test_a_task_another_task_status_lists_is_404_here() -> None:
     broker = InMemoryBroker()
 
@@ -399,6 +469,50 @@ async def test_a_kick_whose_record_cannot_be_written_is_sent_and_logged(
     assert (
         f"Task {task.task_id}: its queued state was not recorded: ConnectionError: "
         in caplog.text
+    )
+
+
+@pytest.mark.anyio
+async def test_a_progress_that_cannot_be_written_is_logged_and_the_task_goes_on(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a record that cannot be written: a report of how far a task got
+    must not fail the task. Here the NATS server refuses a value over its
+    max payload (1 MB), as a server that is down refuses every write."""
+    import uuid
+
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    backend: NATSObjectStoreResultBackend[Any] = NATSObjectStoreResultBackend(
+        nats_url, bucket_name=f"progress-{uuid.uuid4().hex}"
+    )
+    broker = InMemoryBroker().with_result_backend(backend)
+
+    @broker.task
+    async def job(progress: taskiq_fastapi.Progress = TaskiqDepends()) -> str:
+        await progress.set({"log": "x" * 2_000_000})
+        await progress.set({"done": 1})
+        return "done"
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    await broker.startup()
+    started_here = not hasattr(backend, "nats_jetstream")
+    if started_here:  # InMemoryBroker 0.11 does not start it
+        await backend.startup()
+    try:
+        task = await job.kiq()
+        result = await task.wait_result(timeout=10)
+        assert not result.is_err, result.error
+        assert result.return_value == "done"
+        assert (await status.kicked(task.task_id)).state == "succeeded"
+        assert await status.store.progress(task.task_id) == {"done": 1}
+    finally:
+        if started_here:
+            await backend.shutdown()
+        await broker.shutdown()
+    assert (
+        f"Task {job.task_name!r} ({task.task_id}): its progress was not recorded: "
+        "MaxPayloadError" in caplog.text
     )
 
 
@@ -686,6 +800,61 @@ def test_a_result_that_does_not_match_its_annotation_shows_no_result(
     assert "its result does not match its return annotation" in caplog.text
 
 
+class Ratio(BaseModel):
+    value: float
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as a browser's JSON.parse reads it: no NaN, Infinity or -Infinity."""
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"not JSON: {constant} in {text}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("kind", ["infinite float", "nan in a model", "not UTF-8"])
+def test_a_result_json_cannot_hold_is_shown_as_none_not_failing_every_read(
+    kind: str,
+) -> None:
+    """InMemoryBroker, the README's broker for tests, keeps a return value as
+    it is: an infinite or NaN float, or bytes that are not UTF-8, have no JSON.
+    Such a result is the task's, not the client's: the status and its events
+    answer, in JSON, with the result (or the float) shown as null, instead of
+    a 500 on every read (or an event stream a browser cannot parse)."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def infinite() -> float:
+        return float("inf")
+
+    @broker.task
+    async def ratio() -> Ratio:
+        return Ratio(value=float("nan"))
+
+    @broker.task
+    async def raw() -> bytes:
+        return b"\xff\xfe"
+
+    task, shown_as = {
+        "infinite float": (infinite, None),
+        "nan in a model": (ratio, {"value": None}),  # as JSON has it: null
+        "not UTF-8": (raw, None),
+    }[kind]
+    app, _ = accepting(broker, task)
+    with TestClient(app) as client:
+        url = client.post("/kick").headers["location"]
+        wait_for(client, url, "succeeded")
+        response = client.get(url)
+        assert response.status_code == 200
+        assert _strict_json(response.text)["result"] == shown_as
+        with client.stream("GET", url + "/events") as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert [_strict_json(line[len("data: ") :])["result"] for line in lines] == [
+        shown_as
+    ]
+
+
 def test_a_retried_task_keeps_its_queued_time_and_never_goes_back() -> None:
     """taskiq's retry kicks the task again under its id: not a new kick."""
     broker = InMemoryBroker().with_middlewares(
@@ -803,3 +972,36 @@ def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
         match=r"started_after=(-1\.0|nan|'0\.1'|None|True): expected seconds",
     ):
         taskiq_fastapi.TaskStatus(broker, [compute], started_after=bad)
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("keep_for", dt.timedelta(0)),
+        ("keep_for", dt.timedelta(seconds=-5)),
+        ("keep_for", 3600),
+        ("poll_interval", 0),
+        ("poll_interval", -1.0),
+        ("poll_interval", float("nan")),
+        ("poll_interval", "0.25"),
+        ("poll_interval", True),
+    ],
+)
+def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(
+    option: str, bad: Any
+) -> None:
+    """Taken as they came, a keep_for of 0 or less hid every record at once
+    (404 right after the kick), and a poll_interval of 0 or less had each
+    event stream read the records without pause (not a number: each stream
+    failed at its first wait)."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def compute() -> None:
+        return None
+
+    with pytest.raises(
+        taskiq_fastapi.TaskStatusError, match=rf"^{option}=.*: expected "
+    ):
+        taskiq_fastapi.TaskStatus(broker, [compute], **{option: bad})
+    assert broker.middlewares == []

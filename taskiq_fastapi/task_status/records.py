@@ -197,8 +197,28 @@ def finished(record: TaskRecord, result: TaskiqResult[Any]) -> TaskRecord:
         )
     else:
         done["state"] = "succeeded"
-        done["result"] = to_jsonable_python(result.return_value, fallback=repr)
+        done["result"] = _jsonable_result(record, result.return_value)
     return TaskRecord.model_validate(done)
+
+
+def _jsonable_result(record: TaskRecord, value: Any) -> Any:
+    """The return value as JSON holds it; None, logged, where JSON cannot.
+
+    Bytes that are not UTF-8, for instance (a backend that keeps Python
+    values returns them as they are): the task's doing, not the reader's,
+    so neither a status read nor the worker's outcome record fails on it.
+    """
+    try:
+        return to_jsonable_python(value, fallback=repr)
+    except ValueError as exc:  # PydanticSerializationError, UnicodeDecodeError
+        logger.warning(
+            "Task %r (%s): its result cannot be shown as JSON, so its status "
+            "shows none: %s",
+            record.task_name,
+            record.task_id,
+            describe(exc),
+        )
+        return None
 
 
 def _record(message: TaskiqMessage) -> TaskRecord | None:
@@ -425,6 +445,11 @@ class Progress:
         self.context = context
 
     async def set(self, progress: Any) -> None:
+        """Report it; a report that cannot be written is logged, not raised.
+
+        As a record that cannot be written (the server is down, or the value
+        is over its size limit): how far a task got must not fail the task.
+        """
         message = self.context.message
         if QUEUED_LABEL not in message.labels:
             return
@@ -432,4 +457,12 @@ class Progress:
             if isinstance(middleware, Recorder):
                 # A task reporting progress has started, however soon.
                 await middleware.started(message)
-                await middleware.store.set_progress(message.task_id, progress)
+                try:
+                    await middleware.store.set_progress(message.task_id, progress)
+                except Exception as exc:
+                    logger.warning(
+                        "Task %r (%s): its progress was not recorded: %s",
+                        message.task_name,
+                        message.task_id,
+                        describe(exc),
+                    )

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
-import json
 import logging
 import typing
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic.errors import PydanticUserError
 from taskiq import (
@@ -43,6 +43,8 @@ from taskiq_fastapi.task_status.records import (
 Task = AsyncTaskiqDecoratedTask[Any, Any]
 
 logger = logging.getLogger("taskiq_fastapi")
+
+_JSON = "application/json"
 
 
 class TaskAccepted(BaseModel):
@@ -95,6 +97,13 @@ def _status_model(task: Task, taken: set[str]) -> type[TaskStatusBase]:
     )
 
 
+def _seconds(value: object) -> float:
+    """A number of seconds as given; NaN (never in range) for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float("nan")
+
+
 # The TaskStatus objects made for each broker (they share its records).
 _serving: WeakKeyDictionary[AsyncBroker, list[TaskStatus]] = WeakKeyDictionary()
 
@@ -127,13 +136,19 @@ class TaskStatus:
         name: str = "task_status",
         cancellable: bool = False,
     ) -> None:
-        if (
-            not isinstance(started_after, (int, float))
-            or isinstance(started_after, bool)
-            or not started_after >= 0  # NaN too
-        ):
+        if not _seconds(started_after) >= 0:  # NaN too
             raise TaskStatusError(
                 f"started_after={started_after!r}: expected seconds, 0 or more."
+            )
+        # Else every record would be hidden at once, and each event stream
+        # would read the records without pause.
+        if not isinstance(keep_for, dt.timedelta) or keep_for <= dt.timedelta(0):
+            raise TaskStatusError(
+                f"keep_for={keep_for!r}: expected a timedelta longer than 0."
+            )
+        if not _seconds(poll_interval) > 0:
+            raise TaskStatusError(
+                f"poll_interval={poll_interval!r}: expected seconds, more than 0."
             )
         storage = record_storage(broker.result_backend, keep_for.total_seconds())
         if storage is None:
@@ -261,12 +276,15 @@ class TaskStatus:
     def _expired(self, record: TaskRecord) -> bool:
         return dt.datetime.now(dt.timezone.utc) - record.changed_at > self.keep_for
 
-    async def _status(self, record: TaskRecord) -> dict[str, Any]:
-        """The record as the task's own status model, in JSON form.
+    async def _status(self, record: TaskRecord) -> str:
+        """The record as the task's own status model, as JSON text.
 
         A result that does not match the task's return annotation is the
         task's bug, not the client's: the status answers without it (and
-        says so in the log) instead of failing every read.
+        says so in the log) instead of failing every read. Written by
+        Pydantic, whose JSON has null for a float that is infinite or NaN
+        (which a backend keeping Python values, InMemoryBroker's, returns
+        as they are), where JSONResponse refuses them: a 500 on every read.
         """
         model = self.models[record.task_name]
         progress = await self.store.progress(record.task_id)
@@ -292,7 +310,7 @@ class TaskStatus:
                 " ".join(str(exc).split()),
             )
             status = model.model_validate({**fields, "result": None})
-        return status.model_dump(mode="json")
+        return status.model_dump_json()
 
     def router(self, *, prefix: str = "/tasks", **kwargs: Any) -> APIRouter:
         """The routes: `GET {prefix}/{task_id}` and `GET {prefix}/{task_id}/events`.
@@ -317,8 +335,8 @@ class TaskStatus:
         )
         async def task_status(
             record: TaskRecord = Depends(self.kicked),
-        ) -> JSONResponse:
-            return JSONResponse(await self._status(record))
+        ) -> Response:
+            return Response(await self._status(record), media_type=_JSON)
 
         @router.get(
             "/{task_id}/events",
@@ -362,14 +380,17 @@ class TaskStatus:
         )
         async def cancel_task(
             request: Request, record: TaskRecord = Depends(self.kicked)
-        ) -> JSONResponse:
+        ) -> Response:
             try:
                 await self._cancel(record, canceller)
             except TaskNotCancellableError as exc:
                 raise HTTPException(status_code=409, detail=str(exc)) from None
-            url = str(request.url_for(self.name, task_id=record.task_id))
-            return JSONResponse(
-                await self._status(record), status_code=202, headers={"Location": url}
+            url = self._status_url(request, record.task_id)
+            return Response(
+                await self._status(record),
+                status_code=202,
+                headers={"Location": url},
+                media_type=_JSON,
             )
 
     async def _events(self, record: TaskRecord | None) -> AsyncIterator[str]:
@@ -378,11 +399,21 @@ class TaskStatus:
             status = await self._status(record)
             if status != sent:
                 sent = status
-                yield f"event: status\ndata: {json.dumps(status)}\n\n"
+                yield f"event: status\ndata: {status}\n\n"
             if record.state in FINISHED:
                 return
             await asyncio.sleep(self.poll_interval)
             record = await self.store.current(record.task_id, self.error_messages)
+
+    def _status_url(self, request: Request, task_id: str) -> str:
+        """The task's status URL, its id percent-encoded.
+
+        Starlette puts a path parameter in a URL as it is, and taskiq lets a
+        kick choose its id (`with_task_id`): `#` or `?` would cut the path
+        short, `%` escape what follows, and a character Latin-1 has not
+        fail the response's Location header.
+        """
+        return str(request.url_for(self.name, task_id=quote(task_id, safe="")))
 
     def accepted(self, task: AsyncTaskiqTask[Any], request: Request) -> JSONResponse:
         """`202 Accepted` for a kicked task: its id, and its status URL as Location.
@@ -390,7 +421,7 @@ class TaskStatus:
         Declare the route with `status_code=202, response_model=TaskAccepted`
         so its OpenAPI says so too.
         """
-        url = str(request.url_for(self.name, task_id=task.task_id))
+        url = self._status_url(request, task.task_id)
         body = TaskAccepted(task_id=task.task_id, status_url=url)
         return JSONResponse(
             body.model_dump(), status_code=202, headers={"Location": url}
