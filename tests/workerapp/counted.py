@@ -2,9 +2,10 @@
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from taskiq import SimpleRetryMiddleware
+from taskiq import SimpleRetryMiddleware, TaskiqDepends
 
 from workerapp.app import record
 from workerapp.broker import broker
@@ -30,3 +31,15 @@ async def held(n: int) -> int:
     while not Path(os.environ["RELEASE_FILE"]).exists():
         await asyncio.sleep(0.05)
     return n
+
+
+async def _teardown_fails() -> AsyncIterator[int]:
+    yield 1
+    raise RuntimeError("its dependency's teardown fails")
+
+
+@broker.task
+async def torn_down(n: int, one: int = TaskiqDepends(_teardown_fails)) -> int:
+    """Returns, then its dependency's teardown raises: taskiq's receiver ends
+    the run there, without calling the middlewares' post_execute."""
+    return n + one
