@@ -166,6 +166,26 @@ async def test_a_task_blocking_its_loop_makes_livez_fail_naming_it(
     assert output.count(f"worker-0 (pid {pid}): its event loop runs again.") == 1
 
 
+def test_a_stall_timeout_under_a_second_sees_no_stall_in_an_idle_worker(
+    run: WorkerRun,
+) -> None:
+    """The loop wrote its heartbeat once a second whatever --stall-timeout
+    said: under 0.5 an idle worker looked stalled half of each second, /livez
+    failing and a stall logged with nothing blocking its loop."""
+    run.env["SLOW_STARTUP"] = "0"
+    worker, probe = start(run, "--workers", "1", "--stall-timeout", "0.5")
+    probe.until("/readyz", lambda s, b: s == 200)
+    seen = []
+    watched_until = time.monotonic() + 3  # three of the former heartbeats
+    while time.monotonic() < watched_until:
+        status, body = probe.get("/livez")
+        seen.append((status, body["workers"][0]["loop_silent_seconds"]))
+        time.sleep(0.05)
+    assert {status for status, _ in seen} == {200}, seen
+    assert run.stop(worker) == 0
+    assert "is stalled" not in run.output(worker)
+
+
 async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(
     run: WorkerRun,
 ) -> None:
