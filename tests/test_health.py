@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from taskiq.kicker import AsyncKicker
-from workers import COMMAND, TESTS_DIR, WorkerRun
+from workers import APP, COMMAND, TESTS_DIR, WorkerRun
 
 from tools.processes import free_port
 from tools.redis_server import running_server
@@ -212,6 +212,51 @@ async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(
     run.stopped.append(worker)
     assert worker.wait(timeout=30) == 0
     assert probe.get("/livez") == (None, {})  # the endpoint is gone with it
+
+
+async def test_a_worker_done_stopping_is_stopped_not_down_while_another_drains(
+    run: WorkerRun,
+) -> None:
+    """While the command stops, a worker process that has finished is not
+    restarting: it was reported so, and after RESTART_GRACE_SECONDS /livez
+    failed ("has been down") while the other one finished its task, so a
+    liveness check could kill a graceful stop."""
+    from taskiq_fastapi_cli.health.server import RESTART_GRACE_SECONDS
+
+    release = run.tmp_path / "release"
+    run.env["RELEASE_FILE"] = str(release)
+    counted = ["workerapp.broker:broker", "workerapp.counted"]
+    worker, probe = start(run, "--workers", "2", app=[*counted, *APP])
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    await run.sender.startup()
+    try:
+        kicker = AsyncKicker("workerapp.counted:held", run.sender, {})
+        task = await kicker.kiq(1)
+        run.wait_for("held 1", processes=1)
+        busy = run.count("held 1").most_common(1)[0][0]
+        idle = next(w["worker"] for w in body["workers"] if w["pid"] != busy)
+        worker.send_signal(signal.SIGTERM)
+
+        def row(body: dict[str, Any]) -> dict[str, Any]:
+            return next(w for w in body["workers"] if w["worker"] == idle)
+
+        def done_stopping(_status: int | None, body: dict[str, Any]) -> bool:
+            return row(body)["state"] not in ("ready", "stopping")
+
+        probe.until("/livez", done_stopping)
+        seen = []
+        watched_until = time.monotonic() + RESTART_GRACE_SECONDS + 1
+        while time.monotonic() < watched_until:
+            status, body = probe.get("/livez")
+            seen.append((status, row(body)["state"], body["problems"]))
+            time.sleep(0.2)
+        assert {(s, state) for s, state, _ in seen} == {(200, "stopped")}, seen
+        release.touch()
+        assert (await task.wait_result(timeout=30)).return_value == 1
+    finally:
+        await run.sender.shutdown()
+    run.stopped.append(worker)
+    assert worker.wait(timeout=30) == 0
 
 
 def test_a_lifespan_failing_at_startup_is_never_ready(run: WorkerRun) -> None:
