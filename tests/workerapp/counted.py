@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +23,12 @@ async def fine(n: int) -> int:
 @broker.task
 async def broken(n: int) -> int:
     raise ValueError(f"task {n} fails")
+
+
+@broker.task
+async def warned(n: int) -> int:
+    warnings.warn(f"task {n} warns", UserWarning, stacklevel=1)
+    return n
 
 
 @broker.task
