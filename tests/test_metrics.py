@@ -292,6 +292,35 @@ def test_without_prometheus_client_one_line_before_start(tmp_path: Path) -> None
     ]
 
 
+def test_no_writable_temporary_directory_is_one_line_before_start(
+    tmp_path: Path,
+) -> None:
+    """A read-only root filesystem (a hardened container) without a writable
+    TMPDIR: making the metrics directory raised, and the command died with
+    a traceback. tempfile's directory is a file here, as root can write
+    anywhere else."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import tempfile\ntempfile.tempdir = {str(blocked)!r}\n"
+    )
+    done = subprocess.run(
+        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TESTS_DIR,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(
+        f"Error: --metrics cannot make its directory in {blocked}: "
+    ), line
+    assert line.endswith("set TMPDIR to a writable directory."), line
+
+
 def test_metrics_need_the_health_port() -> None:
     done = subprocess.run(
         [COMMAND, "worker", *APP, "--metrics"],

@@ -79,9 +79,17 @@ _GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 def use_directory() -> str:
     """A fresh directory for this run's metrics, set up for every process.
 
-    Raises CLIError, before any worker starts, without prometheus_client.
+    Raises CLIError, before any worker starts, without prometheus_client or
+    a writable temporary directory.
     """
-    directory = tempfile.mkdtemp(prefix="taskiq-fastapi-metrics-")
+    try:
+        directory = tempfile.mkdtemp(prefix="taskiq-fastapi-metrics-")
+    except OSError as exc:  # a read-only filesystem, no usable TMPDIR
+        where = tempfile.tempdir or "a temporary directory"  # none found usable
+        raise CLIError(
+            f"--metrics cannot make its directory in {where}: "
+            f"{exc.strerror or exc}; set TMPDIR to a writable directory."
+        ) from None
     os.environ[DIRECTORY_ENV] = directory  # spawned workers inherit it
     try:
         import prometheus_client  # noqa: F401 - chooses file-backed values now
