@@ -259,6 +259,36 @@ async def test_a_worker_done_stopping_is_stopped_not_down_while_another_drains(
     assert worker.wait(timeout=30) == 0
 
 
+async def test_a_worker_past_max_tasks_per_child_is_not_ready_until_replaced(
+    run: WorkerRun,
+) -> None:
+    """Once a process took its last message under --max-tasks-per-child it
+    fetches nothing more, and is being replaced: it was reported ready for
+    as long as its last tasks ran."""
+    release = run.tmp_path / "release"
+    run.env["RELEASE_FILE"] = str(release)
+    counted = ["workerapp.broker:broker", "workerapp.counted"]
+    worker, probe = start(
+        run, "--workers", "1", "--max-tasks-per-child", "1", app=[*counted, *APP]
+    )
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    first = body["workers"][0]["pid"]
+    await run.sender.startup()
+    try:
+        kicker = AsyncKicker("workerapp.counted:held", run.sender, {})
+        task = await kicker.kiq(1)
+        run.wait_for("held 1", processes=1)
+        status, body = probe.get("/readyz")
+        assert (status, states(body)) == (503, ["stopping"]), body
+        release.touch()
+        assert (await task.wait_result(timeout=30)).return_value == 1
+    finally:
+        await run.sender.shutdown()
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    assert body["workers"][0]["pid"] != first  # its replacement
+    assert run.stop(worker) == 0
+
+
 def test_a_lifespan_failing_at_startup_is_never_ready(run: WorkerRun) -> None:
     worker, probe = start(
         run, app=["workerapp.broker:broker", "--app", "workerapp.app:failing_app"]

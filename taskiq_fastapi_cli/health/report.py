@@ -109,8 +109,13 @@ class WorkerHealth:
         ):
             slots.set(slot, column, value)
 
-    def install(self, broker: AsyncBroker) -> None:
-        """Beat from the start of the broker's startup; ready once it listens."""
+    def install(self, broker: AsyncBroker, max_tasks: int | None = None) -> None:
+        """Beat from the start of the broker's startup; ready once it listens.
+
+        With `max_tasks` (--max-tasks-per-child), stopping once it handed out
+        the last message the process takes: it fetches nothing more, and is
+        replaced once its last tasks are done.
+        """
         startup: Callable[[], Any] = broker.startup
         listen: Callable[[], Any] = broker.listen
 
@@ -123,8 +128,13 @@ class WorkerHealth:
             self.slots.set(self.slot, READY_AT, time.time())
             self.slots.set(self.slot, STATE, READY)
             source = listen()
+            left = max_tasks or 0
             try:
                 async for message in source:
+                    if left:
+                        left -= 1
+                        if not left:
+                            self.stopping()
                     yield message
             finally:
                 await source.aclose()  # closed with this one, not by the GC
