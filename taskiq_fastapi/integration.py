@@ -20,7 +20,12 @@ from taskiq_fastapi.exceptions import (
 )
 from taskiq_fastapi.lifespan import AppLifespan, LifespanFailedError
 from taskiq_fastapi.loader import AppSource, describe, import_target, load_app
-from taskiq_fastapi.request import RequestFactory, base_url_scope, resolve_base_url
+from taskiq_fastapi.request import (
+    RequestFactory,
+    base_url_scope,
+    resolve_base_url,
+    shown_url,
+)
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -71,7 +76,7 @@ class _Integration:
             describe(self.source),
             app.title,
             time.monotonic() - started,
-            resolve_base_url(self.base_url),
+            shown_url(resolve_base_url(self.base_url)),
         )
 
     async def on_worker_shutdown(self, _state: TaskiqState) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.requests import Request
 from starlette.types import ASGIApp
@@ -24,21 +24,40 @@ def resolve_base_url(base_url: str | None) -> str:
     return base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
 
+def shown_url(url: str) -> str:
+    """`url` for a log line or an error: its password, if it has one, as ***.
+
+    A base URL may carry credentials (links that authenticate); logs and
+    terminals must not.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL this can read: shown as given
+        return url
+    if not password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def base_url_scope(base_url: str) -> dict[str, Any]:
     """Scope keys describing where the API is served; its path becomes the root path."""
     parts = urlsplit(base_url)
+    shown = shown_url(base_url)
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError(
-            f"Invalid base URL {base_url!r}: expected http(s)://host[:port][/root/path].",
+            f"Invalid base URL {shown!r}: expected http(s)://host[:port][/root/path].",
         )
     if parts.query or parts.fragment:
         raise ValueError(
-            f"Invalid base URL {base_url!r}: it must not have a query or fragment.",
+            f"Invalid base URL {shown!r}: it must not have a query or fragment.",
         )
     try:
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise ValueError(f"Invalid base URL {base_url!r}: {exc}.") from exc
+        raise ValueError(f"Invalid base URL {shown!r}: {exc}.") from exc
     root_path = parts.path.rstrip("/")
     return {
         "scheme": parts.scheme,

@@ -238,6 +238,23 @@ def test_a_failing_factory_is_a_startup_failure(
     assert "Traceback" not in output
 
 
+def test_a_password_in_the_base_url_is_never_shown(run: WorkerRun) -> None:
+    """Each worker logs the base URL it builds links for, and a malformed one
+    is an Error line: both showed its password as given."""
+    run.env["TASKIQ_FASTAPI_BASE_URL"] = "https://svc:s3cret@api.example.com/v1"
+    command = ["worker", "workerapp.broker:broker", "workerapp.tasks", *APP]
+    worker = run.start(*command, "--workers", "1")
+    run.wait_for("startup", processes=1)
+    assert run.stop(worker) == 0
+    output = run.output(worker)
+    assert "url_for builds links for https://svc:***@api.example.com/v1." in output
+    run.env["TASKIQ_FASTAPI_BASE_URL"] = "https://svc:s3cret@api.example.com/v1?a=1"
+    refused = run.start(*command)
+    assert refused.wait(timeout=60) == 2
+    assert "https://svc:***@api.example.com/v1?a=1" in run.output(refused)
+    assert "s3cret" not in output + run.output(refused)
+
+
 async def test_each_worker_says_which_app_it_serves_and_when_it_stopped(
     run: WorkerRun,
 ) -> None:

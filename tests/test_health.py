@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from taskiq.kicker import AsyncKicker
-from workers import COMMAND, TESTS_DIR, WorkerRun
+from workers import APP, COMMAND, TESTS_DIR, WorkerRun
 
 from tools.processes import free_port
 from tools.redis_server import running_server
@@ -166,6 +166,26 @@ async def test_a_task_blocking_its_loop_makes_livez_fail_naming_it(
     assert output.count(f"worker-0 (pid {pid}): its event loop runs again.") == 1
 
 
+def test_a_stall_timeout_under_a_second_sees_no_stall_in_an_idle_worker(
+    run: WorkerRun,
+) -> None:
+    """The loop wrote its heartbeat once a second whatever --stall-timeout
+    said: under 0.5 an idle worker looked stalled half of each second, /livez
+    failing and a stall logged with nothing blocking its loop."""
+    run.env["SLOW_STARTUP"] = "0"
+    worker, probe = start(run, "--workers", "1", "--stall-timeout", "0.5")
+    probe.until("/readyz", lambda s, b: s == 200)
+    seen = []
+    watched_until = time.monotonic() + 3  # three of the former heartbeats
+    while time.monotonic() < watched_until:
+        status, body = probe.get("/livez")
+        seen.append((status, body["workers"][0]["loop_silent_seconds"]))
+        time.sleep(0.05)
+    assert {status for status, _ in seen} == {200}, seen
+    assert run.stop(worker) == 0
+    assert "is stalled" not in run.output(worker)
+
+
 async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(
     run: WorkerRun,
 ) -> None:
@@ -192,6 +212,81 @@ async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(
     run.stopped.append(worker)
     assert worker.wait(timeout=30) == 0
     assert probe.get("/livez") == (None, {})  # the endpoint is gone with it
+
+
+async def test_a_worker_done_stopping_is_stopped_not_down_while_another_drains(
+    run: WorkerRun,
+) -> None:
+    """While the command stops, a worker process that has finished is not
+    restarting: it was reported so, and after RESTART_GRACE_SECONDS /livez
+    failed ("has been down") while the other one finished its task, so a
+    liveness check could kill a graceful stop."""
+    from taskiq_fastapi_cli.health.server import RESTART_GRACE_SECONDS
+
+    release = run.tmp_path / "release"
+    run.env["RELEASE_FILE"] = str(release)
+    counted = ["workerapp.broker:broker", "workerapp.counted"]
+    worker, probe = start(run, "--workers", "2", app=[*counted, *APP])
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    await run.sender.startup()
+    try:
+        kicker = AsyncKicker("workerapp.counted:held", run.sender, {})
+        task = await kicker.kiq(1)
+        run.wait_for("held 1", processes=1)
+        busy = run.count("held 1").most_common(1)[0][0]
+        idle = next(w["worker"] for w in body["workers"] if w["pid"] != busy)
+        worker.send_signal(signal.SIGTERM)
+
+        def row(body: dict[str, Any]) -> dict[str, Any]:
+            return next(w for w in body["workers"] if w["worker"] == idle)
+
+        def done_stopping(_status: int | None, body: dict[str, Any]) -> bool:
+            return row(body)["state"] not in ("ready", "stopping")
+
+        probe.until("/livez", done_stopping)
+        seen = []
+        watched_until = time.monotonic() + RESTART_GRACE_SECONDS + 1
+        while time.monotonic() < watched_until:
+            status, body = probe.get("/livez")
+            seen.append((status, row(body)["state"], body["problems"]))
+            time.sleep(0.2)
+        assert {(s, state) for s, state, _ in seen} == {(200, "stopped")}, seen
+        release.touch()
+        assert (await task.wait_result(timeout=30)).return_value == 1
+    finally:
+        await run.sender.shutdown()
+    run.stopped.append(worker)
+    assert worker.wait(timeout=30) == 0
+
+
+async def test_a_worker_past_max_tasks_per_child_is_not_ready_until_replaced(
+    run: WorkerRun,
+) -> None:
+    """Once a process took its last message under --max-tasks-per-child it
+    fetches nothing more, and is being replaced: it was reported ready for
+    as long as its last tasks ran."""
+    release = run.tmp_path / "release"
+    run.env["RELEASE_FILE"] = str(release)
+    counted = ["workerapp.broker:broker", "workerapp.counted"]
+    worker, probe = start(
+        run, "--workers", "1", "--max-tasks-per-child", "1", app=[*counted, *APP]
+    )
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    first = body["workers"][0]["pid"]
+    await run.sender.startup()
+    try:
+        kicker = AsyncKicker("workerapp.counted:held", run.sender, {})
+        task = await kicker.kiq(1)
+        run.wait_for("held 1", processes=1)
+        status, body = probe.get("/readyz")
+        assert (status, states(body)) == (503, ["stopping"]), body
+        release.touch()
+        assert (await task.wait_result(timeout=30)).return_value == 1
+    finally:
+        await run.sender.shutdown()
+    _, body = probe.until("/readyz", lambda s, b: s == 200)
+    assert body["workers"][0]["pid"] != first  # its replacement
+    assert run.stop(worker) == 0
 
 
 def test_a_lifespan_failing_at_startup_is_never_ready(run: WorkerRun) -> None:

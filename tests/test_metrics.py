@@ -181,6 +181,31 @@ async def test_counts_of_every_process_summed_across_a_kill_and_a_new_run(
     assert not [key for key in again.samples() if key[0].startswith("taskiq_tasks")]
 
 
+async def test_a_run_that_ends_without_post_execute_is_no_longer_in_flight(
+    run: WorkerRun,
+) -> None:
+    """A dependency whose teardown raises ends the run inside taskiq's
+    receiver, which then calls no middleware's post_execute: the run was
+    counted in flight for ever, and neither succeeded nor failed."""
+    m = Metrics(run, "--workers", "1")
+    m.pids()
+    await run.sender.startup()
+    try:
+        for n in range(3):
+            await kick(run, "torn_down", n)
+    finally:
+        await run.sender.shutdown()
+    named = {"task_name": task("torn_down")}
+    m.until("taskiq_tasks_received_total", lambda v: v == 3, **named)
+    m.until("taskiq_tasks_in_flight", lambda v: v == 0, **named)
+    ended = sum(
+        m.value(f"taskiq_tasks_{outcome}_total", **named) or 0
+        for outcome in ("succeeded", "failed")
+    )
+    assert ended == 3
+    assert m.value("taskiq_task_execution_seconds_count", **named) == 3
+
+
 def dashboard_queries_exist(scraped: Samples) -> None:
     """Every metric a query of the example dashboard names is in the scrape."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -267,6 +292,35 @@ def test_without_prometheus_client_one_line_before_start(tmp_path: Path) -> None
     ]
 
 
+def test_no_writable_temporary_directory_is_one_line_before_start(
+    tmp_path: Path,
+) -> None:
+    """A read-only root filesystem (a hardened container) without a writable
+    TMPDIR: making the metrics directory raised, and the command died with
+    a traceback. tempfile's directory is a file here, as root can write
+    anywhere else."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import tempfile\ntempfile.tempdir = {str(blocked)!r}\n"
+    )
+    done = subprocess.run(
+        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TESTS_DIR,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(
+        f"Error: --metrics cannot make its directory in {blocked}: "
+    ), line
+    assert line.endswith("set TMPDIR to a writable directory."), line
+
+
 def test_metrics_need_the_health_port() -> None:
     done = subprocess.run(
         [COMMAND, "worker", *APP, "--metrics"],
@@ -348,9 +402,10 @@ async def test_seconds_the_broker_has_been_unreachable(
             run.kill_all()
 
 
-def test_a_retry_is_not_counted_as_a_wait_from_its_first_kick() -> None:
+async def test_a_retry_is_not_counted_as_a_wait_from_its_first_kick() -> None:
     """A retried task keeps its first kick's time: its wait would include the
-    failed run. Only first runs are in the kick-to-start histogram."""
+    failed run. Only first runs are in the kick-to-start histogram. In a
+    running loop, as the receiver calls middlewares in its asyncio task."""
     import datetime as dt
 
     from taskiq import TaskiqMessage

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from taskiq.kicker import AsyncKicker
 from workers import COMMAND, TESTS_DIR, WorkerRun, get_json
 
 from taskiq_fastapi.tracing import FIRST_TASKIQ, _release
@@ -144,3 +145,31 @@ def test_a_start_listen_an_instrumentor_replaced_runs_in_every_worker(
     assert run.stop(worker) == 0
     replaced = run.count("replaced start_listen")
     assert replaced == run.count("startup"), run.events()  # that worker, once
+
+
+@pytest.mark.anyio
+async def test_a_warning_a_task_raises_is_a_json_line_with_its_task(
+    run: WorkerRun,
+) -> None:
+    """Python writes a warning to stderr as text lines of its own: under
+    --log-json they broke the JSON stream a log pipeline reads."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.counted",
+        "--app", "workerapp.app:app", "--workers", "1", "--log-json",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(
+            "workerapp.counted:warned", run.sender, {}
+        )
+        task = await kicker.kiq(7)
+        assert (await task.wait_result(timeout=30)).return_value == 7
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(worker) == 0
+    records = [json.loads(line) for line in run.output(worker).splitlines()]
+    warned = [r for r in records if "task 7 warns" in r["message"]]
+    assert [(r["level"], r["task_id"]) for r in warned] == [
+        ("WARNING", task.task_id)
+    ], records

@@ -79,9 +79,17 @@ _GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 def use_directory() -> str:
     """A fresh directory for this run's metrics, set up for every process.
 
-    Raises CLIError, before any worker starts, without prometheus_client.
+    Raises CLIError, before any worker starts, without prometheus_client or
+    a writable temporary directory.
     """
-    directory = tempfile.mkdtemp(prefix="taskiq-fastapi-metrics-")
+    try:
+        directory = tempfile.mkdtemp(prefix="taskiq-fastapi-metrics-")
+    except OSError as exc:  # a read-only filesystem, no usable TMPDIR
+        where = tempfile.tempdir or "a temporary directory"  # none found usable
+        raise CLIError(
+            f"--metrics cannot make its directory in {where}: "
+            f"{exc.strerror or exc}; set TMPDIR to a writable directory."
+        ) from None
     os.environ[DIRECTORY_ENV] = directory  # spawned workers inherit it
     try:
         import prometheus_client  # noqa: F401 - chooses file-backed values now
@@ -307,10 +315,11 @@ class _TaskMetrics(TaskiqMiddleware):
         super().__init__()
         self.metrics = metrics
         self.tallies: dict[str, _Tally] = {}
-        # When each running task began, by the message object's id (the
-        # receiver hands the same one to post_execute). Not taskiq's
-        # `execution_time`: rounded to 10 ms, it makes short tasks take 0 s.
-        self.began: dict[int, float] = {}
+        # Each running task's tally and when it began, by the asyncio task
+        # taskiq's receiver runs the message in (pre_execute and post_execute
+        # both run there, whatever message object a middleware returns). Not
+        # taskiq's `execution_time`: rounded to 10 ms, short tasks take 0 s.
+        self.runs: dict[asyncio.Task[Any], tuple[_Tally, float]] = {}
 
     def _tally(self, name: str) -> _Tally:
         tally = self.tallies.get(name)
@@ -335,18 +344,33 @@ class _TaskMetrics(TaskiqMiddleware):
                     child = self.metrics.waited.labels(message.task_name)
                     tally.waited = _Observed(child)
                 tally.waited.observe(max(0.0, time.time() - since))  # clocks differ
-        self.began[id(message)] = time.perf_counter()
+        run = asyncio.current_task()
+        if run is not None:
+            self.runs[run] = (tally, time.perf_counter())
         return message
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
-        tally = self._tally(message.task_name)
+        run = asyncio.current_task()
+        if run is not None:
+            self._ended(run, failed=result.is_err)
+
+    def _ended(self, run: asyncio.Task[Any], failed: bool) -> None:
+        """Counted once per run: by post_execute, or by `flush` (see there)."""
+        began = self.runs.pop(run, None)
+        if began is None:
+            return
+        tally, at = began
         tally.running -= 1
-        tally.counts[FAILED if result.is_err else SUCCEEDED] += 1
-        began = self.began.pop(id(message), None)
-        if began is not None:
-            tally.execution.observe(time.perf_counter() - began)
+        tally.counts[FAILED if failed else SUCCEEDED] += 1
+        tally.execution.observe(time.perf_counter() - at)
 
     def flush(self) -> None:
+        # taskiq's receiver skips post_execute when the run raises after the
+        # task (a dependency's teardown, an invalid ack_type label): such a
+        # run is over once its asyncio task is, and it failed. Found here, once
+        # a second, rather than by a callback on every task's end.
+        for run in [run for run in self.runs if run.done()]:
+            self._ended(run, failed=True)
         for tally in list(self.tallies.values()):
             tally.flush()
 

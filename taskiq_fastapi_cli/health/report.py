@@ -4,9 +4,10 @@ One row of shared memory per worker slot (taskiq's `worker-N`; a restarted
 process takes over its slot), written by the worker without locks and read
 by the main process's health endpoint (`server.py`): the pid, a state,
 when it started and became ready, tasks finished and when the last one did,
-and a heartbeat its event loop writes every second. A loop blocked by a task
-(a sync `time.sleep`, a CPU loop) stops writing it, which is what the
-liveness probe looks for. Per task it costs one counter update.
+and a heartbeat its event loop writes every second (more often under a
+short --stall-timeout). A loop blocked by a task (a sync `time.sleep`, a CPU
+loop) stops writing it, which is what the liveness probe looks for. Per task
+it costs one counter update.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from taskiq import (
 )
 
 HEARTBEAT_SECONDS = 1.0
+# Beats per --stall-timeout, when that is shorter than a few heartbeats: a
+# loop that runs is then never silent for as long as the timeout.
+BEATS_PER_STALL_TIMEOUT = 4
 # Columns of a slot's row.
 PID, STATE, STARTED, READY_AT, DONE, LAST_DONE, BEAT = range(7)
 COLUMNS = 7
@@ -83,9 +87,15 @@ class _Counter(TaskiqMiddleware):
 class WorkerHealth:
     """Installed on the broker of a worker process when --health-port is set."""
 
-    def __init__(self, slots: Slots, slot: int) -> None:
+    def __init__(self, slots: Slots, slot: int, stall_timeout: float = 0.0) -> None:
         self.slots = slots
         self.slot = slot
+        # Once a second, or more often under a --stall-timeout of a few seconds
+        # or less: beating once a second, an idle worker looked stalled for
+        # part of each second under --stall-timeout 0.5.
+        self.every = HEARTBEAT_SECONDS
+        if stall_timeout:
+            self.every = min(self.every, stall_timeout / BEATS_PER_STALL_TIMEOUT)
         self.beating: asyncio.Task[None] | None = None
         now = time.time()
         for column, value in (
@@ -99,8 +109,13 @@ class WorkerHealth:
         ):
             slots.set(slot, column, value)
 
-    def install(self, broker: AsyncBroker) -> None:
-        """Beat from the start of the broker's startup; ready once it listens."""
+    def install(self, broker: AsyncBroker, max_tasks: int | None = None) -> None:
+        """Beat from the start of the broker's startup; ready once it listens.
+
+        With `max_tasks` (--max-tasks-per-child), stopping once it handed out
+        the last message the process takes: it fetches nothing more, and is
+        replaced once its last tasks are done.
+        """
         startup: Callable[[], Any] = broker.startup
         listen: Callable[[], Any] = broker.listen
 
@@ -113,8 +128,13 @@ class WorkerHealth:
             self.slots.set(self.slot, READY_AT, time.time())
             self.slots.set(self.slot, STATE, READY)
             source = listen()
+            left = max_tasks or 0
             try:
                 async for message in source:
+                    if left:
+                        left -= 1
+                        if not left:
+                            self.stopping()
                     yield message
             finally:
                 await source.aclose()  # closed with this one, not by the GC
@@ -145,4 +165,4 @@ class WorkerHealth:
     async def _beat(self) -> None:
         while True:
             self.slots.set(self.slot, BEAT, time.time())
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(self.every)

@@ -105,6 +105,10 @@ class HealthView:
         state = STATES.get(row[STATE], "absent")
         if process is None:
             state = "starting"  # the manager has not started it yet
+        elif not alive and self.draining:
+            # Done stopping, while the others finish their tasks: nothing
+            # restarts it, and it is not down.
+            state = "stopped"
         elif not alive:
             state = "restarting"
             self.down_since.setdefault(slot, now)
@@ -117,7 +121,7 @@ class HealthView:
             "worker": name,
             "pid": pid,
             "state": state,
-            "started": _when(row[STARTED]) if state != "restarting" else None,
+            "started": _when(row[STARTED]) if alive else None,
             "ready_since": _when(row[READY_AT]) if state == "ready" else None,
             "tasks_finished": int(row[DONE]),
             "last_task_finished": _when(row[LAST_DONE]),
@@ -130,7 +134,7 @@ class HealthView:
                 f"{silent:.1f} s (--stall-timeout {self.stall_timeout:g})"
             )
         down = now - self.down_since.get(slot, now)
-        if not alive and down > RESTART_GRACE_SECONDS:
+        if state == "restarting" and down > RESTART_GRACE_SECONDS:
             why = f"{name} has been down for {down:.0f} s"
         ready = alive and row[STATE] == READY and pid == int(row[PID])
         return worker, ready and why is None, why

@@ -56,5 +56,9 @@ def configure(args: FastAPIWorkerArgs) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(task_logs.JSONFormatter())
         logging.basicConfig(level=args.log_level, handlers=[handler])
+        # Python writes a warning (a RuntimeWarning for a coroutine never
+        # awaited, a library's UserWarning) to stderr as text lines of its
+        # own: logged instead, it is one JSON line, with its task's fields.
+        logging.captureWarnings(True)
     else:
         logging.basicConfig(level=args.log_level, format=args.log_format)

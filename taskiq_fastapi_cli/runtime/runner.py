@@ -172,8 +172,8 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
             write_to(args.metrics_directory)
             restarted = args.health_slots.row(slot)[PID] != 0  # a pid before us
             WorkerMetrics(slot, restarted, lambda: outages.broker.since).install(broker)
-        health = WorkerHealth(args.health_slots, slot)
-        health.install(broker)
+        health = WorkerHealth(args.health_slots, slot, args.stall_timeout)
+        health.install(broker, args.max_tasks_per_child)
         outages.on_broker_outage = health.broker_outage
         on_signal = _both(outages.stop, health.stopping)
     return ShutdownGuard(broker, args.stop_stage, on_signal=on_signal)
