@@ -289,6 +289,24 @@ BAD_INPUTS = [
       "--base-url", "localhost:8000"], 2,
      "Error: --base-url: Invalid base URL 'localhost:8000': "
      "expected http(s)://host[:port][/root/path]."),
+    # urllib's and the idna codec's own words named no value ("Invalid IPv6
+    # URL"), and a user:password went into every task's Host header.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://[::1:8000"], 2,
+     "Error: --base-url: Invalid base URL 'http://[::1:8000': Invalid IPv6 URL."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://[api]/"], 2,
+     "Error: --base-url: Invalid base URL 'http://[api]/': 'api' does not appear "
+     "to be an IPv4 or IPv6 address."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://api..example.com"], 2,
+     "Error: --base-url: Invalid base URL 'http://api..example.com': "
+     "'api..example.com' is not a valid host name."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "https://deploy:s3cret@api.example.com"], 2,
+     "Error: --base-url: Invalid base URL 'https://***@api.example.com': "
+     "it must not have a user or password (they would be sent as every task's "
+     "Host header)."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--broker-retry-timeout", "-1"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
