@@ -45,13 +45,13 @@ SENSITIVE_HEADERS = frozenset(
 )
 _CREDENTIAL_PARTS = re.compile(
     rb"auth|token|secret|passw|passcode|passphrase|credential|cookie|session"
-    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey|accesskey|oidc"
+    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey|accesskey|oidc|saml|assertion"
 )
 _CREDENTIAL_WORDS = frozenset(
     {
         b"key", b"keys", b"pass", b"pw", b"pwd", b"pin", b"sig", b"otp", b"totp",
         b"hotp", b"mfa", b"2fa", b"dpop", b"principal", b"cert", b"certificate",
-        b"private", b"license",
+        b"private", b"license", b"pat", b"sid", b"tfa",
     }
 )  # fmt: skip
 # Describe how the request was sent, not the request the task is about. The

@@ -430,6 +430,9 @@ CREDENTIAL_LIKE = [
     "X-MS-Client-Principal", "X-Forwarded-Client-Cert", "X-Functions-Key", "X-PIN",
     # AWS ALB's signed claims of the signed-in user, Bunny's API key header.
     "X-Amzn-Oidc-Data", "AccessKey", "X-API-Keys", "X-TOTP", "X-2FA-Code", "X-Pwd",
+    # A SAML assertion is a bearer credential, a PAT a personal access token,
+    # a sid a session id, a TFA code a second factor.
+    "X-SAML-Assertion", "X-Assertion", "X-GitHub-PAT", "X-Sid", "X-TFA-Code",
 ]  # fmt: skip
 
 
@@ -438,12 +441,14 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
     ordinary = {
         "X-Request-ID": "req-42", "Accept-Language": "fr", "X-Tenant": "t1",
         "X-Monkey": "m", "X-Keyword": "k",  # "key" only as a word of the name
+        "X-Path": "p", "X-Side": "s",  # nor "pat" or "sid"
     }  # fmt: skip
     app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"]})
     seen = get(app, "/users/1/seen", headers={**headers, **ordinary})["headers"]
     assert seen == {
         "host": "localhost:8000", "x-request-id": "req-42",
         "accept-language": "fr", "x-tenant": "t1", "x-monkey": "m", "x-keyword": "k",
+        "x-path": "p", "x-side": "s",
         # What the test client sends on its own.
         "accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": "testclient",
     }  # fmt: skip
