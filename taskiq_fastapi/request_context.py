@@ -27,6 +27,7 @@ from weakref import WeakSet
 from starlette.types import ASGIApp, Receive, Scope, Send
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
+from taskiq_fastapi._taskiq import require_broker
 from taskiq_fastapi.exceptions import AppStartupError, RequestContextTooLargeError
 
 LABEL = "taskiq_fastapi_request"
@@ -148,6 +149,11 @@ class CarrySettings:
             raise TypeError(
                 f"CarryRequestContext max_bytes must be a number of bytes, "
                 f"not {max_bytes!r}."
+            )
+        if max_bytes < 1:
+            # 0 was taken, and then every kick made during a request raised.
+            raise ValueError(
+                f"CarryRequestContext max_bytes must be 1 or more, not {max_bytes}."
             )
         if not isinstance(pass_on, bool):
             # "false" from an environment variable would pass the context on.
@@ -343,6 +349,7 @@ class CarryRequestContext:
         max_bytes: int = DEFAULT_MAX_BYTES,
         pass_on: bool = False,
     ) -> None:
+        require_broker("CarryRequestContext", broker)
         self.app = app
         self.broker = broker
         self.settings = CarrySettings(headers, max_bytes, pass_on)

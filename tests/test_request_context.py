@@ -607,3 +607,31 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     assert carry.names == ["x-request-id"]
     seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]
     assert seen == {"host": "localhost:8000", "x-request-id": "req-42"}
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1])
+def test_max_bytes_below_one_is_one_clear_error(max_bytes: int) -> None:
+    """max_bytes=0 was taken, and then every kick a request made raised."""
+    app, broker = FastAPI(), InMemoryBroker()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=broker, max_bytes=max_bytes
+    )
+    with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
+        taskiq_fastapi.request_context.carried(app, broker)
+    assert str(raised.value) == (
+        "The app's CarryRequestContext is invalid: CarryRequestContext "
+        f"max_bytes must be 1 or more, not {max_bytes}."
+    )
+
+
+@pytest.mark.parametrize("broker", [None, "my_project.broker:broker"])
+def test_a_broker_that_is_not_one_is_refused_naming_it(broker: Any) -> None:
+    """It failed as the app started with "cannot create weak reference to
+    'NoneType' object", naming neither the middleware nor the value."""
+    app = FastAPI()
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker)
+    with pytest.raises(TypeError) as raised, TestClient(app):
+        pass
+    assert str(raised.value) == (
+        f"CarryRequestContext broker must be a taskiq broker, not {broker!r}."
+    )
