@@ -323,6 +323,19 @@ BAD_INPUTS = [
      "Error: Invalid value for '--stall-timeout' (env var: "
      "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
      "seconds, 0 or more."),
+    # Typer 0.29's own words ("Input should be a valid integer, unable to
+    # parse string as an integer") named no value.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--health-port", "abc"], 2,
+     "Error: Invalid value for '--health-port' (env var: "
+     "'TASKIQ_FASTAPI_HEALTH_PORT'): 'abc' is not a port: expected 1 to 65535."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--health-port", "70000"], 2,
+     "Error: Invalid value for '--health-port' (env var: "
+     "'TASKIQ_FASTAPI_HEALTH_PORT'): '70000' is not a port: expected 1 to 65535."),
+    (["health", "--port", "0"], 2,
+     "Error: Invalid value for '--port' (env var: 'TASKIQ_FASTAPI_HEALTH_PORT'): "
+     "'0' is not a port: expected 1 to 65535."),
     # Reported as a worker that is not live (exit 1) before.
     (["health", "--port", "9", "--timeout", "0"], 2,
      "Error: Invalid value for '--timeout': 0 is not above 0: expected seconds."),
