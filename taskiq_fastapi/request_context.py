@@ -215,7 +215,13 @@ def _value(value: Any) -> str:
 
 
 def _encode(scope: Scope, headers: _HeaderChoice) -> str:
-    """The label for the request in `scope`: JSON text, see `carried_scope`."""
+    """The label for the request in `scope`: JSON text, see `carried_scope`.
+
+    The root path carried is the app's, not a mounted app's (Starlette keeps
+    the app's as `app_root_path` in a mount's scope): the task runs in the
+    app, where the mount's as its root path doubled the mount in its links.
+    """
+    root_path = scope.get("app_root_path", scope.get("root_path", ""))
     params = ",".join(
         f"{_string(str(key))}:{_value(value)}"
         for key, value in scope.get("path_params", {}).items()
@@ -223,7 +229,7 @@ def _encode(scope: Scope, headers: _HeaderChoice) -> str:
     return (
         f'{{"v":{FORMAT},"method":{_string(scope.get("method", "GET"))},'
         f'"path":{_string(scope["path"])},'
-        f'"root_path":{_string(scope.get("root_path", ""))},'
+        f'"root_path":{_string(root_path)},'
         f'"path_params":{{{params}}},'
         f'"query_string":{_string(scope.get("query_string", b"").decode("latin-1"))},'
         f'"headers":[{",".join(headers(scope.get("headers", ())))}]}}'

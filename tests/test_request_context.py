@@ -635,3 +635,42 @@ def test_a_broker_that_is_not_one_is_refused_naming_it(broker: Any) -> None:
     assert str(raised.value) == (
         f"CarryRequestContext broker must be a taskiq broker, not {broker!r}."
     )
+
+
+def test_a_task_kicked_in_a_mounted_app_builds_the_links_its_route_builds() -> None:
+    """The mount's root path was carried as the app's: in the task, base_url
+    was http://localhost:8000/v1/ and url_for gave /v1/v1/items/9."""
+    broker = InMemoryBroker()
+
+    def links(request: Request) -> dict[str, str]:
+        return {
+            "url": request.url.path,
+            "base_url": request.base_url.path,
+            "mounted": request.url_for("item", item_id=9).path,
+            "top": request.url_for("top").path,
+        }
+
+    @broker.task
+    async def task(seen: Annotated[dict[str, str], Depends(links)]) -> Any:
+        return seen
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker)
+    sub = FastAPI()
+
+    @app.get("/top")
+    async def top() -> None: ...
+
+    @sub.get("/items/{item_id}")
+    async def item(
+        item_id: int, seen: Annotated[dict[str, str], Depends(links)]
+    ) -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"route": seen, "task": result.return_value}
+
+    app.mount("/v1", sub)
+    got = get(app, "/v1/items/5")
+    assert got["route"] == {
+        "url": "/v1/items/5", "base_url": "/", "mounted": "/v1/items/9", "top": "/top",
+    }  # fmt: skip
+    assert got["task"] == got["route"]
