@@ -382,3 +382,13 @@ def set_executing(message: TaskiqMessage) -> None:
 def executing() -> TaskiqMessage | None:
     """In a task's function: its message, if `set_executing` named it."""
     return _executing.get()
+
+
+def require_broker(owner: str, broker: object) -> None:
+    """Refuse what is not a taskiq broker at once, naming it.
+
+    A module path or None given by mistake otherwise failed far from the call,
+    as "cannot create weak reference to 'NoneType' object".
+    """
+    if not isinstance(broker, AsyncBroker):
+        raise TypeError(f"{owner} broker must be a taskiq broker, not {broker!r}.")

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
 from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
+from taskiq_fastapi._taskiq import require_broker
 from taskiq_fastapi.integration import populate_dependency_context
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
@@ -38,6 +39,13 @@ def broker_lifespan(
     `BrokerUnreachableError`. A failure after sending is raised as before, so
     nothing is sent twice.
     """
+    # Checked here: wrong values otherwise fail only when the app starts.
+    require_broker("broker_lifespan:", broker)
+    if lifespan is not None and not callable(lifespan):
+        raise TypeError(
+            "broker_lifespan: lifespan must be the app's lifespan function or "
+            f"None, not {lifespan!r}.",
+        )
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[Mapping[str, Any] | None]:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
 from taskiq_fastapi import _fastapi, dependencies, request_context
-from taskiq_fastapi._taskiq import install_request_context
+from taskiq_fastapi._taskiq import install_request_context, require_broker
 from taskiq_fastapi.exceptions import (
     AppConflictError,
     AppStartupError,
@@ -20,12 +20,7 @@ from taskiq_fastapi.exceptions import (
 )
 from taskiq_fastapi.lifespan import AppLifespan, LifespanFailedError
 from taskiq_fastapi.loader import AppSource, describe, import_target, load_app
-from taskiq_fastapi.request import (
-    RequestFactory,
-    base_url_scope,
-    resolve_base_url,
-    shown_url,
-)
+from taskiq_fastapi.request import RequestFactory, base_url_scope, resolve_base_url
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -76,7 +71,7 @@ class _Integration:
             describe(self.source),
             app.title,
             time.monotonic() - started,
-            shown_url(resolve_base_url(self.base_url)),
+            resolve_base_url(self.base_url),
         )
 
     async def on_worker_shutdown(self, _state: TaskiqState) -> None:
@@ -114,6 +109,14 @@ def init(
     processes nothing about sending tasks changes. Calling it again with the
     same app is a no-op; with a different app it raises AppConflictError.
     """
+    require_broker("init:", broker)
+    if not isinstance(app_or_path, str | FastAPI) and not callable(app_or_path):
+        raise TypeError(
+            "init: the app must be a FastAPI app, a 'module:attr' string or a "
+            f"factory returning the app, not {app_or_path!r}.",
+        )
+    if base_url is not None and not isinstance(base_url, str):
+        raise TypeError(f"init: base_url must be a string, not {base_url!r}.")
     if base_url is not None:
         base_url_scope(base_url)  # reject a malformed URL now, not at startup
     existing = _integrations.get(broker)
@@ -162,6 +165,11 @@ def populate_dependency_context(
     `asgi_state` (the lifespan state). `init` and `broker_lifespan` call this
     for you; call it by hand only for setups that use neither.
     """
+    require_broker("populate_dependency_context:", broker)
+    if not callable(app):
+        raise TypeError(
+            f"populate_dependency_context: app must be the FastAPI app, not {app!r}.",
+        )
     integration = _integrations.get(broker)
     if base_url is None and integration is not None:
         base_url = integration.base_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.types import ASGIApp
@@ -24,40 +24,46 @@ def resolve_base_url(base_url: str | None) -> str:
     return base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
 
-def shown_url(url: str) -> str:
-    """`url` for a log line or an error: its password, if it has one, as ***.
-
-    A base URL may carry credentials (links that authenticate); logs and
-    terminals must not.
-    """
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # not a URL this can read: shown as given
-        return url
-    if not password:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+def _shown(base_url: str) -> str:
+    """The URL as an error names it: a user or password in it is masked."""
+    scheme, sep, rest = base_url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return base_url
 
 
 def base_url_scope(base_url: str) -> dict[str, Any]:
-    """Scope keys describing where the API is served; its path becomes the root path."""
-    parts = urlsplit(base_url)
-    shown = shown_url(base_url)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(
-            f"Invalid base URL {shown!r}: expected http(s)://host[:port][/root/path].",
-        )
+    """Scope keys describing where the API is served; its path becomes the root path.
+
+    Every refusal names the URL: urllib's, ipaddress' and the idna codec's own
+    errors ("Invalid IPv6 URL") do not, and a user or password in it would
+    otherwise become every task's Host header.
+    """
+    invalid = f"Invalid base URL {_shown(base_url)!r}"
+    try:
+        parts = urlsplit(base_url)
+        hostname = parts.hostname
+        has_user = parts.username is not None or parts.password is not None
+    except ValueError as exc:
+        raise ValueError(f"{invalid}: {exc}.") from exc
+    if parts.scheme not in _DEFAULT_PORTS or not hostname:
+        raise ValueError(f"{invalid}: expected http(s)://host[:port][/root/path].")
     if parts.query or parts.fragment:
+        raise ValueError(f"{invalid}: it must not have a query or fragment.")
+    if has_user:
         raise ValueError(
-            f"Invalid base URL {shown!r}: it must not have a query or fragment.",
+            f"{invalid}: it must not have a user or password (they would be "
+            "sent as every task's Host header).",
         )
     try:
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise ValueError(f"Invalid base URL {shown!r}: {exc}.") from exc
+        raise ValueError(f"{invalid}: {exc}.") from exc
+    try:
+        host_header = parts.netloc.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"{invalid}: {hostname!r} is not a valid host name.") from exc
     root_path = parts.path.rstrip("/")
     return {
         "scheme": parts.scheme,
@@ -65,7 +71,7 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
         "root_path": root_path,
         "path": root_path + "/",
         "raw_path": (root_path + "/").encode(),
-        "headers": [(b"host", parts.netloc.encode("idna"))],
+        "headers": [(b"host", host_header)],
     }
 
 

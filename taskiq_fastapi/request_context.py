@@ -27,6 +27,7 @@ from weakref import WeakSet
 from starlette.types import ASGIApp, Receive, Scope, Send
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
+from taskiq_fastapi._taskiq import require_broker
 from taskiq_fastapi.exceptions import AppStartupError, RequestContextTooLargeError
 
 LABEL = "taskiq_fastapi_request"
@@ -45,13 +46,13 @@ SENSITIVE_HEADERS = frozenset(
 )
 _CREDENTIAL_PARTS = re.compile(
     rb"auth|token|secret|passw|passcode|passphrase|credential|cookie|session"
-    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey|accesskey|oidc"
+    rb"|signature|csrf|xsrf|jwt|bearer|hmac|apikey|accesskey|oidc|saml|assertion"
 )
 _CREDENTIAL_WORDS = frozenset(
     {
         b"key", b"keys", b"pass", b"pw", b"pwd", b"pin", b"sig", b"otp", b"totp",
         b"hotp", b"mfa", b"2fa", b"dpop", b"principal", b"cert", b"certificate",
-        b"private", b"license",
+        b"private", b"license", b"pat", b"sid", b"tfa",
     }
 )  # fmt: skip
 # Describe how the request was sent, not the request the task is about. The
@@ -149,6 +150,11 @@ class CarrySettings:
                 f"CarryRequestContext max_bytes must be a number of bytes, "
                 f"not {max_bytes!r}."
             )
+        if max_bytes < 1:
+            # 0 was taken, and then every kick made during a request raised.
+            raise ValueError(
+                f"CarryRequestContext max_bytes must be 1 or more, not {max_bytes}."
+            )
         if not isinstance(pass_on, bool):
             # "false" from an environment variable would pass the context on.
             raise TypeError(
@@ -209,7 +215,13 @@ def _value(value: Any) -> str:
 
 
 def _encode(scope: Scope, headers: _HeaderChoice) -> str:
-    """The label for the request in `scope`: JSON text, see `carried_scope`."""
+    """The label for the request in `scope`: JSON text, see `carried_scope`.
+
+    The root path carried is the app's, not a mounted app's (Starlette keeps
+    the app's as `app_root_path` in a mount's scope): the task runs in the
+    app, where the mount's as its root path doubled the mount in its links.
+    """
+    root_path = scope.get("app_root_path", scope.get("root_path", ""))
     params = ",".join(
         f"{_string(str(key))}:{_value(value)}"
         for key, value in scope.get("path_params", {}).items()
@@ -217,7 +229,7 @@ def _encode(scope: Scope, headers: _HeaderChoice) -> str:
     return (
         f'{{"v":{FORMAT},"method":{_string(scope.get("method", "GET"))},'
         f'"path":{_string(scope["path"])},'
-        f'"root_path":{_string(scope.get("root_path", ""))},'
+        f'"root_path":{_string(root_path)},'
         f'"path_params":{{{params}}},'
         f'"query_string":{_string(scope.get("query_string", b"").decode("latin-1"))},'
         f'"headers":[{",".join(headers(scope.get("headers", ())))}]}}'
@@ -343,6 +355,7 @@ class CarryRequestContext:
         max_bytes: int = DEFAULT_MAX_BYTES,
         pass_on: bool = False,
     ) -> None:
+        require_broker("CarryRequestContext", broker)
         self.app = app
         self.broker = broker
         self.settings = CarrySettings(headers, max_bytes, pass_on)

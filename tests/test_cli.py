@@ -289,6 +289,24 @@ BAD_INPUTS = [
       "--base-url", "localhost:8000"], 2,
      "Error: --base-url: Invalid base URL 'localhost:8000': "
      "expected http(s)://host[:port][/root/path]."),
+    # urllib's and the idna codec's own words named no value ("Invalid IPv6
+    # URL"), and a user:password went into every task's Host header.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://[::1:8000"], 2,
+     "Error: --base-url: Invalid base URL 'http://[::1:8000': Invalid IPv6 URL."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://[api]/"], 2,
+     "Error: --base-url: Invalid base URL 'http://[api]/': 'api' does not appear "
+     "to be an IPv4 or IPv6 address."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://api..example.com"], 2,
+     "Error: --base-url: Invalid base URL 'http://api..example.com': "
+     "'api..example.com' is not a valid host name."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "https://deploy:s3cret@api.example.com"], 2,
+     "Error: --base-url: Invalid base URL 'https://***@api.example.com': "
+     "it must not have a user or password (they would be sent as every task's "
+     "Host header)."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--broker-retry-timeout", "-1"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "
@@ -305,6 +323,19 @@ BAD_INPUTS = [
      "Error: Invalid value for '--stall-timeout' (env var: "
      "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
      "seconds, 0 or more."),
+    # Typer 0.29's own words ("Input should be a valid integer, unable to
+    # parse string as an integer") named no value.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--health-port", "abc"], 2,
+     "Error: Invalid value for '--health-port' (env var: "
+     "'TASKIQ_FASTAPI_HEALTH_PORT'): 'abc' is not a port: expected 1 to 65535."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--health-port", "70000"], 2,
+     "Error: Invalid value for '--health-port' (env var: "
+     "'TASKIQ_FASTAPI_HEALTH_PORT'): '70000' is not a port: expected 1 to 65535."),
+    (["health", "--port", "0"], 2,
+     "Error: Invalid value for '--port' (env var: 'TASKIQ_FASTAPI_HEALTH_PORT'): "
+     "'0' is not a port: expected 1 to 65535."),
     # Reported as a worker that is not live (exit 1) before.
     (["health", "--port", "9", "--timeout", "0"], 2,
      "Error: Invalid value for '--timeout': 0 is not above 0: expected seconds."),

@@ -239,20 +239,22 @@ def test_a_failing_factory_is_a_startup_failure(
 
 
 def test_a_password_in_the_base_url_is_never_shown(run: WorkerRun) -> None:
-    """Each worker logs the base URL it builds links for, and a malformed one
-    is an Error line: both showed its password as given."""
-    run.env["TASKIQ_FASTAPI_BASE_URL"] = "https://svc:s3cret@api.example.com/v1"
+    """A base URL with a user or password is refused (it would be every
+    task's Host header), and the Error line masks it: a malformed one showed
+    its password as given."""
     command = ["worker", "workerapp.broker:broker", "workerapp.tasks", *APP]
-    worker = run.start(*command, "--workers", "1")
-    run.wait_for("startup", processes=1)
-    assert run.stop(worker) == 0
-    output = run.output(worker)
-    assert "url_for builds links for https://svc:***@api.example.com/v1." in output
-    run.env["TASKIQ_FASTAPI_BASE_URL"] = "https://svc:s3cret@api.example.com/v1?a=1"
-    refused = run.start(*command)
-    assert refused.wait(timeout=60) == 2
-    assert "https://svc:***@api.example.com/v1?a=1" in run.output(refused)
-    assert "s3cret" not in output + run.output(refused)
+    outputs = []
+    for url in (
+        "https://svc:s3cret@api.example.com/v1",
+        "https://svc:s3cret@api.example.com/v1?a=1",
+    ):
+        run.env["TASKIQ_FASTAPI_BASE_URL"] = url
+        refused = run.start(*command)
+        assert refused.wait(timeout=60) == 2, run.output(refused)
+        outputs.append(run.output(refused))
+    assert "https://***@api.example.com/v1" in outputs[0]
+    assert "https://***@api.example.com/v1?a=1" in outputs[1]
+    assert "s3cret" not in "".join(outputs)
 
 
 async def test_each_worker_says_which_app_it_serves_and_when_it_stopped(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from conftest import as_worker
@@ -182,3 +183,36 @@ async def test_request_parameter_without_init_is_untouched(
         task = await needs_request.kiq()
         result = await task.wait_result(timeout=5)
     assert result.is_err
+
+
+def wrong_calls() -> list[tuple[Callable[[], object], str]]:
+    """Each public entry point given a value of the wrong kind, and its error."""
+    broker = InMemoryBroker()
+    return [
+        (lambda: taskiq_fastapi.init(None, apps.app),  # type: ignore[arg-type]
+         "init: broker must be a taskiq broker, not None."),
+        (lambda: taskiq_fastapi.init(broker, 123),  # type: ignore[arg-type]
+         "init: the app must be a FastAPI app, a 'module:attr' string or a "
+         "factory returning the app, not 123."),
+        (lambda: taskiq_fastapi.init(broker, apps.app, base_url=8000),  # type: ignore[arg-type]
+         "init: base_url must be a string, not 8000."),
+        (lambda: taskiq_fastapi.populate_dependency_context(broker, "sampleapp.apps:app"),  # type: ignore[arg-type]
+         "populate_dependency_context: app must be the FastAPI app, not "
+         "'sampleapp.apps:app'."),
+        (lambda: taskiq_fastapi.broker_lifespan(None),  # type: ignore[arg-type]
+         "broker_lifespan: broker must be a taskiq broker, not None."),
+        (lambda: taskiq_fastapi.broker_lifespan(broker, 5),  # type: ignore[arg-type]
+         "broker_lifespan: lifespan must be the app's lifespan function or None, "
+         "not 5."),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(wrong_calls())))
+def test_a_value_of_the_wrong_kind_is_one_clear_error_at_once(index: int) -> None:
+    """They were taken and failed later, in a worker or at the app's startup
+    (an app of 123, a lifespan of 5), or raised "cannot create weak
+    reference" and "'int' object has no attribute 'partition'"."""
+    call, error = wrong_calls()[index]
+    with pytest.raises(TypeError) as raised:
+        call()
+    assert str(raised.value) == error

@@ -430,6 +430,9 @@ CREDENTIAL_LIKE = [
     "X-MS-Client-Principal", "X-Forwarded-Client-Cert", "X-Functions-Key", "X-PIN",
     # AWS ALB's signed claims of the signed-in user, Bunny's API key header.
     "X-Amzn-Oidc-Data", "AccessKey", "X-API-Keys", "X-TOTP", "X-2FA-Code", "X-Pwd",
+    # A SAML assertion is a bearer credential, a PAT a personal access token,
+    # a sid a session id, a TFA code a second factor.
+    "X-SAML-Assertion", "X-Assertion", "X-GitHub-PAT", "X-Sid", "X-TFA-Code",
 ]  # fmt: skip
 
 
@@ -438,12 +441,14 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
     ordinary = {
         "X-Request-ID": "req-42", "Accept-Language": "fr", "X-Tenant": "t1",
         "X-Monkey": "m", "X-Keyword": "k",  # "key" only as a word of the name
+        "X-Path": "p", "X-Side": "s",  # nor "pat" or "sid"
     }  # fmt: skip
     app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"]})
     seen = get(app, "/users/1/seen", headers={**headers, **ordinary})["headers"]
     assert seen == {
         "host": "localhost:8000", "x-request-id": "req-42",
         "accept-language": "fr", "x-tenant": "t1", "x-monkey": "m", "x-keyword": "k",
+        "x-path": "p", "x-side": "s",
         # What the test client sends on its own.
         "accept": "*/*", "accept-encoding": "gzip, deflate", "user-agent": "testclient",
     }  # fmt: skip
@@ -602,3 +607,70 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     assert carry.names == ["x-request-id"]
     seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]
     assert seen == {"host": "localhost:8000", "x-request-id": "req-42"}
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1])
+def test_max_bytes_below_one_is_one_clear_error(max_bytes: int) -> None:
+    """max_bytes=0 was taken, and then every kick a request made raised."""
+    app, broker = FastAPI(), InMemoryBroker()
+    app.add_middleware(
+        taskiq_fastapi.CarryRequestContext, broker=broker, max_bytes=max_bytes
+    )
+    with pytest.raises(taskiq_fastapi.AppStartupError) as raised:
+        taskiq_fastapi.request_context.carried(app, broker)
+    assert str(raised.value) == (
+        "The app's CarryRequestContext is invalid: CarryRequestContext "
+        f"max_bytes must be 1 or more, not {max_bytes}."
+    )
+
+
+@pytest.mark.parametrize("broker", [None, "my_project.broker:broker"])
+def test_a_broker_that_is_not_one_is_refused_naming_it(broker: Any) -> None:
+    """It failed as the app started with "cannot create weak reference to
+    'NoneType' object", naming neither the middleware nor the value."""
+    app = FastAPI()
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker)
+    with pytest.raises(TypeError) as raised, TestClient(app):
+        pass
+    assert str(raised.value) == (
+        f"CarryRequestContext broker must be a taskiq broker, not {broker!r}."
+    )
+
+
+def test_a_task_kicked_in_a_mounted_app_builds_the_links_its_route_builds() -> None:
+    """The mount's root path was carried as the app's: in the task, base_url
+    was http://localhost:8000/v1/ and url_for gave /v1/v1/items/9."""
+    broker = InMemoryBroker()
+
+    def links(request: Request) -> dict[str, str]:
+        return {
+            "url": request.url.path,
+            "base_url": request.base_url.path,
+            "mounted": request.url_for("item", item_id=9).path,
+            "top": request.url_for("top").path,
+        }
+
+    @broker.task
+    async def task(seen: Annotated[dict[str, str], Depends(links)]) -> Any:
+        return seen
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker)
+    sub = FastAPI()
+
+    @app.get("/top")
+    async def top() -> None: ...
+
+    @sub.get("/items/{item_id}")
+    async def item(
+        item_id: int, seen: Annotated[dict[str, str], Depends(links)]
+    ) -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"route": seen, "task": result.return_value}
+
+    app.mount("/v1", sub)
+    got = get(app, "/v1/items/5")
+    assert got["route"] == {
+        "url": "/v1/items/5", "base_url": "/", "mounted": "/v1/items/9", "top": "/top",
+    }  # fmt: skip
+    assert got["task"] == got["route"]

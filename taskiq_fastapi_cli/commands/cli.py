@@ -146,6 +146,18 @@ def _not_negative(value: float) -> float:
     return value
 
 
+def _port(value: str) -> int:
+    # Typer 0.29's own words for a bad int ("Input should be a valid integer,
+    # unable to parse string as an integer") name no value.
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise typer.BadParameter(f"{value!r} is not a port: expected 1 to 65535.")
+    return port
+
+
 def _positive(value: float) -> float:
     # Passed on, 0, a negative value or nan made urllib fail, which the health
     # command reported as a worker that is not live (exit 1, not 2).
@@ -235,8 +247,7 @@ def worker(
             "--health-port",
             envvar=HEALTH_PORT_ENV,
             metavar="PORT",
-            min=1,
-            max=65535,
+            parser=_port,
             help="Serve /readyz and /livez on this port from the main process, "
             "for container probes (see `taskiq-fastapi health`).",
         ),
@@ -367,8 +378,7 @@ def health(
             "--port",
             envvar=HEALTH_PORT_ENV,
             metavar="PORT",
-            min=1,
-            max=65535,
+            parser=_port,
             help="The worker's --health-port.",
         ),
     ],
