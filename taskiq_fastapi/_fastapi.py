@@ -26,7 +26,7 @@ from fastapi.dependencies.utils import (
 )
 from fastapi.security.base import SecurityBase
 from pydantic import AliasChoices, AliasPath, BaseModel
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 
 __all__ = [
@@ -69,28 +69,29 @@ class RequestOnly(NamedTuple):
     """A value of a dependency that only an HTTP request has.
 
     `part` says which part of a carried request context provides it:
-    "query", "path", "header" (from any one of `headers`, lower case) or
-    "cookie" (from the cookie header); None when none can.
+    "query" (from any one of `names`), "path", "header" (from any one of
+    `names`, lower case) or "cookie" (from the cookie header); None when
+    none can.
     """
 
     name: str
     what: str
     default: Any
     part: str | None
-    headers: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
 
 
 def request_only_parameters(dependant: Dependant) -> Iterator[RequestOnly]:
     """Each value of `dependant` (not of its dependencies) only a request has."""
 
-    def of(field: Any, part: str | None, headers: frozenset[str] = frozenset()) -> Any:
+    def of(field: Any, part: str | None, names: frozenset[str] = frozenset()) -> Any:
         what = f"a {type(field.field_info).__name__} parameter"
-        return RequestOnly(field.name, what, field.field_info.default, part, headers)
+        return RequestOnly(field.name, what, field.field_info.default, part, names)
 
     for field in dependant.path_params:
         yield of(field, "path")
     for field in dependant.query_params:
-        yield of(field, "query")
+        yield from (of(field, "query", names) for names in _query_names(field))
     for field in dependant.header_params:
         yield from (of(field, "header", names) for names in _header_names(field))
     for field in dependant.cookie_params:
@@ -126,16 +127,44 @@ def _header_names(field: Any) -> Iterator[frozenset[str]]:
     # for one): ask this one, offering each name it might take alone.
     names = _names(field.name, field.field_info, convert)
     candidates = names | {str(field.alias).lower(), field.name.lower()}
-    read = frozenset(name for name in candidates if _reads(field, name))
+    read = frozenset(
+        name for name in candidates if _reads(field, Headers({name: _PROBE}))
+    )
     yield read or names
+
+
+def _query_names(field: Any) -> Iterator[frozenset[str]]:
+    """The query parameters a Query parameter reads, each as the names that serve.
+
+    As FastAPI reads them (case-sensitive, no underscore conversion); a
+    Pydantic model read from the query reads each of its required fields.
+    """
+    model = field.field_info.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        for name, info in model.model_fields.items():
+            if info.is_required():
+                yield frozenset({info.alias or name})
+        return
+    alias = field.field_info.validation_alias
+    candidates = {str(field.alias), field.name}
+    if isinstance(alias, AliasChoices):
+        candidates |= {
+            str(c.path[0] if isinstance(c, AliasPath) else c) for c in alias.choices
+        }
+    elif isinstance(alias, str):
+        candidates.add(alias)
+    read = frozenset(
+        name for name in candidates if _reads(field, QueryParams({name: _PROBE}))
+    )
+    yield read or frozenset({str(field.alias)})
 
 
 _PROBE = "taskiq-fastapi-probe"
 
 
-def _reads(field: Any, name: str) -> bool:
-    """Whether FastAPI reads the header parameter `field` from header `name`."""
-    values, errors = request_params_to_args([field], Headers({name: _PROBE}))
+def _reads(field: Any, source: Headers | QueryParams) -> bool:
+    """Whether FastAPI reads the parameter `field` from the one value in `source`."""
+    values, errors = request_params_to_args([field], source)
     if any(error.get("type") != "missing" for error in errors):
         return True  # it read the value, and could not parse it
     return not errors and values.get(field.name) == _PROBE

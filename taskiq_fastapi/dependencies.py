@@ -101,17 +101,17 @@ class Node:
 class CarriedNeed:
     """A query, header, cookie or path parameter of a dependency.
 
-    The request that kicked the task has it when the app carries it: query
-    and path always, a header or a cookie only when the app's
-    `CarryRequestContext` carries that header (`host` is always there: the
-    worker's base URL).
+    The request that kicked the task has it when the app carries it: path
+    always, a query parameter when the app's `CarryRequestContext` carries
+    one of `names`, a header or a cookie only when it carries that header
+    (one of `names`; `host` is always there: the worker's base URL).
     """
 
     owner: str
     parameter: str
     what: str
     part: str
-    headers: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
 
     def problem(self, task_name: str, carry: CarrySettings | None) -> str | None:
         """What stops the worker, given what the app carries; None if nothing."""
@@ -120,25 +120,40 @@ class CarriedNeed:
                 f"Task {task_name!r}: parameter {self.parameter!r} of {self.owner} "
                 f"is {self.what}, which only an HTTP request has{_CARRY_HINT}."
             )
-        if self.part in ("query", "path") or "host" in self.headers:
+        if self.part == "query":
+            return self._query_problem(task_name, carry)
+        if self.part == "path" or "host" in self.names:
             return None
-        if any(carry.carries_header(name) for name in self.headers):
+        if any(carry.carries_header(name) for name in self.names):
             return None
-        names = " or ".join(repr(name) for name in sorted(self.headers))
+        names = " or ".join(repr(name) for name in sorted(self.names))
         if self.part == "cookie":
             subject = f"cookie {self.parameter!r}"
         else:
             subject = f"header {names}"
-        if self.headers <= NEVER_CARRIED:
+        if self.names <= NEVER_CARRIED:
             why = "it describes how the request was sent, so no app carries it"
         else:
             why = f"{carry!r} does not name the {names} header"
             if carry.headers.everything and any(
-                looks_like_a_credential(name) for name in self.headers
+                looks_like_a_credential(name) for name in self.names
             ):
                 why += ', and "*" leaves out headers that look like credentials'
             why += " (name it in headers=[...] to carry it)"
         return f"Task {task_name!r}: {subject} of {self.owner} is not carried: {why}."
+
+    def _query_problem(self, task_name: str, carry: CarrySettings) -> str | None:
+        if not self.names or any(carry.carries_query(name) for name in self.names):
+            return None
+        names = " or ".join(repr(name) for name in sorted(self.names))
+        why = f"{carry!r} does not carry the {names} query parameter"
+        if carry.query.everything:
+            why += ': "*" leaves out query parameters that look like credentials'
+        why += " (name it in query=[...] to carry it)"
+        return (
+            f"Task {task_name!r}: query parameter {names} of {self.owner} is not "
+            f"carried: {why}."
+        )
 
 
 @dataclass
@@ -437,7 +452,7 @@ class _Planner:
         ):
             if name is not None:
                 yield Node(name, "request", "Request")
-        for name, what, default, part, headers in _fastapi.request_only_parameters(
+        for name, what, default, part, names in _fastapi.request_only_parameters(
             dependant
         ):
             need = None
@@ -451,7 +466,7 @@ class _Planner:
             elif part is None:
                 self.problem(call, name, f"is {what}, which only an HTTP request has")
             else:
-                need = CarriedNeed(describe(call), name, what, part, headers)
+                need = CarriedNeed(describe(call), name, what, part, names)
                 self.needs_carried.append(need)
             target = what.removeprefix("a ")
             if need is None:

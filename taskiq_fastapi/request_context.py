@@ -5,7 +5,8 @@ app adds `CarryRequestContext`. It remembers the request being handled (an
 ASGI middleware setting a context variable, so routes, dependencies and
 `BackgroundTasks` all see it) and adds a taskiq middleware to the broker that
 writes what is chosen into a label of each message kicked meanwhile: method,
-path, root path, path parameters, query string and the named headers. Labels
+path, root path, path parameters, the query parameters and headers chosen.
+Labels
 travel in the message with every broker; a worker that does not know this
 label ignores it.
 
@@ -22,6 +23,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from typing import Any
+from urllib.parse import unquote_plus
 from weakref import WeakSet
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,7 +67,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def looks_like_a_credential(name: str) -> bool:
-    """Whether "*" leaves the header out: carried only when named."""
+    """Whether "*" leaves the header or query parameter out: carried only when named."""
     return _credential(name.lower().encode("latin-1", "replace"))
 
 
@@ -140,11 +142,52 @@ class _HeaderChoice:
         ]
 
 
+class _QueryChoice:
+    """Which query parameters to carry: the named ones, or all but credentials.
+
+    The same rule as for headers, by name: a webhook's `?token=`, FastAPI's
+    own `APIKeyQuery`, a presigned URL's `signature` would otherwise travel
+    in the broker, in plain text, whatever the headers list said. Names
+    compare as FastAPI reads them: case-sensitive, percent-decoded.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        named = set(names)
+        self.everything = "*" in named
+        self.named = frozenset(named - {"*"})
+
+    def carries(self, name: str) -> bool:
+        """Whether the query parameter `name` is carried."""
+        if name in self.named:
+            return True
+        return self.everything and not looks_like_a_credential(name)
+
+    def __call__(self, query_string: bytes) -> str:
+        """The chosen parameters, as the raw query string they came in."""
+        text = query_string.decode("latin-1")
+        if not text:
+            return text
+        # Split as Starlette's QueryParams does (`parse_qsl`, on "&" only).
+        kept = [
+            part
+            for part in text.split("&")
+            if self.carries(unquote_plus(part.partition("=")[0]))
+        ]
+        return "&".join(kept)
+
+
 class CarrySettings:
     """What one app carries: its `CarryRequestContext` arguments, checked."""
 
-    def __init__(self, headers: Iterable[str], max_bytes: int, pass_on: bool) -> None:
+    def __init__(
+        self,
+        headers: Iterable[str],
+        max_bytes: int,
+        pass_on: bool,
+        query: Iterable[str] = ("*",),
+    ) -> None:
         self.names = _header_names(headers)
+        self.query_names = _query_names(query)
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise TypeError(
                 f"CarryRequestContext max_bytes must be a number of bytes, "
@@ -161,6 +204,7 @@ class CarrySettings:
                 f"CarryRequestContext pass_on must be True or False, not {pass_on!r}."
             )
         self.headers = _HeaderChoice(self.names)
+        self.query = _QueryChoice(self.query_names)
         self.max_bytes = max_bytes
         self.pass_on = pass_on
 
@@ -170,8 +214,13 @@ class CarrySettings:
             return False  # not a name any request can have
         return self.headers.carries(name.lower().encode("latin-1"))
 
+    def carries_query(self, name: str) -> bool:
+        """Whether a query parameter of this name reaches the task."""
+        return self.query.carries(name)
+
     def __repr__(self) -> str:
-        return f"CarryRequestContext(headers={self.names!r})"
+        query = "" if self.query_names == ["*"] else f", query={self.query_names!r}"
+        return f"CarryRequestContext(headers={self.names!r}{query})"
 
 
 def _header_names(headers: Iterable[str]) -> list[str]:
@@ -195,6 +244,27 @@ def _header_names(headers: Iterable[str]) -> list[str]:
     return names
 
 
+def _query_names(query: Iterable[str]) -> list[str]:
+    """`query` as a list of parameter names (or "*"), each checked."""
+    if isinstance(query, str):
+        raise TypeError(
+            f"CarryRequestContext query must be a list of names, not the "
+            f"string {query!r}."
+        )
+    try:
+        names = list(query)
+    except TypeError:
+        raise TypeError(
+            f"CarryRequestContext query must be a list of names, not {query!r}."
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"CarryRequestContext query: {name!r} is not a parameter name."
+            )
+    return names
+
+
 # The request the running code serves, with its app's settings, in the API;
 # in a worker task whose kicker passed its context on, what that task carried.
 _current: ContextVar[_Handling | _Carried | None] = ContextVar(
@@ -214,7 +284,7 @@ def _value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, float) else str(value)
 
 
-def _encode(scope: Scope, headers: _HeaderChoice) -> str:
+def _encode(scope: Scope, settings: CarrySettings) -> str:
     """The label for the request in `scope`: JSON text, see `carried_scope`.
 
     The root path carried is the app's, not a mounted app's (Starlette keeps
@@ -231,8 +301,8 @@ def _encode(scope: Scope, headers: _HeaderChoice) -> str:
         f'"path":{_string(scope["path"])},'
         f'"root_path":{_string(root_path)},'
         f'"path_params":{{{params}}},'
-        f'"query_string":{_string(scope.get("query_string", b"").decode("latin-1"))},'
-        f'"headers":[{",".join(headers(scope.get("headers", ())))}]}}'
+        f'"query_string":{_string(settings.query(scope.get("query_string", b"")))},'
+        f'"headers":[{",".join(settings.headers(scope.get("headers", ())))}]}}'
     )
 
 
@@ -256,7 +326,7 @@ class _KickWithContext(TaskiqMiddleware):
         if chosen is None or current.done:
             return message  # not this broker's, or after the request was handled
         scope, settings = chosen
-        encoded = _encode(scope, settings.headers)
+        encoded = _encode(scope, settings)
         size = len(encoded.encode())
         if size > settings.max_bytes:
             raise RequestContextTooLargeError(
@@ -340,7 +410,9 @@ class CarryRequestContext:
     all except credentials (`authorization`, `cookie`, `proxy-authorization`,
     `x-api-key`, and any header whose name has a word such as token, secret,
     key, auth, session, password, signature, csrf or jwt in it), which are
-    carried only when named. `max_bytes` bounds what one message carries:
+    carried only when named. `query` names the query parameters to carry;
+    its default `"*"` carries all but those whose names look like
+    credentials, by the same rule. `max_bytes` bounds what one message carries:
     over it, `.kiq()` raises. With `pass_on`, a task that kicks another task
     in the worker passes on what it was kicked with. The settings are this
     app's: other apps on the same broker carry what they name.
@@ -354,11 +426,12 @@ class CarryRequestContext:
         headers: Iterable[str] = (),
         max_bytes: int = DEFAULT_MAX_BYTES,
         pass_on: bool = False,
+        query: Iterable[str] = ("*",),
     ) -> None:
         require_broker("CarryRequestContext", broker)
         self.app = app
         self.broker = broker
-        self.settings = CarrySettings(headers, max_bytes, pass_on)
+        self.settings = CarrySettings(headers, max_bytes, pass_on, query)
         if broker not in _labelling:
             _labelling.add(broker)
             broker.add_middlewares(_KickWithContext())
@@ -473,6 +546,7 @@ def carried(app: Any, broker: AsyncBroker) -> CarrySettings | None:
             headers,
             options.get("max_bytes", DEFAULT_MAX_BYTES),
             options.get("pass_on", False),
+            options.get("query", ("*",)),
         )
     except (TypeError, ValueError) as exc:
         raise AppStartupError(

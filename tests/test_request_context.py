@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import pytest
 from fastapi import (
@@ -21,12 +22,19 @@ from fastapi import (
     Path as PathParam,
 )
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import AliasChoices, BaseModel
+from starlette.datastructures import QueryParams
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 
 import taskiq_fastapi
 from taskiq_fastapi import dependencies
-from taskiq_fastapi.request_context import LABEL
+from taskiq_fastapi.request_context import (
+    LABEL,
+    CarrySettings,
+    looks_like_a_credential,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -460,6 +468,74 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
     )
 
 
+QUERY = "/users/1/seen?page=2&api_key=sk_live_SECRET&q=x&access_token=tok_SECRET&sig=s1"
+
+
+def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
+    """FastAPI's own APIKeyQuery, a webhook's ?token=, a presigned URL's
+    signature: the whole query string went into the broker whatever the
+    headers list said."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["x-request-id"]})
+    labels: list[str] = []
+
+    class Spy(TaskiqMiddleware):
+        def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+            labels.append(str(message.labels))
+            return message
+
+    broker.add_middlewares(Spy())
+    seen = get(app, QUERY)
+    assert seen["query"] == {"page": "2", "q": "x"}
+    assert labels
+    assert not any("SECRET" in label or "sig=" in label for label in labels)
+    # Named, a credential is carried; naming some carries only those.
+    app, _ = make_app(InMemoryBroker(), carry={"query": ["*", "api_key"]})
+    assert get(app, QUERY)["query"] == {
+        "page": "2",
+        "q": "x",
+        "api_key": "sk_live_SECRET",
+    }
+    app, _ = make_app(InMemoryBroker(), carry={"query": ["page"]})
+    assert get(app, QUERY)["query"] == {"page": "2"}
+    app, _ = make_app(InMemoryBroker(), carry={"query": []})
+    assert get(app, QUERY)["query"] == {}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["page", "q", "api_key", "token", "Sort", "a b", "ünï", ""])
+            | st.text(max_size=8),
+            st.text(max_size=8),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from([["*"], ["*", "token"], ["page", "a b"], []]),
+)
+def test_the_carried_query_is_what_starlette_reads_minus_what_is_left_out(
+    pairs: list[tuple[str, str]], names: list[str]
+) -> None:
+    """Starlette as the oracle: what the task reads is what the route read,
+    in order and repeated, minus the parameters the choice leaves out."""
+    raw = urlencode(pairs).encode("latin-1", "replace")
+    chosen = CarrySettings([], 8192, False, names).query(raw)
+    expected = [
+        (name, value)
+        for name, value in QueryParams(raw.decode("latin-1")).multi_items()
+        if name in names or ("*" in names and not looks_like_a_credential(name))
+    ]
+    assert QueryParams(chosen).multi_items() == expected
+
+
+@pytest.mark.parametrize("query", ["page", [3], [""], 5])
+def test_a_query_choice_that_is_not_a_list_of_names_is_refused(query: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="CarryRequestContext query"):
+        taskiq_fastapi.CarryRequestContext(
+            FastAPI(), broker=InMemoryBroker(), query=query
+        )
+
+
 class Trace(BaseModel):
     x_request_id: str
     x_span: str = "none"
@@ -532,6 +608,74 @@ def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
     )
     with pytest.raises(taskiq_fastapi.DependencyError, match=r"header .* not carried"):
         dependencies.check(broker, carry=credential)
+
+
+class Paging(BaseModel):
+    api_key: str
+    page: int = 1
+
+
+def query_readers() -> dict[str, Any]:
+    """Each way FastAPI reads a query parameter, reading `api_key`."""
+
+    def by_name(api_key: Annotated[str, Query()]) -> str:
+        return api_key
+
+    def by_alias(key: Annotated[str, Query(alias="api_key")]) -> str:
+        return key
+
+    def by_validation_alias(
+        key: Annotated[str, Query(validation_alias="api_key")],
+    ) -> str:
+        return key
+
+    def by_model(paging: Annotated[Paging, Query()]) -> str:
+        return paging.api_key
+
+    return {
+        "name": by_name,
+        "alias": by_alias,
+        "validation_alias": by_validation_alias,
+        "model": by_model,
+    }
+
+
+@pytest.mark.parametrize("query", [["*"], ["*", "api_key"], ["api_key"], ["page"]])
+@pytest.mark.parametrize("way", list(query_readers()))
+def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
+    way: str, query: list[str]
+) -> None:
+    """FastAPI as the oracle: the check finds a problem exactly when the
+    task, kicked from a request that has the parameter, fails for lack of it."""
+    broker = InMemoryBroker()
+    reader = query_readers()[way]
+
+    @broker.task
+    async def task(key: Annotated[str, Depends(reader)]) -> str:
+        return key
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker, query=query)
+
+    @app.get("/kick")
+    async def kick() -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"value": result.return_value, "error": str(result.error or "")}
+
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    try:
+        dependencies.check(broker, carry=carry)
+    except taskiq_fastapi.DependencyError as exc:
+        problem: str | None = str(exc)
+    else:
+        problem = None
+    got = get(app, "/kick?api_key=k1&page=2")
+    works = got == {"value": "k1", "error": ""}
+    assert (problem is None) == works, (problem, got)
+    assert works == ("api_key" in query)
+    if problem is not None:
+        assert "query parameter 'api_key' of " in problem
+        assert "(name it in query=[...] to carry it)" in problem
 
 
 def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
