@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from taskiq.kicker import AsyncKicker
-from workers import COMMAND, TESTS_DIR, WorkerRun, get_json
+from workers import COMMAND, TESTS_DIR, WorkerRun, commands_tmpdir, get_json
 
 import taskiq_fastapi
 from tools.processes import free_port
@@ -173,7 +173,7 @@ async def test_counts_of_every_process_summed_across_a_kill_and_a_new_run(
         await run.sender.shutdown()
     assert run.stop(m.worker) == 0
     assert list(temp.iterdir()) == []
-    del run.env["TMPDIR"]
+    run.env["TMPDIR"] = commands_tmpdir()  # the suite's own again
 
     # The next run of the command starts from nothing.
     again = Metrics(run, "--workers", "1")

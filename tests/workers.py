@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -33,6 +37,19 @@ UVICORN = str(Path(sys.executable).with_name("uvicorn"))
 # The worker app's broker, task module and app, as the command takes them.
 BROKER = ["workerapp.broker:broker", "workerapp.tasks"]
 APP = ["--app", "workerapp.app:app"]
+
+
+@functools.cache
+def commands_tmpdir() -> str:
+    """TMPDIR of the commands this test process runs, removed when it exits.
+
+    A command the suite kills (SIGKILL to its group) leaves its --metrics
+    directory behind, as documented; here, not in the machine's /tmp. Short,
+    as the fork server's socket lives there too (AF_UNIX paths are short).
+    """
+    path = tempfile.mkdtemp(prefix="tqf-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def get_json(url: str, timeout: float = 30) -> Any:
@@ -73,6 +90,7 @@ class WorkerRun:
             "PYTHONUNBUFFERED": "1",
             # A command that hangs shows each process's stack (`exit_status`).
             "PYTHONFAULTHANDLER": "1",
+            "TMPDIR": commands_tmpdir(),
         }
         self.env.pop("TASKIQ_TEST_SENTINEL", None)
         self.env.pop("TASKIQ_TEST_CLUSTER", None)
