@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -45,6 +46,10 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
         parts = urlsplit(base_url)
         hostname = parts.hostname
         has_user = parts.username is not None or parts.password is not None
+        if hostname is not None and "[" in parts.netloc:
+            # Python 3.11.4+ refuses a bracketed host that is no IP address
+            # itself, as it splits; earlier ones took any text.
+            ipaddress.ip_address(hostname)
     except ValueError as exc:
         raise ValueError(f"{invalid}: {exc}.") from exc
     if parts.scheme not in _DEFAULT_PORTS or not hostname:
