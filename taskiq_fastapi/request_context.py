@@ -119,13 +119,18 @@ class _HeaderChoice:
     """Which headers to carry: the named ones, or all but credentials with "*".
 
     ASGI servers give header names in lower case, so names compare as bytes.
+    "*" also leaves out a header whose value has a query string holding a
+    parameter `query` leaves out: proxies pass the request's own URI on
+    (X-Forwarded-Uri, X-Original-URI), query string and all, and the
+    `?token=` left out of the carried query would travel there instead.
     """
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], query: _QueryChoice) -> None:
         named = {name.lower() for name in names}
         self.everything = "*" in named
         wanted = (named - {"*"}) - NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
+        self.query = query
 
     def carries(self, name: bytes) -> bool:
         """Whether the header `name` (lower case) is carried."""
@@ -133,12 +138,22 @@ class _HeaderChoice:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
 
+    def _keeps(self, name: bytes, value: bytes) -> bool:
+        if name in self.named:
+            return True
+        if not self.carries(name):
+            return False
+        if b"?" not in value:
+            return True
+        query = value.partition(b"?")[2].partition(b"#")[0]
+        return self.query.carries_all(query.decode("latin-1"))
+
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""
         return [
             f"[{_string(name.decode('latin-1'))},{_string(value.decode('latin-1'))}]"
             for name, value in headers
-            if self.carries(name)
+            if self._keeps(name, value)
         ]
 
 
@@ -162,18 +177,21 @@ class _QueryChoice:
             return True
         return self.everything and not looks_like_a_credential(name)
 
+    def _carried(self, part: str) -> bool:
+        """Whether one `name=value` part of a query string is carried."""
+        return self.carries(unquote_plus(part.partition("=")[0]))
+
+    def carries_all(self, text: str) -> bool:
+        """Whether every parameter of the query string `text` is carried."""
+        return all(self._carried(part) for part in text.split("&") if part)
+
     def __call__(self, query_string: bytes) -> str:
         """The chosen parameters, as the raw query string they came in."""
         text = query_string.decode("latin-1")
         if not text:
             return text
         # Split as Starlette's QueryParams does (`parse_qsl`, on "&" only).
-        kept = [
-            part
-            for part in text.split("&")
-            if self.carries(unquote_plus(part.partition("=")[0]))
-        ]
-        return "&".join(kept)
+        return "&".join(part for part in text.split("&") if self._carried(part))
 
 
 class CarrySettings:
@@ -203,8 +221,8 @@ class CarrySettings:
             raise TypeError(
                 f"CarryRequestContext pass_on must be True or False, not {pass_on!r}."
             )
-        self.headers = _HeaderChoice(self.names)
         self.query = _QueryChoice(self.query_names)
+        self.headers = _HeaderChoice(self.names, self.query)
         self.max_bytes = max_bytes
         self.pass_on = pass_on
 

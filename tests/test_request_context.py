@@ -471,6 +471,22 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
 QUERY = "/users/1/seen?page=2&api_key=sk_live_SECRET&q=x&access_token=tok_SECRET&sig=s1"
 
 
+class Spy(TaskiqMiddleware):
+    """Records each message's labels as sent, once every middleware wrote its own.
+
+    In `post_send`: the app adds its label-writer to the broker only when its
+    middleware stack is built, after a spy added with the app, so a spy's
+    `pre_send` saw the message before the label was written.
+    """
+
+    def __init__(self, labels: list[str]) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        self.labels.append(str(message.labels))
+
+
 def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     """FastAPI's own APIKeyQuery, a webhook's ?token=, a presigned URL's
     signature: the whole query string went into the broker whatever the
@@ -479,15 +495,11 @@ def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     app, _ = make_app(broker, carry={"headers": ["x-request-id"]})
     labels: list[str] = []
 
-    class Spy(TaskiqMiddleware):
-        def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
-            labels.append(str(message.labels))
-            return message
-
-    broker.add_middlewares(Spy())
+    broker.add_middlewares(Spy(labels))
     seen = get(app, QUERY)
     assert seen["query"] == {"page": "2", "q": "x"}
     assert labels
+    assert all(LABEL in label for label in labels)
     assert not any("SECRET" in label or "sig=" in label for label in labels)
     # Named, a credential is carried; naming some carries only those.
     app, _ = make_app(InMemoryBroker(), carry={"query": ["*", "api_key"]})
@@ -500,6 +512,43 @@ def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     assert get(app, QUERY)["query"] == {"page": "2"}
     app, _ = make_app(InMemoryBroker(), carry={"query": []})
     assert get(app, QUERY)["query"] == {}
+
+
+URI_HEADERS = {
+    # Traefik's ForwardAuth, nginx's auth_request, IIS, Envoy: the request's
+    # own URI, query string and all; a Referer holds the page's.
+    "X-Forwarded-Uri": "/users/1/seen?page=2&token=tok_SECRET",
+    "X-Original-URI": "/users/1/seen?page=2&token=tok_SECRET",
+    "X-Original-URL": "https://api.example/users/1/seen?api_key=sk_SECRET",
+    "X-Envoy-Original-Path": "/users/1/seen?sig=sig_SECRET",
+    "Referer": "https://app.example/login?access_token=tok_SECRET#top",
+}
+
+
+def test_star_carries_no_header_holding_a_query_parameter_left_out() -> None:
+    """A URI in a header held the query credentials the query choice left
+    out: `?token=` was dropped from the query string and carried, under
+    "*", in X-Forwarded-Uri. A URI whose query the choice carries whole
+    still is, and a header named one by one is carried as it is."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["*"]})
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    plain = {"X-Next": "/users/2?page=3", "X-Request-ID": "a?b"}
+    seen = get(app, "/users/1/seen?page=2", headers={**URI_HEADERS, **plain})
+    assert {"x-next", "x-request-id"} <= seen["headers"].keys()
+    assert not seen["headers"].keys() & {name.lower() for name in URI_HEADERS}
+    assert labels
+    assert all(LABEL in label for label in labels)
+    assert not any("SECRET" in label for label in labels)
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*", "referer"]})
+    seen = get(app, "/users/1/seen", headers=URI_HEADERS)
+    assert seen["headers"]["referer"] == URI_HEADERS["Referer"]
+    assert "x-forwarded-uri" not in seen["headers"]
+    # Carried when the query choice carries every parameter of the URI.
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"], "query": ["*", "token"]})
+    seen = get(app, "/users/1/seen", headers=URI_HEADERS)
+    assert seen["headers"]["x-forwarded-uri"] == URI_HEADERS["X-Forwarded-Uri"]
 
 
 @given(
