@@ -24,7 +24,7 @@ from fastapi import (
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import AliasChoices, BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 from starlette.datastructures import QueryParams
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 
@@ -689,7 +689,9 @@ def query_readers() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("query", [["*"], ["*", "api_key"], ["api_key"], ["page"]])
+@pytest.mark.parametrize(
+    "query", [["*"], ["*", "api_key"], ["api_key", "page"], ["page"]]
+)
 @pytest.mark.parametrize("way", list(query_readers()))
 def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
     way: str, query: list[str]
@@ -725,6 +727,65 @@ def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
     if problem is not None:
         assert "query parameter 'api_key' of " in problem
         assert "(name it in query=[...] to carry it)" in problem
+
+
+class OptionalKey(BaseModel):
+    api_key: str | None = None
+
+
+class KeyByValidationAlias(BaseModel):
+    key: str = Field(validation_alias="api_key")
+
+
+def model_readers() -> dict[str, Any]:
+    """Query models whose `api_key` field the check read wrongly."""
+
+    def optional(model: Annotated[OptionalKey, Query()]) -> Any:
+        return model.api_key
+
+    def validation_alias(model: Annotated[KeyByValidationAlias, Query()]) -> Any:
+        return model.key
+
+    return {"optional": optional, "validation_alias": validation_alias}
+
+
+@pytest.mark.parametrize("query", [["*"], ["*", "api_key"]])
+@pytest.mark.parametrize("way", list(model_readers()))
+def test_the_check_of_a_query_model_agrees_with_the_route(
+    way: str, query: list[str]
+) -> None:
+    """The same dependency in a route and in a task: the check passes exactly
+    when the task gets what the route got. An optional field left out passed
+    the check and the task got None; a field read by its validation alias
+    was looked for by its name, so naming the alias was refused."""
+    broker = InMemoryBroker()
+    reader = model_readers()[way]
+
+    @broker.task
+    async def task(key: Annotated[Any, Depends(reader)]) -> Any:
+        return key
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker, query=query)
+
+    @app.get("/kick")
+    async def kick(key: Annotated[Any, Depends(reader)]) -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"route": key, "task": result.return_value}
+
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    try:
+        dependencies.check(broker, carry=carry)
+    except taskiq_fastapi.DependencyError as exc:
+        problem: str | None = str(exc)
+    else:
+        problem = None
+    got = get(app, "/kick?api_key=k1")
+    assert got["route"] == "k1"
+    assert (problem is None) == (got["task"] == "k1"), (problem, got)
+    assert (problem is None) == ("api_key" in query), problem
+    if problem is not None:
+        assert "query parameter 'api_key' of " in problem
 
 
 def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
