@@ -25,12 +25,17 @@ def resolve_base_url(base_url: str | None) -> str:
 
 
 def _shown(base_url: str) -> str:
-    """The URL as an error names it: a user or password in it is masked."""
-    scheme, sep, rest = base_url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
-    return base_url
+    """The URL as an error names it: what may be a user or password is masked.
+
+    Everything before the last "@", as the URL is refused: a password with a
+    "/" in it ends urllib's authority early, and one in a URL without "//"
+    is not an authority at all, yet both are what the user meant as one.
+    """
+    before, at, after = base_url.rpartition("@")
+    if not at:
+        return base_url
+    scheme, sep, _ = before.partition("://")
+    return f"{scheme}{sep}***@{after}" if sep else f"***@{after}"
 
 
 def base_url_scope(base_url: str) -> dict[str, Any]:
