@@ -38,6 +38,18 @@ def _shown(base_url: str) -> str:
     return f"{scheme}{sep}***@{after}" if sep else f"***@{after}"
 
 
+def _refusal(invalid: str, base_url: str, exc: ValueError, instead: str) -> ValueError:
+    """urllib's refusal, or `instead` of its words when the URL has a part masked.
+
+    urllib quotes what it could not read: the port, which for a password with
+    a "/" in it is the password's start, or the whole netloc. The error is
+    raised `from None`, so no traceback shows urllib's own.
+    """
+    if _shown(base_url) == base_url:
+        return ValueError(f"{invalid}: {exc}.")
+    return ValueError(f"{invalid}: {instead}.")
+
+
 def base_url_scope(base_url: str) -> dict[str, Any]:
     """Scope keys describing where the API is served; its path becomes the root path.
 
@@ -51,7 +63,7 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
         hostname = parts.hostname
         has_user = parts.username is not None or parts.password is not None
     except ValueError as exc:
-        raise ValueError(f"{invalid}: {exc}.") from exc
+        raise _refusal(invalid, base_url, exc, "urllib cannot read it") from None
     if parts.scheme not in _DEFAULT_PORTS or not hostname:
         raise ValueError(f"{invalid}: expected http(s)://host[:port][/root/path].")
     if parts.query or parts.fragment:
@@ -64,7 +76,9 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
     try:
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise ValueError(f"{invalid}: {exc}.") from exc
+        raise _refusal(
+            invalid, base_url, exc, "its port is not a number from 0 to 65535"
+        ) from None
     try:
         host_header = parts.netloc.encode("idna")
     except UnicodeError as exc:

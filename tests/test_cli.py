@@ -312,7 +312,7 @@ BAD_INPUTS = [
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--base-url", "http://deploy:pa/ss@api.example.com"], 2,
      "Error: --base-url: Invalid base URL 'http://***@api.example.com': "
-     "Port could not be cast to integer value as 'pa'."),
+     "its port is not a number from 0 to 65535."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--base-url", "deploy:s3cret@api.example.com"], 2,
      "Error: --base-url: Invalid base URL '***@api.example.com': "
