@@ -39,7 +39,7 @@ def _shown(base_url: str) -> str:
 
 
 def _refusal(invalid: str, base_url: str, exc: ValueError, instead: str) -> ValueError:
-    """urllib's refusal, or `instead` of its words when the URL has a part masked.
+    """The refusal in urllib's words, or `instead` when the URL has a part masked.
 
     urllib quotes what it could not read: the port, which for a password with
     a "/" in it is the password's start, or the whole netloc. The error is

@@ -546,7 +546,9 @@ def test_star_carries_no_header_holding_a_query_parameter_left_out() -> None:
     assert seen["headers"]["referer"] == URI_HEADERS["Referer"]
     assert "x-forwarded-uri" not in seen["headers"]
     # Carried when the query choice carries every parameter of the URI.
-    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*"], "query": ["*", "token"]})
+    app, _ = make_app(
+        InMemoryBroker(), carry={"headers": ["*"], "query": ["*", "token"]}
+    )
     seen = get(app, "/users/1/seen", headers=URI_HEADERS)
     assert seen["headers"]["x-forwarded-uri"] == URI_HEADERS["X-Forwarded-Uri"]
 
