@@ -233,7 +233,8 @@ async def test_a_run_without_post_execute_is_timed_to_its_end_not_to_a_flush() -
     assert samples["taskiq_task_execution_seconds_count"] == 1
     assert samples["taskiq_task_execution_seconds_sum"] < 0.25
     ended = {m.name: m for m in counted.metrics.failed.collect()}
-    assert [s.value for s in ended["taskiq_tasks_failed"].samples][0] == 1
+    failed = {s.name: s.value for s in ended["taskiq_tasks_failed"].samples}
+    assert failed["taskiq_tasks_failed_total"] == 1
 
 
 def dashboard_queries_exist(scraped: Samples) -> None:
