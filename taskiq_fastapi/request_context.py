@@ -559,18 +559,21 @@ def carried(app: Any, broker: AsyncBroker) -> CarrySettings | None:
     )
     options = getattr(middleware, "kwargs", {})
     headers = options.get("headers", ())
+    query = options.get("query", ("*",))
     try:
         settings = CarrySettings(
             headers,
             options.get("max_bytes", DEFAULT_MAX_BYTES),
             options.get("pass_on", False),
-            options.get("query", ("*",)),
+            query,
         )
     except (TypeError, ValueError) as exc:
         raise AppStartupError(
             f"The app's CarryRequestContext is invalid: {exc}"
         ) from None
+    # Read once here: the middleware, built later, reads a list.
     if isinstance(headers, Iterator):
-        # Read once here: the middleware, built later, reads a list.
         options["headers"] = settings.names
+    if isinstance(query, Iterator):
+        options["query"] = settings.query_names
     return settings

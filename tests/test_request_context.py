@@ -865,6 +865,17 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     assert seen == {"host": "localhost:8000", "x-request-id": "req-42"}
 
 
+def test_a_query_choice_given_as_an_iterator_is_read_once_and_carried() -> None:
+    """As headers: the check read the iterator, and the middleware, built
+    after it, found it empty and carried no query parameter."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"query": iter(["page"])})
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    assert carry is not None
+    assert carry.query_names == ["page"]
+    assert get(app, "/users/1/seen?page=2&q=x")["query"] == {"page": "2"}
+
+
 @pytest.mark.parametrize("max_bytes", [0, -1])
 def test_max_bytes_below_one_is_one_clear_error(max_bytes: int) -> None:
     """max_bytes=0 was taken, and then every kick a request made raised."""
