@@ -119,10 +119,12 @@ class _HeaderChoice:
     """Which headers to carry: the named ones, or all but credentials with "*".
 
     ASGI servers give header names in lower case, so names compare as bytes.
-    "*" also leaves out a header whose value has a query string holding a
-    parameter `query` leaves out: proxies pass the request's own URI on
-    (X-Forwarded-Uri, X-Original-URI), query string and all, and the
-    `?token=` left out of the carried query would travel there instead.
+    A header carried by "*" whose value has a query string carries it as
+    `query` does: proxies pass the request's own URI on (X-Forwarded-Uri,
+    X-Original-URI), query string and all, and the `?token=` left out of the
+    carried query would travel there instead. Cut, not left out: the check
+    cannot know a header's value, and a task reading the header would fail
+    on some requests only.
     """
 
     def __init__(self, names: Iterable[str], query: _QueryChoice) -> None:
@@ -138,22 +140,20 @@ class _HeaderChoice:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
 
-    def _keeps(self, name: bytes, value: bytes) -> bool:
-        if name in self.named:
-            return True
-        if not self.carries(name):
-            return False
-        if b"?" not in value:
-            return True
-        query = value.partition(b"?")[2].partition(b"#")[0]
-        return self.query.carries_all(query.decode("latin-1"))
+    def _value(self, name: bytes, value: bytes) -> str:
+        text = value.decode("latin-1")
+        if name in self.named or "?" not in text:
+            return text
+        head, _, rest = text.partition("?")
+        query, hash_, fragment = rest.partition("#")
+        return f"{head}?{self.query.kept(query)}{hash_}{fragment}"
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""
         return [
-            f"[{_string(name.decode('latin-1'))},{_string(value.decode('latin-1'))}]"
+            f"[{_string(name.decode('latin-1'))},{_string(self._value(name, value))}]"
             for name, value in headers
-            if self._keeps(name, value)
+            if self.carries(name)
         ]
 
 
@@ -177,21 +177,18 @@ class _QueryChoice:
             return True
         return self.everything and not looks_like_a_credential(name)
 
-    def _carried(self, part: str) -> bool:
-        """Whether one `name=value` part of a query string is carried."""
-        return self.carries(unquote_plus(part.partition("=")[0]))
-
-    def carries_all(self, text: str) -> bool:
-        """Whether every parameter of the query string `text` is carried."""
-        return all(self._carried(part) for part in text.split("&") if part)
+    def kept(self, text: str) -> str:
+        """The chosen parameters of the query string `text`, as they came."""
+        # Split as Starlette's QueryParams does (`parse_qsl`, on "&" only).
+        return "&".join(
+            part
+            for part in text.split("&")
+            if self.carries(unquote_plus(part.partition("=")[0]))
+        )
 
     def __call__(self, query_string: bytes) -> str:
         """The chosen parameters, as the raw query string they came in."""
-        text = query_string.decode("latin-1")
-        if not text:
-            return text
-        # Split as Starlette's QueryParams does (`parse_qsl`, on "&" only).
-        return "&".join(part for part in text.split("&") if self._carried(part))
+        return self.kept(query_string.decode("latin-1"))
 
 
 class CarrySettings:
