@@ -993,6 +993,9 @@ def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
         ("poll_interval", float("nan")),
         ("poll_interval", "0.25"),
         ("poll_interval", True),
+        # Each stream sent its first status and then slept for ever: it
+        # never ended, though its task did.
+        ("poll_interval", float("inf")),
     ],
 )
 def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(

@@ -146,9 +146,12 @@ class TaskStatus:
             raise TaskStatusError(
                 f"keep_for={keep_for!r}: expected a timedelta longer than 0."
             )
-        if not _seconds(poll_interval) > 0:
+        # Infinite, each event stream would send its first status, then
+        # nothing, and never end.
+        if not 0 < _seconds(poll_interval) < float("inf"):
             raise TaskStatusError(
-                f"poll_interval={poll_interval!r}: expected seconds, more than 0."
+                f"poll_interval={poll_interval!r}: expected seconds, more than 0 "
+                "and finite."
             )
         storage = record_storage(broker.result_backend, keep_for.total_seconds())
         if storage is None:
