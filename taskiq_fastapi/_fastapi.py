@@ -137,13 +137,15 @@ def _query_names(field: Any) -> Iterator[frozenset[str]]:
     """The query parameters a Query parameter reads, each as the names that serve.
 
     As FastAPI reads them (case-sensitive, no underscore conversion); a
-    Pydantic model read from the query reads each of its required fields.
+    Pydantic model read from the query reads each of its fields by its
+    validation alias, else its alias, else its name. Optional fields too, as
+    an optional `Query()` parameter: a task would get the default where the
+    route got the request's value, with no word at startup.
     """
     model = field.field_info.annotation
     if isinstance(model, type) and issubclass(model, BaseModel):
         for name, info in model.model_fields.items():
-            if info.is_required():
-                yield frozenset({info.alias or name})
+            yield _given_names(name, info) or frozenset({name})
         return
     alias = field.field_info.validation_alias
     candidates = {str(field.alias), field.name}
@@ -171,17 +173,28 @@ def _reads(field: Any, source: Headers | QueryParams) -> bool:
 
 
 def _names(name: str, info: Any, convert: bool) -> frozenset[str]:
+    given = _given_names(name, info)
+    if given:
+        return frozenset(alias.lower() for alias in given)
+    return frozenset({(name.replace("_", "-") if convert else name).lower()})
+
+
+def _given_names(name: str, info: Any) -> frozenset[str]:
+    """A model field's validation alias (each of its choices), else its alias.
+
+    As written (query names are case-sensitive); empty when it has neither.
+    """
     alias = info.validation_alias
     if isinstance(alias, AliasChoices):
         choices = [c.path[0] if isinstance(c, AliasPath) else c for c in alias.choices]
-        return frozenset(str(c).lower() for c in choices)
+        return frozenset(str(c) for c in choices)
     if isinstance(alias, AliasPath):
-        return frozenset({str(alias.path[0]).lower()})
+        return frozenset({str(alias.path[0])})
     if isinstance(alias, str):
-        return frozenset({alias.lower()})
+        return frozenset({alias})
     if info.alias and info.alias != name:
-        return frozenset({info.alias.lower()})
-    return frozenset({(name.replace("_", "-") if convert else name).lower()})
+        return frozenset({info.alias})
+    return frozenset()
 
 
 class RequestRejected(Exception):  # noqa: N818 - a signal to the caller, who words it

@@ -26,12 +26,29 @@ def resolve_base_url(base_url: str | None) -> str:
 
 
 def _shown(base_url: str) -> str:
-    """The URL as an error names it: a user or password in it is masked."""
-    scheme, sep, rest = base_url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
-    return base_url
+    """The URL as an error names it: what may be a user or password is masked.
+
+    Everything before the last "@", as the URL is refused: a password with a
+    "/" in it ends urllib's authority early, and one in a URL without "//"
+    is not an authority at all, yet both are what the user meant as one.
+    """
+    before, at, after = base_url.rpartition("@")
+    if not at:
+        return base_url
+    scheme, sep, _ = before.partition("://")
+    return f"{scheme}{sep}***@{after}" if sep else f"***@{after}"
+
+
+def _refusal(invalid: str, base_url: str, exc: ValueError, instead: str) -> ValueError:
+    """The refusal in urllib's words, or `instead` when the URL has a part masked.
+
+    urllib quotes what it could not read: the port, which for a password with
+    a "/" in it is the password's start, or the whole netloc. The error is
+    raised `from None`, so no traceback shows urllib's own.
+    """
+    if _shown(base_url) == base_url:
+        return ValueError(f"{invalid}: {exc}.")
+    return ValueError(f"{invalid}: {instead}.")
 
 
 def base_url_scope(base_url: str) -> dict[str, Any]:
@@ -51,7 +68,7 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
             # itself, as it splits; earlier ones took any text.
             ipaddress.ip_address(hostname)
     except ValueError as exc:
-        raise ValueError(f"{invalid}: {exc}.") from exc
+        raise _refusal(invalid, base_url, exc, "urllib cannot read it") from None
     if parts.scheme not in _DEFAULT_PORTS or not hostname:
         raise ValueError(f"{invalid}: expected http(s)://host[:port][/root/path].")
     if parts.query or parts.fragment:
@@ -64,7 +81,9 @@ def base_url_scope(base_url: str) -> dict[str, Any]:
     try:
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise ValueError(f"{invalid}: {exc}.") from exc
+        raise _refusal(
+            invalid, base_url, exc, "its port is not a number from 0 to 65535"
+        ) from None
     try:
         host_header = parts.netloc.encode("idna")
     except UnicodeError as exc:

@@ -119,13 +119,20 @@ class _HeaderChoice:
     """Which headers to carry: the named ones, or all but credentials with "*".
 
     ASGI servers give header names in lower case, so names compare as bytes.
+    A header carried by "*" whose value has a query string carries it as
+    `query` does: proxies pass the request's own URI on (X-Forwarded-Uri,
+    X-Original-URI), query string and all, and the `?token=` left out of the
+    carried query would travel there instead. Cut, not left out: the check
+    cannot know a header's value, and a task reading the header would fail
+    on some requests only.
     """
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], query: _QueryChoice) -> None:
         named = {name.lower() for name in names}
         self.everything = "*" in named
         wanted = (named - {"*"}) - NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
+        self.query = query
 
     def carries(self, name: bytes) -> bool:
         """Whether the header `name` (lower case) is carried."""
@@ -133,10 +140,18 @@ class _HeaderChoice:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
 
+    def _value(self, name: bytes, value: bytes) -> str:
+        text = value.decode("latin-1")
+        if name in self.named or "?" not in text:
+            return text
+        head, _, rest = text.partition("?")
+        query, hash_, fragment = rest.partition("#")
+        return f"{head}?{self.query.kept(query)}{hash_}{fragment}"
+
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""
         return [
-            f"[{_string(name.decode('latin-1'))},{_string(value.decode('latin-1'))}]"
+            f"[{_string(name.decode('latin-1'))},{_string(self._value(name, value))}]"
             for name, value in headers
             if self.carries(name)
         ]
@@ -162,18 +177,18 @@ class _QueryChoice:
             return True
         return self.everything and not looks_like_a_credential(name)
 
-    def __call__(self, query_string: bytes) -> str:
-        """The chosen parameters, as the raw query string they came in."""
-        text = query_string.decode("latin-1")
-        if not text:
-            return text
+    def kept(self, text: str) -> str:
+        """The chosen parameters of the query string `text`, as they came."""
         # Split as Starlette's QueryParams does (`parse_qsl`, on "&" only).
-        kept = [
+        return "&".join(
             part
             for part in text.split("&")
             if self.carries(unquote_plus(part.partition("=")[0]))
-        ]
-        return "&".join(kept)
+        )
+
+    def __call__(self, query_string: bytes) -> str:
+        """The chosen parameters, as the raw query string they came in."""
+        return self.kept(query_string.decode("latin-1"))
 
 
 class CarrySettings:
@@ -203,8 +218,8 @@ class CarrySettings:
             raise TypeError(
                 f"CarryRequestContext pass_on must be True or False, not {pass_on!r}."
             )
-        self.headers = _HeaderChoice(self.names)
         self.query = _QueryChoice(self.query_names)
+        self.headers = _HeaderChoice(self.names, self.query)
         self.max_bytes = max_bytes
         self.pass_on = pass_on
 
@@ -541,18 +556,21 @@ def carried(app: Any, broker: AsyncBroker) -> CarrySettings | None:
     )
     options = getattr(middleware, "kwargs", {})
     headers = options.get("headers", ())
+    query = options.get("query", ("*",))
     try:
         settings = CarrySettings(
             headers,
             options.get("max_bytes", DEFAULT_MAX_BYTES),
             options.get("pass_on", False),
-            options.get("query", ("*",)),
+            query,
         )
     except (TypeError, ValueError) as exc:
         raise AppStartupError(
             f"The app's CarryRequestContext is invalid: {exc}"
         ) from None
+    # Read once here: the middleware, built later, reads a list.
     if isinstance(headers, Iterator):
-        # Read once here: the middleware, built later, reads a list.
         options["headers"] = settings.names
+    if isinstance(query, Iterator):
+        options["query"] = settings.query_names
     return settings

@@ -307,6 +307,20 @@ BAD_INPUTS = [
      "Error: --base-url: Invalid base URL 'https://***@api.example.com': "
      "it must not have a user or password (they would be sent as every task's "
      "Host header)."),
+    # Masked only after "://" and before the first "/": a password with a
+    # "/" in it, or a URL without "//", was printed in full.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http://deploy:pa/ss@api.example.com"], 2,
+     "Error: --base-url: Invalid base URL 'http://***@api.example.com': "
+     "its port is not a number from 0 to 65535."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "deploy:s3cret@api.example.com"], 2,
+     "Error: --base-url: Invalid base URL '***@api.example.com': "
+     "expected http(s)://host[:port][/root/path]."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--base-url", "http:deploy:s3cret@api.example.com"], 2,
+     "Error: --base-url: Invalid base URL '***@api.example.com': "
+     "expected http(s)://host[:port][/root/path]."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--broker-retry-timeout", "-1"], 2,
      "Error: Invalid value for '--broker-retry-timeout' (env var: "

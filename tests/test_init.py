@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -168,6 +169,27 @@ async def test_init_with_another_app_is_refused(broker: InMemoryBroker) -> None:
 def test_malformed_base_url_is_refused_at_init(broker: InMemoryBroker) -> None:
     with pytest.raises(ValueError, match=re.escape("Invalid base URL 'ftp://x'")):
         taskiq_fastapi.init(broker, apps.app, base_url="ftp://x")
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://deploy:pa/s3cret@api.example.com",  # urllib: port 'pa'
+        "http://deploy:s3cr\u2100et@api.example.com",  # urllib: NFKC, netloc quoted
+        "http://deploy:s3cret@[::1/",  # urllib: Invalid IPv6 URL
+    ],
+)
+def test_no_part_of_a_password_is_in_the_refusal_or_its_traceback(
+    broker: InMemoryBroker, base_url: str
+) -> None:
+    """The URL was masked in the message, but urllib's own words quoted the
+    port (the password up to a "/") or the whole netloc, in the message and
+    in the chained exception a traceback prints."""
+    with pytest.raises(ValueError, match=re.escape("'http://***@")) as refused:
+        taskiq_fastapi.init(broker, apps.app, base_url=base_url)
+    shown = "".join(traceback.format_exception(refused.value))
+    assert "s3cr" not in shown
+    assert "'pa'" not in shown
 
 
 async def test_request_parameter_without_init_is_untouched(

@@ -206,6 +206,37 @@ async def test_a_run_that_ends_without_post_execute_is_no_longer_in_flight(
     assert m.value("taskiq_task_execution_seconds_count", **named) == 3
 
 
+async def test_a_run_without_post_execute_is_timed_to_its_end_not_to_a_flush() -> None:
+    """A run that skips post_execute was timed when the once-a-second flush
+    found it done: up to a second more than it ran, in the histogram that
+    alerts on slow tasks. In a running loop, as the receiver calls
+    middlewares in its asyncio task."""
+    from taskiq import TaskiqMessage
+
+    from taskiq_fastapi_cli.health.metrics import _Metrics, _TaskMetrics
+
+    counted = _TaskMetrics(_Metrics())
+
+    async def run_skipping_post_execute() -> None:
+        message = TaskiqMessage(
+            task_id="t", task_name="t", labels={}, args=[], kwargs={}
+        )
+        counted.pre_execute(message)
+
+    await asyncio.create_task(run_skipping_post_execute())
+    await asyncio.sleep(0.5)  # the flush comes later
+    counted.flush()
+    families = {m.name: m for m in counted.metrics.execution.collect()}
+    samples = {
+        s.name: s.value for s in families["taskiq_task_execution_seconds"].samples
+    }
+    assert samples["taskiq_task_execution_seconds_count"] == 1
+    assert samples["taskiq_task_execution_seconds_sum"] < 0.25
+    ended = {m.name: m for m in counted.metrics.failed.collect()}
+    failed = {s.name: s.value for s in ended["taskiq_tasks_failed"].samples}
+    assert failed["taskiq_tasks_failed_total"] == 1
+
+
 def dashboard_queries_exist(scraped: Samples) -> None:
     """Every metric a query of the example dashboard names is in the scrape."""
     dashboard = json.loads(DASHBOARD.read_text())

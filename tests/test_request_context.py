@@ -24,7 +24,7 @@ from fastapi import (
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import AliasChoices, BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 from starlette.datastructures import QueryParams
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 
@@ -471,6 +471,22 @@ def test_star_leaves_out_every_header_that_looks_like_a_credential() -> None:
 QUERY = "/users/1/seen?page=2&api_key=sk_live_SECRET&q=x&access_token=tok_SECRET&sig=s1"
 
 
+class Spy(TaskiqMiddleware):
+    """Records each message's labels as sent, once every middleware wrote its own.
+
+    In `post_send`: the app adds its label-writer to the broker only when its
+    middleware stack is built, after a spy added with the app, so a spy's
+    `pre_send` saw the message before the label was written.
+    """
+
+    def __init__(self, labels: list[str]) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        self.labels.append(str(message.labels))
+
+
 def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     """FastAPI's own APIKeyQuery, a webhook's ?token=, a presigned URL's
     signature: the whole query string went into the broker whatever the
@@ -479,15 +495,11 @@ def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     app, _ = make_app(broker, carry={"headers": ["x-request-id"]})
     labels: list[str] = []
 
-    class Spy(TaskiqMiddleware):
-        def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
-            labels.append(str(message.labels))
-            return message
-
-    broker.add_middlewares(Spy())
+    broker.add_middlewares(Spy(labels))
     seen = get(app, QUERY)
     assert seen["query"] == {"page": "2", "q": "x"}
     assert labels
+    assert all(LABEL in label for label in labels)
     assert not any("SECRET" in label or "sig=" in label for label in labels)
     # Named, a credential is carried; naming some carries only those.
     app, _ = make_app(InMemoryBroker(), carry={"query": ["*", "api_key"]})
@@ -500,6 +512,50 @@ def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     assert get(app, QUERY)["query"] == {"page": "2"}
     app, _ = make_app(InMemoryBroker(), carry={"query": []})
     assert get(app, QUERY)["query"] == {}
+
+
+URI_HEADERS = {
+    # Traefik's ForwardAuth, nginx's auth_request, IIS, Envoy: the request's
+    # own URI, query string and all; a Referer holds the page's.
+    "X-Forwarded-Uri": "/users/1/seen?page=2&token=tok_SECRET",
+    "X-Original-URI": "/users/1/seen?page=2&token=tok_SECRET",
+    "X-Original-URL": "https://api.example/users/1/seen?api_key=sk_SECRET",
+    "X-Envoy-Original-Path": "/users/1/seen?sig=sig_SECRET",
+    "Referer": "https://app.example/login?access_token=tok_SECRET#top",
+}
+
+
+def test_star_cuts_the_query_parameters_left_out_from_a_header_uri() -> None:
+    """A URI in a header held the query credentials the query choice left
+    out: `?token=` was dropped from the query string and carried, under
+    "*", in X-Forwarded-Uri. The header is still carried (a task may read
+    it), without them; a header named one by one is carried as it is."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["*"]})
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    plain = {"X-Next": "/users/2?page=3", "X-Request-ID": "a?b"}
+    seen = get(app, "/users/1/seen?page=2", headers={**URI_HEADERS, **plain})
+    assert {name: seen["headers"][name.lower()] for name in [*URI_HEADERS, *plain]} == {
+        "X-Forwarded-Uri": "/users/1/seen?page=2",
+        "X-Original-URI": "/users/1/seen?page=2",
+        "X-Original-URL": "https://api.example/users/1/seen?",
+        "X-Envoy-Original-Path": "/users/1/seen?",
+        "Referer": "https://app.example/login?#top",
+        **plain,
+    }
+    assert labels
+    assert all(LABEL in label for label in labels)
+    assert not any("SECRET" in label for label in labels)
+    app, _ = make_app(InMemoryBroker(), carry={"headers": ["*", "referer"]})
+    seen = get(app, "/users/1/seen", headers=URI_HEADERS)
+    assert seen["headers"]["referer"] == URI_HEADERS["Referer"]
+    assert seen["headers"]["x-forwarded-uri"] == "/users/1/seen?page=2"
+    app, _ = make_app(
+        InMemoryBroker(), carry={"headers": ["*"], "query": ["*", "token"]}
+    )
+    seen = get(app, "/users/1/seen", headers=URI_HEADERS)
+    assert seen["headers"]["x-forwarded-uri"] == URI_HEADERS["X-Forwarded-Uri"]
 
 
 @given(
@@ -640,7 +696,9 @@ def query_readers() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("query", [["*"], ["*", "api_key"], ["api_key"], ["page"]])
+@pytest.mark.parametrize(
+    "query", [["*"], ["*", "api_key"], ["api_key", "page"], ["page"]]
+)
 @pytest.mark.parametrize("way", list(query_readers()))
 def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
     way: str, query: list[str]
@@ -676,6 +734,65 @@ def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
     if problem is not None:
         assert "query parameter 'api_key' of " in problem
         assert "(name it in query=[...] to carry it)" in problem
+
+
+class OptionalKey(BaseModel):
+    api_key: str | None = None
+
+
+class KeyByValidationAlias(BaseModel):
+    key: str = Field(validation_alias="api_key")
+
+
+def model_readers() -> dict[str, Any]:
+    """Query models whose `api_key` field the check read wrongly."""
+
+    def optional(model: Annotated[OptionalKey, Query()]) -> Any:
+        return model.api_key
+
+    def validation_alias(model: Annotated[KeyByValidationAlias, Query()]) -> Any:
+        return model.key
+
+    return {"optional": optional, "validation_alias": validation_alias}
+
+
+@pytest.mark.parametrize("query", [["*"], ["*", "api_key"]])
+@pytest.mark.parametrize("way", list(model_readers()))
+def test_the_check_of_a_query_model_agrees_with_the_route(
+    way: str, query: list[str]
+) -> None:
+    """The same dependency in a route and in a task: the check passes exactly
+    when the task gets what the route got. An optional field left out passed
+    the check and the task got None; a field read by its validation alias
+    was looked for by its name, so naming the alias was refused."""
+    broker = InMemoryBroker()
+    reader = model_readers()[way]
+
+    @broker.task
+    async def task(key: Annotated[Any, Depends(reader)]) -> Any:
+        return key
+
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker, query=query)
+
+    @app.get("/kick")
+    async def kick(key: Annotated[Any, Depends(reader)]) -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"route": key, "task": result.return_value}
+
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    try:
+        dependencies.check(broker, carry=carry)
+    except taskiq_fastapi.DependencyError as exc:
+        problem: str | None = str(exc)
+    else:
+        problem = None
+    got = get(app, "/kick?api_key=k1")
+    assert got["route"] == "k1"
+    assert (problem is None) == (got["task"] == "k1"), (problem, got)
+    assert (problem is None) == ("api_key" in query), problem
+    if problem is not None:
+        assert "query parameter 'api_key' of " in problem
 
 
 def test_host_is_there_and_how_the_request_was_sent_never_is() -> None:
@@ -751,6 +868,17 @@ def test_headers_given_as_an_iterator_are_read_once_and_carried() -> None:
     assert carry.names == ["x-request-id"]
     seen = get(app, "/users/1/seen", headers=HEADERS)["headers"]
     assert seen == {"host": "localhost:8000", "x-request-id": "req-42"}
+
+
+def test_a_query_choice_given_as_an_iterator_is_read_once_and_carried() -> None:
+    """As headers: the check read the iterator, and the middleware, built
+    after it, found it empty and carried no query parameter."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"query": iter(["page"])})
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    assert carry is not None
+    assert carry.query_names == ["page"]
+    assert get(app, "/users/1/seen?page=2&q=x")["query"] == {"page": "2"}
 
 
 @pytest.mark.parametrize("max_bytes", [0, -1])

@@ -385,15 +385,19 @@ def test_on_nats_an_id_no_key_can_be_is_404_as_any_unknown_one(
             client.portal.call(backend.shutdown)
 
 
-@pytest.mark.parametrize("task_id", ["order 42", "order#42", "order?42", "订单"])
+@pytest.mark.parametrize(
+    "task_id", ["order 42", "order#42", "order?42", "订单", "tenant-1/order/42"]
+)
 def test_the_status_url_of_a_task_id_urls_reserve_characters_of_leads_to_it(
     task_id: str,
 ) -> None:
     """taskiq lets a kick choose its task id (`with_task_id`): the 202's
     Location and status_url, and DELETE's Location, are URLs, so the id is
     percent-encoded there; unencoded, `#` and `?` cut the path short, and a
-    character Latin-1 has not failed the response (500). (Not `%` here:
-    TestClient decodes a path twice; under uvicorn `100%` is followed too.)"""
+    character Latin-1 has not failed the response (500). A `/` (a tenant's
+    prefix) is decoded by the server before routing: `{task_id}` matched no
+    route, 404. (Not `%` here: TestClient decodes a path twice; under
+    uvicorn `100%` is followed too.)"""
     broker = InMemoryBroker()
 
     @broker.task
@@ -415,6 +419,10 @@ def test_the_status_url_of_a_task_id_urls_reserve_characters_of_leads_to_it(
         assert url == f"http://testserver/tasks/{quote(task_id, safe='')}"
         assert response.json() == {"task_id": task_id, "status_url": url}
         assert wait_for(client, url, "succeeded")["task_id"] == task_id
+        with client.stream("GET", url + "/events") as events:
+            assert events.status_code == 200
+            data = events.read().decode().partition("data: ")[2]
+            assert json.loads(data)["task_id"] == task_id
         # Finished: DELETE answers 409, but reaches the task by that URL.
         assert client.delete(url).status_code == 409
 
@@ -985,6 +993,9 @@ def test_a_negative_started_after_is_one_clear_error(bad: Any) -> None:
         ("poll_interval", float("nan")),
         ("poll_interval", "0.25"),
         ("poll_interval", True),
+        # Each stream sent its first status and then slept for ever: it
+        # never ended, though its task did.
+        ("poll_interval", float("inf")),
     ],
 )
 def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(

@@ -146,9 +146,12 @@ class TaskStatus:
             raise TaskStatusError(
                 f"keep_for={keep_for!r}: expected a timedelta longer than 0."
             )
-        if not _seconds(poll_interval) > 0:
+        # Infinite, each event stream would send its first status, then
+        # nothing, and never end.
+        if not 0 < _seconds(poll_interval) < float("inf"):
             raise TaskStatusError(
-                f"poll_interval={poll_interval!r}: expected seconds, more than 0."
+                f"poll_interval={poll_interval!r}: expected seconds, more than 0 "
+                "and finite."
             )
         storage = record_storage(broker.result_backend, keep_for.total_seconds())
         if storage is None:
@@ -327,19 +330,12 @@ class TaskStatus:
             else models[0]
         )
 
+        # `:path`: a task id may hold "/" (`with_task_id`, a tenant's
+        # prefix), which the server decodes before routing, so `{task_id}`
+        # matched nothing. The events route first, or the status route
+        # would take "<id>/events" as an id.
         @router.get(
-            "/{task_id}",
-            name=self.name,
-            response_model=response_model,
-            responses={404: {"description": "No such task, or not shown"}},
-        )
-        async def task_status(
-            record: TaskRecord = Depends(self.kicked),
-        ) -> Response:
-            return Response(await self._status(record), media_type=_JSON)
-
-        @router.get(
-            "/{task_id}/events",
+            "/{task_id:path}/events",
             name=f"{self.name}_events",
             response_class=StreamingResponse,
             responses={
@@ -360,6 +356,17 @@ class TaskStatus:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
 
+        @router.get(
+            "/{task_id:path}",
+            name=self.name,
+            response_model=response_model,
+            responses={404: {"description": "No such task, or not shown"}},
+        )
+        async def task_status(
+            record: TaskRecord = Depends(self.kicked),
+        ) -> Response:
+            return Response(await self._status(record), media_type=_JSON)
+
         if self._canceller is not None:
             self._cancel_route(router, response_model, self._canceller)
         return router
@@ -368,7 +375,7 @@ class TaskStatus:
         self, router: APIRouter, response_model: Any, canceller: Canceller
     ) -> None:
         @router.delete(
-            "/{task_id}",
+            "/{task_id:path}",
             name=f"{self.name}_cancel",
             status_code=202,
             response_model=response_model,

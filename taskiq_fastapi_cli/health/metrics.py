@@ -320,6 +320,9 @@ class _TaskMetrics(TaskiqMiddleware):
         # both run there, whatever message object a middleware returns). Not
         # taskiq's `execution_time`: rounded to 10 ms, short tasks take 0 s.
         self.runs: dict[asyncio.Task[Any], tuple[_Tally, float]] = {}
+        # Made once: added to each run's asyncio task, and taken off again by
+        # post_execute (compared by equality, as a bound method made anew).
+        self.skipped = self._skipped
 
     def _tally(self, name: str) -> _Tally:
         tally = self.tallies.get(name)
@@ -347,15 +350,28 @@ class _TaskMetrics(TaskiqMiddleware):
         run = asyncio.current_task()
         if run is not None:
             self.runs[run] = (tally, time.perf_counter())
+            run.add_done_callback(self.skipped)
         return message
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         run = asyncio.current_task()
         if run is not None:
+            run.remove_done_callback(self.skipped)
             self._ended(run, failed=result.is_err)
 
+    def _skipped(self, run: asyncio.Task[Any]) -> None:
+        """A run's asyncio task ended, and post_execute had not been called.
+
+        taskiq's receiver skips post_execute when the run raises after the
+        task (a dependency's teardown, an invalid ack_type label): such a
+        run failed, and ended now. Only such runs call this (post_execute
+        takes the callback off), so a run costs no call more; found by the
+        once-a-second flush instead, it was timed up to a second too long.
+        """
+        self._ended(run, failed=True)
+
     def _ended(self, run: asyncio.Task[Any], failed: bool) -> None:
-        """Counted once per run: by post_execute, or by `flush` (see there)."""
+        """Counted once per run: by post_execute, or by `_skipped`."""
         began = self.runs.pop(run, None)
         if began is None:
             return
@@ -365,12 +381,6 @@ class _TaskMetrics(TaskiqMiddleware):
         tally.execution.observe(time.perf_counter() - at)
 
     def flush(self) -> None:
-        # taskiq's receiver skips post_execute when the run raises after the
-        # task (a dependency's teardown, an invalid ack_type label): such a
-        # run is over once its asyncio task is, and it failed. Found here, once
-        # a second, rather than by a callback on every task's end.
-        for run in [run for run in self.runs if run.done()]:
-            self._ended(run, failed=True)
         for tally in list(self.tallies.values()):
             tally.flush()
 
