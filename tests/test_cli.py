@@ -337,6 +337,12 @@ BAD_INPUTS = [
      "Error: Invalid value for '--stall-timeout' (env var: "
      "'TASKIQ_FASTAPI_STALL_TIMEOUT'): nan is not a number: expected "
      "seconds, 0 or more."),
+    # Beating four times per timeout, an idle worker spun on a tiny one.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--stall-timeout", "0.0001"], 2,
+     "Error: Invalid value for '--stall-timeout' (env var: "
+     "'TASKIQ_FASTAPI_STALL_TIMEOUT'): 0.0001 is below 0.1: expected "
+     "seconds, 0.1 or more, or 0 (off)."),
     # Typer 0.29's own words ("Input should be a valid integer, unable to
     # parse string as an integer") named no value.
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",

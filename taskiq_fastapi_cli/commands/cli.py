@@ -146,6 +146,21 @@ def _not_negative(value: float) -> float:
     return value
 
 
+MIN_STALL_TIMEOUT = 0.1
+
+
+def _stall_timeout(value: float) -> float:
+    # Workers beat four times per --stall-timeout: at 0.0001 s an idle
+    # worker's heartbeat took 7% of a core, for a stall nothing can act on.
+    value = _not_negative(value)
+    if 0 < value < MIN_STALL_TIMEOUT:
+        raise typer.BadParameter(
+            f"{value:g} is below {MIN_STALL_TIMEOUT:g}: expected seconds, "
+            f"{MIN_STALL_TIMEOUT:g} or more, or 0 (off)."
+        )
+    return value
+
+
 def _port(value: str) -> int:
     # Typer 0.29's own words for a bad int ("Input should be a valid integer,
     # unable to parse string as an integer") name no value.
@@ -267,7 +282,7 @@ def worker(
             "--stall-timeout",
             envvar=STALL_TIMEOUT_ENV,
             metavar="SECONDS",
-            callback=_not_negative,
+            callback=_stall_timeout,
             help="With --health-port: /livez fails while a worker's event "
             "loop has not run for this long (a task blocking it). 0: off.",
         ),
