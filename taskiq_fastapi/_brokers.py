@@ -1141,20 +1141,32 @@ async def peek_result(
 
     taskiq-nats' object store: a read racing a rewrite of the same result (a
     task delivered again saves its result again) can wait for ever for
-    chunks the rewrite purged; such a read is given up and made again.
+    chunks the rewrite purged; such a read is given up and made again. Its
+    `is_result_ready` reads the whole object too, so it is bounded the same
+    way (a fresh-clone run of the suite waited on it for ever).
     """
-    if not keeps_results(backend) or not await backend.is_result_ready(task_id):
+    if not keeps_results(backend):
         return None
     if not _is_nats_object_store(backend):
+        if not await backend.is_result_ready(task_id):
+            return None
         return await backend.get_result(task_id)
-    result: TaskiqResult[Any]
     for _ in range(_NATS_RESULT_READS - 1):
         with contextlib.suppress(asyncio.TimeoutError):
-            result = await _within(
-                backend.get_result(task_id), _NATS_RESULT_READ_SECONDS
-            )
-            return result
-    result = await _within(backend.get_result(task_id), _NATS_RESULT_READ_SECONDS)
+            return await _read_nats_result(backend, task_id)
+    return await _read_nats_result(backend, task_id)
+
+
+async def _read_nats_result(
+    backend: AsyncResultBackend[Any], task_id: str
+) -> TaskiqResult[Any] | None:
+    """One bounded ready check and read of taskiq-nats' object store."""
+    ready = await _within(backend.is_result_ready(task_id), _NATS_RESULT_READ_SECONDS)
+    if not ready:
+        return None
+    result: TaskiqResult[Any] = await _within(
+        backend.get_result(task_id), _NATS_RESULT_READ_SECONDS
+    )
     return result
 
 

@@ -28,6 +28,7 @@ from delivery import (
 from workerapp.brokers import make_nats_broker
 from workers import APP, BROKER, COMMAND, TESTS_DIR, WorkerRun
 
+from taskiq_fastapi._brokers import peek_result
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages, BrokerStartupError
 from tools.nats_server import NatsServer, running_server
 
@@ -268,3 +269,35 @@ def test_each_worker_process_gets_nats_clients_of_its_own() -> None:
     assert isinstance(renewed, NUID)
     assert renewed is not inherited
     assert renewed.next() != inherited.next()
+
+
+async def test_a_result_whose_chunks_are_gone_is_not_waited_for_for_ever(
+    nats_url: str,
+) -> None:
+    """taskiq-nats' object store: a read racing the rewrite of a result (a
+    task delivered again saves it again) waits for ever for chunks the
+    rewrite purged, and `is_result_ready` reads the whole object too. A
+    fresh-clone suite run hung on it; here the chunks are purged outright."""
+    from taskiq import TaskiqResult
+    from taskiq_nats import NATSObjectStoreResultBackend
+
+    bucket = f"results-{uuid.uuid4().hex}"
+    backend: Any = NATSObjectStoreResultBackend(servers=[nats_url], bucket_name=bucket)
+    await backend.startup()
+    try:
+        result: TaskiqResult[str] = TaskiqResult(
+            is_err=False, return_value="x" * 300_000, execution_time=0.1, log=None
+        )
+        await backend.set_result("t1", result)
+        info = await backend.object_store.get_info("t1")
+        await backend.nats_jetstream.purge_stream(
+            f"OBJ_{bucket}", subject=f"$O.{bucket}.C.{info.nuid}"
+        )
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            # Ours gives up after its bounded reads; the outer bound is the
+            # test's own, well past them.
+            await asyncio.wait_for(peek_result(backend, "t1"), 60)
+        assert time.monotonic() - started < 30
+    finally:
+        await backend.shutdown()
