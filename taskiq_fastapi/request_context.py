@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from typing import Any
 from urllib.parse import unquote_plus
@@ -240,44 +240,35 @@ class CarrySettings:
 
 def _header_names(headers: Iterable[str]) -> list[str]:
     """`headers` as a list, each checked to be a header name (or "*")."""
-    if isinstance(headers, str):
-        raise TypeError(
-            f"CarryRequestContext headers must be a list of names, not the "
-            f"string {headers!r}."
-        )
-    try:
-        names = list(headers)
-    except TypeError:
-        raise TypeError(
-            f"CarryRequestContext headers must be a list of names, not {headers!r}."
-        ) from None
-    for name in names:
-        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
-            raise ValueError(
-                f"CarryRequestContext headers: {name!r} is not a header name."
-            )
-    return names
+    return _names("headers", headers, "header", _HEADER_NAME.fullmatch)
 
 
 def _query_names(query: Iterable[str]) -> list[str]:
     """`query` as a list of parameter names (or "*"), each checked."""
-    if isinstance(query, str):
+    return _names("query", query, "parameter", bool)
+
+
+def _names(
+    option: str, names: Iterable[str], kind: str, valid: Callable[[str], Any]
+) -> list[str]:
+    """The option's `names` as a list (read once: it may be an iterator)."""
+    if isinstance(names, str):
         raise TypeError(
-            f"CarryRequestContext query must be a list of names, not the "
-            f"string {query!r}."
+            f"CarryRequestContext {option} must be a list of names, not the "
+            f"string {names!r}."
         )
     try:
-        names = list(query)
+        listed = list(names)
     except TypeError:
         raise TypeError(
-            f"CarryRequestContext query must be a list of names, not {query!r}."
+            f"CarryRequestContext {option} must be a list of names, not {names!r}."
         ) from None
-    for name in names:
-        if not isinstance(name, str) or not name:
+    for name in listed:
+        if not isinstance(name, str) or not valid(name):
             raise ValueError(
-                f"CarryRequestContext query: {name!r} is not a parameter name."
+                f"CarryRequestContext {option}: {name!r} is not a {kind} name."
             )
-    return names
+    return listed
 
 
 # The request the running code serves, with its app's settings, in the API;
