@@ -297,6 +297,19 @@ async def test_backlog_of_a_jetstream_consumer(nats_run: WorkerRun) -> None:
         await nats_run.sender.shutdown()
 
 
+def metrics_command_with(site: Path) -> subprocess.CompletedProcess[str]:
+    """`worker --metrics` run to its end, with `site` (a sitecustomize.py
+    that breaks something) first on the path."""
+    return subprocess.run(
+        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TESTS_DIR,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+
+
 def test_without_prometheus_client_one_line_before_start(tmp_path: Path) -> None:
     # A Python where importing prometheus_client fails, as without the extra.
     (tmp_path / "sitecustomize.py").write_text(
@@ -307,14 +320,7 @@ def test_without_prometheus_client_one_line_before_start(tmp_path: Path) -> None
         "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, Blocked())\n"
     )
-    done = subprocess.run(
-        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=TESTS_DIR,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    done = metrics_command_with(tmp_path)
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
@@ -335,14 +341,7 @@ def test_no_writable_temporary_directory_is_one_line_before_start(
     (tmp_path / "sitecustomize.py").write_text(
         f"import tempfile\ntempfile.tempdir = {str(blocked)!r}\n"
     )
-    done = subprocess.run(
-        [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=TESTS_DIR,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    done = metrics_command_with(tmp_path)
     assert done.returncode == 1
     assert done.stdout == ""
     [line] = done.stderr.splitlines()

@@ -592,6 +592,31 @@ def test_a_query_choice_that_is_not_a_list_of_names_is_refused(query: Any) -> No
         )
 
 
+def checked_and_kicked(
+    app: FastAPI,
+    broker: AsyncBroker,
+    task: Any,
+    url: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[str | None, Any]:
+    """What the check says of the task given what the app carries, and what
+    the task returns kicked from a request to `url`: FastAPI as the oracle."""
+
+    @app.get("/kick")
+    async def kick() -> Any:
+        result = await (await task.kiq()).wait_result(timeout=5)
+        return {"value": result.return_value, "error": str(result.error or "")}
+
+    carry = taskiq_fastapi.request_context.carried(app, broker)
+    try:
+        dependencies.check(broker, carry=carry)
+    except taskiq_fastapi.DependencyError as exc:
+        problem: str | None = str(exc)
+    else:
+        problem = None
+    return problem, get(app, url, headers=headers or {})
+
+
 class Trace(BaseModel):
     x_request_id: str
     x_span: str = "none"
@@ -641,19 +666,9 @@ def test_check_reads_header_names_as_fastapi_reads_them(way: str) -> None:
         taskiq_fastapi.CarryRequestContext, broker=broker, headers=["x-request-id"]
     )
 
-    @app.get("/kick")
-    async def kick() -> Any:
-        result = await (await task.kiq()).wait_result(timeout=5)
-        return {"value": result.return_value, "error": str(result.error or "")}
-
-    carry = taskiq_fastapi.request_context.carried(app, broker)
-    try:
-        dependencies.check(broker, carry=carry)
-    except taskiq_fastapi.DependencyError as exc:
-        problem: str | None = str(exc)
-    else:
-        problem = None
-    got = get(app, "/kick", headers={"X-Request-ID": "abc"})
+    problem, got = checked_and_kicked(
+        app, broker, task, "/kick", {"X-Request-ID": "abc"}
+    )
     works = got == {"value": "abc", "error": ""}
     assert (problem is None) == works, (problem, got)
     if way != "AliasChoices":
@@ -715,19 +730,7 @@ def test_the_check_of_a_query_parameter_agrees_with_what_the_task_gets(
     app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
     app.add_middleware(taskiq_fastapi.CarryRequestContext, broker=broker, query=query)
 
-    @app.get("/kick")
-    async def kick() -> Any:
-        result = await (await task.kiq()).wait_result(timeout=5)
-        return {"value": result.return_value, "error": str(result.error or "")}
-
-    carry = taskiq_fastapi.request_context.carried(app, broker)
-    try:
-        dependencies.check(broker, carry=carry)
-    except taskiq_fastapi.DependencyError as exc:
-        problem: str | None = str(exc)
-    else:
-        problem = None
-    got = get(app, "/kick?api_key=k1&page=2")
+    problem, got = checked_and_kicked(app, broker, task, "/kick?api_key=k1&page=2")
     works = got == {"value": "k1", "error": ""}
     assert (problem is None) == works, (problem, got)
     assert works == ("api_key" in query)
