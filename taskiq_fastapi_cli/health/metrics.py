@@ -294,12 +294,13 @@ class _Tally:
             if count:
                 self.children[i].inc(count)
                 self.counts[i] = 0
-        if self.running != self.flushed_running:
-            self.in_flight.set(self.running)
-            self.flushed_running = self.running
         self.execution.flush()
         if self.waited is not None:
             self.waited.flush()
+        # Written last: a scrape that sees a run end sees its counts.
+        if self.running != self.flushed_running:
+            self.in_flight.set(self.running)
+            self.flushed_running = self.running
 
 
 class _TaskMetrics(TaskiqMiddleware):
