@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import re
 import signal
 import time
@@ -53,6 +55,65 @@ async def test_several_worker_processes_serve_the_app(
     assert {r["pid"] for r in results} <= set(run.count("startup"))
     assert run.stop(worker) == 0
     assert_each_process_ran_its_lifespan_once(run, 2)
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+async def test_workers_collect_garbage_and_forked_ones_share_frozen_imports(
+    run: WorkerRun, start_method: str
+) -> None:
+    """The main process pauses garbage collection while it imports the
+    project, and freezes what it imported before the workers fork. Every
+    worker collects garbage, the first ones and one restarted later (forked
+    from the main process as it runs: collection is on there too)."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1", "--start-method", start_method,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        seen = []
+        for restarted in (False, True):
+            if restarted:
+                os.kill(seen[0]["pid"], signal.SIGKILL)
+                run.wait_for("startup", processes=2)
+            result = await (await run.kiq("collector")).wait_result(timeout=30)
+            seen.append(result.return_value)
+    finally:
+        await run.sender.shutdown()
+    assert seen[0]["pid"] != seen[1]["pid"]
+    assert [each["enabled"] for each in seen] == [True, True]
+    for each in seen:
+        if start_method == "fork":  # FastAPI, taskiq, redis, the app...
+            assert each["frozen"] > 50_000
+        else:  # the worker imported them itself
+            assert each["frozen"] == 0
+    assert run.stop(worker) == 0
+    assert {each["threshold"] for each in seen} == {gc.get_threshold()[0]}
+
+
+@pytest.mark.parametrize("setting", ["APP_GC_THRESHOLD", "APP_GC_DISABLE"])
+async def test_the_projects_own_garbage_collection_setting_holds(
+    run: WorkerRun, setting: str
+) -> None:
+    """As under `taskiq worker`: the app module sets it as it is imported."""
+    run.env[setting] = "1234"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        result = await (await run.kiq("collector")).wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    if setting == "APP_GC_THRESHOLD":
+        assert result.return_value["threshold"] == 1234
+        assert result.return_value["enabled"] is True
+    else:
+        assert result.return_value["enabled"] is False
+    assert run.stop(worker) == 0
 
 
 async def test_spawn_start_method(run: WorkerRun) -> None:

@@ -327,6 +327,7 @@ def worker(
     ] = False,
 ) -> None:
     """Start taskiq workers that run the app's lifespan and inject its Request."""
+    from taskiq_fastapi_cli.runtime.preload import collection_paused
     from taskiq_fastapi_cli.runtime.starting import (
         StoppedWhileStarting,
         stops_while_starting,
@@ -334,8 +335,9 @@ def worker(
 
     try:
         # From before the imports of FastAPI, taskiq and the project, most of
-        # a second, until the process manager takes the signals over.
-        with stops_while_starting():
+        # a second, until the process manager takes the signals over (and
+        # forks the workers, which ends the pause of garbage collection).
+        with stops_while_starting(), collection_paused():
             from taskiq_fastapi_cli.commands.worker import start_worker
 
             code = start_worker(

@@ -56,6 +56,7 @@ from taskiq.cli.worker.process_manager import (
 )
 
 from taskiq_fastapi_cli.exceptions import EXIT_STOPPED_UNCLEAN
+from taskiq_fastapi_cli.runtime import preload
 from taskiq_fastapi_cli.runtime.shutdown import GRACEFUL, KILL, NOW, StopStage
 from taskiq_fastapi_cli.runtime.starting import ignore_further_stops
 
@@ -295,6 +296,7 @@ class SafeProcessManager(ProcessManager):
             signal.signal(signal.SIGHUP, signal_handler(actions, ReloadAllAction()))
 
     def prepare_workers(self) -> None:
+        preload.ready_to_fork()
         with stop_signals_held():
             super().prepare_workers()
 

@@ -1,5 +1,6 @@
 """The app the subprocess tests' workers run; it logs lifespan events per process."""
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -7,6 +8,12 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+
+# A project's own garbage collection settings, made as it is imported.
+if os.environ.get("APP_GC_THRESHOLD"):
+    gc.set_threshold(int(os.environ["APP_GC_THRESHOLD"]))
+if os.environ.get("APP_GC_DISABLE"):
+    gc.disable()
 
 
 def record(event: str) -> None:

@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -26,6 +27,17 @@ async def whoami(
         "pid": os.getpid(),
         "db": db,
         "link": str(request.url_for("item", item_id=n)),
+    }
+
+
+@broker.task
+async def collector() -> dict[str, object]:
+    """How this worker process collects garbage."""
+    return {
+        "pid": os.getpid(),
+        "enabled": gc.isenabled(),
+        "frozen": gc.get_freeze_count(),
+        "threshold": gc.get_threshold()[0],
     }
 
 
