@@ -92,12 +92,31 @@ async def test_workers_collect_garbage_and_forked_ones_share_frozen_imports(
     assert {each["threshold"] for each in seen} == {gc.get_threshold()[0]}
 
 
-@pytest.mark.parametrize("setting", ["APP_GC_THRESHOLD", "APP_GC_DISABLE"])
+DEFAULT_THRESHOLDS = list(gc.get_threshold())  # the workers' Python's
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("APP_GC_THRESHOLD", "1234", [1234, *DEFAULT_THRESHOLDS[1:]]),
+        # Automatic collection off, as gc's docs say and Instagram did.
+        ("APP_GC_THRESHOLD", "0", [0, *DEFAULT_THRESHOLDS[1:]]),
+        ("APP_GC_THRESHOLD", "0,50,60", [0, 50, 60]),
+        # Read while the main process imports it: the thresholds it would
+        # read under `taskiq worker`, not the pause's.
+        ("APP_GC_OLDEST", "77", [*DEFAULT_THRESHOLDS[:2], 77]),
+        ("APP_GC_DISABLE", "1", DEFAULT_THRESHOLDS),
+    ],
+)
 async def test_the_projects_own_garbage_collection_setting_holds(
-    run: WorkerRun, setting: str
+    run: WorkerRun, setting: str, value: str, expected: list[int]
 ) -> None:
-    """As under `taskiq worker`: the app module sets it as it is imported."""
-    run.env[setting] = "1234"
+    """As under `taskiq worker`: the app module sets it as it is imported.
+
+    The main process pauses collection while it imports the project; the
+    project's own thresholds, whatever they are, must outlast the pause.
+    """
+    run.env[setting] = value
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
         "--workers", "1",
@@ -108,11 +127,8 @@ async def test_the_projects_own_garbage_collection_setting_holds(
         result = await (await run.kiq("collector")).wait_result(timeout=30)
     finally:
         await run.sender.shutdown()
-    if setting == "APP_GC_THRESHOLD":
-        assert result.return_value["threshold"] == 1234
-        assert result.return_value["enabled"] is True
-    else:
-        assert result.return_value["enabled"] is False
+    assert result.return_value["thresholds"] == expected
+    assert result.return_value["enabled"] is (setting != "APP_GC_DISABLE")
     assert run.stop(worker) == 0
 
 

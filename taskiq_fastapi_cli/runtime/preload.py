@@ -15,8 +15,13 @@ imported, and every object alive then frozen before the workers fork.
 
 Paused by a first threshold of 0 (which stops automatic collection as
 `gc.disable` does), not by `gc.disable`: a project that calls `gc.disable`
-or `gc.set_threshold` as it is imported keeps its choice, in the main
-process and in every worker, as under `taskiq worker`.
+as it is imported keeps its choice, in the main process and in every
+worker, as under `taskiq worker`. Its thresholds too: while paused,
+`gc.get_threshold` and `gc.set_threshold` read and set the thresholds the
+pause ends with, not the pause's own. Telling a project's threshold from the
+pause's by value could not: a project's `gc.set_threshold(0)` (automatic
+collection off) was undone, and so was `gc.set_threshold(young, middle,
+oldest)` made from the `young` it read, the pause's 0.
 
 Standard library only: entered before anything else is imported.
 """
@@ -27,16 +32,41 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# The thresholds before the pause; None when not paused.
-_before: tuple[int, int, int] | None = None
+_get_threshold = gc.get_threshold
+_set_threshold = gc.set_threshold
+
+# The thresholds the pause ends with; None when not paused.
+_after: tuple[int, int, int] | None = None
+
+
+def _paused_get_threshold() -> tuple[int, int, int]:
+    """`gc.get_threshold` while paused: the thresholds collection resumes with."""
+    return _get_threshold() if _after is None else _after
+
+
+def _paused_set_threshold(*thresholds: int) -> None:
+    """`gc.set_threshold` while paused: the thresholds collection resumes with.
+
+    Python itself checks the arguments and keeps the thresholds not given
+    (the pause's differ only in the first); the pause's 0 then comes back.
+    Kept by a project that imported the function itself, it is
+    `gc.set_threshold` once the pause is over.
+    """
+    global _after
+    _set_threshold(*thresholds)
+    if _after is not None:
+        _after = _get_threshold()
+        _set_threshold(0, *_after[1:])
 
 
 @contextmanager
 def collection_paused() -> Iterator[None]:
     """No automatic collection until `ready_to_fork`, or the end of the block."""
-    global _before
-    _before = gc.get_threshold()
-    gc.set_threshold(0, *_before[1:])
+    global _after
+    _after = _get_threshold()
+    _set_threshold(0, *_after[1:])
+    gc.get_threshold = _paused_get_threshold
+    gc.set_threshold = _paused_set_threshold
     try:
         yield
     finally:
@@ -45,13 +75,15 @@ def collection_paused() -> Iterator[None]:
 
 def ready_to_fork() -> None:
     """Called as the workers are about to fork: what is alive is frozen."""
-    if _before is not None:
+    if _after is not None:
         gc.freeze()
         _resume()
 
 
 def _resume() -> None:
-    global _before
-    if _before is not None and gc.get_threshold()[0] == 0:  # not set since
-        gc.set_threshold(*_before)
-    _before = None
+    global _after
+    if _after is not None:
+        _set_threshold(*_after)
+        gc.get_threshold = _get_threshold
+        gc.set_threshold = _set_threshold
+    _after = None

@@ -9,9 +9,14 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
-# A project's own garbage collection settings, made as it is imported.
+# A project's own garbage collection settings, made as it is imported:
+# thresholds given outright ("0" stops automatic collection, as gc documents),
+# or the oldest generation's changed from the thresholds it reads.
 if os.environ.get("APP_GC_THRESHOLD"):
-    gc.set_threshold(int(os.environ["APP_GC_THRESHOLD"]))
+    gc.set_threshold(*map(int, os.environ["APP_GC_THRESHOLD"].split(",")))
+if os.environ.get("APP_GC_OLDEST"):
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, int(os.environ["APP_GC_OLDEST"]))
 if os.environ.get("APP_GC_DISABLE"):
     gc.disable()
 

@@ -38,6 +38,7 @@ async def collector() -> dict[str, object]:
         "enabled": gc.isenabled(),
         "frozen": gc.get_freeze_count(),
         "threshold": gc.get_threshold()[0],
+        "thresholds": list(gc.get_threshold()),
     }
 
 
