@@ -132,6 +132,27 @@ async def test_the_projects_own_garbage_collection_setting_holds(
     assert run.stop(worker) == 0
 
 
+async def test_a_process_the_project_forks_as_it_is_imported_collects(
+    run: WorkerRun,
+) -> None:
+    """The pause of collection while the main process imports the project
+    ends in a process the project forks meanwhile: it may run as long as the
+    command (a multiprocessing Manager's server), making garbage."""
+    run.env["APP_GC_HELPER"] = "1"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        result = await (await run.kiq("collector")).wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert result.return_value["helper_collections"] > 0
+    assert run.stop(worker) == 0
+
+
 async def test_spawn_start_method(run: WorkerRun) -> None:
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,

@@ -23,12 +23,18 @@ pause's by value could not: a project's `gc.set_threshold(0)` (automatic
 collection off) was undone, and so was `gc.set_threshold(young, middle,
 oldest)` made from the `young` it read, the pause's 0.
 
+A process the project forks while it is imported (a multiprocessing
+Manager's server, a helper it starts at import) is no worker and may run as
+long as the command: the pause ends in it as it starts, or it never
+collected at all.
+
 Standard library only: entered before anything else is imported.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -64,10 +70,10 @@ def collection_paused() -> Iterator[None]:
     """No automatic collection until `ready_to_fork`, or the end of the block."""
     global _after
     _after = _get_threshold()
-    _set_threshold(0, *_after[1:])
-    gc.get_threshold = _paused_get_threshold
-    gc.set_threshold = _paused_set_threshold
     try:
+        _set_threshold(0, *_after[1:])
+        gc.get_threshold = _paused_get_threshold
+        gc.set_threshold = _paused_set_threshold
         yield
     finally:
         _resume()
@@ -87,3 +93,7 @@ def _resume() -> None:
         gc.get_threshold = _get_threshold
         gc.set_threshold = _set_threshold
     _after = None
+
+
+# A no-op once the pause is over, as the workers fork.
+os.register_at_fork(after_in_child=_resume)

@@ -1,9 +1,11 @@
 """The app the subprocess tests' workers run; it logs lifespan events per process."""
 
 import gc
+import multiprocessing
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from multiprocessing.connection import Connection
 from typing import Any
 
 import anyio
@@ -19,6 +21,28 @@ if os.environ.get("APP_GC_OLDEST"):
     gc.set_threshold(young, middle, int(os.environ["APP_GC_OLDEST"]))
 if os.environ.get("APP_GC_DISABLE"):
     gc.disable()
+
+
+def collections_made(report: Connection) -> None:
+    """How many automatic collections a process makes over some cyclic garbage."""
+    phases: list[str] = []
+    gc.callbacks.append(lambda phase, _info: phases.append(phase))
+    for _ in range(20_000):
+        cycle: list[object] = []
+        cycle.append(cycle)
+    report.send(phases.count("start"))
+
+
+# A process the project forks as it is imported (a multiprocessing Manager's
+# server, a metrics pusher) runs as long as the command: it must collect.
+helper_collections = None
+if os.environ.get("APP_GC_HELPER"):
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    helper = fork.Process(target=collections_made, args=(send,))
+    helper.start()
+    helper_collections = receive.recv()
+    helper.join()
 
 
 def record(event: str) -> None:

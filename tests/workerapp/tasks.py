@@ -7,6 +7,7 @@ from pathlib import Path
 from fastapi import Request
 from taskiq import TaskiqDepends
 
+from workerapp import app
 from workerapp.app import record
 from workerapp.broker import broker
 from workerapp.dependencies import Session
@@ -39,6 +40,7 @@ async def collector() -> dict[str, object]:
         "frozen": gc.get_freeze_count(),
         "threshold": gc.get_threshold()[0],
         "thresholds": list(gc.get_threshold()),
+        "helper_collections": app.helper_collections,
     }
 
 
