@@ -46,19 +46,26 @@ def build(
         return n
 
     @broker.task
-    async def stubborn(seconds: float) -> str:
-        """Catches the cancellation and goes on: it must not show as cancelled."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+    async def stubborn(release: str) -> str:
+        """Catches the cancellation and goes on: it must not show as cancelled.
+
+        Runs until the file `release` exists, not for a set time: the test
+        looks at it 1 s after the cancellation, however late that came.
+        """
+        while not os.path.exists(release):
             try:
-                await asyncio.sleep(end - time.monotonic())
+                await asyncio.sleep(0.01)
             except asyncio.CancelledError:
                 record("stubborn ignored a cancellation")
         return "done anyway"
 
     @broker.task
-    def in_a_thread(seconds: float) -> str:
-        time.sleep(seconds)
+    def in_a_thread(seconds: float, release: str | None = None) -> str:
+        """Sleeps `seconds`, or less once the file `release` exists: a test
+        cancelling it while it runs releases it when done, however slow."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not (release and os.path.exists(release)):
+            time.sleep(0.01)
         return "done"
 
     status = taskiq_fastapi.TaskStatus(
@@ -84,13 +91,15 @@ def build(
         return status.accepted(task, request)
 
     @app.post("/stubborn", status_code=202)
-    async def start_stubborn(request: Request, user: User, seconds: float) -> Any:
-        task = await stubborn.kicker().with_labels(owner=user).kiq(seconds)
+    async def start_stubborn(request: Request, user: User, release: str) -> Any:
+        task = await stubborn.kicker().with_labels(owner=user).kiq(release)
         return status.accepted(task, request)
 
     @app.post("/threads", status_code=202)
-    async def start_thread(request: Request, user: User, seconds: float) -> Any:
-        task = await in_a_thread.kicker().with_labels(owner=user).kiq(seconds)
+    async def start_thread(
+        request: Request, user: User, seconds: float, release: str | None = None
+    ) -> Any:
+        task = await in_a_thread.kicker().with_labels(owner=user).kiq(seconds, release)
         return status.accepted(task, request)
 
     return app, status
