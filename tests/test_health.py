@@ -189,22 +189,21 @@ def test_a_stall_timeout_under_a_second_sees_no_stall_in_an_idle_worker(
 async def test_sigterm_makes_readyz_fail_at_once_while_tasks_finish(
     run: WorkerRun,
 ) -> None:
-    run.env["SLOW_STARTUP"] = "0"
-    port = free_port()
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.tasks",
-        "--app", "workerapp.app:app", "--health-port", str(port),
-    )  # fmt: skip
-    probe = Probe(port)
+    release = run.tmp_path / "release"
+    run.env["RELEASE_FILE"] = str(release)
+    counted = ["workerapp.broker:broker", "workerapp.counted"]
+    worker, probe = start(run, app=[*counted, *APP])
     probe.until("/readyz", lambda s, b: s == 200)
     await run.sender.startup()
     try:
-        task = await run.kiq("slow", 1, 3.0)
-        run.wait_for("task 1 started", processes=1)
+        # Held until released: it is still running whenever the probe looks.
+        task = await AsyncKicker("workerapp.counted:held", run.sender, {}).kiq(1)
+        run.wait_for("held 1", processes=1)
         worker.send_signal(signal.SIGTERM)
         status, body = probe.until("/readyz", lambda s, b: s != 200, timeout=2)
         assert status == 503
         assert body["problems"][0] == "shutting down: a stop signal arrived"
+        release.touch()
         result = await task.wait_result(timeout=30)
     finally:
         await run.sender.shutdown()
