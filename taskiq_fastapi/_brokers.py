@@ -17,8 +17,10 @@ brokers and their clients do about it, and what this module does instead:
   skips what the API kicked meanwhile. `LostState` creates it again in
   place, at the stream's beginning when the server lost its state (INFO's
   run_id of the server, or cluster node, holding the stream changed since
-  startup), else after the newest message this process fetched (it reads
-  ids where taskiq-redis makes each message's ack, `_ack_generator`).
+  startup, and the stream no longer holds the newest message this process
+  knew delivered), else after that message: the group's last delivered one
+  at startup, or a newer one this process fetched (it reads ids where
+  taskiq-redis makes each message's ack, `_ack_generator`).
 - taskiq-redis 1.1's stream brokers take a Redis lock, with no expiry,
   around the XAUTOCLAIM after each fetch (`autoclaim:<group>:<stream>`). A
   worker inside that step when the server restarted empty released a lock
@@ -591,15 +593,25 @@ class LostState:
         # Per stream, the run_id of the server that holds it (on a cluster,
         # each stream's node).
         self.run_ids: dict[str, str | None] = {}
-        # Per stream, the newest message id this process fetched.
+        # Per stream, the newest message id this process knows was delivered:
+        # its group's last delivered one at startup, then each it fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
         if _is_redis_stream(broker):
             self._track_fetched_ids()
 
     async def remember(self) -> None:
-        """Which server the broker talks to (Redis stream brokers only)."""
+        """Which server the broker talks to, and how far its group had delivered.
+
+        Redis stream brokers only. The group's last delivered id is where a
+        group that vanishes before this process fetches anything is made
+        again: a process started since (another worker's, or one taskiq
+        started again) made it again at the stream's beginning, and every
+        task the stream kept ran again.
+        """
         if _is_redis_stream(self.broker):
             self.run_ids = await self._redis_run_ids()
+            for stream, delivered in (await self._delivered()).items():
+                self._note_fetched(stream, delivered)
 
     async def recover(self, exc: BaseException, fetching: bool = False) -> bool:
         """Recreate what `exc` says the server lost; whether to try again.
@@ -644,16 +656,34 @@ class LostState:
         """taskiq-redis makes each message's ack with its id and stream."""
         broker: Any = self.broker
         make_ack = broker._ack_generator
-        fetched = self.fetched
+        note = self._note_fetched
 
         def ack_generator(id: Any, queue_name: Any) -> Any:
-            stream = _text(queue_name)
-            number = _stream_id(id)
-            if number > fetched.get(stream, (0, 0)):
-                fetched[stream] = number
+            note(_text(queue_name), _stream_id(id))
             return make_ack(id=id, queue_name=queue_name)
 
         broker._ack_generator = ack_generator
+
+    def _note_fetched(self, stream: str, number: tuple[int, int]) -> None:
+        if number > self.fetched.get(stream, (0, 0)):
+            self.fetched[stream] = number
+
+    async def _delivered(self) -> dict[str, tuple[int, int]]:
+        """Per stream, its group's last delivered id (XINFO GROUPS), where known."""
+        broker: Any = self.broker
+        group = broker.consumer_group_name
+        delivered = {}
+        try:
+            async with _redis(broker) as redis:
+                for stream in self._streams():
+                    for info in await redis.xinfo_groups(stream):
+                        if _text(info["name"]) == group:
+                            delivered[stream] = _stream_id(info["last-delivered-id"])
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            logger.debug("No XINFO GROUPS from the Redis server (%s).", describe(exc))
+        return delivered
 
     def _streams(self) -> list[str]:
         broker: Any = self.broker
@@ -675,20 +705,25 @@ class LostState:
         """The consumer group again, where nothing added since it vanished is skipped.
 
         A server with another run_id restarted: every entry of its streams was
-        added since, so the group starts at the beginning. Same server (the
-        group was destroyed, or the key deleted): the group starts after the
-        newest message this process fetched, else at the beginning.
+        added since, so the group starts at the beginning. Unless the stream
+        still holds the newest message this process knew delivered: then
+        the restart came before that message, and the run_id remembered was
+        older than it (another worker made the group again after the
+        restart, so this process never met it missing). Same server (the
+        group was destroyed, or the key deleted): the group starts after
+        that message, else at the beginning.
         """
         broker: Any = self.broker
         run_ids = await self._redis_run_ids()
-        restarted = {
-            stream
-            for stream, run_id in run_ids.items()
-            if self.run_ids.get(stream) is not None and run_id != self.run_ids[stream]
-        }
-        self.run_ids = run_ids
         created = []
         async with _redis(broker) as redis:
+            restarted = {
+                stream
+                for stream, run_id in run_ids.items()
+                if self.run_ids.get(stream) not in (None, run_id)
+                and not await self._holds_fetched(redis, stream)
+            }
+            self.run_ids = run_ids
             for stream in run_ids:
                 start = "0" if stream in restarted else self._after_fetched(stream)
                 try:
@@ -709,6 +744,13 @@ class LostState:
         if not created:
             return f"consumer group {group!r} was recreated by another worker: {why}"
         return f"recreated consumer group {group!r} on {', '.join(created)}: {why}"
+
+    async def _holds_fetched(self, redis: Any, stream: str) -> bool:
+        """Whether `stream` still holds the newest message this process knew."""
+        if stream not in self.fetched:
+            return False
+        newest = self._after_fetched(stream)
+        return bool(await redis.xrange(stream, min=newest, max=newest, count=1))
 
     def _after_fetched(self, stream: str) -> str:
         if stream not in self.fetched:

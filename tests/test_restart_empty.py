@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import RedisStreamClusterBroker
+from workerapp.brokers import make_broker
 from workers import APP, BROKER, WorkerRun, get_json
 
 import taskiq_fastapi
@@ -303,3 +304,112 @@ async def test_nats_restarted_without_store_loses_no_task_kicked_since(
     # loss may have been the one that made it, one WARNING line each at most.
     for what in ("durable consumer", "result bucket"):
         assert 1 <= worker_output.count(f"recreated {what} '{run.queue}'") <= 2
+
+
+async def destroy_group(server: RedisServer, queue: str) -> None:
+    """An operator's XGROUP DESTROY: the group goes, the stream keeps its entries."""
+    async with Redis.from_url(server.url) as redis:
+        assert await redis.xgroup_destroy(queue, "taskiq")
+
+
+async def fetching(server: RedisServer, processes: int) -> None:
+    """Wait until `processes` connections have sent an XREADGROUP.
+
+    A worker process sends its first once its broker has started (a group
+    destroyed before then would be made by taskiq-redis' startup, at `$`).
+    Redis 6.2 adds a consumer to the group only once one got a message.
+    """
+    async with Redis.from_url(server.url) as redis:
+        for _ in range(600):
+            clients = await redis.client_list()
+            if sum(c["cmd"] == "xreadgroup" for c in clients) >= processes:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"not {processes} processes fetching: {clients}")
+
+
+def assert_each_ran_once(run: WorkerRun, kicked: range) -> None:
+    """Each of `kicked` ran exactly once, counted after a task kicked last ran.
+
+    A group made again too early hands the worker the old entries first, in
+    the same fetch as the new ones: by the time the last one ran, so had any
+    entry run again.
+    """
+    ran = run.wait_for_each([f"ran {n}" for n in kicked])
+    assert {n: ran[f"ran {n}"] for n in kicked} == dict.fromkeys(kicked, 1), ran
+
+
+def group_recreated(worker_output: str) -> list[str]:
+    return [line for line in worker_output.splitlines() if "consumer group" in line]
+
+
+async def test_a_group_destroyed_before_a_process_fetched_anything_replays_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The process that meets the vanished group first has fetched nothing.
+
+    Here a second worker command, started once the first had run 10 tasks
+    (as one taskiq starts again past --max-tasks-per-child); the first is
+    held, so the second meets the group missing. It is made again after
+    what the group had delivered when that process started: before, at the
+    stream's beginning, and each of the 10 tasks the stream kept ran again.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        first = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)  # its group made (at `$`): kicks reach it
+        await run.kiq_all("mark", [(n,) for n in range(10)])
+        assert_each_ran_once(run, range(10))
+        [held] = run.count("startup")
+        second = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 2)  # the second's broker has started
+        os.kill(held, signal.SIGSTOP)
+        try:
+            await destroy_group(redis_server, run.queue)
+            await run.kiq_all("mark", [(n,) for n in range(10, 15)])
+            assert_each_ran_once(run, range(15))
+        finally:
+            os.kill(held, signal.SIGCONT)
+        assert run.stop(first) == 0
+        assert run.stop(second) == 0
+    finally:
+        run.kill_all()
+    [recreated] = group_recreated(run.output(second))
+    assert recreated.endswith("the server no longer had it."), recreated
+
+
+async def test_a_group_destroyed_after_an_empty_restart_another_worker_met(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The server restarted empty, and another worker made the group again.
+
+    This process never met the group missing, so the run_id it remembered
+    is the old server's; it fetched from the new one since. When the group
+    is then destroyed, it is made again after what this process fetched:
+    before, at the stream's beginning ("the Redis server restarted without
+    its data"), and every task run since the restart ran again.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            async with Redis.from_url(redis_server.url) as redis:  # another worker
+                await redis.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        run.sender = make_broker(redis_server.url, run.queue, streams=True)
+        await run.kiq_all("mark", [(n,) for n in range(10)])
+        assert_each_ran_once(run, range(10))
+        await destroy_group(redis_server, run.queue)
+        await run.kiq_all("mark", [(n,) for n in range(10, 15)])
+        assert_each_ran_once(run, range(15))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated
