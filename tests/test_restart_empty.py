@@ -413,3 +413,46 @@ async def test_a_group_destroyed_after_an_empty_restart_another_worker_met(
         run.kill_all()
     [recreated] = group_recreated(run.output(worker))
     assert recreated.endswith("the server no longer had it."), recreated
+
+
+@pytest.mark.parametrize("consumer_id", ["$", "0"])
+async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_configured(
+    redis_server: RedisServer, tmp_path: Path, consumer_id: str
+) -> None:
+    """The README's limit and its remedy: the group a starting process makes.
+
+    Redis restarts empty while the only running worker is held; the API
+    kicks 10 tasks; a second worker command starts. Its broker's startup
+    makes the group at the broker's `consumer_id`: at taskiq-redis' `$`, the
+    10 are skipped and the running worker finds the group there; at `0`,
+    each runs once. Tasks kicked afterwards run once either way.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_CONSUMER_ID"] = consumer_id
+    try:
+        first = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        [held] = run.count("startup")
+        os.kill(held, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            run.sender = make_broker(redis_server.url, run.queue, streams=True)
+            await run.kiq_all("mark", [(n,) for n in range(10)])
+            second = run.start("worker", *BROKER, *APP, "--workers", "1")
+            await fetching(redis_server, 1)  # the second's group is made
+        finally:
+            os.kill(held, signal.SIGCONT)
+        await run.kiq_all("mark", [(n,) for n in range(10, 12)])
+        if consumer_id == "0":
+            assert_each_ran_once(run, range(12))
+        else:
+            assert_each_ran_once(run, range(10, 12))
+        assert run.stop(first) == 0
+        assert run.stop(second) == 0
+        if consumer_id == "$":
+            skipped = {f"ran {n}" for n in range(10)}
+            assert not skipped & {event for _, event in run.events()}
+    finally:
+        run.kill_all()
+    assert not group_recreated(run.output(first) + run.output(second))
