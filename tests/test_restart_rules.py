@@ -472,3 +472,43 @@ async def test_concurrent_record_writes_that_meet_a_lost_bucket_say_it_once(
     assert warnings == [
         "Recreated JetStream key-value bucket 'kv-taskiq-fastapi': the server lost it."
     ], warnings
+
+
+async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API stops while NATS is down, with a kick nats-py still holds.
+
+    nats-py's close then raised ConnectionResetError out of broker_lifespan,
+    into the app's lifespan at its yield: the app's own shutdown after it
+    never ran. Now one WARNING names the broker, and the app shuts down.
+    """
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    shut_down = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shut_down.append(app)  # no finally: as most apps write theirs
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "down")
+        app = FastAPI()
+        async with taskiq_fastapi.broker_lifespan(broker, lifespan)(app):
+            server.stop()
+            deadline = time.monotonic() + 20
+            while broker.client.is_connected:  # until nats-py sees it gone
+                assert time.monotonic() < deadline, "nats-py missed the stop"
+                await asyncio.sleep(0.05)
+            with pytest.raises(SendTaskError):  # its publish stays buffered
+                await kiq(broker, 1)
+    assert shut_down == [app]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "Broker PullBasedJetStreamBroker did not shut down cleanly, its server is "
+        "unreachable (ConnectionResetError: Connection lost)."
+    ], warnings
