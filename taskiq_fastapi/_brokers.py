@@ -96,7 +96,8 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
-        _guard_nats_kick(broker)
+        _guard_nats_kick(broker, retry_timeout)
+        _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
 
 
@@ -482,16 +483,22 @@ def _is_jetstream(broker: AsyncBroker) -> bool:
     return isinstance(broker, BaseJetStreamBroker)
 
 
-def _guard_nats_kick(broker: Any) -> None:
-    """A publish no stream took is published again once the stream is back.
+def _guard_nats_kick(broker: Any, retry_timeout: float) -> None:
+    """A kick waits for a connection; one no stream took is published again.
 
-    "No stream" means nothing stored the message, so sending it again cannot
-    duplicate it.
+    A publish made while nats-py reconnects goes to its reconnect buffer:
+    the kick failed after nats-py's 5 s acknowledgement timeout, whatever
+    the bound, and the message was published all the same once the server
+    was back, so a caller that kicked again ran the task twice. Nothing is
+    sent before nats-py is connected. "No stream" means nothing stored the
+    message, so sending it again cannot duplicate it.
     """
     kick: Callable[[BrokerMessage], Awaitable[None]] = broker.kick
     from nats.js.errors import NoStreamResponseError
 
     async def kick_recreating_stream(message: BrokerMessage) -> None:
+        if not broker.client.is_connected:
+            await _nats_connected(broker.client, broker, retry_timeout)
         try:
             await kick(message)
         except NoStreamResponseError:
@@ -501,6 +508,48 @@ def _guard_nats_kick(broker: Any) -> None:
             await kick(message)  # recreated here or by another process
 
     broker.kick = kick_recreating_stream
+
+
+def _guard_nats_results(broker: Any, retry_timeout: float) -> None:
+    """A result read waits for its client's connection, as a kick does.
+
+    Made while nats-py reconnects, it failed after nats-py's 5 s timeout,
+    whatever the bound, with nats' TimeoutError.
+    """
+    backend = broker.result_backend
+    if not _is_nats_object_store(backend):
+        return
+    for name in ("is_result_ready", "get_result"):
+        read: Callable[..., Awaitable[Any]] = getattr(backend, name)
+
+        async def read_when_connected(
+            *args: Any, read: Callable[..., Awaitable[Any]] = read, **kwargs: Any
+        ) -> Any:
+            if not backend.nats_client.is_connected:
+                await _nats_connected(backend.nats_client, broker, retry_timeout)
+            return await read(*args, **kwargs)
+
+        setattr(backend, name, read_when_connected)
+
+
+async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> None:
+    """Wait until nats-py is connected again; past `retry_timeout`, raise.
+
+    nats-py reconnects by itself: nothing to do but wait. A client that
+    closed (out of reconnect attempts) never connects again.
+    """
+    started = time.monotonic()
+    while not client.is_connected:
+        waited = time.monotonic() - started
+        if client.is_closed or waited >= retry_timeout:
+            cause = client.last_error
+            why = describe(cause) if cause is not None else "not connected"
+            closed = " (nats-py gave up reconnecting)" if client.is_closed else ""
+            raise BrokerUnreachableError(
+                f"Broker {type(broker).__name__} unreachable for {waited:.0f} s"
+                f"{closed}: {why}"
+            )
+        await asyncio.sleep(min(FIRST_DELAY_SECONDS, retry_timeout - waited))
 
 
 class _Recreating:
