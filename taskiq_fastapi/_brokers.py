@@ -21,6 +21,11 @@ brokers and their clients do about it, and what this module does instead:
   knew delivered), else after that message: the group's last delivered one
   at startup, or a newer one this process fetched (it reads ids where
   taskiq-redis makes each message's ack, `_ack_generator`).
+- They make a missing group at startup at `consumer_id`, `$` by default: a
+  worker that began before its server started (docker-compose) skipped what
+  the API kicked until its retries connected. `LostState` makes it at `0`
+  when the server started after the process began and every entry of the
+  stream was added since the server started (INFO's uptime, TIME).
 - taskiq-redis 1.1's stream brokers take a Redis lock, with no expiry,
   around the XAUTOCLAIM after each fetch (`autoclaim:<group>:<stream>`). A
   worker inside that step when the server restarted empty released a lock
@@ -647,6 +652,7 @@ class LostState:
         self.fetched: dict[str, tuple[int, int]] = {}
         if _is_redis_stream(broker):
             self._track_fetched_ids()
+            self._declare_groups_skipping_nothing_new()
 
     async def remember(self) -> None:
         """Which server the broker talks to, and how far its group had delivered.
@@ -712,6 +718,73 @@ class LostState:
             return make_ack(id=id, queue_name=queue_name)
 
         broker._ack_generator = ack_generator
+
+    def _declare_groups_skipping_nothing_new(self) -> None:
+        """A group the startup makes starts at `0` where every entry is newer.
+
+        taskiq-redis makes a missing group at the broker's `consumer_id`,
+        `$`: past what the stream holds. A worker that began before its
+        server started (docker-compose starts both; the worker retries
+        connecting with a backoff up to 30 s) skipped every task the API
+        kicked in between. When the server started after this process
+        began, and every entry of the stream was added since the server
+        started (so none is history from before, kept by persistence), no
+        worker of this group can have read them: the group starts at `0`.
+        Not on a Redis Cluster (its nodes' uptimes are not asked).
+        """
+        broker: Any = self.broker
+        declare: Callable[[], Awaitable[None]] = broker._declare_consumer_group
+        began = time.monotonic()
+
+        async def declare_consumer_group() -> None:
+            if broker.consumer_id == "$" and _cluster_client(broker) is None:
+                waited = time.monotonic() - began
+                try:
+                    async with _redis(broker) as redis:
+                        for stream in self._streams():
+                            await self._group_at_0_if_all_new(redis, stream, waited)
+                except Exception as exc:
+                    if is_connection_error(exc):
+                        raise
+                    # INFO or TIME refused (a managed server): as taskiq-redis.
+                    logger.debug("Consumer group at $: %s", describe(exc))
+            await declare()  # BUSYGROUP, where made above
+
+        broker._declare_consumer_group = declare_consumer_group
+
+    async def _group_at_0_if_all_new(
+        self, redis: Any, stream: str, waited: float
+    ) -> None:
+        from redis.exceptions import ResponseError
+
+        # INFO's uptime is a difference of whole seconds of the server's
+        # clock: it is off by up to a second either way.
+        uptime = int((await redis.info("server"))["uptime_in_seconds"])
+        if uptime - 1 >= waited:
+            return  # the server was up before this process began
+        oldest = await redis.xrange(stream, count=1)
+        if not oldest:
+            return  # nothing to skip (or no stream yet)
+        seconds, micros = await redis.time()
+        started_ms = (int(seconds) - uptime - 1) * 1000 + int(micros) // 1000
+        if _stream_id(oldest[0][0])[0] < started_ms:
+            return  # kept from before the server started
+        broker: Any = self.broker
+        group = broker.consumer_group_name
+        try:
+            await redis.xgroup_create(stream, group, id="0")
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return  # there already
+        logger.warning(
+            "Broker %s: made consumer group %r on %r at 0: the server started "
+            "after this worker, and every entry of the stream was added since "
+            "(taskiq-redis would make it at $, past them).",
+            self.name,
+            group,
+            stream,
+        )
 
     def _note_fetched(self, stream: str, number: tuple[int, int]) -> None:
         if number > self.fetched.get(stream, (0, 0)):

@@ -439,6 +439,9 @@ async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_con
             redis_server.start()
             run.sender = make_broker(redis_server.url, run.queue, streams=True)
             await run.kiq_all("mark", [(n,) for n in range(10)])
+            # Begun well after the server started (Redis's uptime counts
+            # whole seconds): what taskiq-redis does is left as configured.
+            await asyncio.sleep(2)
             second = run.start("worker", *BROKER, *APP, "--workers", "1")
             await fetching(redis_server, 1)  # the second's group is made
         finally:
@@ -456,3 +459,36 @@ async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_con
     finally:
         run.kill_all()
     assert not group_recreated(run.output(first) + run.output(second))
+
+
+async def test_a_worker_started_before_its_server_runs_what_was_kicked_meanwhile(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docker-compose's order: the worker starts first, retrying its broker.
+
+    The API kicks 10 tasks as soon as Redis is up, before the worker's next
+    attempt (held here, as its backoff grows to 30 s). taskiq-redis made
+    the group at `$`, past them: none of the 10 ran. The server started
+    after this worker, and each entry was added since: the group starts at
+    `0`, one WARNING line, and each runs once.
+    """
+    redis_server.stop()
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)  # the lifespan, then the broker
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2)  # Redis's uptime counts whole seconds
+            redis_server.start()
+            await run.kiq_all("mark", [(n,) for n in range(10)])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert_each_ran_once(run, range(10))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    [made] = group_recreated(run.output(worker))
+    assert "WARNING" in made, made
+    assert f"made consumer group 'taskiq' on '{run.queue}' at 0: the server " in made
