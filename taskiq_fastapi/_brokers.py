@@ -19,8 +19,9 @@ brokers and their clients do about it, and what this module does instead:
   run_id of the server, or cluster node, holding the stream changed since
   startup, and the stream no longer holds the newest message this process
   knew delivered), else after that message: the group's last delivered one
-  at startup, or a newer one this process fetched (it reads ids where
-  taskiq-redis makes each message's ack, `_ack_generator`).
+  at startup or when a fetch reconnected, or a newer one this process
+  fetched (it reads ids where taskiq-redis makes each message's ack,
+  `_ack_generator`).
 - They make a missing group at startup at `consumer_id`, `$` by default: a
   worker that began before its server started (docker-compose) skipped what
   the API kicked until its retries connected. `LostState` makes it at `0`
@@ -667,6 +668,29 @@ class LostState:
             self.run_ids = await self._redis_run_ids()
             for stream, delivered in (await self._delivered()).items():
                 self._note_fetched(stream, delivered)
+
+    async def reconnected(self) -> None:
+        """After a fetch's connection error: learn the server, where it has the group.
+
+        A server that restarted empty, whose group another worker made again
+        first, is never met missing by this process: it kept the old
+        server's run_id and a position the new stream does not hold, and a
+        group destroyed later was made again at `0`, as after a restart,
+        running again what the other workers had run. Where the group is
+        missing, nothing is learnt: the next fetch meets NOGROUP, compared
+        with what was known before.
+        """
+        if not _is_redis_stream(self.broker):
+            return
+        delivered = await self._delivered()
+        if not delivered:
+            return
+        run_ids = await self._redis_run_ids()
+        for stream, number in delivered.items():
+            if run_ids[stream] != self.run_ids.get(stream):
+                self.fetched.pop(stream, None)  # the old server's position
+                self.run_ids[stream] = run_ids[stream]
+            self._note_fetched(stream, number)
 
     async def recover(self, exc: BaseException, fetching: bool = False) -> bool:
         """Recreate what `exc` says the server lost; whether to try again.

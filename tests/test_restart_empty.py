@@ -492,3 +492,49 @@ async def test_a_worker_started_before_its_server_runs_what_was_kicked_meanwhile
     [made] = group_recreated(run.output(worker))
     assert "WARNING" in made, made
     assert f"made consumer group 'taskiq' on '{run.queue}' at 0: the server " in made
+
+
+async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_since(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """As above, but another worker took every task since the restart.
+
+    This process only reconnects: it learns the new server and its group's
+    position then, where the group is there. Before, it kept the old
+    server's run_id and position, and when the group was destroyed made it
+    again at `0`: the 10 tasks the other worker had taken ran again here.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        await run.kiq_all("mark", [(n,) for n in range(3)])
+        assert_each_ran_once(run, range(3))
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            run.sender = make_broker(redis_server.url, run.queue, streams=True)
+            async with Redis.from_url(redis_server.url) as other:  # another worker
+                await other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+                await run.kiq_all("mark", [(n,) for n in range(10, 20)])
+                [(_, taken)] = await other.xreadgroup(
+                    "taskiq", "other", {run.queue: ">"}, count=100
+                )
+                assert len(taken) == 10
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await fetching(redis_server, 1)  # reconnected, fetching from the group
+        await destroy_group(redis_server, run.queue)
+        await run.kiq_all("mark", [(n,) for n in range(20, 25)])
+        assert_each_ran_once(run, range(20, 25))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    taken_again = {event for _, event in run.events()} & {
+        f"ran {n}" for n in range(10, 20)
+    }
+    assert not taken_again, sorted(taken_again)
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated
