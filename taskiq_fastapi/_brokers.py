@@ -649,7 +649,8 @@ class LostState:
         # each stream's node).
         self.run_ids: dict[str, str | None] = {}
         # Per stream, the newest message id this process knows was delivered:
-        # its group's last delivered one at startup, then each it fetched.
+        # its group's last delivered one at startup and when a fetch
+        # reconnected, and each it fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
         if _is_redis_stream(broker):
             self._track_fetched_ids()
