@@ -17,8 +17,16 @@ brokers and their clients do about it, and what this module does instead:
   skips what the API kicked meanwhile. `LostState` creates it again in
   place, at the stream's beginning when the server lost its state (INFO's
   run_id of the server, or cluster node, holding the stream changed since
-  startup), else after the newest message this process fetched (it reads
-  ids where taskiq-redis makes each message's ack, `_ack_generator`).
+  startup, and the stream no longer holds the newest message this process
+  knew delivered), else after that message: the group's last delivered one
+  at startup or when a fetch reconnected, or a newer one this process
+  fetched (it reads ids where taskiq-redis makes each message's ack,
+  `_ack_generator`).
+- They make a missing group at startup at `consumer_id`, `$` by default: a
+  worker that began before its server started (docker-compose) skipped what
+  the API kicked until its retries connected. `LostState` makes it at `0`
+  when the server started after the process began and every entry of the
+  stream was added since the server started (INFO's uptime, TIME).
 - taskiq-redis 1.1's stream brokers take a Redis lock, with no expiry,
   around the XAUTOCLAIM after each fetch (`autoclaim:<group>:<stream>`). A
   worker inside that step when the server restarted empty released a lock
@@ -94,7 +102,8 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
-        _guard_nats_kick(broker)
+        _guard_nats_kick(broker, retry_timeout)
+        _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
 
 
@@ -480,16 +489,22 @@ def _is_jetstream(broker: AsyncBroker) -> bool:
     return isinstance(broker, BaseJetStreamBroker)
 
 
-def _guard_nats_kick(broker: Any) -> None:
-    """A publish no stream took is published again once the stream is back.
+def _guard_nats_kick(broker: Any, retry_timeout: float) -> None:
+    """A kick waits for a connection; one no stream took is published again.
 
-    "No stream" means nothing stored the message, so sending it again cannot
-    duplicate it.
+    A publish made while nats-py reconnects goes to its reconnect buffer:
+    the kick failed after nats-py's 5 s acknowledgement timeout, whatever
+    the bound, and the message was published all the same once the server
+    was back, so a caller that kicked again ran the task twice. Nothing is
+    sent before nats-py is connected. "No stream" means nothing stored the
+    message, so sending it again cannot duplicate it.
     """
     kick: Callable[[BrokerMessage], Awaitable[None]] = broker.kick
     from nats.js.errors import NoStreamResponseError
 
     async def kick_recreating_stream(message: BrokerMessage) -> None:
+        if not broker.client.is_connected:
+            await _nats_connected(broker.client, broker, retry_timeout)
         try:
             await kick(message)
         except NoStreamResponseError:
@@ -499,6 +514,48 @@ def _guard_nats_kick(broker: Any) -> None:
             await kick(message)  # recreated here or by another process
 
     broker.kick = kick_recreating_stream
+
+
+def _guard_nats_results(broker: Any, retry_timeout: float) -> None:
+    """A result read waits for its client's connection, as a kick does.
+
+    Made while nats-py reconnects, it failed after nats-py's 5 s timeout,
+    whatever the bound, with nats' TimeoutError.
+    """
+    backend = broker.result_backend
+    if not _is_nats_object_store(backend):
+        return
+    for name in ("is_result_ready", "get_result"):
+        read: Callable[..., Awaitable[Any]] = getattr(backend, name)
+
+        async def read_when_connected(
+            *args: Any, read: Callable[..., Awaitable[Any]] = read, **kwargs: Any
+        ) -> Any:
+            if not backend.nats_client.is_connected:
+                await _nats_connected(backend.nats_client, broker, retry_timeout)
+            return await read(*args, **kwargs)
+
+        setattr(backend, name, read_when_connected)
+
+
+async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> None:
+    """Wait until nats-py is connected again; past `retry_timeout`, raise.
+
+    nats-py reconnects by itself: nothing to do but wait. A client that
+    closed (out of reconnect attempts) never connects again.
+    """
+    started = time.monotonic()
+    while not client.is_connected:
+        waited = time.monotonic() - started
+        if client.is_closed or waited >= retry_timeout:
+            cause = client.last_error
+            why = describe(cause) if cause is not None else "not connected"
+            closed = " (nats-py gave up reconnecting)" if client.is_closed else ""
+            raise BrokerUnreachableError(
+                f"Broker {type(broker).__name__} unreachable for {waited:.0f} s"
+                f"{closed}: {why}"
+            )
+        await asyncio.sleep(min(FIRST_DELAY_SECONDS, retry_timeout - waited))
 
 
 class _Recreating:
@@ -591,15 +648,50 @@ class LostState:
         # Per stream, the run_id of the server that holds it (on a cluster,
         # each stream's node).
         self.run_ids: dict[str, str | None] = {}
-        # Per stream, the newest message id this process fetched.
+        # Per stream, the newest message id this process knows was delivered:
+        # its group's last delivered one at startup and when a fetch
+        # reconnected, and each it fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
         if _is_redis_stream(broker):
             self._track_fetched_ids()
+            self._declare_groups_skipping_nothing_new()
 
     async def remember(self) -> None:
-        """Which server the broker talks to (Redis stream brokers only)."""
+        """Which server the broker talks to, and how far its group had delivered.
+
+        Redis stream brokers only. The group's last delivered id is where a
+        group that vanishes before this process fetches anything is made
+        again: a process started since (another worker's, or one taskiq
+        started again) made it again at the stream's beginning, and every
+        task the stream kept ran again.
+        """
         if _is_redis_stream(self.broker):
             self.run_ids = await self._redis_run_ids()
+            for stream, delivered in (await self._delivered()).items():
+                self._note_fetched(stream, delivered)
+
+    async def reconnected(self) -> None:
+        """After a fetch's connection error: learn the server, where it has the group.
+
+        A server that restarted empty, whose group another worker made again
+        first, is never met missing by this process: it kept the old
+        server's run_id and a position the new stream does not hold, and a
+        group destroyed later was made again at `0`, as after a restart,
+        running again what the other workers had run. Where the group is
+        missing, nothing is learnt: the next fetch meets NOGROUP, compared
+        with what was known before.
+        """
+        if not _is_redis_stream(self.broker):
+            return
+        delivered = await self._delivered()
+        if not delivered:
+            return
+        run_ids = await self._redis_run_ids()
+        for stream, number in delivered.items():
+            if run_ids[stream] != self.run_ids.get(stream):
+                self.fetched.pop(stream, None)  # the old server's position
+                self.run_ids[stream] = run_ids[stream]
+            self._note_fetched(stream, number)
 
     async def recover(self, exc: BaseException, fetching: bool = False) -> bool:
         """Recreate what `exc` says the server lost; whether to try again.
@@ -644,16 +736,101 @@ class LostState:
         """taskiq-redis makes each message's ack with its id and stream."""
         broker: Any = self.broker
         make_ack = broker._ack_generator
-        fetched = self.fetched
+        note = self._note_fetched
 
         def ack_generator(id: Any, queue_name: Any) -> Any:
-            stream = _text(queue_name)
-            number = _stream_id(id)
-            if number > fetched.get(stream, (0, 0)):
-                fetched[stream] = number
+            note(_text(queue_name), _stream_id(id))
             return make_ack(id=id, queue_name=queue_name)
 
         broker._ack_generator = ack_generator
+
+    def _declare_groups_skipping_nothing_new(self) -> None:
+        """A group the startup makes starts at `0` where every entry is newer.
+
+        taskiq-redis makes a missing group at the broker's `consumer_id`,
+        `$`: past what the stream holds. A worker that began before its
+        server started (docker-compose starts both; the worker retries
+        connecting with a backoff up to 30 s) skipped every task the API
+        kicked in between. When the server started after this process
+        began, and every entry of the stream was added since the server
+        started (so none is history from before, kept by persistence), no
+        worker of this group can have read them: the group starts at `0`.
+        Not on a Redis Cluster (its nodes' uptimes are not asked).
+        """
+        broker: Any = self.broker
+        declare: Callable[[], Awaitable[None]] = broker._declare_consumer_group
+        began = time.monotonic()
+
+        async def declare_consumer_group() -> None:
+            if broker.consumer_id == "$" and _cluster_client(broker) is None:
+                waited = time.monotonic() - began
+                try:
+                    async with _redis(broker) as redis:
+                        for stream in self._streams():
+                            await self._group_at_0_if_all_new(redis, stream, waited)
+                except Exception as exc:
+                    if is_connection_error(exc):
+                        raise
+                    # INFO or TIME refused (a managed server): as taskiq-redis.
+                    logger.debug("Consumer group at $: %s", describe(exc))
+            await declare()  # BUSYGROUP, where made above
+
+        broker._declare_consumer_group = declare_consumer_group
+
+    async def _group_at_0_if_all_new(
+        self, redis: Any, stream: str, waited: float
+    ) -> None:
+        from redis.exceptions import ResponseError
+
+        # INFO's uptime is a difference of whole seconds of the server's
+        # clock: it is off by up to a second either way.
+        uptime = int((await redis.info("server"))["uptime_in_seconds"])
+        if uptime - 1 >= waited:
+            return  # the server was up before this process began
+        oldest = await redis.xrange(stream, count=1)
+        if not oldest:
+            return  # nothing to skip (or no stream yet)
+        seconds, micros = await redis.time()
+        started_ms = (int(seconds) - uptime - 1) * 1000 + int(micros) // 1000
+        if _stream_id(oldest[0][0])[0] < started_ms:
+            return  # kept from before the server started
+        broker: Any = self.broker
+        group = broker.consumer_group_name
+        try:
+            await redis.xgroup_create(stream, group, id="0")
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return  # there already
+        logger.warning(
+            "Broker %s: made consumer group %r on %r at 0: the server started "
+            "after this worker, and every entry of the stream was added since "
+            "(taskiq-redis would make it at $, past them).",
+            self.name,
+            group,
+            stream,
+        )
+
+    def _note_fetched(self, stream: str, number: tuple[int, int]) -> None:
+        if number > self.fetched.get(stream, (0, 0)):
+            self.fetched[stream] = number
+
+    async def _delivered(self) -> dict[str, tuple[int, int]]:
+        """Per stream, its group's last delivered id (XINFO GROUPS), where known."""
+        broker: Any = self.broker
+        group = broker.consumer_group_name
+        delivered = {}
+        try:
+            async with _redis(broker) as redis:
+                for stream in self._streams():
+                    for info in await redis.xinfo_groups(stream):
+                        if _text(info["name"]) == group:
+                            delivered[stream] = _stream_id(info["last-delivered-id"])
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            logger.debug("No XINFO GROUPS from the Redis server (%s).", describe(exc))
+        return delivered
 
     def _streams(self) -> list[str]:
         broker: Any = self.broker
@@ -675,20 +852,25 @@ class LostState:
         """The consumer group again, where nothing added since it vanished is skipped.
 
         A server with another run_id restarted: every entry of its streams was
-        added since, so the group starts at the beginning. Same server (the
-        group was destroyed, or the key deleted): the group starts after the
-        newest message this process fetched, else at the beginning.
+        added since, so the group starts at the beginning. Unless the stream
+        still holds the newest message this process knew delivered: then
+        the restart came before that message, and the run_id remembered was
+        older than it (another worker made the group again after the
+        restart, so this process never met it missing). Same server (the
+        group was destroyed, or the key deleted): the group starts after
+        that message, else at the beginning.
         """
         broker: Any = self.broker
         run_ids = await self._redis_run_ids()
-        restarted = {
-            stream
-            for stream, run_id in run_ids.items()
-            if self.run_ids.get(stream) is not None and run_id != self.run_ids[stream]
-        }
-        self.run_ids = run_ids
         created = []
         async with _redis(broker) as redis:
+            restarted = {
+                stream
+                for stream, run_id in run_ids.items()
+                if self.run_ids.get(stream) not in (None, run_id)
+                and not await self._holds_fetched(redis, stream)
+            }
+            self.run_ids = run_ids
             for stream in run_ids:
                 start = "0" if stream in restarted else self._after_fetched(stream)
                 try:
@@ -709,6 +891,13 @@ class LostState:
         if not created:
             return f"consumer group {group!r} was recreated by another worker: {why}"
         return f"recreated consumer group {group!r} on {', '.join(created)}: {why}"
+
+    async def _holds_fetched(self, redis: Any, stream: str) -> bool:
+        """Whether `stream` still holds the newest message this process knew."""
+        if stream not in self.fetched:
+            return False
+        newest = self._after_fetched(stream)
+        return bool(await redis.xrange(stream, min=newest, max=newest, count=1))
 
     def _after_fetched(self, stream: str) -> str:
         if stream not in self.fetched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -12,7 +13,10 @@ from taskiq import AsyncBroker, InMemoryBroker
 
 from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
 from taskiq_fastapi._taskiq import require_broker
+from taskiq_fastapi.connections import describe, is_connection_error
 from taskiq_fastapi.integration import populate_dependency_context
+
+logger = logging.getLogger("taskiq_fastapi")
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 # How long a kick or a result read waits for a broker that restarts.
@@ -65,6 +69,33 @@ def broker_lifespan(
                 if isinstance(broker, InMemoryBroker):
                     await broker.wait_all()  # let in-process tasks finish first
                 await stop_master_lookups(broker)
-                await broker.shutdown()
+                await _shutdown(broker)
 
     return run
+
+
+async def _shutdown(broker: AsyncBroker) -> None:
+    """Stop the broker; one that cannot reach its server is logged, not raised.
+
+    Raised here, the error was thrown into the app's lifespan at its yield,
+    and the app's own shutdown after it never ran: a NATS server down when
+    the API stopped, with a publish nats-py still held, made its close
+    raise ConnectionResetError. The broker's shutdown handlers and result
+    backend are then stopped as taskiq does, on the same terms.
+    """
+    try:
+        await broker.shutdown()
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        logger.warning(
+            "Broker %s did not shut down cleanly, its server is unreachable (%s).",
+            type(broker).__name__,
+            describe(exc),
+        )
+        try:
+            await AsyncBroker.shutdown(broker)
+        except Exception as rest:
+            if not is_connection_error(rest):
+                raise
+            logger.debug("Nor did its result backend (%s).", describe(rest))

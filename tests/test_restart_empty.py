@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import RedisStreamClusterBroker
+from workerapp.brokers import make_broker
 from workers import APP, BROKER, WorkerRun, get_json
 
 import taskiq_fastapi
@@ -303,3 +304,237 @@ async def test_nats_restarted_without_store_loses_no_task_kicked_since(
     # loss may have been the one that made it, one WARNING line each at most.
     for what in ("durable consumer", "result bucket"):
         assert 1 <= worker_output.count(f"recreated {what} '{run.queue}'") <= 2
+
+
+async def destroy_group(server: RedisServer, queue: str) -> None:
+    """An operator's XGROUP DESTROY: the group goes, the stream keeps its entries."""
+    async with Redis.from_url(server.url) as redis:
+        assert await redis.xgroup_destroy(queue, "taskiq")
+
+
+async def fetching(server: RedisServer, processes: int) -> None:
+    """Wait until `processes` connections have sent an XREADGROUP.
+
+    A worker process sends its first once its broker has started (a group
+    destroyed before then would be made by taskiq-redis' startup, at `$`).
+    Redis 6.2 adds a consumer to the group only once one got a message.
+    """
+    async with Redis.from_url(server.url) as redis:
+        for _ in range(600):
+            clients = await redis.client_list()
+            if sum(c["cmd"] == "xreadgroup" for c in clients) >= processes:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"not {processes} processes fetching: {clients}")
+
+
+def assert_each_ran_once(run: WorkerRun, kicked: range) -> None:
+    """Each of `kicked` ran exactly once, counted after a task kicked last ran.
+
+    A group made again too early hands the worker the old entries first, in
+    the same fetch as the new ones: by the time the last one ran, so had any
+    entry run again.
+    """
+    ran = run.wait_for_each([f"ran {n}" for n in kicked])
+    assert {n: ran[f"ran {n}"] for n in kicked} == dict.fromkeys(kicked, 1), ran
+
+
+def group_recreated(worker_output: str) -> list[str]:
+    return [line for line in worker_output.splitlines() if "consumer group" in line]
+
+
+async def test_a_group_destroyed_before_a_process_fetched_anything_replays_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The process that meets the vanished group first has fetched nothing.
+
+    Here a second worker command, started once the first had run 10 tasks
+    (as one taskiq starts again past --max-tasks-per-child); the first is
+    held, so the second meets the group missing. It is made again after
+    what the group had delivered when that process started: before, at the
+    stream's beginning, and each of the 10 tasks the stream kept ran again.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        first = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)  # its group made (at `$`): kicks reach it
+        await run.kiq_all("mark", [(n,) for n in range(10)])
+        assert_each_ran_once(run, range(10))
+        [held] = run.count("startup")
+        second = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 2)  # the second's broker has started
+        os.kill(held, signal.SIGSTOP)
+        try:
+            await destroy_group(redis_server, run.queue)
+            await run.kiq_all("mark", [(n,) for n in range(10, 15)])
+            assert_each_ran_once(run, range(15))
+        finally:
+            os.kill(held, signal.SIGCONT)
+        assert run.stop(first) == 0
+        assert run.stop(second) == 0
+    finally:
+        run.kill_all()
+    [recreated] = group_recreated(run.output(second))
+    assert recreated.endswith("the server no longer had it."), recreated
+
+
+async def test_a_group_destroyed_after_an_empty_restart_another_worker_met(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The server restarted empty, and another worker made the group again.
+
+    This process never met the group missing, so the run_id it remembered
+    is the old server's; it fetched from the new one since. When the group
+    is then destroyed, it is made again after what this process fetched:
+    before, at the stream's beginning ("the Redis server restarted without
+    its data"), and every task run since the restart ran again.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            async with Redis.from_url(redis_server.url) as redis:  # another worker
+                await redis.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        run.sender = make_broker(redis_server.url, run.queue, streams=True)
+        await run.kiq_all("mark", [(n,) for n in range(10)])
+        assert_each_ran_once(run, range(10))
+        await destroy_group(redis_server, run.queue)
+        await run.kiq_all("mark", [(n,) for n in range(10, 15)])
+        assert_each_ran_once(run, range(15))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated
+
+
+@pytest.mark.parametrize("consumer_id", ["$", "0"])
+async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_configured(
+    redis_server: RedisServer, tmp_path: Path, consumer_id: str
+) -> None:
+    """The README's limit and its remedy: the group a starting process makes.
+
+    Redis restarts empty while the only running worker is held; the API
+    kicks 10 tasks; a second worker command starts. Its broker's startup
+    makes the group at the broker's `consumer_id`: at taskiq-redis' `$`, the
+    10 are skipped and the running worker finds the group there; at `0`,
+    each runs once. Tasks kicked afterwards run once either way.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_CONSUMER_ID"] = consumer_id
+    try:
+        first = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        [held] = run.count("startup")
+        os.kill(held, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            run.sender = make_broker(redis_server.url, run.queue, streams=True)
+            await run.kiq_all("mark", [(n,) for n in range(10)])
+            # Begun well after the server started (Redis's uptime counts
+            # whole seconds): what taskiq-redis does is left as configured.
+            await asyncio.sleep(2)
+            second = run.start("worker", *BROKER, *APP, "--workers", "1")
+            await fetching(redis_server, 1)  # the second's group is made
+        finally:
+            os.kill(held, signal.SIGCONT)
+        await run.kiq_all("mark", [(n,) for n in range(10, 12)])
+        if consumer_id == "0":
+            assert_each_ran_once(run, range(12))
+        else:
+            assert_each_ran_once(run, range(10, 12))
+        assert run.stop(first) == 0
+        assert run.stop(second) == 0
+        if consumer_id == "$":
+            skipped = {f"ran {n}" for n in range(10)}
+            assert not skipped & {event for _, event in run.events()}
+    finally:
+        run.kill_all()
+    assert not group_recreated(run.output(first) + run.output(second))
+
+
+async def test_a_worker_started_before_its_server_runs_what_was_kicked_meanwhile(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docker-compose's order: the worker starts first, retrying its broker.
+
+    The API kicks 10 tasks as soon as Redis is up, before the worker's next
+    attempt (held here, as its backoff grows to 30 s). taskiq-redis made
+    the group at `$`, past them: none of the 10 ran. The server started
+    after this worker, and each entry was added since: the group starts at
+    `0`, one WARNING line, and each runs once.
+    """
+    redis_server.stop()
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)  # the lifespan, then the broker
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2)  # Redis's uptime counts whole seconds
+            redis_server.start()
+            await run.kiq_all("mark", [(n,) for n in range(10)])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert_each_ran_once(run, range(10))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    [made] = group_recreated(run.output(worker))
+    assert "WARNING" in made, made
+    assert f"made consumer group 'taskiq' on '{run.queue}' at 0: the server " in made
+
+
+async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_since(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """As above, but another worker took every task since the restart.
+
+    This process only reconnects: it learns the new server and its group's
+    position then, where the group is there. Before, it kept the old
+    server's run_id and position, and when the group was destroyed made it
+    again at `0`: the 10 tasks the other worker had taken ran again here.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        await run.kiq_all("mark", [(n,) for n in range(3)])
+        assert_each_ran_once(run, range(3))
+        [pid] = run.count("startup")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            run.sender = make_broker(redis_server.url, run.queue, streams=True)
+            async with Redis.from_url(redis_server.url) as other:  # another worker
+                await other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+                await run.kiq_all("mark", [(n,) for n in range(10, 20)])
+                [(_, taken)] = await other.xreadgroup(
+                    "taskiq", "other", {run.queue: ">"}, count=100
+                )
+                assert len(taken) == 10
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await fetching(redis_server, 1)  # reconnected, fetching from the group
+        await destroy_group(redis_server, run.queue)
+        await run.kiq_all("mark", [(n,) for n in range(20, 25)])
+        assert_each_ran_once(run, range(20, 25))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    taken_again = {event for _, event in run.events()} & {
+        f"ran {n}" for n in range(10, 20)
+    }
+    assert not taken_again, sorted(taken_again)
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from taskiq import AsyncBroker
-from taskiq.exceptions import SendTaskError
+from taskiq.exceptions import ResultIsReadyError, SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import (
     ListQueueBroker,
@@ -472,3 +472,84 @@ async def test_concurrent_record_writes_that_meet_a_lost_bucket_say_it_once(
     assert warnings == [
         "Recreated JetStream key-value bucket 'kv-taskiq-fastapi': the server lost it."
     ], warnings
+
+
+async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API stops while NATS is down, with a publish nats-py still holds.
+
+    nats-py's close then raised ConnectionResetError out of broker_lifespan,
+    into the app's lifespan at its yield: the app's own shutdown after it
+    never ran. Now one WARNING names the broker, and the app shuts down.
+    """
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    shut_down = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shut_down.append(app)  # no finally: as most apps write theirs
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "down")
+        app = FastAPI()
+        async with taskiq_fastapi.broker_lifespan(broker, lifespan)(app):
+            server.stop()
+            deadline = time.monotonic() + 20
+            while broker.client.is_connected:  # until nats-py sees it gone
+                assert time.monotonic() < deadline, "nats-py missed the stop"
+                await asyncio.sleep(0.05)
+            # As a kick sent as the connection dropped: nats-py holds it.
+            await broker.client.publish("down", b"held")
+    assert shut_down == [app]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "Broker PullBasedJetStreamBroker did not shut down cleanly, its server is "
+        "unreachable (ConnectionResetError: Connection lost)."
+    ], warnings
+
+
+async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> None:
+    """nats-py buffers a publish made while it reconnects.
+
+    The kick failed after nats-py's 5 s acknowledgement timeout, whatever
+    the bound, with nats' TimeoutError; and the message was published all
+    the same once the server was back, so a caller that kicked again ran
+    the task twice. Now nothing is sent: BrokerUnreachableError at the
+    bound, and the stream never gets that message. A result wait too.
+    """
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "gate")
+        async with api(broker, retry_timeout=1):
+            task = await AsyncKicker("workerapp.tasks:mark", broker, {}).kiq(0)
+            server.stop()
+            deadline = time.monotonic() + 20
+            clients = [broker.client, broker.result_backend.nats_client]
+            while any(client.is_connected for client in clients):  # both see it
+                assert time.monotonic() < deadline, "nats-py missed the stop"
+                await asyncio.sleep(0.05)
+            with pytest.raises(SendTaskError) as raised:
+                await kiq(broker, 1)
+            with pytest.raises(ResultIsReadyError) as waited:
+                await task.wait_result(timeout=30)
+            server.start()  # with its store
+            while not broker.client.is_connected:
+                assert time.monotonic() < deadline, "nats-py did not reconnect"
+                await asyncio.sleep(0.05)
+            await kiq(broker, 2)
+            assert (await broker.js.stream_info("gate")).state.messages == 2  # 0, 2
+    for error in (raised.value, waited.value):
+        cause = error.__cause__
+        assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError), cause
+        assert str(cause).startswith(
+            "Broker PullBasedJetStreamBroker unreachable for 1 s: "
+        ), cause

@@ -382,12 +382,16 @@ class BrokerOutages:
         async def listen_until_reachable() -> AsyncGenerator[Any, None]:
             source: AsyncIterator[Any] | None = None
             fetch = object()  # this loop's token among the broker's operations
+            reconnecting = False  # the server may have restarted since
             try:
                 while True:
                     if source is None:
                         source = listen()
                     pending[fetch] = started = time.monotonic()
                     try:
+                        if reconnecting:
+                            await self.lost.reconnected()
+                            reconnecting = False
                         message = await anext(source)
                     except StopAsyncIteration:
                         return
@@ -398,6 +402,7 @@ class BrokerOutages:
                             if outage is None:
                                 continue  # recreated: fetch again
                             exc = outage
+                        reconnecting = True
                         if await self._retry_fetch(exc, started):
                             return  # stopping: taskiq finishes in-flight tasks
                         continue

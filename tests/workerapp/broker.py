@@ -29,6 +29,7 @@ else:
         defaults=os.environ.get("TASKIQ_TEST_REDIS_DEFAULTS") == "1",
         # Results on another server than the broker's, when a test says so.
         results_url=os.environ.get("TASKIQ_TEST_RESULTS_URL"),
+        consumer_id=os.environ.get("TASKIQ_TEST_CONSUMER_ID", "$"),
     )
 
 

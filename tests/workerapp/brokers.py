@@ -82,7 +82,9 @@ def make_broker(
     streams: bool = False,
     defaults: bool = False,
     results_url: str | None = None,
+    consumer_id: str = "$",
 ) -> AsyncBroker:
+    """`consumer_id`: where a stream broker's startup makes a missing group."""
     backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
         results_url or url
     )
@@ -93,7 +95,7 @@ def make_broker(
         # Acknowledges after execution when the worker asks for it; a message
         # left unacknowledged by a dead worker is claimed again after 1 s.
         return RedisStreamBroker(
-            url, queue_name=queue, idle_timeout=1000
+            url, queue_name=queue, idle_timeout=1000, consumer_id=consumer_id
         ).with_result_backend(backend)
     # BRPOP blocks until a message comes; redis-py 8's default 5 s socket
     # timeout would end it with an error taskiq-redis does not catch.
