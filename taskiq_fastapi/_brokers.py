@@ -1381,6 +1381,8 @@ CancelCallback = Callable[[str, float], None]
 # NATS: a request is the key `<prefix><task id>`; a `>` watch takes every
 # token after it, so task ids with dots in them are followed too.
 _CANCEL_PREFIX = "taskiq_fastapi_cancel."
+# How long a NATS worker waits for cancel requests the server says it sent.
+_CATCH_UP_SECONDS = 5.0
 # A watching worker's blocking read; new requests end it at once.
 _CANCEL_BLOCK_MS = 1000
 _CANCEL_BATCH = 1000
@@ -1475,17 +1477,63 @@ class NatsCancels:
 
     async def watch(self, cancel: CancelCallback, ready: Callable[[], None]) -> None:
         bucket = await self.records._bucket()
-        watcher = await bucket.watch(_CANCEL_PREFIX + ">", ignore_deletes=True)
+        # Deletes too (skipped below): every message the server delivers is
+        # an entry, so the entries given can be counted against them.
+        watcher = await bucket.watch(_CANCEL_PREFIX + ">")
+        given = 0  # entries given
+        due: int | None = None  # caught up once `given` reaches it
+        waiting = True
+        bound: asyncio.TimerHandle | None = None
+
+        def caught_up() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                if bound is not None:
+                    bound.cancel()
+                ready()
+
         try:
             async for entry in watcher:
-                if entry is None:  # what the bucket held is all given
-                    ready()
+                if entry is None:
+                    # nats-py's marker that what the bucket held is all given.
+                    # Not always: it trusts it when the server has nothing
+                    # left to send and nats-py has read nothing, and a
+                    # message sent but not yet read is in neither count
+                    # (3 in 300 watches of a bucket of 3 requests, under
+                    # load: a worker's first task began before its cancel
+                    # request was read). The server's own count settles it.
+                    if waiting:
+                        due = await _delivered_up_to(watcher)
+                        if given >= due:
+                            caught_up()
+                        else:  # a message nats-py drops unseen: not for ever
+                            loop = asyncio.get_running_loop()
+                            bound = loop.call_later(_CATCH_UP_SECONDS, caught_up)
                     continue
-                sent_at = entry.created.timestamp() if entry.created else time.time()
-                cancel(entry.key[len(_CANCEL_PREFIX) :], sent_at)
+                given += 1
+                if entry.operation is None:  # a request, not a delete or purge
+                    sent_at = (
+                        entry.created.timestamp() if entry.created else time.time()
+                    )
+                    cancel(entry.key[len(_CANCEL_PREFIX) :], sent_at)
+                if waiting and due is not None and given >= due:
+                    caught_up()
         finally:
+            if bound is not None:
+                bound.cancel()
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+
+async def _delivered_up_to(watcher: Any) -> int:
+    """How many messages the server has given a KV watcher so far.
+
+    Relies on nats-py's `KeyWatcher._sub`, the JetStream subscription its
+    own marker reads the consumer's state from (pinned in test_nats).
+    """
+    info = await watcher._sub.consumer_info()
+    return int(info.delivered.consumer_seq)
 
 
 CancelChannel = RedisCancels | NatsCancels

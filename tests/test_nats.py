@@ -301,3 +301,73 @@ async def test_a_result_whose_chunks_are_gone_is_not_waited_for_for_ever(
         assert time.monotonic() - started < 30
     finally:
         await backend.shutdown()
+
+
+@pytest.mark.parametrize("marker", ["in order", "before the requests"])
+async def test_a_worker_reads_every_kept_cancel_request_before_its_first_task(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch, marker: str
+) -> None:
+    """A worker's first tasks wait until the cancel requests kept are read,
+    which nats-py's watcher says with a None marker. Its marker can come
+    before messages the server already sent, when nats-py has not read them
+    yet (3 in 300 watches of a bucket of 3 requests, under load): a task
+    cancelled while every worker was stopped then began. "before the
+    requests" gives the marker that way every time, as nats-py does when it
+    lags; the server and its messages are real."""
+    from nats.js.kv import KeyValue
+
+    from taskiq_fastapi._brokers import NatsCancels, NatsKeyValues
+
+    if marker == "before the requests":
+        watch = KeyValue.watch
+
+        async def lagging(self: Any, *args: Any, **kwargs: Any) -> Any:
+            watcher = await watch(self, *args, **kwargs)
+            await asyncio.sleep(0.2)  # the server has sent what the bucket holds
+            given = []
+            while not watcher._updates.empty():
+                given.append(watcher._updates.get_nowait())
+            watcher._updates.put_nowait(None)
+            watcher._init_done = True
+            for entry in given:
+                if entry is not None:
+                    watcher._updates.put_nowait(entry)
+            return watcher
+
+        monkeypatch.setattr(KeyValue, "watch", lagging)
+    broker: Any = make_nats_broker(nats_url, f"q-{uuid.uuid4().hex}")
+    await broker.startup()
+    try:
+        channel = NatsCancels(NatsKeyValues(broker.result_backend, 60))
+        kept = [f"task-{n}" for n in range(3)]
+        await channel.records.put("a-record", {"state": "queued"})
+        await _first_watch_is_ready_with(channel, [])  # records are no requests
+        await channel.send("gone")  # a request deleted by hand is none
+        for task_id in kept:
+            await channel.send(task_id)
+        bucket = await channel.records._bucket()
+        await bucket.delete("taskiq_fastapi_cancel.gone")
+        for _ in range(20):
+            await _first_watch_is_ready_with(channel, kept)
+    finally:
+        await broker.shutdown()
+
+
+async def _first_watch_is_ready_with(channel: Any, kept: list[str]) -> None:
+    """A watch gives each kept request, then says it is caught up, at once."""
+    order: list[str] = []
+    ready = asyncio.Event()
+
+    def caught_up() -> None:
+        order.append("ready")
+        ready.set()
+
+    watching = asyncio.create_task(
+        channel.watch(lambda task_id, _at: order.append(task_id), caught_up)
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 4)  # below the 5 s bound
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    assert order == [*kept, "ready"]
