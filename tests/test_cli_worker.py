@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from workers import APP, TASKIQ, WorkerRun
@@ -117,19 +118,9 @@ async def test_the_projects_own_garbage_collection_setting_holds(
     project's own thresholds, whatever they are, must outlast the pause.
     """
     run.env[setting] = value
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
-        "--workers", "1",
-    )  # fmt: skip
-    run.wait_for("startup", processes=1)
-    await run.sender.startup()
-    try:
-        result = await (await run.kiq("collector")).wait_result(timeout=30)
-    finally:
-        await run.sender.shutdown()
-    assert result.return_value["thresholds"] == expected
-    assert result.return_value["enabled"] is (setting != "APP_GC_DISABLE")
-    assert run.stop(worker) == 0
+    collected = await one_worker_collects(run)
+    assert collected["thresholds"] == expected
+    assert collected["enabled"] is (setting != "APP_GC_DISABLE")
 
 
 async def test_a_process_the_project_forks_as_it_is_imported_collects(
@@ -139,6 +130,11 @@ async def test_a_process_the_project_forks_as_it_is_imported_collects(
     ends in a process the project forks meanwhile: it may run as long as the
     command (a multiprocessing Manager's server), making garbage."""
     run.env["APP_GC_HELPER"] = "1"
+    assert (await one_worker_collects(run))["helper_collections"] > 0
+
+
+async def one_worker_collects(run: WorkerRun) -> dict[str, Any]:
+    """How the worker process of a one-process command collects garbage."""
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
         "--workers", "1",
@@ -149,8 +145,8 @@ async def test_a_process_the_project_forks_as_it_is_imported_collects(
         result = await (await run.kiq("collector")).wait_result(timeout=30)
     finally:
         await run.sender.shutdown()
-    assert result.return_value["helper_collections"] > 0
     assert run.stop(worker) == 0
+    return result.return_value  # type: ignore[no-any-return]
 
 
 async def test_spawn_start_method(run: WorkerRun) -> None:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,16 @@ def call(port: int, path: str) -> tuple[int, object]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) until the block ends, however it ends."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def hold(worker_pids: list[int], sig: signal.Signals) -> None:
@@ -363,13 +374,10 @@ async def test_a_group_destroyed_before_a_process_fetched_anything_replays_nothi
         [held] = run.count("startup")
         second = run.start("worker", *BROKER, *APP, "--workers", "1")
         await fetching(redis_server, 2)  # the second's broker has started
-        os.kill(held, signal.SIGSTOP)
-        try:
+        with paused(held):
             await destroy_group(redis_server, run.queue)
             await run.kiq_all("mark", [(n,) for n in range(10, 15)])
             assert_each_ran_once(run, range(15))
-        finally:
-            os.kill(held, signal.SIGCONT)
         assert run.stop(first) == 0
         assert run.stop(second) == 0
     finally:
@@ -394,14 +402,11 @@ async def test_a_group_destroyed_after_an_empty_restart_another_worker_met(
         worker = run.start("worker", *BROKER, *APP, "--workers", "1")
         await fetching(redis_server, 1)
         [pid] = run.count("startup")
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with paused(pid):
             redis_server.stop()
             redis_server.start()
             async with Redis.from_url(redis_server.url) as redis:  # another worker
                 await redis.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
-        finally:
-            os.kill(pid, signal.SIGCONT)
         run.sender = make_broker(redis_server.url, run.queue, streams=True)
         await run.kiq_all("mark", [(n,) for n in range(10)])
         assert_each_ran_once(run, range(10))
@@ -433,8 +438,7 @@ async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_con
         first = run.start("worker", *BROKER, *APP, "--workers", "1")
         await fetching(redis_server, 1)
         [held] = run.count("startup")
-        os.kill(held, signal.SIGSTOP)
-        try:
+        with paused(held):
             redis_server.stop()
             redis_server.start()
             run.sender = make_broker(redis_server.url, run.queue, streams=True)
@@ -444,8 +448,6 @@ async def test_a_worker_started_while_the_server_is_empty_makes_the_group_as_con
             await asyncio.sleep(2)
             second = run.start("worker", *BROKER, *APP, "--workers", "1")
             await fetching(redis_server, 1)  # the second's group is made
-        finally:
-            os.kill(held, signal.SIGCONT)
         await run.kiq_all("mark", [(n,) for n in range(10, 12)])
         if consumer_id == "0":
             assert_each_ran_once(run, range(12))
@@ -478,13 +480,10 @@ async def test_a_worker_started_before_its_server_runs_what_was_kicked_meanwhile
         worker = run.start("worker", *BROKER, *APP, "--workers", "1")
         run.wait_for("startup", processes=1)  # the lifespan, then the broker
         [pid] = run.count("startup")
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with paused(pid):
             await asyncio.sleep(2)  # Redis's uptime counts whole seconds
             redis_server.start()
             await run.kiq_all("mark", [(n,) for n in range(10)])
-        finally:
-            os.kill(pid, signal.SIGCONT)
         assert_each_ran_once(run, range(10))
         assert run.stop(worker) == 0
     finally:
@@ -511,8 +510,7 @@ async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_si
         await run.kiq_all("mark", [(n,) for n in range(3)])
         assert_each_ran_once(run, range(3))
         [pid] = run.count("startup")
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with paused(pid):
             redis_server.stop()
             redis_server.start()
             run.sender = make_broker(redis_server.url, run.queue, streams=True)
@@ -523,8 +521,6 @@ async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_si
                     "taskiq", "other", {run.queue: ">"}, count=100
                 )
                 assert len(taken) == 10
-        finally:
-            os.kill(pid, signal.SIGCONT)
         await fetching(redis_server, 1)  # reconnected, fetching from the group
         await destroy_group(redis_server, run.queue)
         await run.kiq_all("mark", [(n,) for n in range(20, 25)])
