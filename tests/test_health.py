@@ -141,7 +141,10 @@ async def test_a_task_blocking_its_loop_makes_livez_fail_naming_it(
             f"worker-0 (pid {pid}) is stalled: its event loop has not run for "
             + body["problems"][0].split("has not run for ")[1]
         ]
+        # Past the timeout, as shown too (rounded up, never to 1.5 itself).
         assert body["workers"][0]["loop_silent_seconds"] > 1.5
+        said = body["problems"][0].split("has not run for ")[1]
+        assert float(said.split(" s ")[0]) > 1.5, said
         ready, _ = probe.get("/readyz")
         assert ready == 503  # a stalled process takes no task either
         result = health_command(probe.port)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -125,13 +126,13 @@ class HealthView:
             "ready_since": _when(row[READY_AT]) if state == "ready" else None,
             "tasks_finished": int(row[DONE]),
             "last_task_finished": _when(row[LAST_DONE]),
-            "loop_silent_seconds": None if silent is None else round(silent, 3),
+            "loop_silent_seconds": None if silent is None else _up(silent, 3),
         }
         why = None
         if silent is not None and self.stall_timeout and silent > self.stall_timeout:
             why = (
                 f"{name} (pid {pid}) is stalled: its event loop has not run for "
-                f"{silent:.1f} s (--stall-timeout {self.stall_timeout:g})"
+                f"{_up(silent, 1):.1f} s (--stall-timeout {self.stall_timeout:g})"
             )
         down = now - self.down_since.get(slot, now)
         if state == "restarting" and down > RESTART_GRACE_SECONDS:
@@ -287,3 +288,9 @@ def _server_for(host: str) -> type[ThreadingHTTPServer]:
     if family == socket.AF_INET:
         return ThreadingHTTPServer
     return type("HealthServerV6", (ThreadingHTTPServer,), {"address_family": family})
+
+
+def _up(seconds: float, digits: int) -> float:
+    """Rounded up: a loop silent past --stall-timeout never shows as equal to it."""
+    scale = 10.0**digits
+    return math.ceil(seconds * scale) / scale
