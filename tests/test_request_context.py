@@ -607,14 +607,18 @@ def checked_and_kicked(
         result = await (await task.kiq()).wait_result(timeout=5)
         return {"value": result.return_value, "error": str(result.error or "")}
 
-    carry = taskiq_fastapi.request_context.carried(app, broker)
+    return check_problem(app, broker), get(app, url, headers=headers or {})
+
+
+def check_problem(app: FastAPI, broker: Any) -> str | None:
+    """What the startup check says of the broker's tasks, given what `app` carries."""
     try:
-        dependencies.check(broker, carry=carry)
+        dependencies.check(
+            broker, carry=taskiq_fastapi.request_context.carried(app, broker)
+        )
     except taskiq_fastapi.DependencyError as exc:
-        problem: str | None = str(exc)
-    else:
-        problem = None
-    return problem, get(app, url, headers=headers or {})
+        return str(exc)
+    return None
 
 
 class Trace(BaseModel):
@@ -783,13 +787,7 @@ def test_the_check_of_a_query_model_agrees_with_the_route(
         result = await (await task.kiq()).wait_result(timeout=5)
         return {"route": key, "task": result.return_value}
 
-    carry = taskiq_fastapi.request_context.carried(app, broker)
-    try:
-        dependencies.check(broker, carry=carry)
-    except taskiq_fastapi.DependencyError as exc:
-        problem: str | None = str(exc)
-    else:
-        problem = None
+    problem = check_problem(app, broker)
     got = get(app, "/kick?api_key=k1")
     assert got["route"] == "k1"
     assert (problem is None) == (got["task"] == "k1"), (problem, got)
