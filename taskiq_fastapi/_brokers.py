@@ -1532,7 +1532,14 @@ async def _delivered_up_to(watcher: Any) -> int:
     Relies on nats-py's `KeyWatcher._sub`, the JetStream subscription its
     own marker reads the consumer's state from (pinned in test_nats).
     """
-    info = await watcher._sub.consumer_info()
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await watcher._sub.consumer_info()
+    except NotFoundError as exc:
+        # The server lost the watch's consumer (it restarted): an outage to
+        # watch again from, not an error to go on from with requests unread.
+        raise ConnectionError(f"the cancel requests' watch is gone: {exc}") from exc
     return int(info.delivered.consumer_seq)
 
 

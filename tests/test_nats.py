@@ -371,3 +371,41 @@ async def _first_watch_is_ready_with(channel: Any, kept: list[str]) -> None:
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
     assert order == [*kept, "ready"]
+
+
+async def test_a_cancel_watch_whose_consumer_the_server_lost_is_an_outage(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NATS restart during a worker's first read of the kept requests
+    loses the watch's consumer: reading its state then failed with
+    NotFoundError, which the worker took for a lasting error, logged as one
+    and began its tasks with requests unread. It is an outage, watched
+    again (the consumer is deleted here as the restart deleted it)."""
+    from nats.js.kv import KeyValue
+
+    from taskiq_fastapi._brokers import NatsCancels, NatsKeyValues
+    from taskiq_fastapi.connections import is_connection_error
+
+    watch = KeyValue.watch
+
+    async def losing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        watcher = await watch(self, *args, **kwargs)
+        info = await watcher._sub.consumer_info()
+        await self._js.delete_consumer(info.stream_name, info.name)
+        return watcher
+
+    monkeypatch.setattr(KeyValue, "watch", losing)
+    broker: Any = make_nats_broker(nats_url, f"q-{uuid.uuid4().hex}")
+    await broker.startup()
+    try:
+        channel = NatsCancels(NatsKeyValues(broker.result_backend, 60))
+        await channel.send("kept")
+        ready: list[str] = []
+        with pytest.raises(ConnectionError) as raised:  # not a TimeoutError
+            await asyncio.wait_for(
+                channel.watch(lambda *_: None, lambda: ready.append("ready")), 10
+            )
+        assert is_connection_error(raised.value), raised.value
+        assert ready == []
+    finally:
+        await broker.shutdown()
