@@ -15,11 +15,14 @@ a connection-type error (RedisClusterException "Redis Cluster cannot be
 connected", when no node answers). Refused credentials are not, though
 redis-py derives its AuthenticationError and AuthorizationError from its
 ConnectionError: retrying cannot help, and the error is shown at once.
+
+One error from asyncio itself is an outage too: see `_wrote_to_lost_connection`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 
@@ -33,6 +36,8 @@ def is_connection_error(exc: BaseException) -> bool:
     if _named(exc, _CREDENTIAL_NAMES):
         return False
     if isinstance(exc, OSError) or _named(exc, _CONNECTION_NAMES):
+        return True
+    if _wrote_to_lost_connection(exc):
         return True
     cause = exc.__cause__
     return (
@@ -49,8 +54,33 @@ def _named(exc: BaseException, fragments: tuple[str, ...]) -> bool:
     )
 
 
+# CPython gh-136234 (3.12 and 3.13 as installed here): the selector
+# transport's writelines, called once the transport is closed, calls the
+# write callback its close() set to None and raises TypeError (or, on some
+# versions, AttributeError), where write() drops the data. nats-py's close
+# writes what it still holds with writelines: a server gone when the API
+# stops raised this TypeError out of broker_lifespan, and Python 3.11 raises
+# ConnectionResetError from the same close.
+_SELECTOR_EVENTS = os.path.join("asyncio", "selector_events.py")
+
+
+def _wrote_to_lost_connection(exc: BaseException) -> bool:
+    """Whether `exc` is asyncio failing to write to a closed connection."""
+    if not isinstance(exc, (TypeError, AttributeError)):
+        return False
+    frames = exc.__traceback__
+    if frames is None:
+        return False
+    while frames.tb_next is not None:
+        frames = frames.tb_next
+    code = frames.tb_frame.f_code
+    return code.co_name == "writelines" and code.co_filename.endswith(_SELECTOR_EVENTS)
+
+
 def describe(exc: BaseException) -> str:
     """`ClassName: message`, or the class name for an error without a message."""
+    if _wrote_to_lost_connection(exc):
+        return "Connection lost (asyncio could not write to the closed connection)"
     message = _REDIS_CLIENT.sub(_address, str(exc))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 

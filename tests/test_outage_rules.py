@@ -53,6 +53,8 @@ def test_connection_type_errors_are_retried(error: BaseException) -> None:
         json.JSONDecodeError("bad message", "{", 0),
         ValueError("a bug in a broker"),
         KeyError("data"),
+        # asyncio's, from a closed connection, is an outage; any other is a bug.
+        TypeError("'NoneType' object is not callable"),
         redis.exceptions.RedisClusterException("No targets were found"),
         cluster_error_from(ValueError("a bug")),
         # Wrong credentials, though redis-py makes them ConnectionErrors.

@@ -508,10 +508,17 @@ async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_serve
             await broker.client.publish("down", b"held")
     assert shut_down == [app]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [
+    # Python 3.11 says ConnectionResetError; 3.12 and 3.13 as installed here
+    # fail the same close inside asyncio (CPython gh-136234).
+    assert len(warnings) == 1, warnings
+    assert warnings[0] in {
         "Broker PullBasedJetStreamBroker did not shut down cleanly, its server is "
-        "unreachable (ConnectionResetError: Connection lost)."
-    ], warnings
+        f"unreachable ({reason})."
+        for reason in (
+            "ConnectionResetError: Connection lost",
+            "Connection lost (asyncio could not write to the closed connection)",
+        )
+    }, warnings
 
 
 async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> None:
