@@ -667,8 +667,9 @@ class LostState:
         """
         if _is_redis_stream(self.broker):
             self.run_ids = await self._redis_run_ids()
-            for stream, delivered in (await self._delivered()).items():
-                self._note_fetched(stream, delivered)
+            delivered, _ = await self._delivered()
+            for stream, number in delivered.items():
+                self._note_fetched(stream, number)
 
     async def reconnected(self) -> None:
         """After a fetch's connection error: learn the server, where it has the group.
@@ -677,13 +678,18 @@ class LostState:
         first, is never met missing by this process: it kept the old
         server's run_id and a position the new stream does not hold, and a
         group destroyed later was made again at `0`, as after a restart,
-        running again what the other workers had run. Where the group is
-        missing, nothing is learnt: the next fetch meets NOGROUP, compared
-        with what was known before.
+        running again what the other workers had run. A group missing here
+        is made again here, as a fetch meeting NOGROUP would, and then
+        learnt: left to the next fetch, another worker could make it in
+        between (two workers reconnecting together), and this process kept
+        the old server's run_id all the same.
         """
         if not _is_redis_stream(self.broker):
             return
-        delivered = await self._delivered()
+        delivered, missing = await self._delivered()
+        if missing:
+            self._report(await self._recreate_redis_group())
+            delivered, _ = await self._delivered()
         if not delivered:
             return
         run_ids = await self._redis_run_ids()
@@ -726,11 +732,15 @@ class LostState:
                 return True
         else:
             return False
+        self._report(what)
+        return True
+
+    def _report(self, what: str) -> None:
+        """One WARNING for what this process recreated; DEBUG for another's."""
         if what.startswith("recreated"):
             logger.warning("Broker %s: %s.", self.name, what)
         else:
             logger.debug("Broker %s: %s.", self.name, what)
-        return True
 
     def _track_fetched_ids(self) -> None:
         """taskiq-redis makes each message's ack with its id and stream."""
@@ -815,22 +825,39 @@ class LostState:
         if number > self.fetched.get(stream, (0, 0)):
             self.fetched[stream] = number
 
-    async def _delivered(self) -> dict[str, tuple[int, int]]:
-        """Per stream, its group's last delivered id (XINFO GROUPS), where known."""
+    async def _delivered(self) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """Per stream, its group's last delivered id; and streams without the group.
+
+        From XINFO GROUPS; a stream that no longer exists has no group. Both
+        empty where the server refuses XINFO (a managed server may).
+        """
+        from redis.exceptions import ResponseError
+
         broker: Any = self.broker
         group = broker.consumer_group_name
-        delivered = {}
+        delivered: dict[str, tuple[int, int]] = {}
+        missing: list[str] = []
         try:
             async with _redis(broker) as redis:
                 for stream in self._streams():
-                    for info in await redis.xinfo_groups(stream):
+                    try:
+                        groups = await redis.xinfo_groups(stream)
+                    except ResponseError as exc:
+                        if "no such key" not in str(exc):
+                            raise
+                        groups = []
+                    for info in groups:
                         if _text(info["name"]) == group:
                             delivered[stream] = _stream_id(info["last-delivered-id"])
+                            break
+                    else:
+                        missing.append(stream)
         except Exception as exc:
             if is_connection_error(exc):
                 raise
             logger.debug("No XINFO GROUPS from the Redis server (%s).", describe(exc))
-        return delivered
+            return {}, []
+        return delivered, missing
 
     def _streams(self) -> list[str]:
         broker: Any = self.broker
@@ -871,6 +898,8 @@ class LostState:
                 and not await self._holds_fetched(redis, stream)
             }
             self.run_ids = run_ids
+            for stream in restarted:
+                self.fetched.pop(stream, None)  # the old server's position
             for stream in run_ids:
                 start = "0" if stream in restarted else self._after_fetched(stream)
                 try:

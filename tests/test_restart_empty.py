@@ -534,3 +534,69 @@ async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_si
     assert not taken_again, sorted(taken_again)
     [recreated] = group_recreated(run.output(worker))
     assert recreated.endswith("the server no longer had it."), recreated
+
+
+async def blocked(redis: Redis, count: int) -> None:
+    """Wait until `count` connections have a command held by CLIENT PAUSE."""
+    for _ in range(600):
+        clients = await redis.client_list()
+        if sum("b" in c["flags"] for c in clients) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not {count} commands held: {clients}")
+
+
+async def test_a_group_another_worker_makes_while_this_one_reconnects_is_learnt(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers reconnect together after an empty restart; the other is first.
+
+    This process reconnects while the group is missing; the other worker
+    makes it and takes the 10 tasks kicked since before this process's
+    next command (ordered with CLIENT PAUSE WRITE: reads go on, writes wait
+    and then run in the order they came). Before, this process learnt
+    nothing when it reconnected and never met the group missing: it kept
+    the old server's run_id, and when the group was later destroyed made
+    it again at `0`, and the 10 tasks ran again here. Now it makes the
+    group when it reconnects (the other was first) and learns it.
+    """
+    run = WorkerRun(redis_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        await fetching(redis_server, 1)
+        await run.kiq_all("mark", [(n,) for n in range(3)])
+        assert_each_ran_once(run, range(3))
+        [pid] = run.count("startup")
+        async with Redis.from_url(redis_server.url) as other:  # another worker
+            with paused(pid):
+                redis_server.stop()
+                redis_server.start()
+                run.sender = make_broker(redis_server.url, run.queue, streams=True)
+                await run.kiq_all("mark", [(n,) for n in range(10, 20)])
+                await other.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+                create = asyncio.ensure_future(
+                    other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+                )
+                await blocked(other, 1)
+                take = asyncio.ensure_future(
+                    other.xreadgroup("taskiq", "other", {run.queue: ">"}, count=100)
+                )
+                await blocked(other, 2)
+            await blocked(other, 3)  # this process's first write since
+            await other.execute_command("CLIENT", "UNPAUSE")
+            assert await create
+            [(_, taken)] = await take
+            assert len(taken) == 10
+        await fetching(redis_server, 1)
+        await destroy_group(redis_server, run.queue)
+        await run.kiq_all("mark", [(n,) for n in range(20, 25)])
+        assert_each_ran_once(run, range(20, 25))
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    taken_again = {event for _, event in run.events()} & {
+        f"ran {n}" for n in range(10, 20)
+    }
+    assert not taken_again, sorted(taken_again)
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated
