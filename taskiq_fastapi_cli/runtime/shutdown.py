@@ -132,9 +132,11 @@ class ShutdownGuard:
 
         async def remembered_listen() -> AsyncGenerator[Any, None]:
             source = listen()
+            # The receiver's fetching task drives this generator to its end.
+            fetching = asyncio.current_task()
             try:
                 while True:
-                    self.fetching = asyncio.current_task()
+                    self.fetching = fetching
                     try:
                         message = await anext(source)
                     except StopAsyncIteration:
@@ -155,8 +157,9 @@ class ShutdownGuard:
             task_id: str, result: Any
         ) -> Coroutine[Any, Any, None]:
             # Not a coroutine of its own: the save is awaited through one
-            # frame fewer each time it waits for the server.
-            if asyncio.current_task() not in self.cancelled:
+            # frame fewer each time it waits for the server. No task is
+            # looked up until one was cancelled (a stop now).
+            if not self.cancelled or asyncio.current_task() not in self.cancelled:
                 return set_result(task_id, result)
             return _nothing()
 
