@@ -74,7 +74,7 @@ async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
     nats_run: WorkerRun,
 ) -> None:
     # JetStream redelivers by itself once the consumer's ack wait (2 s) has passed.
-    await killed_mid_task_is_redelivered_to_a_fresh_process(nats_run, 1.5)
+    await killed_mid_task_is_redelivered_to_a_fresh_process(nats_run)
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
         await asyncio.sleep(1.5)  # past the broker's idle_timeout for reclaiming
         await stream_run.kiq("mark", -1)  # the stream broker reclaims on its next fetch
 
-    await killed_mid_task_is_redelivered_to_a_fresh_process(stream_run, 3.0, reclaim)
+    await killed_mid_task_is_redelivered_to_a_fresh_process(stream_run, reclaim)
 
 
 async def test_500_concurrent_tasks_in_one_process_never_share_state(
