@@ -21,6 +21,7 @@ One error from asyncio itself is an outage too: see `_wrote_to_lost_connection`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -65,7 +66,13 @@ _SELECTOR_EVENTS = os.path.join("asyncio", "selector_events.py")
 
 
 def _wrote_to_lost_connection(exc: BaseException) -> bool:
-    """Whether `exc` is asyncio failing to write to a closed connection."""
+    """Whether `exc` is asyncio failing to write to a closed connection.
+
+    Raised in that writelines, on a closed transport, by what close() set to
+    None. The same writelines given data that is not bytes raises TypeError
+    too (memoryview's), a bug in its caller: it was retried as an outage
+    and described as a lost connection.
+    """
     if not isinstance(exc, (TypeError, AttributeError)):
         return False
     frames = exc.__traceback__
@@ -74,7 +81,11 @@ def _wrote_to_lost_connection(exc: BaseException) -> bool:
     while frames.tb_next is not None:
         frames = frames.tb_next
     code = frames.tb_frame.f_code
-    return code.co_name == "writelines" and code.co_filename.endswith(_SELECTOR_EVENTS)
+    if code.co_name != "writelines" or not code.co_filename.endswith(_SELECTOR_EVENTS):
+        return False
+    transport = frames.tb_frame.f_locals.get("self")
+    closed = isinstance(transport, asyncio.WriteTransport) and transport.is_closing()
+    return closed and str(exc).startswith("'NoneType' object")
 
 
 def describe(exc: BaseException) -> str:
