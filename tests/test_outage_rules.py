@@ -106,6 +106,42 @@ async def test_only_asyncios_write_to_a_closed_connection_is_an_outage() -> None
         await server.wait_closed()
 
 
+def test_uvloops_refusal_to_use_a_closed_connection_is_an_outage() -> None:
+    """uvloop is the loop of uvicorn and of taskiq's worker wherever it is
+    installed (FastAPI's "standard" extra installs it). Any use of a closed
+    transport raises RuntimeError there: nats-py's close with the server gone
+    raised it out of broker_lifespan, and the app's own shutdown never ran.
+    Skipped where uvloop is not installed (the suite's environment)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(
+            lambda _, writer: accepted.append(writer), "127.0.0.1", 0
+        )
+        try:
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            with pytest.raises(TypeError) as bug:
+                writer.writelines(["text, not bytes"])  # type: ignore[list-item]
+            assert not connections.is_connection_error(bug.value)
+            writer.close()
+            await writer.wait_closed()
+            with pytest.raises(RuntimeError) as closed:
+                writer.transport.writelines([b"held"])
+            assert connections.is_connection_error(closed.value)
+            assert connections.describe(closed.value) == (
+                "Connection lost (uvloop could not use the closed connection)"
+            )
+        finally:
+            for peer in accepted:
+                peer.close()
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(scenario())
+
+
 def test_backoff_grows_to_the_cap_with_jitter() -> None:
     delays = [outages._backoff(attempt) for attempt in range(12)]
     assert 0.25 <= delays[0] <= 0.5
