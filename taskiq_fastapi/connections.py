@@ -16,11 +16,13 @@ connected", when no node answers). Refused credentials are not, though
 redis-py derives its AuthenticationError and AuthorizationError from its
 ConnectionError: retrying cannot help, and the error is shown at once.
 
-One error from asyncio itself is an outage too: see `_wrote_to_lost_connection`.
+An event loop's refusal to use a closed connection is an outage too: see
+`_refused_by_loop`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -37,7 +39,7 @@ def is_connection_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError) or _named(exc, _CONNECTION_NAMES):
         return True
-    if _wrote_to_lost_connection(exc):
+    if _refused_by_loop(exc) is not None:
         return True
     cause = exc.__cause__
     return (
@@ -62,25 +64,49 @@ def _named(exc: BaseException, fragments: tuple[str, ...]) -> bool:
 # stops raised this TypeError out of broker_lifespan, and Python 3.11 raises
 # ConnectionResetError from the same close.
 _SELECTOR_EVENTS = os.path.join("asyncio", "selector_events.py")
+# uvloop, the loop of uvicorn and of taskiq's worker wherever it is
+# installed (FastAPI's "standard" extra installs it): any use of a closed
+# transport, write() too, raises RuntimeError from this Cython file. The
+# same close raised it out of broker_lifespan.
+_UVLOOP_HANDLE = "uvloop/handles/handle.pyx"
 
 
-def _wrote_to_lost_connection(exc: BaseException) -> bool:
-    """Whether `exc` is asyncio failing to write to a closed connection."""
-    if not isinstance(exc, (TypeError, AttributeError)):
-        return False
+def _refused_by_loop(exc: BaseException) -> str | None:
+    """What the event loop could not do on a closed connection, where `exc` says so.
+
+    asyncio's: raised in that writelines, on a closed transport, by what
+    close() set to None. The same writelines given data that is not bytes
+    raises TypeError too (memoryview's), a bug in its caller: it was retried
+    as an outage and described as a lost connection.
+    """
     frames = exc.__traceback__
     if frames is None:
-        return False
+        return None
     while frames.tb_next is not None:
         frames = frames.tb_next
-    code = frames.tb_frame.f_code
-    return code.co_name == "writelines" and code.co_filename.endswith(_SELECTOR_EVENTS)
+    frame = frames.tb_frame
+    if isinstance(exc, RuntimeError):
+        closed = frame.f_code.co_filename.endswith(_UVLOOP_HANDLE)
+        if closed and str(exc).endswith("the handler is closed"):
+            return "uvloop could not use the closed connection"
+        return None
+    if not isinstance(exc, (TypeError, AttributeError)):
+        return None
+    code = frame.f_code
+    if code.co_name != "writelines" or not code.co_filename.endswith(_SELECTOR_EVENTS):
+        return None
+    transport = frame.f_locals.get("self")
+    closed = isinstance(transport, asyncio.WriteTransport) and transport.is_closing()
+    if closed and str(exc).startswith("'NoneType' object"):
+        return "asyncio could not write to the closed connection"
+    return None
 
 
 def describe(exc: BaseException) -> str:
     """`ClassName: message`, or the class name for an error without a message."""
-    if _wrote_to_lost_connection(exc):
-        return "Connection lost (asyncio could not write to the closed connection)"
+    refused = _refused_by_loop(exc)
+    if refused is not None:
+        return f"Connection lost ({refused})"
     message = _REDIS_CLIENT.sub(_address, str(exc))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 

@@ -68,6 +68,80 @@ def test_other_errors_keep_taskiqs_behaviour(error: BaseException) -> None:
     assert not connections.is_connection_error(error)
 
 
+@pytest.mark.anyio
+async def test_only_asyncios_write_to_a_closed_connection_is_an_outage() -> None:
+    """CPython gh-136234 (3.12, 3.13): writelines on a closed selector
+    transport raises TypeError, an outage. The same writelines given data
+    that is not bytes raises TypeError too, on an open connection: a bug in
+    the caller, shown as itself. It was retried as an outage and described
+    as "Connection lost". Python 3.10 and 3.11 raise neither from asyncio's
+    selector_events.py (their writelines is the base class's)."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(
+        lambda _, writer: accepted.append(writer), "127.0.0.1", 0
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(TypeError) as bug:
+            writer.writelines(["text, not bytes"])  # type: ignore[list-item]
+        assert not connections.is_connection_error(bug.value)
+        assert connections.describe(bug.value).startswith("TypeError: "), bug.value
+        writer.close()
+        await writer.wait_closed()
+        closed: TypeError | None = None
+        try:
+            writer.transport.writelines([b"held"])
+        except TypeError as exc:  # 3.12, 3.13 as installed here
+            closed = exc
+        if closed is not None:
+            assert connections.is_connection_error(closed)
+            assert connections.describe(closed) == (
+                "Connection lost (asyncio could not write to the closed connection)"
+            )
+    finally:
+        for peer in accepted:
+            peer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_uvloops_refusal_to_use_a_closed_connection_is_an_outage() -> None:
+    """uvloop is the loop of uvicorn and of taskiq's worker wherever it is
+    installed (FastAPI's "standard" extra installs it). Any use of a closed
+    transport raises RuntimeError there: nats-py's close with the server gone
+    raised it out of broker_lifespan, and the app's own shutdown never ran.
+    Skipped where uvloop is not installed (the suite's environment)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(
+            lambda _, writer: accepted.append(writer), "127.0.0.1", 0
+        )
+        try:
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            with pytest.raises(TypeError) as bug:
+                writer.writelines(["text, not bytes"])  # type: ignore[list-item]
+            assert not connections.is_connection_error(bug.value)
+            writer.close()
+            await writer.wait_closed()
+            with pytest.raises(RuntimeError) as closed:
+                writer.transport.writelines([b"held"])
+            assert connections.is_connection_error(closed.value)
+            assert connections.describe(closed.value) == (
+                "Connection lost (uvloop could not use the closed connection)"
+            )
+        finally:
+            for peer in accepted:
+                peer.close()
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(scenario())
+
+
 def test_backoff_grows_to_the_cap_with_jitter() -> None:
     delays = [outages._backoff(attempt) for attempt in range(12)]
     assert 0.25 <= delays[0] <= 0.5
