@@ -18,7 +18,23 @@ from tools.processes import children
 from tools.redis_server import redis_url as running_redis
 
 # A project with its own test suite; test_template_project.py runs it apart.
-collect_ignore = ["tplproj"]
+collect_ignore = ["tplproj", "without_uvloop"]
+
+# The event loop the worker commands and uvicorn servers the suite starts run
+# on: asyncio's (the default), or uvloop's, which they take wherever it is
+# installed, as with FastAPI's "standard" extra. `make test-matrix` runs the
+# end-to-end tests on uvloop, `make test` and `make test-oldest` on asyncio.
+# Subprocesses only: this process's own tests import uvloop where they need it.
+TEST_LOOP = os.environ.setdefault("TASKIQ_FASTAPI_TEST_LOOP", "asyncio")
+if TEST_LOOP not in ("asyncio", "uvloop"):
+    raise pytest.UsageError(
+        f"TASKIQ_FASTAPI_TEST_LOOP={TEST_LOOP!r}: asyncio or uvloop"
+    )
+if TEST_LOOP == "asyncio":
+    _hidden = str(Path(__file__).parent / "without_uvloop")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [_hidden, os.environ.get("PYTHONPATH")])
+    )
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_check_prints_every_task_with_its_tree_and_passes(
         "      request: Request  [per-task Request, state from the app's lifespan]",
     ]
     assert "  db: database()  [TaskiqDepends]" in out
-    assert out.endswith("7 tasks checked, no problems.\n")
+    assert out.endswith("8 tasks checked, no problems.\n")
 
 
 def test_check_fails_naming_the_task_the_function_and_the_parameter(

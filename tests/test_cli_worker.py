@@ -149,6 +149,25 @@ async def one_worker_collects(run: WorkerRun) -> dict[str, Any]:
     return result.return_value  # type: ignore[no-any-return]
 
 
+async def test_a_worker_runs_on_the_event_loop_the_suite_chose(run: WorkerRun) -> None:
+    """taskiq's worker runs on uvloop wherever it is installed; the suite
+    installs it and hides it where TASKIQ_FASTAPI_TEST_LOOP says asyncio
+    (conftest.py). A switch that did not reach the commands would leave
+    one of the two loops untested."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
+        "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        result = await (await run.kiq("event_loop")).wait_result(timeout=30)
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(worker) == 0
+    assert result.return_value == os.environ["TASKIQ_FASTAPI_TEST_LOOP"]
+
+
 async def test_spawn_start_method(run: WorkerRun) -> None:
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,

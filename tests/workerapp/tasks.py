@@ -32,6 +32,12 @@ async def whoami(
 
 
 @broker.task
+async def event_loop() -> str:
+    """The module of the event loop this task runs on: asyncio or uvloop."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
+@broker.task
 async def collector() -> dict[str, object]:
     """How this worker process collects garbage."""
     return {
