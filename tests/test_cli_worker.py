@@ -135,6 +135,11 @@ async def test_a_process_the_project_forks_as_it_is_imported_collects(
 
 async def one_worker_collects(run: WorkerRun) -> dict[str, Any]:
     """How the worker process of a one-process command collects garbage."""
+    return await one_worker_answers(run, "collector")  # type: ignore[no-any-return]
+
+
+async def one_worker_answers(run: WorkerRun, task: str) -> Any:
+    """What `task` returns, run by a one-process command that then stops cleanly."""
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
         "--workers", "1",
@@ -142,11 +147,11 @@ async def one_worker_collects(run: WorkerRun) -> dict[str, Any]:
     run.wait_for("startup", processes=1)
     await run.sender.startup()
     try:
-        result = await (await run.kiq("collector")).wait_result(timeout=30)
+        result = await (await run.kiq(task)).wait_result(timeout=30)
     finally:
         await run.sender.shutdown()
     assert run.stop(worker) == 0
-    return result.return_value  # type: ignore[no-any-return]
+    return result.return_value
 
 
 async def test_a_worker_runs_on_the_event_loop_the_suite_chose(run: WorkerRun) -> None:
@@ -154,18 +159,8 @@ async def test_a_worker_runs_on_the_event_loop_the_suite_chose(run: WorkerRun) -
     installs it and hides it where TASKIQ_FASTAPI_TEST_LOOP says asyncio
     (conftest.py). A switch that did not reach the commands would leave
     one of the two loops untested."""
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.tasks", *APP,
-        "--workers", "1",
-    )  # fmt: skip
-    run.wait_for("startup", processes=1)
-    await run.sender.startup()
-    try:
-        result = await (await run.kiq("event_loop")).wait_result(timeout=30)
-    finally:
-        await run.sender.shutdown()
-    assert run.stop(worker) == 0
-    assert result.return_value == os.environ["TASKIQ_FASTAPI_TEST_LOOP"]
+    loop = await one_worker_answers(run, "event_loop")
+    assert loop == os.environ["TASKIQ_FASTAPI_TEST_LOOP"]
 
 
 async def test_spawn_start_method(run: WorkerRun) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -68,6 +70,35 @@ def test_other_errors_keep_taskiqs_behaviour(error: BaseException) -> None:
     assert not connections.is_connection_error(error)
 
 
+@asynccontextmanager
+async def connection() -> AsyncIterator[asyncio.StreamWriter]:
+    """An open connection to a real local server, on the running loop."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(
+        lambda _, writer: accepted.append(writer), "127.0.0.1", 0
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        yield writer
+    finally:
+        for peer in accepted:
+            peer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def closed_after_a_bug(writer: asyncio.StreamWriter) -> None:
+    """Data that is not bytes, on the open connection: TypeError, a bug in
+    the caller, shown as itself; then the connection is closed."""
+    with pytest.raises(TypeError) as bug:
+        writer.writelines(["text, not bytes"])  # type: ignore[list-item]
+    assert not connections.is_connection_error(bug.value)
+    assert connections.describe(bug.value).startswith("TypeError: "), bug.value
+    writer.close()
+    await writer.wait_closed()
+
+
 @pytest.mark.anyio
 async def test_only_asyncios_write_to_a_closed_connection_is_an_outage() -> None:
     """CPython gh-136234 (3.12, 3.13): writelines on a closed selector
@@ -76,19 +107,8 @@ async def test_only_asyncios_write_to_a_closed_connection_is_an_outage() -> None
     the caller, shown as itself. It was retried as an outage and described
     as "Connection lost". Python 3.10 and 3.11 raise neither from asyncio's
     selector_events.py (their writelines is the base class's)."""
-    accepted: list[asyncio.StreamWriter] = []
-    server = await asyncio.start_server(
-        lambda _, writer: accepted.append(writer), "127.0.0.1", 0
-    )
-    try:
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        with pytest.raises(TypeError) as bug:
-            writer.writelines(["text, not bytes"])  # type: ignore[list-item]
-        assert not connections.is_connection_error(bug.value)
-        assert connections.describe(bug.value).startswith("TypeError: "), bug.value
-        writer.close()
-        await writer.wait_closed()
+    async with connection() as writer:
+        await closed_after_a_bug(writer)
         closed: TypeError | None = None
         try:
             writer.transport.writelines([b"held"])
@@ -99,45 +119,24 @@ async def test_only_asyncios_write_to_a_closed_connection_is_an_outage() -> None
             assert connections.describe(closed) == (
                 "Connection lost (asyncio could not write to the closed connection)"
             )
-    finally:
-        for peer in accepted:
-            peer.close()
-        server.close()
-        await server.wait_closed()
 
 
 def test_uvloops_refusal_to_use_a_closed_connection_is_an_outage() -> None:
     """uvloop is the loop of uvicorn and of taskiq's worker wherever it is
     installed (FastAPI's "standard" extra installs it). Any use of a closed
     transport raises RuntimeError there: nats-py's close with the server gone
-    raised it out of broker_lifespan, and the app's own shutdown never ran.
-    Skipped where uvloop is not installed (the suite's environment)."""
-    uvloop = pytest.importorskip("uvloop")
+    raised it out of broker_lifespan, and the app's own shutdown never ran."""
+    import uvloop
 
     async def scenario() -> None:
-        accepted: list[asyncio.StreamWriter] = []
-        server = await asyncio.start_server(
-            lambda _, writer: accepted.append(writer), "127.0.0.1", 0
-        )
-        try:
-            port = server.sockets[0].getsockname()[1]
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            with pytest.raises(TypeError) as bug:
-                writer.writelines(["text, not bytes"])  # type: ignore[list-item]
-            assert not connections.is_connection_error(bug.value)
-            writer.close()
-            await writer.wait_closed()
+        async with connection() as writer:
+            await closed_after_a_bug(writer)
             with pytest.raises(RuntimeError) as closed:
                 writer.transport.writelines([b"held"])
             assert connections.is_connection_error(closed.value)
             assert connections.describe(closed.value) == (
                 "Connection lost (uvloop could not use the closed connection)"
             )
-        finally:
-            for peer in accepted:
-                peer.close()
-            server.close()
-            await server.wait_closed()
 
     uvloop.run(scenario())
 

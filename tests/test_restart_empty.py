@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -354,6 +355,31 @@ def group_recreated(worker_output: str) -> list[str]:
     return [line for line in worker_output.splitlines() if "consumer group" in line]
 
 
+async def destroyed_once_fetching_again(
+    run: WorkerRun, server: RedisServer, worker: subprocess.Popen[bytes]
+) -> None:
+    """Once the worker fetches from the group again, an operator destroys it;
+    tasks 20 to 24 are kicked, and each runs once; the command stops cleanly."""
+    await fetching(server, 1)
+    await destroy_group(server, run.queue)
+    await run.kiq_all("mark", [(n,) for n in range(20, 25)])
+    assert_each_ran_once(run, range(20, 25))
+    assert run.stop(worker) == 0
+
+
+def assert_the_others_tasks_not_run_again(
+    run: WorkerRun, worker: subprocess.Popen[bytes]
+) -> None:
+    """Tasks 10 to 19, which another worker took, never ran here; the group
+    was made again once, as one that vanished from the same server."""
+    taken_again = {event for _, event in run.events()} & {
+        f"ran {n}" for n in range(10, 20)
+    }
+    assert not taken_again, sorted(taken_again)
+    [recreated] = group_recreated(run.output(worker))
+    assert recreated.endswith("the server no longer had it."), recreated
+
+
 async def test_a_group_destroyed_before_a_process_fetched_anything_replays_nothing(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -521,19 +547,10 @@ async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_si
                     "taskiq", "other", {run.queue: ">"}, count=100
                 )
                 assert len(taken) == 10
-        await fetching(redis_server, 1)  # reconnected, fetching from the group
-        await destroy_group(redis_server, run.queue)
-        await run.kiq_all("mark", [(n,) for n in range(20, 25)])
-        assert_each_ran_once(run, range(20, 25))
-        assert run.stop(worker) == 0
+        await destroyed_once_fetching_again(run, redis_server, worker)
     finally:
         run.kill_all()
-    taken_again = {event for _, event in run.events()} & {
-        f"ran {n}" for n in range(10, 20)
-    }
-    assert not taken_again, sorted(taken_again)
-    [recreated] = group_recreated(run.output(worker))
-    assert recreated.endswith("the server no longer had it."), recreated
+    assert_the_others_tasks_not_run_again(run, worker)
 
 
 async def blocked(redis: Redis, count: int) -> None:
@@ -587,16 +604,7 @@ async def test_a_group_another_worker_makes_while_this_one_reconnects_is_learnt(
             assert await create
             [(_, taken)] = await take
             assert len(taken) == 10
-        await fetching(redis_server, 1)
-        await destroy_group(redis_server, run.queue)
-        await run.kiq_all("mark", [(n,) for n in range(20, 25)])
-        assert_each_ran_once(run, range(20, 25))
-        assert run.stop(worker) == 0
+        await destroyed_once_fetching_again(run, redis_server, worker)
     finally:
         run.kill_all()
-    taken_again = {event for _, event in run.events()} & {
-        f"ran {n}" for n in range(10, 20)
-    }
-    assert not taken_again, sorted(taken_again)
-    [recreated] = group_recreated(run.output(worker))
-    assert recreated.endswith("the server no longer had it."), recreated
+    assert_the_others_tasks_not_run_again(run, worker)
