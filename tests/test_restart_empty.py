@@ -355,6 +355,18 @@ def group_recreated(worker_output: str) -> list[str]:
     return [line for line in worker_output.splitlines() if "consumer group" in line]
 
 
+async def one_worker_that_ran_3(
+    run: WorkerRun, server: RedisServer
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A one-process command, fetching, that ran tasks 0 to 2; and its pid."""
+    worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+    await fetching(server, 1)
+    await run.kiq_all("mark", [(n,) for n in range(3)])
+    assert_each_ran_once(run, range(3))
+    [pid] = run.count("startup")
+    return worker, pid
+
+
 async def destroyed_once_fetching_again(
     run: WorkerRun, server: RedisServer, worker: subprocess.Popen[bytes]
 ) -> None:
@@ -531,11 +543,7 @@ async def test_a_group_destroyed_after_a_restart_this_process_fetched_nothing_si
     """
     run = WorkerRun(redis_server.url, tmp_path, streams=True)
     try:
-        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
-        await fetching(redis_server, 1)
-        await run.kiq_all("mark", [(n,) for n in range(3)])
-        assert_each_ran_once(run, range(3))
-        [pid] = run.count("startup")
+        worker, pid = await one_worker_that_ran_3(run, redis_server)
         with paused(pid):
             redis_server.stop()
             redis_server.start()
@@ -579,11 +587,7 @@ async def test_a_group_another_worker_makes_while_this_one_reconnects_is_learnt(
     """
     run = WorkerRun(redis_server.url, tmp_path, streams=True)
     try:
-        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
-        await fetching(redis_server, 1)
-        await run.kiq_all("mark", [(n,) for n in range(3)])
-        assert_each_ran_once(run, range(3))
-        [pid] = run.count("startup")
+        worker, pid = await one_worker_that_ran_3(run, redis_server)
         async with Redis.from_url(redis_server.url) as other:  # another worker
             with paused(pid):
                 redis_server.stop()
