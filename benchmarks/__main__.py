@@ -7,9 +7,11 @@ import sys
 
 from benchmarks import cli_startup, exit_time, inprocess, kick, memory, solver, worker
 from tools.redis_server import redis_url
+from tools.without_uvloop import hide_uvloop
 
 
 def main() -> int:
+    hide_uvloop()  # the commands on asyncio's loop, as every run before uvloop
     rows = inprocess.run()
     print()
     rows += solver.run()

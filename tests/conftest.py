@@ -16,9 +16,10 @@ from workers import WorkerRun
 from tools.nats_server import nats_url as running_nats
 from tools.processes import children
 from tools.redis_server import redis_url as running_redis
+from tools.without_uvloop import hide_uvloop
 
 # A project with its own test suite; test_template_project.py runs it apart.
-collect_ignore = ["tplproj", "without_uvloop"]
+collect_ignore = ["tplproj"]
 
 # The event loop the worker commands and uvicorn servers the suite starts run
 # on: asyncio's (the default), or uvloop's, which they take wherever it is
@@ -31,10 +32,7 @@ if TEST_LOOP not in ("asyncio", "uvloop"):
         f"TASKIQ_FASTAPI_TEST_LOOP={TEST_LOOP!r}: asyncio or uvloop"
     )
 if TEST_LOOP == "asyncio":
-    _hidden = str(Path(__file__).parent / "without_uvloop")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [_hidden, os.environ.get("PYTHONPATH")])
-    )
+    hide_uvloop()
 
 
 @pytest.fixture
