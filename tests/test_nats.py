@@ -15,7 +15,8 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,6 @@ async def test_a_worker_reads_every_kept_cancel_request_before_its_first_task(
     lags; the server and its messages are real."""
     from nats.js.kv import KeyValue
 
-    from taskiq_fastapi._brokers import NatsCancels, NatsKeyValues
-
     if marker == "before the requests":
         watch = KeyValue.watch
 
@@ -335,10 +334,7 @@ async def test_a_worker_reads_every_kept_cancel_request_before_its_first_task(
             return watcher
 
         monkeypatch.setattr(KeyValue, "watch", lagging)
-    broker: Any = make_nats_broker(nats_url, f"q-{uuid.uuid4().hex}")
-    await broker.startup()
-    try:
-        channel = NatsCancels(NatsKeyValues(broker.result_backend, 60))
+    async with nats_cancels(nats_url) as channel:
         kept = [f"task-{n}" for n in range(3)]
         await channel.records.put("a-record", {"state": "queued"})
         await _first_watch_is_ready_with(channel, [])  # records are no requests
@@ -349,6 +345,17 @@ async def test_a_worker_reads_every_kept_cancel_request_before_its_first_task(
         await bucket.delete("taskiq_fastapi_cancel.gone")
         for _ in range(20):
             await _first_watch_is_ready_with(channel, kept)
+
+
+@asynccontextmanager
+async def nats_cancels(nats_url: str) -> AsyncIterator[Any]:
+    """The cancel channel of a started NATS broker's result backend."""
+    from taskiq_fastapi._brokers import NatsCancels, NatsKeyValues
+
+    broker: Any = make_nats_broker(nats_url, f"q-{uuid.uuid4().hex}")
+    await broker.startup()
+    try:
+        yield NatsCancels(NatsKeyValues(broker.result_backend, 60))
     finally:
         await broker.shutdown()
 
@@ -383,7 +390,6 @@ async def test_a_cancel_watch_whose_consumer_the_server_lost_is_an_outage(
     again (the consumer is deleted here as the restart deleted it)."""
     from nats.js.kv import KeyValue
 
-    from taskiq_fastapi._brokers import NatsCancels, NatsKeyValues
     from taskiq_fastapi.connections import is_connection_error
 
     watch = KeyValue.watch
@@ -395,10 +401,7 @@ async def test_a_cancel_watch_whose_consumer_the_server_lost_is_an_outage(
         return watcher
 
     monkeypatch.setattr(KeyValue, "watch", losing)
-    broker: Any = make_nats_broker(nats_url, f"q-{uuid.uuid4().hex}")
-    await broker.startup()
-    try:
-        channel = NatsCancels(NatsKeyValues(broker.result_backend, 60))
+    async with nats_cancels(nats_url) as channel:
         await channel.send("kept")
         ready: list[str] = []
         with pytest.raises(ConnectionError) as raised:  # not a TimeoutError
@@ -407,5 +410,3 @@ async def test_a_cancel_watch_whose_consumer_the_server_lost_is_an_outage(
             )
         assert is_connection_error(raised.value), raised.value
         assert ready == []
-    finally:
-        await broker.shutdown()
