@@ -315,14 +315,20 @@ async def test_backlog_of_a_jetstream_consumer(nats_run: WorkerRun) -> None:
 
 def metrics_command_with(site: Path) -> subprocess.CompletedProcess[str]:
     """`worker --metrics` run to its end, with `site` (a sitecustomize.py
-    that breaks something) first on the path."""
+    that breaks something) first on the path, before what the suite put there
+    (conftest.py: uvloop hidden where the suite runs on asyncio's loop)."""
     return subprocess.run(
         [COMMAND, "worker", *APP, "--health-port", str(free_port()), "--metrics"],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=TESTS_DIR,
-        env={**os.environ, "PYTHONPATH": str(site)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(site), os.environ.get("PYTHONPATH")])
+            ),
+        },
     )
 
 
