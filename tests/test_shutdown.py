@@ -45,6 +45,33 @@ async def test_a_fetch_that_swallowed_its_cancellation_is_cancelled_again(
     assert fetch.cancelled()
 
 
+async def test_the_fetch_cancelled_again_is_the_one_waiting_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """taskiq runs each fetch in a task of its own: the one cancelled again
+    is the fetch waiting at the stop, not the first one."""
+    monkeypatch.setattr(shutdown, "FETCH_GRACE_SECONDS", 0.2)
+
+    async def one_then_swallowing() -> AsyncGenerator[bytes, None]:
+        yield b"first"
+        async for message in swallows_first_cancellation():
+            yield message
+
+    broker = InMemoryBroker()
+    broker.listen = one_then_swallowing  # type: ignore[method-assign]
+    guard = ShutdownGuard(broker)
+    source = broker.listen()
+    assert await asyncio.create_task(anext(source)) == b"first"
+    fetch = asyncio.create_task(anext(source))
+    await asyncio.sleep(0.05)
+    fetch.cancel()  # what taskiq's receiver does on shutdown
+    await asyncio.sleep(0.3)
+    assert not fetch.done()
+    guard.on_signal()
+    await asyncio.wait({fetch}, timeout=5)
+    assert fetch.cancelled()
+
+
 async def test_messages_pass_through_and_the_fetch_is_forgotten() -> None:
     async def three() -> AsyncGenerator[int, None]:
         for n in range(3):

@@ -13,11 +13,14 @@ import os
 import signal
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from taskiq.kicker import AsyncKicker
 from workers import COMMAND, WorkerRun
+
+from taskiq_fastapi.tracing import _release
 
 pytestmark = pytest.mark.anyio
 
@@ -283,6 +286,36 @@ async def test_a_task_cut_by_a_second_signal_is_redelivered_not_saved(
     assert result.return_value == 7
     assert run.count("task 7 done") != {pid: 1}  # ran again, elsewhere
     assert run.stop(second) == 0
+
+
+async def test_a_fetch_that_ignores_its_cancellation_does_not_hold_the_stop(
+    run: WorkerRun,
+) -> None:
+    """The fetch waiting when the stop comes swallows the receiver's
+    cancellation (as redis-py's could before Python 3.12) and goes on
+    waiting. taskiq 0.13 cancels that fetch and waits for it, so the guard
+    cancels it again, and the stop is clean. taskiq runs each fetch in a
+    task of its own; the guard had kept the first fetch's task, long done,
+    and the stop waited for ever. (taskiq 0.11 leaves the fetch running, so
+    nothing waits for it.)"""
+    worker = run.start(
+        "worker", "workerapp.fetch_swallows_cancel:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    for n in range(3):  # a fetch for each, after the first fetch is done
+        await run.kiq("mark", n)
+        run.wait_for(f"ran {n}", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == 0, output
+    assert set(run.count("shutdown").values()) == {1}, output
+    if _release(version("taskiq")) >= (0, 13):
+        assert "fetch swallowed a cancellation" in [e for _, e in run.events()]
+        again = "The broker's fetch ignored cancellation; cancelling again."
+        assert again in output
 
 
 def log_messages(output: str) -> list[str]:

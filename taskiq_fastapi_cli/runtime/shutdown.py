@@ -132,11 +132,11 @@ class ShutdownGuard:
 
         async def remembered_listen() -> AsyncGenerator[Any, None]:
             source = listen()
-            # The receiver's fetching task drives this generator to its end.
-            fetching = asyncio.current_task()
             try:
                 while True:
-                    self.fetching = fetching
+                    # Looked up at each fetch: taskiq runs each fetch in a
+                    # task of its own.
+                    self.fetching = asyncio.current_task()
                     try:
                         message = await anext(source)
                     except StopAsyncIteration:
