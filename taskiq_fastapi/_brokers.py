@@ -652,9 +652,13 @@ class LostState:
         # its group's last delivered one at startup and when a fetch
         # reconnected, and each it fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
+        # A connection of the broker's pool (re)connected since the server
+        # was last learnt: it may be another server (`reconnected`).
+        self.unsure = False
         if _is_redis_stream(broker):
             self._track_fetched_ids()
             self._declare_groups_skipping_nothing_new()
+            self._note_connects()
 
     async def remember(self) -> None:
         """Which server the broker talks to, and how far its group had delivered.
@@ -686,6 +690,7 @@ class LostState:
         """
         if not _is_redis_stream(self.broker):
             return
+        self.unsure = False
         delivered, missing = await self._delivered()
         if missing:
             self._report(await self._recreate_redis_group())
@@ -753,6 +758,30 @@ class LostState:
             return make_ack(id=id, queue_name=queue_name)
 
         broker._ack_generator = ack_generator
+
+    def _note_connects(self) -> None:
+        """Each connection the broker's pool makes tells when it (re)connects.
+
+        A fetch that lost its connection is not the only sign of a restart:
+        a process whose every task slot was busy had no fetch under way, its
+        next fetch went out on a connection the pool made anew, and met the
+        group another worker had made again. It kept the old server's
+        run_id, and a group destroyed later was made again at `0`: the
+        tasks the other worker had run ran again (10 of 10). Not for
+        Sentinel (a client, and its pool, per command) nor a Redis Cluster.
+        """
+        for pool in _redis_pools(self.broker):
+            make = pool.make_connection
+
+            def make_connection(make: Callable[[], Any] = make) -> Any:
+                connection = make()
+                connection.register_connect_callback(self._connected)
+                return connection
+
+            pool.make_connection = make_connection
+
+    def _connected(self, _connection: object) -> None:
+        self.unsure = True
 
     def _declare_groups_skipping_nothing_new(self) -> None:
         """A group the startup makes starts at `0` where every entry is newer.

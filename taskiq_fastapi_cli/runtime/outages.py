@@ -389,7 +389,7 @@ class BrokerOutages:
                         source = listen()
                     pending[fetch] = started = time.monotonic()
                     try:
-                        if reconnecting:
+                        if reconnecting or self.lost.unsure:
                             await self.lost.reconnected()
                             reconnecting = False
                         message = await anext(source)

@@ -104,3 +104,14 @@ async def isolated(
 async def receipt(n: int, session: Session) -> dict[str, object]:
     """The route's chain, as the route declares it."""
     return {"n": n, "session": session, "pid": os.getpid()}
+
+
+@broker.task
+async def held(n: int) -> int:
+    """Runs until the test creates its release file (`<EVENTS_FILE>.release-n`)."""
+    release = Path(f"{os.environ['EVENTS_FILE']}.release-{n}")
+    record(f"task {n} started")
+    while not release.exists():
+        await asyncio.sleep(0.05)
+    record(f"task {n} done")
+    return n
