@@ -652,9 +652,10 @@ class LostState:
         # its group's last delivered one at startup and when a fetch
         # reconnected, and each it fetched.
         self.fetched: dict[str, tuple[int, int]] = {}
-        # A connection of the broker's pool (re)connected since the server
-        # was last learnt: it may be another server (`reconnected`).
+        # A connection of the broker's connected again since the server was
+        # last learnt: it may be another server (`reconnected`).
         self.unsure = False
+        self.connected: weakref.WeakSet[Any] = weakref.WeakSet()  # once, at least
         if _is_redis_stream(broker):
             self._track_fetched_ids()
             self._declare_groups_skipping_nothing_new()
@@ -760,28 +761,37 @@ class LostState:
         broker._ack_generator = ack_generator
 
     def _note_connects(self) -> None:
-        """Each connection the broker's pool makes tells when it (re)connects.
+        """Each connection of the broker's pool tells when it connects again.
 
         A fetch that lost its connection is not the only sign of a restart:
         a process whose every task slot was busy had no fetch under way, its
-        next fetch went out on a connection the pool made anew, and met the
-        group another worker had made again. It kept the old server's
+        next fetch went out on a connection its pool made again, and met
+        the group another worker had made again. It kept the old server's
         run_id, and a group destroyed later was made again at `0`: the
-        tasks the other worker had run ran again (10 of 10). Not for
-        Sentinel (a client, and its pool, per command) nor a Redis Cluster.
+        tasks the other worker had run ran again (10 of 10). A connection's
+        first connect says nothing (the pool grows with the tasks in
+        flight). The clients of Sentinel and Redis Cluster brokers are not
+        watched.
         """
         for pool in _redis_pools(self.broker):
-            make = pool.make_connection
+            self._note_pool(pool)
 
-            def make_connection(make: Callable[[], Any] = make) -> Any:
-                connection = make()
-                connection.register_connect_callback(self._connected)
-                return connection
+    def _note_pool(self, pool: Any) -> None:
+        """A function per pool: each wrapper keeps its own pool's maker."""
+        make = pool.make_connection
 
-            pool.make_connection = make_connection
+        def make_connection() -> Any:
+            connection = make()
+            connection.register_connect_callback(self._connected)
+            return connection
 
-    def _connected(self, _connection: object) -> None:
-        self.unsure = True
+        pool.make_connection = make_connection
+
+    def _connected(self, connection: Any) -> None:
+        if connection in self.connected:
+            self.unsure = True  # again: the server closed it, or went
+        else:
+            self.connected.add(connection)
 
     def _declare_groups_skipping_nothing_new(self) -> None:
         """A group the startup makes starts at `0` where every entry is newer.

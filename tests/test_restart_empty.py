@@ -25,7 +25,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +36,7 @@ import pytest
 from fastapi import FastAPI
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
+from taskiq import AsyncBroker
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import RedisStreamClusterBroker
@@ -614,40 +615,53 @@ async def test_a_group_another_worker_makes_while_this_one_reconnects_is_learnt(
     assert_the_others_tasks_not_run_again(run, worker)
 
 
+async def restart_while_the_only_slot_is_busy(
+    run: WorkerRun, server: RedisServer, make_sender: Callable[[], AsyncBroker]
+) -> subprocess.Popen[bytes]:
+    """A one-process command with one task slot, held by a task across an
+    empty restart; another worker makes the group again and takes the 10
+    tasks kicked since; then the held task ends. Returns the command."""
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "1"
+    )
+    await fetching(server, 1)
+    await run.kiq_all("mark", [(n,) for n in range(3)])
+    assert_each_ran_once(run, range(3))
+    await run.kiq("held", 50)
+    run.wait_for("task 50 started", processes=1)
+    server.stop()
+    server.start()
+    run.sender = make_sender()
+    async with Redis.from_url(server.url) as other:  # another worker
+        await other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
+        await run.kiq_all("mark", [(n,) for n in range(10, 20)])
+        [(_, taken)] = await other.xreadgroup(
+            "taskiq", "other", {run.queue: ">"}, count=100
+        )
+        assert len(taken) == 10
+    Path(f"{run.events_file}.release-50").touch()
+    run.wait_for("task 50 done", processes=1)
+    return worker
+
+
 async def test_a_restart_while_this_process_had_no_fetch_under_way_is_learnt(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The server restarts empty while this process's one task slot is busy.
 
-    No fetch is under way (--max-async-tasks 1, the slot held by a task), so
-    none loses its connection; another worker makes the group again and
-    takes the 10 tasks kicked since. This process's next fetch goes out on a
-    connection its pool made anew, and it learns the new server then.
-    Before, it kept the old server's run_id, and when the group was
+    No fetch is under way (taskiq 0.13 fetches only for a free slot), so
+    none loses its connection. The held task's ack reconnects a connection
+    of the pool, and the process learns the new server before its next
+    fetch. Before, it kept the old server's run_id, and when the group was
     destroyed made it again at `0`: the 10 tasks ran again here.
     """
     run = WorkerRun(redis_server.url, tmp_path, streams=True)
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "1"
+        worker = await restart_while_the_only_slot_is_busy(
+            run,
+            redis_server,
+            lambda: make_broker(redis_server.url, run.queue, streams=True),
         )
-        await fetching(redis_server, 1)
-        await run.kiq_all("mark", [(n,) for n in range(3)])
-        assert_each_ran_once(run, range(3))
-        await run.kiq("held", 50)
-        run.wait_for("task 50 started", processes=1)
-        redis_server.stop()
-        redis_server.start()
-        run.sender = make_broker(redis_server.url, run.queue, streams=True)
-        async with Redis.from_url(redis_server.url) as other:  # another worker
-            await other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
-            await run.kiq_all("mark", [(n,) for n in range(10, 20)])
-            [(_, taken)] = await other.xreadgroup(
-                "taskiq", "other", {run.queue: ">"}, count=100
-            )
-            assert len(taken) == 10
-        Path(f"{run.events_file}.release-50").touch()
-        run.wait_for("task 50 done", processes=1)
         await destroyed_once_fetching_again(run, redis_server, worker)
     finally:
         run.kill_all()
