@@ -25,7 +25,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -36,7 +36,6 @@ import pytest
 from fastapi import FastAPI
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
-from taskiq import AsyncBroker
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import RedisStreamClusterBroker
@@ -616,7 +615,7 @@ async def test_a_group_another_worker_makes_while_this_one_reconnects_is_learnt(
 
 
 async def restart_while_the_only_slot_is_busy(
-    run: WorkerRun, server: RedisServer, make_sender: Callable[[], AsyncBroker]
+    run: WorkerRun, server: RedisServer
 ) -> subprocess.Popen[bytes]:
     """A one-process command with one task slot, held by a task across an
     empty restart; another worker makes the group again and takes the 10
@@ -631,7 +630,7 @@ async def restart_while_the_only_slot_is_busy(
     run.wait_for("task 50 started", processes=1)
     server.stop()
     server.start()
-    run.sender = make_sender()
+    run.sender = make_broker(server.url, run.queue, streams=True)
     async with Redis.from_url(server.url) as other:  # another worker
         await other.xgroup_create(run.queue, "taskiq", id="0", mkstream=True)
         await run.kiq_all("mark", [(n,) for n in range(10, 20)])
@@ -657,11 +656,7 @@ async def test_a_restart_while_this_process_had_no_fetch_under_way_is_learnt(
     """
     run = WorkerRun(redis_server.url, tmp_path, streams=True)
     try:
-        worker = await restart_while_the_only_slot_is_busy(
-            run,
-            redis_server,
-            lambda: make_broker(redis_server.url, run.queue, streams=True),
-        )
+        worker = await restart_while_the_only_slot_is_busy(run, redis_server)
         await destroyed_once_fetching_again(run, redis_server, worker)
     finally:
         run.kill_all()
