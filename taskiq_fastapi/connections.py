@@ -67,8 +67,12 @@ _SELECTOR_EVENTS = os.path.join("asyncio", "selector_events.py")
 # uvloop, the loop of uvicorn and of taskiq's worker wherever it is
 # installed (FastAPI's "standard" extra installs it): any use of a closed
 # transport, write() too, raises RuntimeError from this Cython file. The
-# same close raised it out of broker_lifespan.
+# same close raised it out of broker_lifespan. Only a socket's transport (a
+# TCP or Unix socket connection, named in the message) is a connection:
+# uvloop says the same of any closed handle, a subprocess pipe an app's
+# own code closed among them.
 _UVLOOP_HANDLE = "uvloop/handles/handle.pyx"
+_UVLOOP_SOCKET = re.compile(r"^unable to perform operation on <(TCP|Unix)Transport ")
 
 
 def _refused_by_loop(exc: BaseException) -> str | None:
@@ -86,8 +90,10 @@ def _refused_by_loop(exc: BaseException) -> str | None:
         frames = frames.tb_next
     frame = frames.tb_frame
     if isinstance(exc, RuntimeError):
+        message = str(exc)
         closed = frame.f_code.co_filename.endswith(_UVLOOP_HANDLE)
-        if closed and str(exc).endswith("the handler is closed"):
+        closed = closed and message.endswith("the handler is closed")
+        if closed and _UVLOOP_SOCKET.match(message) is not None:
             return "uvloop could not use the closed connection"
         return None
     if not isinstance(exc, (TypeError, AttributeError)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,10 @@ from typing import Any
 
 import pytest
 import redis.exceptions
+from fastapi import FastAPI
+from taskiq import InMemoryBroker, TaskiqEvents, TaskiqState
 
+import taskiq_fastapi
 from taskiq_fastapi import connections
 from taskiq_fastapi_cli.runtime import outages
 
@@ -139,6 +143,38 @@ def test_uvloops_refusal_to_use_a_closed_connection_is_an_outage() -> None:
             )
 
     uvloop.run(scenario())
+
+
+def test_uvloops_refusal_to_use_a_closed_pipe_is_no_outage() -> None:
+    """uvloop says the same of any closed handle: an app's broker shutdown
+    handler that writes to a subprocess pipe it closed itself (a bug) raised
+    it out of broker_lifespan as a WARNING that the broker's server was
+    unreachable, an InMemoryBroker's too, and the handlers ran a second
+    time. Only a socket's transport is a connection."""
+    import uvloop
+
+    broker = InMemoryBroker()
+    ran: list[str] = []
+
+    @broker.on_event(TaskiqEvents.CLIENT_SHUTDOWN)
+    async def write_to_a_closed_pipe(_state: TaskiqState) -> None:
+        ran.append("handler")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "pass", stdin=asyncio.subprocess.PIPE
+        )
+        assert child.stdin is not None
+        child.stdin.close()
+        await child.wait()
+        child.stdin.write(b"the app's bug")
+
+    async def scenario() -> None:
+        async with taskiq_fastapi.broker_lifespan(broker)(FastAPI()):
+            pass
+
+    with pytest.raises(RuntimeError, match="WriteUnixTransport") as bug:
+        uvloop.run(scenario())
+    assert not connections.is_connection_error(bug.value)
+    assert ran == ["handler"]
 
 
 def test_backoff_grows_to_the_cap_with_jitter() -> None:
