@@ -27,12 +27,17 @@ collect_ignore = ["tplproj"]
 # end-to-end tests on uvloop, `make test` and `make test-oldest` on asyncio.
 # Subprocesses only: this process's own tests import uvloop where they need it.
 TEST_LOOP = os.environ.setdefault("TASKIQ_FASTAPI_TEST_LOOP", "asyncio")
-if TEST_LOOP not in ("asyncio", "uvloop"):
-    raise pytest.UsageError(
-        f"TASKIQ_FASTAPI_TEST_LOOP={TEST_LOOP!r}: asyncio or uvloop"
-    )
-if TEST_LOOP == "asyncio":
-    hide_uvloop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than as the module is imported: pytest says a UsageError
+    # raised here in one line, not as an ImportError of this file.
+    if TEST_LOOP not in ("asyncio", "uvloop"):
+        raise pytest.UsageError(
+            f"TASKIQ_FASTAPI_TEST_LOOP={TEST_LOOP!r}: asyncio or uvloop"
+        )
+    if TEST_LOOP == "asyncio":
+        hide_uvloop()
 
 
 @pytest.fixture

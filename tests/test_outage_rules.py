@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -247,3 +248,40 @@ async def test_a_result_save_that_finds_its_lock_expired_fails_once() -> None:
             await broker.result_backend.set_result("t", result)
         await backend.shutdown()
     assert len(attempts) == 1, f"{len(attempts)} saves"
+
+
+@pytest.mark.anyio
+async def test_a_fetch_that_fails_as_the_worker_stops_is_no_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop signal came; then the broker's shutdown closed the connection
+    a fetch still waited on (taskiq 0.11 leaves that fetch running; 0.12
+    cancels it without waiting, and before Python 3.12 redis-py could swallow
+    the cancellation). The fetch ends quietly: it was logged as an outage of
+    the broker, "retrying", in a worker that had just shut down."""
+    from redis.asyncio import Redis
+    from taskiq_redis import ListQueueBroker
+
+    from taskiq_fastapi_cli.runtime.outages import BrokerOutages
+    from tools.redis_server import running_server
+
+    with running_server() as server:
+        broker = ListQueueBroker(server.url, queue_name="q")
+        broker.is_worker_process = True
+        stops = BrokerOutages(broker, "b:b", 5, give_up=lambda message: None)
+        await broker.startup()
+        source = broker.listen()
+        fetch = asyncio.ensure_future(anext(source))
+        async with Redis.from_url(server.url) as redis:
+            for _ in range(600):  # until the fetch's BRPOP waits on the server
+                if (await redis.info("clients"))["blocked_clients"]:
+                    break
+                await asyncio.sleep(0.05)
+        stops.stop()  # the stop signal
+        await broker.connection_pool.disconnect()  # as the broker shuts down
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(fetch, 10)
+        await broker.shutdown()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == []
+    assert stops.broker.since is None  # no outage began: readiness untouched

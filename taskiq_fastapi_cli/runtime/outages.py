@@ -529,8 +529,17 @@ class BrokerOutages:
         """Whether the worker is stopping; otherwise fetch again when this returns.
 
         A fetch that timed out after waiting is idle, unless its server does
-        not answer a PING either.
+        not answer a PING either. Once a stop signal came, no failure is an
+        outage: the broker's own shutdown closes the connection of a fetch
+        that taskiq left running (0.11) or cancelled without waiting (0.12).
         """
+        if self.stopping.is_set():
+            logger.debug(
+                "Broker %r: fetch ended as the worker stops: %s",
+                self.path,
+                describe(exc),
+            )
+            return True
         if (
             "Timeout" in type(exc).__name__
             and time.monotonic() - started >= IDLE_WAIT_SECONDS
