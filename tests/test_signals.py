@@ -318,6 +318,32 @@ async def test_a_fetch_that_ignores_its_cancellation_does_not_hold_the_stop(
         assert again in output
 
 
+async def test_a_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
+    run: WorkerRun,
+) -> None:
+    """taskiq stops waiting for tasks at --wait-tasks-timeout and shuts down
+    with them unfinished: the command exited 0, which says every in-flight
+    task finished."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--wait-tasks-timeout", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.kiq("slow", 5, 3600)
+    run.wait_for("task 5 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == EXIT_UNCLEAN, output
+    said = "1 task(s) still running past --wait-tasks-timeout: stopped unfinished"
+    assert said in output
+    assert set(run.count("shutdown").values()) == {1}, output
+    assert "task 5 done" not in [e for _, e in run.events()]
+    assert "Traceback" not in output
+
+
 def log_messages(output: str) -> list[str]:
     """The messages of the log lines, without their time and logger."""
     return [line.rsplit("] ", 1)[-1] for line in output.splitlines()]

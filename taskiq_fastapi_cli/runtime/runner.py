@@ -73,9 +73,17 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
         guard = compose(broker, args)
         _listen(args, broker, guard)
+        unfinished = len(guard.in_flight - guard.cancelled)
+        if unfinished:
+            logger.warning(
+                "%d task(s) still running past --wait-tasks-timeout: stopped "
+                "unfinished, with no result.",
+                unfinished,
+            )
         if not guard.clean:
-            # A second signal cancelled tasks, or the lifespan did not shut
-            # down within --shutdown-timeout: the command must not exit 0.
+            # A second signal cancelled tasks, taskiq stopped waiting for
+            # tasks, or the lifespan did not shut down within
+            # --shutdown-timeout: the command must not exit 0.
             sys.exit(EXIT_STOPPED_UNCLEAN)
     except (WorkerStopped, KeyboardInterrupt):
         # Stopped by a signal while starting or waiting for the broker.

@@ -124,8 +124,12 @@ class ShutdownGuard:
 
     @property
     def clean(self) -> bool:
-        """No task cancelled, and the broker's shutdown (lifespan) completed."""
-        return self.shut_down and not self.cancelled
+        """Every task finished, none cancelled; the broker's shutdown completed.
+
+        taskiq shuts down with tasks still running once --wait-tasks-timeout
+        is over; the broker's shutdown runs the app's lifespan shutdown.
+        """
+        return self.shut_down and not self.cancelled and not self.in_flight
 
     def _remember_fetch(self, broker: AsyncBroker) -> None:
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
