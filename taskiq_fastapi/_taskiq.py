@@ -7,16 +7,24 @@ taskiq-nats, redis-py and nats-py live in `_brokers.py`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Annotated, Any, get_type_hints
 
 from fastapi.params import Depends as FastAPIDepends
 from pydantic import ValidationError
 from starlette.requests import HTTPConnection, Request
-from taskiq import AckableMessage, AsyncBroker, Context, TaskiqMessage, TaskiqState
+from taskiq import (
+    AckableMessage,
+    AsyncBroker,
+    Context,
+    TaskiqEvents,
+    TaskiqMessage,
+    TaskiqState,
+)
 
 # taskiq's worker imports the broker with the current directory on sys.path;
 # reusing its helper keeps app imports resolving exactly like broker imports.
@@ -47,6 +55,7 @@ __all__ = [
     "replace_task_function",
     "set_executing",
     "sets_up_dependencies",
+    "shutdown_handlers_noted",
     "task_request",
     "with_ack",
     "wrap_outermost",
@@ -392,3 +401,31 @@ def require_broker(owner: str, broker: object) -> None:
     """
     if not isinstance(broker, AsyncBroker):
         raise TypeError(f"{owner} broker must be a taskiq broker, not {broker!r}.")
+
+
+@contextlib.contextmanager
+def shutdown_handlers_noted(broker: AsyncBroker) -> Iterator[list[bool]]:
+    """A list that gets an item once the broker's shutdown handlers begin.
+
+    A first handler of our own, for the length of the block, in
+    `event_handlers`, which `AsyncBroker.shutdown` runs before the
+    middlewares' shutdown and the result backend's (as `InMemoryBroker`'s
+    own shutdown does); a broker such as taskiq-nats' closes its client
+    before it calls that. Empty at the end: none of them ran.
+    """
+    begun: list[bool] = []
+
+    def note(_state: TaskiqState) -> None:
+        begun.append(True)
+
+    lists = [broker.event_handlers[event] for event in _SHUTDOWN_EVENTS]
+    for handlers in lists:
+        handlers.insert(0, note)
+    try:
+        yield begun
+    finally:
+        for handlers in lists:
+            handlers.remove(note)
+
+
+_SHUTDOWN_EVENTS = (TaskiqEvents.CLIENT_SHUTDOWN, TaskiqEvents.WORKER_SHUTDOWN)

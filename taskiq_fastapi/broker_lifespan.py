@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
 from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
-from taskiq_fastapi._taskiq import require_broker
+from taskiq_fastapi._taskiq import require_broker, shutdown_handlers_noted
 from taskiq_fastapi.connections import describe, is_connection_error
 from taskiq_fastapi.integration import populate_dependency_context
 
@@ -83,19 +83,32 @@ async def _shutdown(broker: AsyncBroker) -> None:
     raise ConnectionResetError. The broker's shutdown handlers and result
     backend are then stopped as taskiq does, on the same terms.
     """
-    try:
-        await broker.shutdown()
-    except Exception as exc:
-        if not is_connection_error(exc):
-            raise
-        logger.warning(
-            "Broker %s did not shut down cleanly, its server is unreachable (%s).",
-            type(broker).__name__,
-            describe(exc),
-        )
+    with shutdown_handlers_noted(broker) as begun:
         try:
-            await AsyncBroker.shutdown(broker)
-        except Exception as rest:
-            if not is_connection_error(rest):
+            await broker.shutdown()
+            return
+        except Exception as exc:
+            if not is_connection_error(exc):
                 raise
-            logger.debug("Nor did its result backend (%s).", describe(rest))
+            failed = exc
+    if begun:
+        # Not run again: a handler that could not reach a server of its own
+        # ran twice, with every handler before it.
+        logger.warning(
+            "Broker %s did not shut down cleanly: a shutdown handler or its "
+            "result backend could not reach a server (%s).",
+            type(broker).__name__,
+            describe(failed),
+        )
+        return
+    logger.warning(
+        "Broker %s did not shut down cleanly, its server is unreachable (%s).",
+        type(broker).__name__,
+        describe(failed),
+    )
+    try:
+        await AsyncBroker.shutdown(broker)
+    except Exception as rest:
+        if not is_connection_error(rest):
+            raise
+        logger.debug("Nor did its result backend (%s).", describe(rest))

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from taskiq import AsyncBroker
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents
 from taskiq.exceptions import ResultIsReadyError, SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import (
@@ -497,6 +497,10 @@ async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_serve
     caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
     with running_nats() as server:
         broker: Any = make_nats_broker(server.url, "down")
+        handled: list[str] = []
+        broker.add_event_handler(
+            TaskiqEvents.CLIENT_SHUTDOWN, lambda _state: handled.append("handler")
+        )
         app = FastAPI()
         async with taskiq_fastapi.broker_lifespan(broker, lifespan)(app):
             server.stop()
@@ -507,6 +511,7 @@ async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_serve
             # As a kick sent as the connection dropped: nats-py holds it.
             await broker.client.publish("down", b"held")
     assert shut_down == [app]
+    assert handled == ["handler"]  # run by taskiq's shutdown, after the close
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     # Python 3.11 says ConnectionResetError; 3.12 and 3.13 as installed here
     # fail the same close inside asyncio (CPython gh-136234).
@@ -519,6 +524,46 @@ async def test_the_apps_own_shutdown_runs_when_the_broker_cannot_reach_its_serve
             "Connection lost (asyncio could not write to the closed connection)",
         )
     }, warnings
+
+
+async def test_a_shutdown_handler_that_cannot_reach_its_server_runs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CLIENT_SHUTDOWN handler of the app's own tells another service, which
+    refuses the connection. The error is a connection error, so the broker
+    was taken as unable to reach its server, and taskiq's shutdown was run
+    again after it: the handler, and every one before it, ran twice."""
+    shut_down = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shut_down.append(app)
+
+    refused = free_port()  # nothing listens there
+    handled: list[str] = []
+
+    async def tell_the_other_service(_state: Any) -> None:
+        handled.append("told")
+        await asyncio.open_connection("127.0.0.1", refused)
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    broker = InMemoryBroker()
+    broker.add_event_handler(
+        TaskiqEvents.CLIENT_SHUTDOWN, lambda _state: handled.append("first")
+    )
+    broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, tell_the_other_service)
+    app = FastAPI()
+    async with taskiq_fastapi.broker_lifespan(broker, lifespan)(app):
+        pass
+    assert handled == ["first", "told"]
+    assert shut_down == [app]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        "Broker InMemoryBroker did not shut down cleanly: a shutdown handler or "
+        "its result backend could not reach a server (ConnectionRefusedError"
+    ), warnings
 
 
 async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> None:

@@ -18,9 +18,11 @@ from typing import Annotated, Any
 import pytest
 from fastapi import Depends, FastAPI, Request
 from taskiq import (
+    AsyncBroker,
     Context,
     InMemoryBroker,
     TaskiqDepends,
+    TaskiqEvents,
     TaskiqMessage,
     TaskiqMiddleware,
     TaskiqResult,
@@ -591,3 +593,25 @@ async def test_taskiqs_retry_middlewares_read_the_retry_label_from_the_message(
     await asyncio.sleep(0.5)
     await broker.shutdown()
     assert len(runs) == (1 if switched_off else 2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["taskiq's own shutdown", "InMemoryBroker's"])
+async def test_the_first_shutdown_handler_is_ours_while_noted(kind: str) -> None:
+    """`shutdown_handlers_noted` relies on taskiq running `event_handlers` in
+    order: its note must come before the broker's own handlers, and be gone
+    after the block."""
+    from taskiq_fastapi._taskiq import shutdown_handlers_noted
+
+    class BaseShutdown(InMemoryBroker):
+        shutdown = AsyncBroker.shutdown  # what taskiq-redis' brokers inherit
+
+    broker = BaseShutdown() if kind == "taskiq's own shutdown" else InMemoryBroker()
+    seen: list[bool] = []
+    broker.add_event_handler(
+        TaskiqEvents.CLIENT_SHUTDOWN, lambda _state: seen.append(bool(begun))
+    )
+    with shutdown_handlers_noted(broker) as begun:
+        await broker.shutdown()
+    assert seen == [True]
+    assert len(broker.event_handlers[TaskiqEvents.CLIENT_SHUTDOWN]) == 1
