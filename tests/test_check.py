@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import subprocess
@@ -59,7 +60,17 @@ def test_check_prints_every_task_with_its_tree_and_passes(
         "      request: Request  [per-task Request, state from the app's lifespan]",
     ]
     assert "  db: database()  [TaskiqDepends]" in out
-    assert out.endswith("8 tasks checked, no problems.\n")
+    # Every task the module declares, as its source says.
+    source = ast.parse((Path(__file__).parent / "workerapp" / "tasks.py").read_text())
+    declared = {
+        f"workerapp.tasks:{node.name}"
+        for node in source.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and any(ast.unparse(d) == "broker.task" for d in node.decorator_list)
+    }
+    listed = {line for line in out.splitlines() if line.startswith("workerapp.")}
+    assert listed == declared
+    assert out.endswith(f"{len(declared)} tasks checked, no problems.\n")
 
 
 def test_check_fails_naming_the_task_the_function_and_the_parameter(
