@@ -344,6 +344,36 @@ async def test_a_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
     assert "Traceback" not in output
 
 
+async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
+    run: WorkerRun,
+) -> None:
+    """A sync task's thread holds taskiq's executor past --wait-tasks-timeout,
+    and its task then finished during the broker's shutdown, after the app's
+    lifespan had shut down, its result unsaved: counted once the shutdown
+    was over, it was none, and the command exited 0."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_held",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--wait-tasks-timeout", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
+    run.wait_for("sync task 1 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + EXIT_WITHIN
+    while "No more tasks to wait for" not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    Path(f"{run.events_file}.release-1").touch()  # taskiq gave up on it
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == EXIT_UNCLEAN, output
+    said = "1 task(s) still running past --wait-tasks-timeout: stopped unfinished"
+    assert said in output
+    assert set(run.count("shutdown").values()) == {1}, output
+
+
 def log_messages(output: str) -> list[str]:
     """The messages of the log lines, without their time and logger."""
     return [line.rsplit("] ", 1)[-1] for line in output.splitlines()]

@@ -73,7 +73,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
         guard = compose(broker, args)
         _listen(args, broker, guard)
-        unfinished = len(guard.in_flight - guard.cancelled)
+        unfinished = len(guard.unfinished - guard.cancelled)
         if unfinished:
             logger.warning(
                 "%d task(s) still running past --wait-tasks-timeout: stopped "
