@@ -374,6 +374,31 @@ async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_sto
     assert set(run.count("shutdown").values()) == {1}, output
 
 
+async def test_a_restart_at_max_tasks_per_child_leaves_the_stop_clean(
+    run: WorkerRun,
+) -> None:
+    """A process that reached --max-tasks-per-child waits --wait-tasks-timeout
+    for its tasks too, and taskiq restarts it: it exited 4, which made the
+    command's status 4 when a stop came before taskiq's next look at its
+    processes (once a second) replaced it, and 0 after."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--max-tasks-per-child", "1", "--wait-tasks-timeout", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.kiq("slow", 1, 3600)
+    said = "1 task(s) still running past --wait-tasks-timeout: stopped unfinished"
+    deadline = time.monotonic() + EXIT_WITHIN
+    while said not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)  # before taskiq replaced that process
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    assert code == 0, run.output(worker)
+
+
 def log_messages(output: str) -> list[str]:
     """The messages of the log lines, without their time and logger."""
     return [line.rsplit("] ", 1)[-1] for line in output.splitlines()]

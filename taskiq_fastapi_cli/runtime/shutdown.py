@@ -133,9 +133,13 @@ class ShutdownGuard:
         Those tasks are counted as taskiq gives up on them, not once the
         shutdown is over: a sync task's thread holds taskiq's executor until
         it ends, and its task then finishes during the broker's shutdown,
-        after the app's lifespan shut down, its result unsaved.
+        after the app's lifespan shut down, its result unsaved. Only at a
+        stop: a process that reached --max-tasks-per-child waits for its
+        tasks the same way, and taskiq restarts it; its exit status made
+        the command's when a stop came before taskiq replaced it.
         """
-        return self.shut_down and not self.cancelled and not self.unfinished
+        unfinished = self.unfinished and self.stopping
+        return self.shut_down and not self.cancelled and not unfinished
 
     def _remember_fetch(self, broker: AsyncBroker) -> None:
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
