@@ -132,8 +132,8 @@ class ShutdownGuard:
         is over; the broker's shutdown runs the app's lifespan shutdown.
         Those tasks are counted as taskiq gives up on them, not once the
         shutdown is over: a sync task's thread holds taskiq's executor until
-        it ends, and its task then finishes during the broker's shutdown,
-        after the app's lifespan shut down, its result unsaved. Only at a
+        it ends, and its task then saves its result during the broker's
+        shutdown, which closes the result backend under it. Only at a
         stop: a process that reached --max-tasks-per-child waits for its
         tasks the same way, and taskiq restarts it; its exit status made
         the command's when a stop came before taskiq replaced it.
