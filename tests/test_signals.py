@@ -348,9 +348,10 @@ async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_sto
     run: WorkerRun,
 ) -> None:
     """A sync task's thread holds taskiq's executor past --wait-tasks-timeout,
-    and its task then finished during the broker's shutdown, after the app's
-    lifespan had shut down, its result unsaved: counted once the shutdown
-    was over, it was none, and the command exited 0."""
+    and its task then saved its result during the broker's shutdown, which
+    closed the result backend under it ("Connection closed by server"):
+    counted once the shutdown was over, it was none, and the command exited
+    0."""
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.sync_held",
         "--app", "workerapp.app:app", "--workers", "1",
