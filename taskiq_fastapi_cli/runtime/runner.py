@@ -101,9 +101,11 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
 
 
 def _say_unfinished(guard: ShutdownGuard) -> None:
-    """The tasks taskiq stopped waiting for, as they ended: the event loop ran
-    them on through the broker's shutdown (the app's lifespan shutdown),
-    where some finished and saved their results."""
+    """Say how the tasks taskiq stopped waiting for ended.
+
+    The event loop ran them on through the broker's shutdown (the app's
+    lifespan shutdown), where some finished and saved their results.
+    """
     given_up = guard.unfinished - guard.cancelled
     running = len(given_up & guard.in_flight)
     if running:
