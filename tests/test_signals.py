@@ -344,6 +344,95 @@ async def test_a_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
     assert "Traceback" not in output
 
 
+async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
+    run: WorkerRun,
+) -> None:
+    """A sync task's thread holds taskiq's executor past --wait-tasks-timeout,
+    and its task then saved its result during the broker's shutdown, which
+    closed the result backend under it ("Connection closed by server"):
+    counted once the shutdown was over, it was none, and the command exited
+    0."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_held",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--wait-tasks-timeout", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
+    run.wait_for("sync task 1 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + EXIT_WITHIN
+    while "No more tasks to wait for" not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    Path(f"{run.events_file}.release-1").touch()  # taskiq gave up on it
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == EXIT_UNCLEAN, output
+    said = "1 task(s) still running past --wait-tasks-timeout: finished during"
+    assert said in output
+    assert set(run.count("shutdown").values()) == {1}, output
+
+
+async def test_a_task_that_finishes_during_the_shutdown_is_not_said_unfinished(
+    run: WorkerRun,
+) -> None:
+    """A task past --wait-tasks-timeout that ends while the app's lifespan
+    shuts down: the stop is unclean (it ran on as the app shut down), but it
+    finished and its result was saved; it was said stopped, with no result."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.held_shutdown:app", "--workers", "1",
+        "--wait-tasks-timeout", "1", "--shutdown-timeout", "60",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    task = await run.kiq("held", 1)
+    run.wait_for("task 1 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    run.wait_for("shutting down", processes=1)  # taskiq gave up on the task
+    Path(f"{run.events_file}.release-1").touch()
+    run.wait_for("task 1 done", processes=1)
+    result = await task.wait_result(timeout=EXIT_WITHIN)
+    Path(f"{run.events_file}.release-shutdown").touch()
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert result.return_value == 1, output
+    assert code == EXIT_UNCLEAN, output
+    assert "stopped unfinished" not in output
+    said = (
+        "1 task(s) still running past --wait-tasks-timeout: finished during "
+        "the broker's shutdown"
+    )
+    assert said in output
+
+
+async def test_a_restart_at_max_tasks_per_child_leaves_the_stop_clean(
+    run: WorkerRun,
+) -> None:
+    """A process that reached --max-tasks-per-child waits --wait-tasks-timeout
+    for its tasks too, and taskiq restarts it: it exited 4, which made the
+    command's status 4 when a stop came before taskiq's next look at its
+    processes (once a second) replaced it, and 0 after."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--max-tasks-per-child", "1", "--wait-tasks-timeout", "1",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.kiq("slow", 1, 3600)
+    said = "1 task(s) still running past --wait-tasks-timeout: stopped unfinished"
+    deadline = time.monotonic() + EXIT_WITHIN
+    while said not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)  # before taskiq replaced that process
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    assert code == 0, run.output(worker)
+
+
 def log_messages(output: str) -> list[str]:
     """The messages of the log lines, without their time and logger."""
     return [line.rsplit("] ", 1)[-1] for line in output.splitlines()]

@@ -73,13 +73,7 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         import_task_modules(args.modules, args.tasks_pattern, args.fs_discover)
         guard = compose(broker, args)
         _listen(args, broker, guard)
-        unfinished = len(guard.in_flight - guard.cancelled)
-        if unfinished:
-            logger.warning(
-                "%d task(s) still running past --wait-tasks-timeout: stopped "
-                "unfinished, with no result.",
-                unfinished,
-            )
+        _say_unfinished(guard)
         if not guard.clean:
             # A second signal cancelled tasks, taskiq stopped waiting for
             # tasks, or the lifespan did not shut down within
@@ -104,6 +98,28 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
         # "killed by SIGINT".
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def _say_unfinished(guard: ShutdownGuard) -> None:
+    """Say how the tasks taskiq stopped waiting for ended.
+
+    The event loop ran them on through the broker's shutdown (the app's
+    lifespan shutdown), where some finished and saved their results.
+    """
+    given_up = guard.unfinished - guard.cancelled
+    running = len(given_up & guard.in_flight)
+    if running:
+        logger.warning(
+            "%d task(s) still running past --wait-tasks-timeout: stopped "
+            "unfinished, with no result.",
+            running,
+        )
+    if len(given_up) > running:
+        logger.warning(
+            "%d task(s) still running past --wait-tasks-timeout: finished "
+            "during the broker's shutdown, as the app's lifespan shut down.",
+            len(given_up) - running,
+        )
 
 
 def _wait_for_a_change(message: str) -> None:

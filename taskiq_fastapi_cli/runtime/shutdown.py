@@ -110,6 +110,8 @@ class ShutdownGuard:
         self.now = False
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.cancelled: set[asyncio.Task[Any]] = set()
+        # Running as the receiver stopped waiting for them (--wait-tasks-timeout).
+        self.unfinished: set[asyncio.Task[Any]] = set()
         self.shut_down = False
         # A partial of a function, not a bound method: logging first asks
         # each filter for a `filter` attribute, and a bound method answers by
@@ -128,8 +130,16 @@ class ShutdownGuard:
 
         taskiq shuts down with tasks still running once --wait-tasks-timeout
         is over; the broker's shutdown runs the app's lifespan shutdown.
+        Those tasks are counted as taskiq gives up on them, not once the
+        shutdown is over: a sync task's thread holds taskiq's executor until
+        it ends, and its task then saves its result during the broker's
+        shutdown, which closes the result backend under it. Only at a
+        stop: a process that reached --max-tasks-per-child waits for its
+        tasks the same way, and taskiq restarts it; its exit status made
+        the command's when a stop came before taskiq replaced it.
         """
-        return self.shut_down and not self.cancelled and not self.in_flight
+        unfinished = self.unfinished and self.stopping
+        return self.shut_down and not self.cancelled and not unfinished
 
     def _remember_fetch(self, broker: AsyncBroker) -> None:
         listen: Callable[[], AsyncIterator[Any]] = broker.listen
@@ -186,6 +196,7 @@ class ShutdownGuard:
             async def listen(self, finish_event: asyncio.Event) -> None:
                 guard.start(finish_event)
                 await super().listen(finish_event)
+                guard.unfinished = guard.in_flight - guard.cancelled
 
             async def callback(self, message: Any, raise_err: bool = False) -> None:
                 await guard.run(super().callback, message, raise_err)
