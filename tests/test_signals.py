@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -370,8 +371,14 @@ async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_sto
     code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
     output = run.output(worker)
     assert code == EXIT_UNCLEAN, output
-    said = "1 task(s) still running past --wait-tasks-timeout: finished during"
-    assert said in output
+    # Whether the task ends before the broker's shutdown does depends on
+    # when the loop next runs it; either way it is said, once.
+    said = re.findall(
+        r"1 task\(s\) still running past --wait-tasks-timeout: "
+        r"(finished during|stopped unfinished)",
+        output,
+    )
+    assert len(said) == 1, output
     assert set(run.count("shutdown").values()) == {1}, output
 
 
