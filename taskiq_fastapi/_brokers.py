@@ -38,8 +38,10 @@ brokers and their clients do about it, and what this module does instead:
   getting a connection there too. Its cluster ones keep one RedisCluster,
   which sends a failed command again itself once it has found its nodes
   again (`initialize`), also one whose reply timed out after it was sent:
-  nothing is added there, as waiting for the nodes would let such a kick be
-  sent twice.
+  no retry is added there, as waiting for the nodes would let such a kick
+  be sent twice; but a node's connection the server closed is renewed
+  before use (`_renew_closed_cluster_connections`), as redis-py 8.2 gives
+  up when its own refresh meets one.
 - taskiq-nats creates its JetStream stream and durable consumer, and its
   result bucket, once, at startup: after the restart publishing fails with
   "no stream", fetching with "service unavailable" (no consumer answers),
@@ -99,6 +101,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     """
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
+        _renew_closed_cluster_connections(owner)
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
@@ -115,6 +118,8 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     result save first.
     """
     _guard_redis_pools(broker, None)
+    for owner in (broker, broker.result_backend):
+        _renew_closed_cluster_connections(owner)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
@@ -190,6 +195,51 @@ def _cluster_pinger(owner: object, cluster: Any) -> Callable[[], Awaitable[None]
     return cluster_ping
 
 
+def _renew_closed_cluster_connections(owner: object) -> None:
+    """On a Redis Cluster: a node's connection the server closed is renewed before use.
+
+    redis-py 8.2 gives up on a command that failed on such a connection
+    (RedisClusterUnreachableError) once the topology refresh that failure
+    starts has failed too, and that refresh asks the same nodes over their
+    pooled connections, as closed: the API's first kick after a node
+    restarted failed (8.1 sent the command again itself). Before each
+    command, a node whose next connection (`_free[0]`, handed out first)
+    was closed by its server has each closed one marked for redis-py's own
+    lazy reconnect (`mark_for_reconnect`, acted on by `disconnect_if_needed`
+    right after each acquire), so nothing goes out on them. redis-py's
+    cluster classes have slots: the client's `execute_command` and
+    `pipeline` are wrapped, not the nodes'.
+    """
+    cluster = _cluster_client(owner)
+    if cluster is None:
+        return
+    manager = cluster.nodes_manager
+    execute_command = cluster.execute_command
+    pipeline = cluster.pipeline
+
+    def renew_closed() -> None:
+        for nodes in (manager.startup_nodes, manager.nodes_cache):
+            for node in nodes.values():
+                free = node._free
+                if free and _closed(free[0]):
+                    for connection in free:
+                        if _closed(connection):
+                            connection.mark_for_reconnect()
+
+    async def execute_renewed(*args: Any, **kwargs: Any) -> Any:
+        renew_closed()
+        return await execute_command(*args, **kwargs)
+
+    def renewed_pipeline(*args: Any, **kwargs: Any) -> Any:
+        # Made right before it runs: redis-py 8.2 sends a command with keys
+        # in several slots (EXISTS, as the result backend sends it) this way.
+        renew_closed()
+        return pipeline(*args, **kwargs)
+
+    cluster.execute_command = execute_renewed
+    cluster.pipeline = renewed_pipeline
+
+
 def _cluster_client(owner: object) -> Any:
     """The RedisCluster of taskiq-redis' cluster brokers and backends, or None."""
     try:
@@ -254,8 +304,9 @@ def _share_master_lookups(owner: object) -> None:
     redis-py asks the sentinels in order, and puts the one that answered
     first only once a lookup completes (`discover_master`). Behind a
     sentinel that accepts connections and never answers, a lookup waits out
-    the socket timeout and redis-py's retries before it asks the next one
-    (about 15 s with a 1 s timeout and redis-py 8): a kick's bound
+    the socket timeout (redis-py 8.0 and 8.1: and its retries, about 15 s
+    with a 1 s timeout; 8.2 asks each sentinel once) before it asks the
+    next one: a kick's bound
     (`broker_retry_timeout`) that cancelled it earlier left the frozen
     sentinel first for ever, and every kick failed. Cancelling a wait no
     longer cancels the lookup; the kicks meanwhile (a lookup each with

@@ -179,7 +179,8 @@ async def restart_empty_under_load(
     finally:
         hold(pids, signal.SIGCONT)
 
-    assert call(port, "/wait/200") == (200, 200)  # a result wait, after the restart
+    answer = call(port, "/wait/200")  # a result wait, after the restart
+    assert answer == (200, 200), run.output(api)
     # One process may still be running what it fetched (99..119) when the
     # other has run 200: each kicked task is counted once it has run.
     kicked = [*[DURING] * kick_during, *AFTER, 200]
@@ -187,7 +188,7 @@ async def restart_empty_under_load(
     for n in kicked:
         assert ran[f"ran {n}"] == 1, (n, ran)
     assert run.count("startup") == Counter(dict.fromkeys(pids, 1))  # same processes
-    assert run.stop(worker) == 0
+    assert run.stop(worker) == 0, run.output(worker)
     assert run.count("shutdown") == Counter(dict.fromkeys(pids, 1))
     run.stop(api)
     worker_output, api_output = run.output(worker), run.output(api)
