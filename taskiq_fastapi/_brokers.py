@@ -40,8 +40,8 @@ brokers and their clients do about it, and what this module does instead:
   again (`initialize`), also one whose reply timed out after it was sent:
   no retry is added there, as waiting for the nodes would let such a kick
   be sent twice; but a node's connection the server closed is renewed
-  before use (`_renew_closed_cluster_connections`), as redis-py 8.2 gives
-  up when its own refresh meets one.
+  before use (`_renew_closed_cluster_connections`): redis-py's own refresh
+  of the nodes meets them and gives up (6: for good; 8.2: once).
 - taskiq-nats creates its JetStream stream and durable consumer, and its
   result bucket, once, at startup: after the restart publishing fails with
   "no stream", fetching with "service unavailable" (no consumer answers),
@@ -102,6 +102,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _renew_closed_cluster_connections(owner)
+        _keep_startup_nodes(owner)
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
@@ -120,6 +121,7 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     _guard_redis_pools(broker, None)
     for owner in (broker, broker.result_backend):
         _renew_closed_cluster_connections(owner)
+        _keep_startup_nodes(owner)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
@@ -198,17 +200,17 @@ def _cluster_pinger(owner: object, cluster: Any) -> Callable[[], Awaitable[None]
 def _renew_closed_cluster_connections(owner: object) -> None:
     """On a Redis Cluster: a node's connection the server closed is renewed before use.
 
-    redis-py 8.2 gives up on a command that failed on such a connection
-    (RedisClusterUnreachableError) once the topology refresh that failure
-    starts has failed too, and that refresh asks the same nodes over their
-    pooled connections, as closed: the API's first kick after a node
-    restarted failed (8.1 sent the command again itself). Before each
-    command, a node whose next connection (`_free[0]`, handed out first)
-    was closed by its server has each closed one marked for redis-py's own
-    lazy reconnect (`mark_for_reconnect`, acted on by `disconnect_if_needed`
-    right after each acquire), so nothing goes out on them. redis-py's
-    cluster classes have slots: the client's `execute_command` and
-    `pipeline` are wrapped, not the nodes'.
+    A node that restarted left each pooled connection to it closed, and
+    redis-py's cluster client, on a command that failed on one, finds its
+    nodes again over the same pooled connections, as closed: redis-py 6
+    then failed every command until the process restarted, 8.2 the first
+    one on each client (RedisClusterUnreachableError; 8.0 and 8.1 sent the
+    command again itself). Before each command and pipeline, a node whose
+    next connection (`_free[0]`, handed out first) its server closed has
+    each closed one disconnected; redis-py connects it again when it is
+    next used, so nothing goes out on a closed one. redis-py's cluster
+    nodes have slots: the client's `execute_command` and `pipeline` are
+    wrapped, not the nodes'.
     """
     cluster = _cluster_client(owner)
     if cluster is None:
@@ -217,27 +219,69 @@ def _renew_closed_cluster_connections(owner: object) -> None:
     execute_command = cluster.execute_command
     pipeline = cluster.pipeline
 
-    def renew_closed() -> None:
+    async def renew_closed() -> None:
         for nodes in (manager.startup_nodes, manager.nodes_cache):
             for node in nodes.values():
                 free = node._free
-                if free and _closed(free[0]):
-                    for connection in free:
-                        if _closed(connection):
-                            connection.mark_for_reconnect()
+                if not free or not _closed(free[0]):
+                    continue
+                # Out of the node's hands while they close: no command
+                # takes one half-closed meanwhile.
+                closed = [connection for connection in free if _closed(connection)]
+                for connection in closed:
+                    free.remove(connection)
+                try:
+                    for connection in closed:
+                        await connection.disconnect()
+                finally:
+                    free.extend(closed)
 
     async def execute_renewed(*args: Any, **kwargs: Any) -> Any:
-        renew_closed()
+        await renew_closed()
         return await execute_command(*args, **kwargs)
 
     def renewed_pipeline(*args: Any, **kwargs: Any) -> Any:
-        # Made right before it runs: redis-py 8.2 sends a command with keys
-        # in several slots (EXISTS, as the result backend sends it) this way.
-        renew_closed()
-        return pipeline(*args, **kwargs)
+        # redis-py 8.2 sends a command with keys in several slots (EXISTS,
+        # as the result backend sends it) as a pipeline.
+        made = pipeline(*args, **kwargs)
+        execute = made.execute
+
+        async def execute_pipeline_renewed(*args: Any, **kwargs: Any) -> Any:
+            await renew_closed()
+            return await execute(*args, **kwargs)
+
+        made.execute = execute_pipeline_renewed
+        return made
 
     cluster.execute_command = execute_renewed
     cluster.pipeline = renewed_pipeline
+
+
+def _keep_startup_nodes(owner: object) -> None:
+    """On a Redis Cluster with redis-py 6: its nodes are asked for again.
+
+    redis-py 6 drops a node from the nodes it starts its search from
+    (`startup_nodes`) when a command to it fails with a connection error;
+    with every node dropped (one node restarting, or all of them), each
+    search after fails for good ("Redis Cluster cannot be connected ...:
+    None", with no cause), and a worker never got past the restart. Each
+    search (`initialize`, which commands and our PINGs run first) starts
+    again from the nodes the client was made with when none is left.
+    redis-py 8 keeps them (it asks a failed node last).
+    """
+    cluster = _cluster_client(owner)
+    if cluster is None:
+        return
+    manager = cluster.nodes_manager
+    made_with = dict(manager.startup_nodes)
+    initialize = cluster.initialize
+
+    async def initialize_from_a_node() -> Any:
+        if not manager.startup_nodes:
+            manager.startup_nodes.update(made_with)
+        return await initialize()
+
+    cluster.initialize = initialize_from_a_node
 
 
 def _cluster_client(owner: object) -> Any:

@@ -95,8 +95,8 @@ async def _shutdown(broker: AsyncBroker) -> None:
         # Not run again: a handler that could not reach a server of its own
         # ran twice, with every handler before it.
         logger.warning(
-            "Broker %s did not shut down cleanly: a shutdown handler or its "
-            "result backend could not reach a server (%s).",
+            "Broker %s did not shut down cleanly: a shutdown handler, a "
+            "middleware or its result backend could not reach a server (%s).",
             type(broker).__name__,
             describe(failed),
         )

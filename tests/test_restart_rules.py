@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqMiddleware
 from taskiq.exceptions import ResultIsReadyError, SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import (
@@ -570,9 +570,46 @@ async def test_a_shutdown_handler_that_cannot_reach_its_server_runs_once(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
-        "Broker InMemoryBroker did not shut down cleanly: a shutdown handler or "
-        "its result backend could not reach a server (ConnectionRefusedError"
+        "Broker InMemoryBroker did not shut down cleanly: a shutdown handler, a "
+        "middleware or its result backend could not reach a server "
+        "(ConnectionRefusedError"
     ), warnings
+
+
+async def test_a_middleware_that_cannot_reach_its_server_at_shutdown_is_one_warning(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A middleware's shutdown (after the handlers, before the result
+    backend's) is refused: one WARNING that says a middleware may be the
+    cause, no handler run twice, and the app's own shutdown still runs."""
+    refused = free_port()
+    handled: list[str] = []
+    shut_down: list[FastAPI] = []
+
+    class Reporting(TaskiqMiddleware):
+        async def shutdown(self) -> None:
+            handled.append("middleware")
+            await asyncio.open_connection("127.0.0.1", refused)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shut_down.append(app)
+
+    caplog.set_level(logging.WARNING, logger="taskiq_fastapi")
+    # Not InMemoryBroker: taskiq 0.11's skips the middlewares' shutdown.
+    broker = ListQueueBroker(server.url, queue_name="q").with_middlewares(Reporting())
+    broker.add_event_handler(
+        TaskiqEvents.CLIENT_SHUTDOWN, lambda _state: handled.append("handler")
+    )
+    app = FastAPI()
+    async with taskiq_fastapi.broker_lifespan(broker, lifespan)(app):
+        pass
+    assert handled == ["handler", "middleware"]
+    assert shut_down == [app]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "a middleware" in warnings[0], warnings
 
 
 async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> None:
