@@ -382,6 +382,39 @@ async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_sto
     assert set(run.count("shutdown").values()) == {1}, output
 
 
+async def test_a_second_signal_during_a_sync_task_still_shuts_the_lifespan_down(
+    run: WorkerRun,
+) -> None:
+    """taskiq waits for its executor's threads before it shuts the broker
+    down: a sync task's thread, which nothing stops, held the app's lifespan
+    shutdown back on a stop now too, until the supervisor killed the
+    process with the lifespan never shut down. Now the lifespan shuts down
+    at once; the process, its thread still running, is killed as the README
+    says (exit 4)."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_held",
+        "--app", "workerapp.app:app", "--workers", "1",
+        "--shutdown-timeout", "2",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
+    run.wait_for("sync task 1 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + EXIT_WITHIN
+    while "Waiting for 1 running tasks" not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    run.wait_for("shutdown", processes=1, timeout=2)  # before the kill
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == EXIT_UNCLEAN, output
+    assert "Stopping now: 1 task(s) cancelled" in output
+    assert "sync task 1 done" not in [e for _, e in run.events()]
+    assert "Traceback" not in output
+
+
 async def test_a_task_that_finishes_during_the_shutdown_is_not_said_unfinished(
     run: WorkerRun,
 ) -> None:

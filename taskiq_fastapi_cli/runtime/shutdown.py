@@ -33,6 +33,10 @@ Upstream behaviours replaced here:
   swallowed, and taskiq-redis's idle stream fetch loop then never returns.
   Waking on the signal makes that race rare; for the rest, a fetch still
   running after a grace period is cancelled again, until it ends.
+- taskiq shuts its task executor down, waiting for its threads, before the
+  broker's: a sync task's thread (which nothing can stop) held the app's
+  lifespan shutdown back until the process was killed, on a stop now too.
+  On a stop now the executor no longer waits (`_stop_waiting_for`).
 
 Per task this costs a set insertion and removal; per acknowledged message,
 one more ack wrapper.
@@ -46,6 +50,7 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from concurrent.futures import Executor
 from typing import Any
 
 from taskiq import AckableMessage, AsyncBroker
@@ -197,6 +202,8 @@ class ShutdownGuard:
                 guard.start(finish_event)
                 await super().listen(finish_event)
                 guard.unfinished = guard.in_flight - guard.cancelled
+                if guard.now and self.executor is not None:
+                    _stop_waiting_for(self.executor)
 
             async def callback(self, message: Any, raise_err: bool = False) -> None:
                 await guard.run(super().callback, message, raise_err)
@@ -275,3 +282,21 @@ class ShutdownGuard:
             logger.warning("The broker's fetch ignored cancellation; cancelling again.")
             self.fetching.cancel()
             await asyncio.sleep(FETCH_GRACE_SECONDS / 4)
+
+
+def _stop_waiting_for(executor: Executor) -> None:
+    """Taskiq's executor, shut down without waiting for its threads.
+
+    taskiq's `start_listen` leaves its `with executor` block (which waits
+    for every thread) before it shuts the broker down. On a stop now the
+    broker's shutdown, the app's lifespan included, comes first: what a
+    cancelled sync task's thread still does runs on as the lifespan shuts
+    down, and the supervisor kills a process whose thread never ends.
+    Queued calls are dropped.
+    """
+    shutdown = executor.shutdown
+
+    def without_waiting(wait: bool = True, *, cancel_futures: bool = False) -> None:
+        shutdown(wait=False, cancel_futures=True)
+
+    executor.shutdown = without_waiting  # type: ignore[method-assign]
