@@ -313,6 +313,8 @@ async def test_a_fetch_that_ignores_its_cancellation_does_not_hold_the_stop(
     output = run.output(worker)
     assert code == 0, output
     assert set(run.count("shutdown").values()) == {1}, output
+    assert "never retrieved" not in output  # taskiq 0.11's abandoned fetch
+    assert "Traceback" not in output
     if _release(version("taskiq")) >= (0, 13):
         assert "fetch swallowed a cancellation" in [e for _, e in run.events()]
         again = "The broker's fetch ignored cancellation; cancelling again."

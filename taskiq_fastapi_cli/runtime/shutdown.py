@@ -263,6 +263,12 @@ class ShutdownGuard:
             self.notify()
             if self.finish is not None:
                 self.finish.set()
+            if self.fetching is not None:
+                # taskiq 0.11 leaves the fetch under way at a stop, never
+                # awaited: how it ends (StopAsyncIteration, once the broker
+                # shut down) was logged as "Task exception was never
+                # retrieved" with a traceback as the loop closed.
+                self.fetching.add_done_callback(_retrieved)
             self.watchdog = asyncio.get_running_loop().create_task(self.unstick())
         cut = self.in_flight - self.cancelled if self.now else set()
         if cut:
@@ -282,6 +288,12 @@ class ShutdownGuard:
             logger.warning("The broker's fetch ignored cancellation; cancelling again.")
             self.fetching.cancel()
             await asyncio.sleep(FETCH_GRACE_SECONDS / 4)
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Take a done task's exception, so that asyncio does not log it unseen."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _stop_waiting_for(executor: Executor) -> None:
