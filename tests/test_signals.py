@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -347,6 +348,27 @@ async def test_a_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
     assert "Traceback" not in output
 
 
+async def stop_during_a_sync_task(
+    run: WorkerRun, said: str, *options: str
+) -> subprocess.Popen[bytes]:
+    """One worker process running `workerapp.sync_held` (held until the test
+    releases it), sent a SIGTERM while it runs; returned once it logs `said`."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_held",
+        "--app", "workerapp.app:app", "--workers", "1", *options,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
+    run.wait_for("sync task 1 started", processes=1)
+    run.stopped.append(worker)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + EXIT_WITHIN
+    while said not in run.output(worker):
+        assert time.monotonic() < deadline, run.output(worker)
+        await asyncio.sleep(0.05)
+    return worker
+
+
 async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_stop(
     run: WorkerRun,
 ) -> None:
@@ -355,20 +377,9 @@ async def test_a_sync_task_still_running_past_wait_tasks_timeout_is_no_clean_sto
     closed the result backend under it ("Connection closed by server"):
     counted once the shutdown was over, it was none, and the command exited
     0."""
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.sync_held",
-        "--app", "workerapp.app:app", "--workers", "1",
-        "--wait-tasks-timeout", "1",
-    )  # fmt: skip
-    run.wait_for("startup", processes=1)
-    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
-    run.wait_for("sync task 1 started", processes=1)
-    run.stopped.append(worker)
-    worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + EXIT_WITHIN
-    while "No more tasks to wait for" not in run.output(worker):
-        assert time.monotonic() < deadline, run.output(worker)
-        await asyncio.sleep(0.05)
+    worker = await stop_during_a_sync_task(
+        run, "No more tasks to wait for", "--wait-tasks-timeout", "1"
+    )
     Path(f"{run.events_file}.release-1").touch()  # taskiq gave up on it
     code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
     output = run.output(worker)
@@ -393,20 +404,9 @@ async def test_a_second_signal_during_a_sync_task_still_shuts_the_lifespan_down(
     process with the lifespan never shut down. Now the lifespan shuts down
     at once; the process, its thread still running, is killed as the README
     says (exit 4)."""
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.sync_held",
-        "--app", "workerapp.app:app", "--workers", "1",
-        "--shutdown-timeout", "2",
-    )  # fmt: skip
-    run.wait_for("startup", processes=1)
-    await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
-    run.wait_for("sync task 1 started", processes=1)
-    run.stopped.append(worker)
-    worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + EXIT_WITHIN
-    while "Waiting for 1 running tasks" not in run.output(worker):
-        assert time.monotonic() < deadline, run.output(worker)
-        await asyncio.sleep(0.05)
+    worker = await stop_during_a_sync_task(
+        run, "Waiting for 1 running tasks", "--shutdown-timeout", "2"
+    )
     worker.send_signal(signal.SIGTERM)
     run.wait_for("shutdown", processes=1, timeout=2)  # before the kill
     code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
