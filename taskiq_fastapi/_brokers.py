@@ -220,21 +220,29 @@ def _renew_closed_cluster_connections(owner: object) -> None:
     pipeline = cluster.pipeline
 
     async def renew_closed() -> None:
-        for nodes in (manager.startup_nodes, manager.nodes_cache):
-            for node in nodes.values():
-                free = node._free
-                if not free or not _closed(free[0]):
-                    continue
-                # Out of the node's hands while they close: no command
-                # takes one half-closed meanwhile.
-                closed = [connection for connection in free if _closed(connection)]
+        # Taken before any await: while one below awaits, a command that
+        # failed on a node has redis-py drop it from these dicts (6) or move
+        # it last (8.2), and going on through them raised RuntimeError
+        # ("dictionary changed size during iteration"). Each node once: the
+        # dicts mostly hold the same ones.
+        nodes = {
+            id(node): node
+            for node in (*manager.startup_nodes.values(), *manager.nodes_cache.values())
+        }
+        for node in nodes.values():
+            free = node._free
+            if not free or not _closed(free[0]):
+                continue
+            # Out of the node's hands while they close: no command
+            # takes one half-closed meanwhile.
+            closed = [connection for connection in free if _closed(connection)]
+            for connection in closed:
+                free.remove(connection)
+            try:
                 for connection in closed:
-                    free.remove(connection)
-                try:
-                    for connection in closed:
-                        await connection.disconnect()
-                finally:
-                    free.extend(closed)
+                    await connection.disconnect()
+            finally:
+                free.extend(closed)
 
     async def execute_renewed(*args: Any, **kwargs: Any) -> Any:
         await renew_closed()
