@@ -305,6 +305,24 @@ async def test_concurrent_kicks_while_a_cluster_node_is_down_each_fail_as_an_out
             assert await redis.xlen("q") == 20
 
 
+async def test_a_cluster_pool_at_its_max_rides_out_a_node_restart() -> None:
+    """As many concurrent kicks as the pool's connections, all closed by a
+    node's restart: each goes through, once (they failed with
+    MaxConnectionsError while one kick had the closed ones out of the pool
+    to renew them)."""
+    with running_cluster() as node:
+        broker = RedisStreamClusterBroker(
+            node.url, queue_name="q", max_connection_pool_size=3
+        )
+        async with api(broker, retry_timeout=2):
+            await asyncio.gather(*(kiq(broker, n) for n in range(3)))
+            node.stop()
+            node.start()
+            await asyncio.gather(*(kiq(broker, n) for n in range(3, 6)))
+        async with Redis.from_url(node.url) as redis:
+            assert await redis.xlen("q") == 3
+
+
 @pytest.mark.parametrize("socket_timeout", [None, 5.0])
 async def test_a_server_that_accepts_and_never_answers_is_bounded_too(
     socket_timeout: float | None,
