@@ -220,21 +220,27 @@ def _renew_closed_cluster_connections(owner: object) -> None:
     pipeline = cluster.pipeline
 
     async def renew_closed() -> None:
-        for nodes in (manager.startup_nodes, manager.nodes_cache):
-            for node in nodes.values():
-                free = node._free
-                if not free or not _closed(free[0]):
-                    continue
-                # Out of the node's hands while they close: no command
-                # takes one half-closed meanwhile.
-                closed = [connection for connection in free if _closed(connection)]
-                for connection in closed:
-                    free.remove(connection)
-                try:
-                    for connection in closed:
-                        await connection.disconnect()
-                finally:
-                    free.extend(closed)
+        # Taken first: a command that failed on a node has redis-py drop it
+        # from these dicts (6) or move it last (8.2). Each node once: the
+        # dicts mostly hold the same ones.
+        nodes = {
+            id(node): node
+            for node in (*manager.startup_nodes.values(), *manager.nodes_cache.values())
+        }
+        for node in nodes.values():
+            free = node._free
+            if not free or not _closed(free[0]):
+                continue
+            for connection in tuple(free):
+                if _closed(connection):
+                    # Closed without waiting for the transport to finish
+                    # (nowait): redis-py 6 and 8.2 then never suspend, so no
+                    # command meets one half-closed, and none is out of
+                    # `_free` meanwhile (taken out while they closed, a
+                    # pool at its max_connections failed the concurrent
+                    # kicks with MaxConnectionsError; a kick that went
+                    # through these dicts meanwhile raised RuntimeError).
+                    await connection.disconnect(nowait=True)
 
     async def execute_renewed(*args: Any, **kwargs: Any) -> Any:
         await renew_closed()

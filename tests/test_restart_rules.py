@@ -37,11 +37,13 @@ from taskiq_redis import (
 
 import taskiq_fastapi
 from taskiq_fastapi._brokers import LostState
+from taskiq_fastapi.connections import is_connection_error
 from tools.processes import free_port, frozen
 from tools.redis_server import (
     MASTER_NAME,
     RedisServer,
     running_cluster,
+    running_cluster_of_two,
     running_sentinel,
     running_server,
 )
@@ -270,6 +272,55 @@ async def test_on_a_cluster_a_kick_whose_reply_timed_out_is_not_sent_twice() -> 
                 await asyncio.sleep(STALL_SECONDS)  # awake: it ran the second kick
             async with Redis.from_url(node.url) as redis:
                 assert await redis.xlen("s") == 2
+
+
+async def test_concurrent_kicks_while_a_cluster_node_is_down_each_fail_as_an_outage() -> (
+    None
+):
+    """A kick renewing a node's closed connections awaits their close while
+    the others fail on the node that is down: redis-py then drops it from
+    the nodes it starts from (6) or moves it last (8.2), in the dicts that
+    kick was going through (it failed with "RuntimeError: dictionary
+    changed size / keys changed during iteration", no connection error).
+    Each kick fails as one that could not reach the node; once it is back
+    (empty), each goes through once."""
+    with running_cluster_of_two() as nodes:
+        broker = RedisStreamClusterBroker(nodes[0].url, queue_name="q")
+        async with api(broker, retry_timeout=2):
+            # A connection per kick to the node that has the stream.
+            await asyncio.gather(*(kiq(broker, n) for n in range(20)))
+            serving = broker.redis.get_node_from_key("q")
+            (node,) = [node for node in nodes if node.port == int(serving.port)]
+            node.stop()
+            await asyncio.sleep(0.2)  # the loop has seen them closed
+            failed = await asyncio.gather(
+                *(kiq(broker, n) for n in range(100, 120)), return_exceptions=True
+            )
+            for error in failed:
+                assert isinstance(error, SendTaskError), failed
+                assert is_connection_error(error.__cause__), failed
+            node.start()
+            await asyncio.gather(*(kiq(broker, n) for n in range(200, 220)))
+        async with Redis.from_url(node.url) as redis:
+            assert await redis.xlen("q") == 20
+
+
+async def test_a_cluster_pool_at_its_max_rides_out_a_node_restart() -> None:
+    """As many concurrent kicks as the pool's connections, all closed by a
+    node's restart: each goes through, once (they failed with
+    MaxConnectionsError while one kick had the closed ones out of the pool
+    to renew them)."""
+    with running_cluster() as node:
+        broker = RedisStreamClusterBroker(
+            node.url, queue_name="q", max_connection_pool_size=3
+        )
+        async with api(broker, retry_timeout=2):
+            await asyncio.gather(*(kiq(broker, n) for n in range(3)))
+            node.stop()
+            node.start()
+            await asyncio.gather(*(kiq(broker, n) for n in range(3, 6)))
+        async with Redis.from_url(node.url) as redis:
+            assert await redis.xlen("q") == 3
 
 
 @pytest.mark.parametrize("socket_timeout", [None, 5.0])

@@ -7,6 +7,7 @@ server is used instead and nothing is started.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import socket
 import time
@@ -106,6 +107,39 @@ class ClusterNode(RedisServer):
             time.sleep(0.05)
 
 
+class HalfClusterNode(ClusterNode):
+    """A node of a two-node Redis Cluster.
+
+    `running_cluster_of_two` gives it its half of the slots, and makes it
+    meet the other, the first time.
+    """
+
+    name = "redis-cluster-half"
+
+    def start(self) -> None:
+        """Started; after a restart, serving its slots again (it rejoins)."""
+        configured = self.nodes_conf.exists()
+        RedisServer.start(self)
+        if configured:
+            self.wait_ok()
+
+    def wait_ok(self) -> None:
+        """Until the node knows the cluster ok, with both nodes' slots."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        # Each node has a key of the other's slots ({a}: 15495, {b}: 3300):
+        # one served (or MOVED) by each, once the cluster is ok.
+        while not (
+            greets(self.port, b"EXISTS {a}\r\n", b":0")
+            or greets(self.port, b"EXISTS {a}\r\n", b"-MOVED")
+        ) or not (
+            greets(self.port, b"EXISTS {b}\r\n", b":0")
+            or greets(self.port, b"EXISTS {b}\r\n", b"-MOVED")
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"The cluster on port {self.port} is not ok.")
+            time.sleep(0.05)
+
+
 class SentinelServer(ServerProcess):
     """One Redis Sentinel process monitoring `master` under MASTER_NAME.
 
@@ -171,6 +205,32 @@ def running_cluster() -> Iterator[ClusterNode]:
     """A started one-node ClusterNode, stopped afterwards."""
     with started(ClusterNode, "redis-cluster") as server:
         yield server
+
+
+@contextmanager
+def running_cluster_of_two() -> Iterator[tuple[HalfClusterNode, HalfClusterNode]]:
+    """A started two-node Redis Cluster (slots 0-8191, 8192-16383), stopped afterwards.
+
+    Each node can stop and start again in place without its data, as
+    ClusterNode's: it rejoins the cluster with the same slots.
+    """
+    with contextlib.ExitStack() as stack:
+        nodes = [
+            stack.enter_context(started(HalfClusterNode, "redis-cluster-half"))
+            for _ in range(2)
+        ]
+        first, second = nodes
+        halves = ((first, range(8192)), (second, range(8192, 16384)))
+        for node, slots in halves:
+            addslots = _resp("CLUSTER", "ADDSLOTS", *map(str, slots))
+            if not greets(node.port, addslots, b"+OK"):
+                raise RuntimeError(f"Port {node.port}: CLUSTER ADDSLOTS failed.")
+        meet = _resp("CLUSTER", "MEET", "127.0.0.1", str(second.port))
+        if not greets(first.port, meet, b"+OK"):
+            raise RuntimeError(f"Port {first.port}: CLUSTER MEET failed.")
+        for node in nodes:
+            node.wait_ok()
+        yield first, second
 
 
 @contextmanager
