@@ -108,6 +108,13 @@ def nats_run(redis_url: str, nats_url: str, tmp_path: Path) -> Iterator[WorkerRu
     worker_run.kill_all()
 
 
+# multiprocessing's helper of this test process itself: started by the first
+# semaphore made once an in-process test of the command set the start method
+# to spawn (`--reload`) or forkserver, and ended with this process. A worker
+# command that outlived its test shows as itself.
+_RESOURCE_TRACKER = b"from multiprocessing.resource_tracker import main"
+
+
 def _still_running(pid: int) -> list[str]:
     """Command lines of the processes `pid` started that have not exited."""
     found = []
@@ -116,6 +123,8 @@ def _still_running(pid: int) -> list[str]:
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue  # exited meanwhile
+        if _RESOURCE_TRACKER in command:
+            continue
         found.append(command.replace(b"\0", b" ").decode(errors="replace"))
     return found
 
