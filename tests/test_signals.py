@@ -417,6 +417,57 @@ async def test_a_second_signal_during_a_sync_task_still_shuts_the_lifespan_down(
     assert "Traceback" not in output
 
 
+async def test_a_second_signal_past_wait_tasks_timeout_ends_the_wait_for_a_sync_task(
+    run: WorkerRun,
+) -> None:
+    """Past --wait-tasks-timeout taskiq waits for its executor's threads with
+    its event loop stopped: the second signal reached nobody, the lifespan
+    never shut down, and the supervisor killed the process at
+    --shutdown-timeout + 3 s."""
+    worker = await stop_during_a_sync_task(
+        run, "No more tasks to wait for", "--wait-tasks-timeout", "1",
+        "--shutdown-timeout", "2",
+    )  # fmt: skip
+    worker.send_signal(signal.SIGTERM)
+    run.wait_for("shutdown", processes=1, timeout=2)  # before the kill
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    assert code == EXIT_UNCLEAN, output
+    assert "Stopping now: 1 task(s) cancelled" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.skipif(
+    _release(version("taskiq")) < (0, 12),
+    reason="taskiq 0.11 cannot send a sync task to a process pool (it pickles "
+    "a contextvars.Context)",
+)
+async def test_a_second_signal_during_a_process_pool_task_leaves_no_process(
+    run: WorkerRun,
+) -> None:
+    """--use-process-pool: the pool's process running the task held the
+    worker process at exit (the pool's manager thread waits for it) until
+    the supervisor killed it; the pool's processes then ran on, orphaned,
+    after the command exited. They are killed at the stop now, and the
+    worker process exits on its own."""
+    worker = await stop_during_a_sync_task(
+        run, "Waiting for 1 running tasks", "--shutdown-timeout", "2",
+        "--use-process-pool",
+    )  # fmt: skip
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN)
+    output = run.output(worker)
+    try:
+        assert_nothing_left(worker.pid)
+    finally:
+        Path(f"{run.events_file}.release-1").touch()  # an orphan ends
+    assert code == EXIT_UNCLEAN, output
+    assert "Stopping now: 1 task(s) cancelled" in output
+    assert set(run.count("shutdown").values()) == {1}, output
+    assert "killing it" not in output
+    assert "Traceback" not in output
+
+
 async def test_a_task_that_finishes_during_the_shutdown_is_not_said_unfinished(
     run: WorkerRun,
 ) -> None:

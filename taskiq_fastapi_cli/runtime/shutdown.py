@@ -34,9 +34,12 @@ Upstream behaviours replaced here:
   Waking on the signal makes that race rare; for the rest, a fetch still
   running after a grace period is cancelled again, until it ends.
 - taskiq shuts its task executor down, waiting for its threads, before the
-  broker's: a sync task's thread (which nothing can stop) held the app's
-  lifespan shutdown back until the process was killed, on a stop now too.
-  On a stop now the executor no longer waits (`_stop_waiting_for`).
+  broker's, with its event loop stopped: a sync task's thread (which
+  nothing can stop) held the app's lifespan shutdown back until the process
+  was killed, on a stop now too, and a second signal during that wait
+  reached nobody. The wait runs the loop, a stop now ends it, and on a stop
+  now the executor does not wait; a process pool's processes are killed
+  (`ShutdownGuard.hold_executor`, `_stop_waiting_for`).
 
 Per task this costs a set insertion and removal; per acknowledged message,
 one more ack wrapper.
@@ -45,10 +48,12 @@ one more ack wrapper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
 import signal
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -113,6 +118,7 @@ class ShutdownGuard:
         self.finish: asyncio.Event | None = None
         self.stopping = False
         self.now = False
+        self.stopped_now: asyncio.Event | None = None
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.cancelled: set[asyncio.Task[Any]] = set()
         # Running as the receiver stopped waiting for them (--wait-tasks-timeout).
@@ -202,17 +208,59 @@ class ShutdownGuard:
                 guard.start(finish_event)
                 await super().listen(finish_event)
                 guard.unfinished = guard.in_flight - guard.cancelled
-                if guard.now and self.executor is not None:
-                    _stop_waiting_for(self.executor)
+                if self.executor is not None:
+                    guard.hold_executor(self.executor)
 
             async def callback(self, message: Any, raise_err: bool = False) -> None:
                 await guard.run(super().callback, message, raise_err)
 
         return StoppableReceiver
 
+    def hold_executor(self, executor: Executor) -> None:
+        """Taskiq's executor, shut down as the stop stage says.
+
+        taskiq's `start_listen` leaves its `with executor` block, which waits
+        for every thread (or pool process), before it shuts the broker down,
+        and its event loop does not run meanwhile: a stop signal reached
+        nobody. A sync task still running past --wait-tasks-timeout held the
+        app's lifespan shutdown back through a second signal, until the
+        supervisor killed the process. Here the wait runs the loop: a stop
+        now ends it, and the broker's shutdown, the app's lifespan included,
+        comes next; on a stop now the executor does not wait at all.
+        """
+        shutdown = executor.shutdown
+        loop = asyncio.get_running_loop()
+
+        def shutdown_by_stage(
+            wait: bool = True, *, cancel_futures: bool = False
+        ) -> None:
+            executor.shutdown = shutdown  # type: ignore[method-assign]
+            if wait and not self.now and not loop.is_running():
+                loop.run_until_complete(self._executor_done_or_now(shutdown))
+            if self.now:
+                _stop_waiting_for(executor)
+            else:
+                shutdown(wait=wait, cancel_futures=cancel_futures)
+
+        executor.shutdown = shutdown_by_stage  # type: ignore[method-assign]
+
+    async def _executor_done_or_now(self, shutdown: Callable[..., None]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        threading.Thread(
+            target=_wait_in_thread, args=(shutdown, done), daemon=True
+        ).start()
+        assert self.stopped_now is not None
+        now = asyncio.ensure_future(self.stopped_now.wait())
+        try:
+            waited: list[asyncio.Future[Any]] = [done, now]
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            now.cancel()
+
     def start(self, finish: asyncio.Event) -> None:
         """The receiver starts: stop signals go through the loop from now on."""
         self.finish = finish
+        self.stopped_now = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in SIGNALS:
             loop.add_signal_handler(signum, self.on_signal)
@@ -258,6 +306,8 @@ class ShutdownGuard:
         """A stop signal: apply the stage the supervisor has reached."""
         stage = max(GRACEFUL, self.stage.value if self.stage is not None else 0)
         self.now = stage >= NOW
+        if self.now and self.stopped_now is not None:
+            self.stopped_now.set()
         if not self.stopping:
             self.stopping = True
             self.notify()
@@ -297,18 +347,25 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
 
 
 def _stop_waiting_for(executor: Executor) -> None:
-    """Taskiq's executor, shut down without waiting for its threads.
+    """Stop now: queued calls dropped, a process pool's processes killed.
 
-    taskiq's `start_listen` leaves its `with executor` block (which waits
-    for every thread) before it shuts the broker down. On a stop now the
-    broker's shutdown, the app's lifespan included, comes first: what a
-    cancelled sync task's thread still does runs on as the lifespan shuts
-    down, and the supervisor kills a process whose thread never ends.
-    Queued calls are dropped.
+    A thread cannot be stopped: it runs on as the lifespan shuts down, and
+    the supervisor kills a process whose thread never ends. A process pool's
+    process can: left running, it held this process at exit (the pool's
+    manager thread waits for it) until the supervisor killed this process,
+    and then ran on, orphaned, with the pool's idle processes.
     """
-    shutdown = executor.shutdown
+    processes = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
 
-    def without_waiting(wait: bool = True, *, cancel_futures: bool = False) -> None:
-        shutdown(wait=False, cancel_futures=True)
 
-    executor.shutdown = without_waiting  # type: ignore[method-assign]
+def _wait_in_thread(shutdown: Callable[..., None], done: asyncio.Future[None]) -> None:
+    loop = done.get_loop()
+    shutdown(wait=True)
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+        loop.call_soon_threadsafe(
+            lambda: None if done.done() else done.set_result(None)
+        )
