@@ -103,8 +103,9 @@ def worker_process(args: FastAPIWorkerArgs) -> None:
 def _say_unfinished(guard: ShutdownGuard) -> None:
     """Say how the tasks taskiq stopped waiting for ended.
 
-    The event loop ran them on through the broker's shutdown (the app's
-    lifespan shutdown), where some finished and saved their results.
+    The event loop ran them on while taskiq waited for its executor's
+    threads and through the broker's shutdown (the app's lifespan
+    shutdown), where some finished and saved their results.
     """
     given_up = guard.unfinished - guard.cancelled
     running = len(given_up & guard.in_flight)
@@ -117,7 +118,7 @@ def _say_unfinished(guard: ShutdownGuard) -> None:
     if len(given_up) > running:
         logger.warning(
             "%d task(s) still running past --wait-tasks-timeout: finished "
-            "during the broker's shutdown, as the app's lifespan shut down.",
+            "later, before this process exited.",
             len(given_up) - running,
         )
 
