@@ -124,13 +124,7 @@ class ShutdownGuard:
         # Running as the receiver stopped waiting for them (--wait-tasks-timeout).
         self.unfinished: set[asyncio.Task[Any]] = set()
         self.shut_down = False
-        # A partial of a function, not a bound method: logging first asks
-        # each filter for a `filter` attribute, and a bound method answers by
-        # raising AttributeError, about a microsecond on every record that
-        # taskiq's receiver makes, one or more a task.
-        logging.getLogger("taskiq.receiver.receiver").addFilter(
-            functools.partial(_not_cut, self.cancelled)
-        )
+        self.filtering = False  # taskiq's traceback of a task cancelled here
         self._remember_fetch(broker)
         self._no_result_when_cancelled(broker)
         self._note_shutdown(broker)
@@ -322,6 +316,16 @@ class ShutdownGuard:
             self.watchdog = asyncio.get_running_loop().create_task(self.unstick())
         cut = self.in_flight - self.cancelled if self.now else set()
         if cut:
+            if not self.filtering:
+                self.filtering = True
+                # From the first cut on, not before: a filter costs every
+                # record taskiq's receiver makes, one or more a task. A
+                # partial of a function, not a bound method: logging first
+                # asks each filter for a `filter` attribute, and a bound
+                # method answers by raising AttributeError.
+                logging.getLogger("taskiq.receiver.receiver").addFilter(
+                    functools.partial(_not_cut, self.cancelled)
+                )
             logger.warning(
                 "Stopping now: %d task(s) cancelled, with no result and no "
                 "acknowledgement.",
