@@ -101,8 +101,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     """
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
-        _renew_closed_cluster_connections(owner)
-        _keep_startup_nodes(owner)
+        _guard_cluster(owner)
         _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
@@ -120,8 +119,7 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     """
     _guard_redis_pools(broker, None)
     for owner in (broker, broker.result_backend):
-        _renew_closed_cluster_connections(owner)
-        _keep_startup_nodes(owner)
+        _guard_cluster(owner)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
@@ -197,7 +195,15 @@ def _cluster_pinger(owner: object, cluster: Any) -> Callable[[], Awaitable[None]
     return cluster_ping
 
 
-def _renew_closed_cluster_connections(owner: object) -> None:
+def _guard_cluster(owner: object) -> None:
+    """On a Redis Cluster, in the API and in workers: ride out a node's restart."""
+    cluster = _cluster_client(owner)
+    if cluster is not None:
+        _renew_closed_cluster_connections(cluster)
+        _keep_startup_nodes(cluster)
+
+
+def _renew_closed_cluster_connections(cluster: Any) -> None:
     """On a Redis Cluster: a node's connection the server closed is renewed before use.
 
     A node that restarted left each pooled connection to it closed, and
@@ -212,9 +218,6 @@ def _renew_closed_cluster_connections(owner: object) -> None:
     nodes have slots: the client's `execute_command` and `pipeline` are
     wrapped, not the nodes'.
     """
-    cluster = _cluster_client(owner)
-    if cluster is None:
-        return
     manager = cluster.nodes_manager
     execute_command = cluster.execute_command
     pipeline = cluster.pipeline
@@ -263,7 +266,7 @@ def _renew_closed_cluster_connections(owner: object) -> None:
     cluster.pipeline = renewed_pipeline
 
 
-def _keep_startup_nodes(owner: object) -> None:
+def _keep_startup_nodes(cluster: Any) -> None:
     """On a Redis Cluster with redis-py 6: its nodes are asked for again.
 
     redis-py 6 drops a node from the nodes it starts its search from
@@ -275,9 +278,6 @@ def _keep_startup_nodes(owner: object) -> None:
     again from the nodes the client was made with when none is left.
     redis-py 8 keeps them (it asks a failed node last).
     """
-    cluster = _cluster_client(owner)
-    if cluster is None:
-        return
     manager = cluster.nodes_manager
     made_with = dict(manager.startup_nodes)
     initialize = cluster.initialize
