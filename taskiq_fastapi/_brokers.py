@@ -203,6 +203,27 @@ def _guard_cluster(owner: object) -> None:
         _keep_startup_nodes(cluster)
 
 
+async def find_cluster_nodes(broker: AsyncBroker) -> None:
+    """On a Redis Cluster: its nodes are found before the app serves a request.
+
+    redis-py finds them at the first command. With 8.1 (the newest for
+    Python 3.10), concurrent first commands of a new client broke each
+    other's connections while it did ("'NoneType' object has no attribute
+    'writelines'"): an app's first requests failed their kicks. A server
+    that cannot be reached yet is left to the first kick, as before.
+    """
+    for owner in (broker, broker.result_backend):
+        cluster = _cluster_client(owner)
+        if cluster is None:
+            continue
+        try:
+            await cluster.initialize()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            logger.debug("Redis Cluster nodes not found at startup: %s", exc)
+
+
 def _renew_closed_cluster_connections(cluster: Any) -> None:
     """On a Redis Cluster: a node's connection the server closed is renewed before use.
 
@@ -282,10 +303,11 @@ def _keep_startup_nodes(cluster: Any) -> None:
     made_with = dict(manager.startup_nodes)
     initialize = cluster.initialize
 
-    async def initialize_from_a_node() -> Any:
+    async def initialize_from_a_node(*args: Any, **kwargs: Any) -> Any:
+        # Whatever redis-py passes on (8.1: which node failed last).
         if not manager.startup_nodes:
             manager.startup_nodes.update(made_with)
-        return await initialize()
+        return await initialize(*args, **kwargs)
 
     cluster.initialize = initialize_from_a_node
 

@@ -11,7 +11,11 @@ from typing import Any
 from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
-from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
+from taskiq_fastapi._brokers import (
+    find_cluster_nodes,
+    guard_connections,
+    stop_master_lookups,
+)
 from taskiq_fastapi._taskiq import require_broker, shutdown_handlers_noted
 from taskiq_fastapi.connections import describe, is_connection_error
 from taskiq_fastapi.integration import populate_dependency_context
@@ -63,6 +67,7 @@ def broker_lifespan(
                 guard_connections(broker, broker_retry_timeout)
                 _guarded.add(broker)
             await broker.startup()
+            await find_cluster_nodes(broker)
             try:
                 yield state
             finally:
