@@ -494,12 +494,16 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
             raise
         return connection
 
-    async def get_live_connection(*args: Any, **kwargs: Any) -> Any:
+    def get_live_connection(*args: Any, **kwargs: Any) -> Awaitable[Any]:
         if _next_is_live(pool):
             # What nearly every kick meets: nothing for the server to answer
             # (redis-py hands out the idle connection checked here), so
-            # nothing to bound or to retry.
-            return await get_connection(*args, **kwargs)
+            # nothing to bound or to retry, and redis-py's own coroutine is
+            # returned (one frame fewer on every kick).
+            return get_connection(*args, **kwargs)  # type: ignore[no-any-return]
+        return get_connection_until_live(*args, **kwargs)
+
+    async def get_connection_until_live(*args: Any, **kwargs: Any) -> Any:
         # One clock from the first attempt: an attempt that never returns (a
         # server that accepts and never answers) counts, as one that fails.
         started = time.monotonic()
@@ -556,12 +560,36 @@ def _next_is_live(pool: Any) -> bool:
     Its `get_connection` pops the last of `_available_connections` before it
     awaits anything; an open connection with nothing to read is handed out
     with no command sent.
+
+    The socket itself is asked only of a connection not handed out in the
+    last `RECENT_SECONDS`: one that was had its reply read by the event loop
+    since, so a close by the server before then set its end-of-file flag;
+    only a close in the few milliseconds since, with the loop held by a sync
+    call all that time, goes unseen, like a server that stops while a kick
+    is on its way (the kick fails, and is not sent again). The poll was
+    most of the guard's cost in a busy API (about 3 of 4 us per kick).
     """
     idle = getattr(pool, "_available_connections", None)
     if not idle:
         return False
     connection = idle[-1]
-    return bool(getattr(connection, "is_connected", False)) and not _closed(connection)
+    if not getattr(connection, "is_connected", False):
+        return False
+    kept = getattr(connection, "__dict__", None)
+    if kept is None:
+        return not _closed(connection)
+    now = time.monotonic()
+    handed_out = kept.get(_HANDED_OUT, 0.0)
+    kept[_HANDED_OUT] = now
+    if now - handed_out < RECENT_SECONDS:
+        reader = getattr(connection, "_reader", None)
+        return reader is None or not reader.at_eof()
+    return not _closed(connection)
+
+
+# When the guard last saw a connection handed out, kept on the connection.
+_HANDED_OUT = "_taskiq_fastapi_handed_out"
+RECENT_SECONDS = 0.005
 
 
 def _closed(connection: Any) -> bool:
@@ -598,10 +626,26 @@ def _readable(writer: Any) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        return _ready_to_read(sock.fileno())
     except (OSError, ValueError):  # closed meanwhile
         return True
+
+
+def _poll_ready(fd: int) -> bool:
+    # A poll object made for the one socket: about half of what a `select`
+    # costs, on every kick (an error or hang-up is an event whatever the mask).
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))
+
+
+def _select_ready(fd: int) -> bool:
+    readable, _, _ = select.select([fd], [], [], 0)
     return bool(readable)
+
+
+# Windows has no poll.
+_ready_to_read = _poll_ready if hasattr(select, "poll") else _select_ready
 
 
 def _is_jetstream(broker: AsyncBroker) -> bool:

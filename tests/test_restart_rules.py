@@ -36,7 +36,7 @@ from taskiq_redis import (
 )
 
 import taskiq_fastapi
-from taskiq_fastapi._brokers import LostState
+from taskiq_fastapi._brokers import LostState, _poll_ready, _select_ready
 from taskiq_fastapi.connections import is_connection_error
 from tools.processes import free_port, frozen
 from tools.redis_server import (
@@ -699,3 +699,19 @@ async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> No
         assert str(cause).startswith(
             "Broker PullBasedJetStreamBroker unreachable for 1 s: "
         ), cause
+
+
+@pytest.mark.parametrize("ready", [_poll_ready, _select_ready])
+def test_asking_a_socket_whether_its_server_closed_it(ready: Any) -> None:
+    """How a kick tells a pooled connection the server closed from an idle
+    one, with poll (where there is one) and with select (Windows): an idle
+    socket has nothing; one with a byte or an end-of-file to read has."""
+    ours, server = socket.socketpair()
+    with ours, server:
+        assert not ready(ours.fileno())
+        server.send(b"+")
+        assert ready(ours.fileno())
+        ours.recv(1)
+        assert not ready(ours.fileno())
+        server.close()
+        assert ready(ours.fileno())
