@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import socket
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
@@ -111,6 +112,32 @@ async def test_a_restart_while_the_event_loop_is_busy_fails_no_kick(
         await kiq(broker, 2)
         await kiq(broker, 3)
     assert await queued(server.url, "q") == 2
+
+
+async def test_a_server_gone_right_after_a_kick_while_the_route_runs_sync_code(
+    server: RedisServer,
+) -> None:
+    """The connection was handed out a millisecond or two before (the pool
+    hands the same one out again and again in a busy API), the server died
+    meanwhile, and the loop has not run since: the socket is asked all the
+    same, so the kick waits for the server instead of failing on a closed
+    connection it never sent anything on."""
+    broker = ListQueueBroker(server.url, queue_name="q")
+    async with api(broker, retry_timeout=10):
+        await kiq(broker, 0)
+        await kiq(broker, 1)  # handed out again: recent
+        assert server.process is not None
+        server.process.kill()  # the route's sync code, meanwhile
+        server.process.wait()
+        server.process = None
+        time.sleep(0.001)  # the server's close reached the socket
+        restart = threading.Timer(0.3, server.start)
+        restart.start()
+        try:
+            await kiq(broker, 2)
+        finally:
+            restart.join()
+    assert await queued(server.url, "q") == 1
 
 
 async def _kick_past_the_bound(
