@@ -244,6 +244,14 @@ def _renew_closed_cluster_connections(cluster: Any) -> None:
     pipeline = cluster.pipeline
 
     async def renew_closed() -> None:
+        if cluster._initialize:
+            # The nodes first, by one command at a time (redis-py's lock):
+            # redis-py 8.1 asks a node about the command before it finds
+            # them, so concurrent first commands of a client not yet
+            # initialized (its cluster unreachable at startup, or after
+            # `aclose`) had one's search disconnect the others' connections
+            # ("'NoneType' object has no attribute 'writelines'").
+            await cluster.initialize()
         # Taken first: a command that failed on a node has redis-py drop it
         # from these dicts (6) or move it last (8.2). Each node once: the
         # dicts mostly hold the same ones.
