@@ -40,10 +40,11 @@ from taskiq_redis import (
 import taskiq_fastapi
 from taskiq_fastapi._brokers import LostState, _poll_ready, _select_ready
 from taskiq_fastapi.connections import is_connection_error
-from tools.processes import free_port, frozen
+from tools.processes import free_port, frozen, greets
 from tools.redis_server import (
     MASTER_NAME,
     RedisServer,
+    _resp,
     running_cluster,
     running_cluster_of_two,
     running_sentinel,
@@ -353,6 +354,27 @@ async def test_concurrent_first_kicks_on_a_cluster_unreachable_at_startup() -> N
                 await broker.redis.aclose()
         async with RedisCluster.from_url(nodes[0].url) as redis:
             assert await redis.llen("q") == 80
+
+
+async def test_a_cluster_that_refuses_the_password_at_startup_stops_the_broker() -> (
+    None
+):
+    """The nodes are found at startup, after the broker started: a wrong
+    password fails the app's startup, and the broker's shutdown runs (its
+    startup handlers and result backend were left started)."""
+    with running_cluster() as node:
+        password = _resp("CONFIG", "SET", "requirepass", "right")
+        assert greets(node.port, password, b"+OK")
+        broker = ListQueueClusterBroker(
+            f"redis://:wrong@127.0.0.1:{node.port}", queue_name="q"
+        )
+        events: list[str] = []
+        for event in (TaskiqEvents.CLIENT_STARTUP, TaskiqEvents.CLIENT_SHUTDOWN):
+            broker.add_event_handler(event, lambda _, e=event: events.append(e))
+        with pytest.raises(Exception, match="invalid username-password"):
+            async with api(broker, retry_timeout=1):
+                pass
+        assert events == [TaskiqEvents.CLIENT_STARTUP, TaskiqEvents.CLIENT_SHUTDOWN]
 
 
 async def test_a_cluster_pool_at_its_max_rides_out_a_node_restart() -> None:
