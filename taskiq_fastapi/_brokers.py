@@ -244,6 +244,14 @@ def _renew_closed_cluster_connections(cluster: Any) -> None:
     pipeline = cluster.pipeline
 
     async def renew_closed() -> None:
+        if cluster._initialize:
+            # The nodes first, by one command at a time (redis-py's lock):
+            # redis-py 8.1 asks a node about the command before it finds
+            # them, so concurrent first commands of a client not yet
+            # initialized (its cluster unreachable at startup, or after
+            # `aclose`) had one's search disconnect the others' connections
+            # ("'NoneType' object has no attribute 'writelines'").
+            await cluster.initialize()
         # Taken first: a command that failed on a node has redis-py drop it
         # from these dicts (6) or move it last (8.2). Each node once: the
         # dicts mostly hold the same ones.
@@ -561,35 +569,19 @@ def _next_is_live(pool: Any) -> bool:
     awaits anything; an open connection with nothing to read is handed out
     with no command sent.
 
-    The socket itself is asked only of a connection not handed out in the
-    last `RECENT_SECONDS`: one that was had its reply read by the event loop
-    since, so a close by the server before then set its end-of-file flag;
-    only a close in the few milliseconds since, with the loop held by a sync
-    call all that time, goes unseen, like a server that stops while a kick
-    is on its way (the kick fails, and is not sent again). The poll was
-    most of the guard's cost in a busy API (about 3 of 4 us per kick).
+    The socket is asked every time, however recently the connection was
+    last handed out: the stream's end-of-file flag is set only once the
+    event loop has run since the server closed it, and a close in the
+    instant after a kick (a sync call in the route holding the loop, or one
+    long loop iteration in a busy API, where the pool hands out the same
+    connection again within milliseconds) left the next kick on a closed
+    connection, failed though nothing was sent.
     """
     idle = getattr(pool, "_available_connections", None)
     if not idle:
         return False
     connection = idle[-1]
-    if not getattr(connection, "is_connected", False):
-        return False
-    kept = getattr(connection, "__dict__", None)
-    if kept is None:
-        return not _closed(connection)
-    now = time.monotonic()
-    handed_out = kept.get(_HANDED_OUT, 0.0)
-    kept[_HANDED_OUT] = now
-    if now - handed_out < RECENT_SECONDS:
-        reader = getattr(connection, "_reader", None)
-        return reader is None or not reader.at_eof()
-    return not _closed(connection)
-
-
-# When the guard last saw a connection handed out, kept on the connection.
-_HANDED_OUT = "_taskiq_fastapi_handed_out"
-RECENT_SECONDS = 0.005
+    return bool(getattr(connection, "is_connected", False)) and not _closed(connection)
 
 
 def _closed(connection: Any) -> bool:

@@ -67,8 +67,10 @@ def broker_lifespan(
                 guard_connections(broker, broker_retry_timeout)
                 _guarded.add(broker)
             await broker.startup()
-            await find_cluster_nodes(broker)
             try:
+                # Inside: a cluster that refuses us (a wrong password) stops
+                # the app, and the broker started above is stopped with it.
+                await find_cluster_nodes(broker)
                 yield state
             finally:
                 if isinstance(broker, InMemoryBroker):
