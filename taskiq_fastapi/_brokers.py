@@ -203,27 +203,6 @@ def _guard_cluster(owner: object) -> None:
         _keep_startup_nodes(cluster)
 
 
-async def find_cluster_nodes(broker: AsyncBroker) -> None:
-    """On a Redis Cluster: its nodes are found before the app serves a request.
-
-    redis-py finds them at the first command. With 8.1 (the newest for
-    Python 3.10), concurrent first commands of a new client broke each
-    other's connections while it did ("'NoneType' object has no attribute
-    'writelines'"): an app's first requests failed their kicks. A server
-    that cannot be reached yet is left to the first kick, as before.
-    """
-    for owner in (broker, broker.result_backend):
-        cluster = _cluster_client(owner)
-        if cluster is None:
-            continue
-        try:
-            await cluster.initialize()
-        except Exception as exc:
-            if not is_connection_error(exc):
-                raise
-            logger.debug("Redis Cluster nodes not found at startup: %s", exc)
-
-
 def _renew_closed_cluster_connections(cluster: Any) -> None:
     """On a Redis Cluster: a node's connection the server closed is renewed before use.
 
@@ -625,7 +604,10 @@ def _readable(writer: Any) -> bool:
 
 def _poll_ready(fd: int) -> bool:
     # A poll object made for the one socket: about half of what a `select`
-    # costs, on every kick (an error or hang-up is an event whatever the mask).
+    # costs, on every kick, and any descriptor number (select refuses those
+    # past 1024, which an API with many sockets open reaches: each kick then
+    # took its connection for closed and connected again). An error or a
+    # hang-up is an event whatever the mask.
     poll = select.poll()
     poll.register(fd, select.POLLIN)
     return bool(poll.poll(0))

@@ -11,11 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from taskiq import AsyncBroker, InMemoryBroker
 
-from taskiq_fastapi._brokers import (
-    find_cluster_nodes,
-    guard_connections,
-    stop_master_lookups,
-)
+from taskiq_fastapi._brokers import guard_connections, stop_master_lookups
 from taskiq_fastapi._taskiq import require_broker, shutdown_handlers_noted
 from taskiq_fastapi.connections import describe, is_connection_error
 from taskiq_fastapi.integration import populate_dependency_context
@@ -68,9 +64,6 @@ def broker_lifespan(
                 _guarded.add(broker)
             await broker.startup()
             try:
-                # Inside: a cluster that refuses us (a wrong password) stops
-                # the app, and the broker started above is stopped with it.
-                await find_cluster_nodes(broker)
                 yield state
             finally:
                 if isinstance(broker, InMemoryBroker):
