@@ -115,9 +115,11 @@ class _Handling:
         self.done = False
 
 
-# How many names a choice remembers its decision for: what a request can
-# send is unbounded, the names an app's clients send are few.
+# How many names a choice remembers its decision for, and how long each may
+# be: what clients can send is unbounded, the names an app's clients send
+# are few and short.
 _REMEMBERED_NAMES = 1024
+_REMEMBERED_LENGTH = 64
 T = TypeVar("T")
 
 
@@ -127,7 +129,7 @@ def _remember(decided: dict[Any, Any], name: Any, carried: T) -> T:
     Encoding a request took about 14 us of a 180 us kick in a busy process
     (`make bench`), most of it deciding names met again on every request.
     """
-    if len(decided) < _REMEMBERED_NAMES:
+    if len(decided) < _REMEMBERED_NAMES and len(name) <= _REMEMBERED_LENGTH:
         decided[name] = carried
     return carried
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode
 
 import pytest
 from fastapi import (
@@ -582,6 +582,79 @@ def test_the_carried_query_is_what_starlette_reads_minus_what_is_left_out(
         if name in names or ("*" in names and not looks_like_a_credential(name))
     ]
     assert QueryParams(chosen).multi_items() == expected
+
+
+# One set of settings per choice, used for every example, having met each
+# of these names first: each remembers its decisions per name, as it does
+# across an app's requests.
+_USED: dict[tuple[tuple[str, ...], tuple[str, ...]], CarrySettings] = {}
+_SOME_HEADERS = [
+    *("authorization", "cookie", "x-api-key", "x-request-id", "host"),
+    *("referer", "x-forwarded-uri", "x-session-token", "accept-language"),
+    *("x" * 70, "x" * 64 + "-token"),  # the same past the memo's length
+]
+_SOME_QUERY = ["page", "PAGE", "token", "Sort", "a+b", "a%20b", "a b", "api_key"]
+_HEADER_NAMES = st.sampled_from(_SOME_HEADERS) | st.text(
+    "abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=80
+)
+
+
+def _used(headers: tuple[str, ...], query: tuple[str, ...]) -> CarrySettings:
+    if (headers, query) not in _USED:
+        used = _USED[headers, query] = CarrySettings(headers, 8192, False, query)
+        used.headers([(name.encode(), b"/?page=1") for name in _SOME_HEADERS])
+        used.query(urlencode([(name, "1") for name in _SOME_QUERY]).encode())
+    return _USED[headers, query]
+
+
+@given(
+    st.lists(
+        st.tuples(_HEADER_NAMES, st.sampled_from(["1", "/p?token=s&page=2", ""])),
+        max_size=8,
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from(_SOME_QUERY) | st.text(max_size=70), st.text(max_size=4)
+        )
+    ),
+    st.sampled_from([("*",), ("*", "cookie"), ("x-request-id", "referer"), ()]),
+    st.sampled_from([("*",), ("*", "token"), ("page", "a b"), ()]),
+)
+def test_a_name_met_before_is_decided_as_the_first_time(
+    headers: list[tuple[str, str]],
+    pairs: list[tuple[str, str]],
+    header_choice: tuple[str, ...],
+    query_choice: tuple[str, ...],
+) -> None:
+    """What settings used for many requests carry is what new ones carry,
+    and what each name's own decision (`carries`) says, for the headers and
+    the query: remembered names and names past the memo's length alike."""
+    raw_headers = [(n.encode(), v.encode()) for n, v in headers]
+    raw_query = urlencode(pairs).encode("latin-1", "replace")
+    used = _used(header_choice, query_choice)
+    new = CarrySettings(header_choice, 8192, False, query_choice)
+    chosen = used.headers(raw_headers)
+    assert chosen == new.headers(raw_headers)
+    assert [json.loads(pair)[0].encode("latin-1") for pair in chosen] == [
+        name for name, _ in raw_headers if used.headers.carries(name)
+    ]
+    kept = used.query(raw_query)
+    assert kept == new.query(raw_query)
+    assert kept == "&".join(
+        part
+        for part in raw_query.decode("latin-1").split("&")
+        if used.query.carries(unquote_plus(part.partition("=")[0]))
+    )
+
+
+def test_past_the_memos_count_names_are_still_decided() -> None:
+    settings = CarrySettings(["*"], 8192, False, ["*"])
+    for n in range(2000):
+        settings.headers([(f"x-junk-{n}".encode(), b"1")])
+        settings.query(f"junk{n}=1".encode())
+    headers = [(b"x-auth-token", b"s"), (b"x-request-id", b"r")]
+    assert settings.headers(headers) == ['["x-request-id","r"]']
+    assert settings.query(b"token=s&page=2") == "page=2"
 
 
 @pytest.mark.parametrize("query", ["page", [3], [""], 5])
