@@ -264,7 +264,15 @@ def _renew_closed_cluster_connections(cluster: Any) -> None:
         execute = made.execute
 
         async def execute_pipeline_renewed(*args: Any, **kwargs: Any) -> Any:
-            await renew_closed()
+            try:
+                await renew_closed()
+            except BaseException:
+                # Emptied, as redis-py's `execute` leaves a pipeline whatever
+                # it raises: one that failed finding the nodes (the cluster
+                # unreachable) kept its commands, and sent them again with
+                # the next ones.
+                await made.reset()
+                raise
             return await execute(*args, **kwargs)
 
         made.execute = execute_pipeline_renewed

@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqMiddleware
 from taskiq.exceptions import ResultIsReadyError, SendTaskError
 from taskiq.kicker import AsyncKicker
@@ -359,6 +360,31 @@ async def test_concurrent_first_kicks_on_a_cluster_unreachable_at_startup() -> N
                 await broker.redis.aclose()
         async with RedisCluster.from_url(nodes[0].url) as redis:
             assert await redis.llen("q") == 80
+
+
+async def test_a_cluster_pipeline_that_failed_before_sending_is_emptied() -> None:
+    """A pipeline on the broker's cluster client, run while the cluster is
+    unreachable: it fails as redis-py's does, and is left empty as redis-py
+    leaves it (its `execute` resets the pipeline whatever it raises). The
+    nodes found before it, as a first command needs, raised before redis-py's
+    `execute` ran: the pipeline kept its commands and sent them again with
+    the next ones once the cluster was back."""
+    with running_cluster_of_two() as nodes:
+        for node in nodes:
+            node.stop()
+        broker = ListQueueClusterBroker(nodes[0].url, queue_name="q")
+        async with api(broker, retry_timeout=2):
+            pipe = broker.redis.pipeline()
+            pipe.incr("sent-once")
+            with pytest.raises(RedisClusterException) as failed:
+                await pipe.execute()
+            assert is_connection_error(failed.value), failed.value
+            for node in nodes:
+                await asyncio.to_thread(node.start)
+            pipe.incr("after")
+            assert await pipe.execute() == [1]
+        async with RedisCluster.from_url(nodes[0].url) as redis:
+            assert await redis.get("sent-once") is None
 
 
 async def test_a_cluster_pool_at_its_max_rides_out_a_node_restart() -> None:
