@@ -18,9 +18,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from fastapi import FastAPI
@@ -505,6 +505,18 @@ async def test_a_kick_the_server_may_have_received_is_raised_not_sent_again(
     assert proxy.connections == 1  # no second connection to send it again
 
 
+T = TypeVar("T")
+
+
+async def within(step: Awaitable[T], name: str) -> T:
+    """`step`, or a failure naming it after 10 s: one run in about 25 of the
+    test below hung until pytest's timeout under load, saying nowhere where."""
+    try:
+        return await asyncio.wait_for(step, 10)
+    except asyncio.TimeoutError:
+        pytest.fail(f"{name} did not end within 10 s")
+
+
 async def test_a_group_that_vanished_from_a_kept_stream_restarts_after_the_last_fetch(
     server: RedisServer,
 ) -> None:
@@ -522,16 +534,16 @@ async def test_a_group_that_vanished_from_a_kept_stream_restarts_after_the_last_
             await kiq(sender, n)
         fetched = broker.listen()
         for _ in range(3):
-            await (await anext(fetched)).ack()  # type: ignore[misc]
+            await (await within(anext(fetched), "a fetch")).ack()  # type: ignore[misc]
         async with Redis.from_url(server.url) as redis:
             await redis.xgroup_destroy("s", "taskiq")
         for n in range(3, 5):
             await kiq(sender, n)
         with pytest.raises(Exception, match="NOGROUP") as raised:
-            await anext(fetched)
-        assert await lost.recover(raised.value)
+            await within(anext(fetched), "the fetch that meets NOGROUP")
+        assert await within(lost.recover(raised.value), "the recovery")
         again = broker.listen()
-        messages = [await anext(again) for _ in range(2)]
+        messages = [await within(anext(again), "a fetch after") for _ in range(2)]
         assert [b'"args": [3]' in m.data for m in messages] == [True, False]
         assert [b'"args": [4]' in m.data for m in messages] == [False, True]
         with pytest.raises(asyncio.TimeoutError):
