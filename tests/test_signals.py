@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from importlib.metadata import version
 from pathlib import Path
 
@@ -631,3 +632,108 @@ def test_a_stop_as_the_manager_takes_over_is_not_lost(run: WorkerRun) -> None:
     assert worker.wait(timeout=EXIT_WITHIN) == 0, run.output(worker)
     assert "Traceback" not in run.output(worker)
     assert_nothing_left(worker.pid)
+
+
+def _wait_until_gone(pids: set[int], timeout: float) -> set[int]:
+    """The pids of `pids` still running (not zombies) after up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = set()
+        for pid in pids:
+            with suppress(OSError):
+                if (
+                    Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    != "Z"
+                ):
+                    alive.add(pid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("family", "start_method"),
+    [
+        ("run", "fork"),
+        ("run", "forkserver"),
+        ("run", "spawn"),
+        ("stream_run", "fork"),
+        ("nats_run", "fork"),
+    ],
+)
+async def test_workers_stop_gracefully_once_the_main_process_is_killed(
+    request: pytest.FixtureRequest, family: str, start_method: str
+) -> None:
+    """The main process killed outright (SIGKILL, the OOM killer) runs no
+    handler: its workers ran on, fetching tasks, with nobody to stop them.
+    Each now stops as at a first signal: its running task finishes, its
+    lifespan shuts down, it fetches nothing more (the README's delivery
+    table: nothing lost, on each broker)."""
+    run: WorkerRun = request.getfixturevalue(family)
+    run.env["SLOW_STARTUP"] = "0"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.slow:app", "--workers", "2",
+        "--start-method", start_method,
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("startup", processes=2)
+    await run.sender.startup()
+    try:
+        await run.kiq("slow", 0, 2.0)
+        run.wait_for("task 0 started", processes=1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        await asyncio.to_thread(run.wait_for, "shutdown", 2, EXIT_WITHIN)
+        await run.kiq("slow", 1, 0.0)  # after the stop: no worker takes it
+        assert_nothing_left(worker.pid)
+    finally:
+        await run.sender.shutdown()
+    output = run.output(worker)
+    assert output.count(f"The main process (pid {worker.pid}) is gone") == 2, output
+    assert "Traceback" not in output
+    assert run.count("task 0 done"), run.events()
+    assert not run.count("task 1 started"), run.events()
+    assert run.count("shutdown") == run.count("startup"), run.events()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+async def test_a_worker_killed_outright_takes_its_process_pool_with_it(
+    run: WorkerRun,
+) -> None:
+    """--use-process-pool: a worker process killed outright left the pool's
+    processes running (one of them its sync task) after the command exited."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_held",
+        "--app", "workerapp.app:app", "--workers", "1", "--use-process-pool",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("startup", processes=1)
+    (worker_process,) = run.count("startup")
+    task = await AsyncKicker("workerapp.sync_held:sync_held", run.sender, {}).kiq(1)
+    if _release(version("taskiq")) < (0, 12):
+        # taskiq 0.11 cannot send a sync task to a process pool (it pickles a
+        # contextvars.Context): the task fails, the pool's processes wait.
+        assert (await task.wait_result(timeout=EXIT_WITHIN)).is_err
+    else:
+        run.wait_for("sync task 1 started", processes=1)
+    pool = _children(worker_process)
+    assert pool, "the pool has no process"
+    try:
+        os.kill(worker_process, signal.SIGKILL)
+        assert _wait_until_gone(pool, 10) == set()
+        run.wait_for("startup", processes=2)  # taskiq started another worker
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(run.exit_status, worker, EXIT_WITHIN) == 0
+        assert_nothing_left(worker.pid)
+    finally:
+        Path(f"{run.events_file}.release-1").touch()  # an orphan ends
+    assert "sync task 1 done" not in [e for _, e in run.events()]

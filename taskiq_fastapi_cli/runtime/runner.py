@@ -34,7 +34,7 @@ from taskiq_fastapi_cli.exceptions import (
     EXIT_STOPPED_UNCLEAN,
     CLIError,
 )
-from taskiq_fastapi_cli.runtime import logs
+from taskiq_fastapi_cli.runtime import lineage, logs
 from taskiq_fastapi_cli.runtime.args import FastAPIWorkerArgs
 from taskiq_fastapi_cli.runtime.discover import (
     check_servable,
@@ -219,7 +219,9 @@ def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) 
     `import_object` (taskiq 0.12 also takes an instance, 0.11 does not), so
     for that path it returns this instance: a broker factory is called once
     and `init` applies to its result. For the receiver's path it returns the
-    receiver class made stoppable by `guard` (shutdown.py).
+    receiver class made stoppable by `guard` (shutdown.py). Its process pool
+    (`--use-process-pool`) is one whose processes die with this one
+    (lineage.py).
     """
     import_object = taskiq_run.import_object  # type: ignore[attr-defined]
 
@@ -231,7 +233,9 @@ def _listen(args: FastAPIWorkerArgs, broker: AsyncBroker, guard: ShutdownGuard) 
             return guard.receiver(imported)
         return imported
 
-    with _taskiq_run_uses(import_object=this_broker):
+    with _taskiq_run_uses(
+        import_object=this_broker, ProcessPoolExecutor=lineage.process_pool
+    ):
         _start_listen()(args)
 
 

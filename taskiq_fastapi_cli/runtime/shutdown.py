@@ -63,6 +63,7 @@ from taskiq.receiver import Receiver
 from taskiq.utils import maybe_awaitable
 
 from taskiq_fastapi._taskiq import with_ack
+from taskiq_fastapi_cli.runtime.lineage import watch_parent
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -258,8 +259,17 @@ class ShutdownGuard:
         loop = asyncio.get_running_loop()
         for signum in SIGNALS:
             loop.add_signal_handler(signum, self.on_signal)
+        watch_parent(self.parent_gone)
         if self.stage is not None and self.stage.value:
             self.on_signal()  # the command was stopping before this process ran
+
+    def parent_gone(self, pid: int) -> None:
+        """The main process was killed outright: stop as at a first stop signal."""
+        logger.warning(
+            "The main process (pid %s) is gone: stopping; running tasks finish first.",
+            pid,
+        )
+        self.on_signal()
 
     async def run(
         self,
