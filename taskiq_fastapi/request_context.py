@@ -67,15 +67,42 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def looks_like_a_credential(name: str) -> bool:
-    """Whether "*" leaves the header or query parameter out: carried only when named."""
-    return _credential(name.lower().encode("latin-1", "replace"))
+    """Whether "*" leaves the header or query parameter out: carried only when named.
+
+    A query parameter's name keeps its case, so its camelCase words count
+    too: `privateKey`, `userPin`, `otpCode` (a header's name comes in lower
+    case, where no such word can be told apart).
+    """
+    lowered = name.lower()
+    if _credential(lowered.encode("latin-1", "replace")):
+        return True
+    return lowered != name and _camel_credential(name)
 
 
 @functools.lru_cache(maxsize=1024)
 def _credential(name: bytes) -> bool:
+    """For a lower-case name: a credential's name, part, or word.
+
+    Words are split at any character but a letter or digit (`user[pin]`,
+    `user:pwd` as `x-pin`).
+    """
     if name in _SENSITIVE or _CREDENTIAL_PARTS.search(name) is not None:
         return True
-    return any(word in _CREDENTIAL_WORDS for word in re.split(rb"[-_.]", name))
+    return any(word in _CREDENTIAL_WORDS for word in _NOT_A_WORD.split(name))
+
+
+_NOT_A_WORD = re.compile(rb"[^a-z0-9]+")
+# A camelCase word: `privateKey` is private, Key; `userPW` user, PW; `TOTPCode`
+# TOTP, Code; `sigV4` sig, V, 4.
+_CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+|[0-9]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def _camel_credential(name: str) -> bool:
+    return any(
+        word.lower().encode("latin-1", "replace") in _CREDENTIAL_WORDS
+        for word in _CAMEL_WORD.findall(name)
+    )
 
 
 _SENSITIVE = frozenset(name.encode() for name in SENSITIVE_HEADERS)
@@ -83,12 +110,18 @@ _NEVER = frozenset(name.encode() for name in NEVER_CARRIED)
 
 
 class _Carried:
-    """What a worker task was kicked with, to pass on to the tasks it kicks."""
+    """What a worker task was kicked with, to pass on to the tasks it kicks.
 
-    __slots__ = ("label",)
+    Only to its own broker: the label holds what the app's middleware for
+    that broker chose (`authorization`, say); another broker's middleware
+    may name less, and a kick there from the request carries only that.
+    """
 
-    def __init__(self, label: str) -> None:
+    __slots__ = ("broker", "label")
+
+    def __init__(self, label: str, broker: AsyncBroker) -> None:
         self.label = label
+        self.broker = broker
 
 
 class _Handling:
@@ -156,7 +189,13 @@ class _HeaderChoice:
         self._decided: dict[bytes, str] = {}
 
     def carries(self, name: bytes) -> bool:
-        """Whether the header `name` (lower case) is carried."""
+        """Whether the header `name` is carried.
+
+        ASGI servers give names in lower case; one an ASGI middleware of the
+        app added to the scope may have capitals (`Authorization`), and is
+        decided as its lower case: a credential all the same.
+        """
+        name = name.lower()
         if name in self.named:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
@@ -360,6 +399,8 @@ class _KickWithContext(TaskiqMiddleware):
         if current is None:
             return message
         if isinstance(current, _Carried):
+            if current.broker is not self.broker:
+                return message  # chosen for another broker's tasks
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
@@ -392,7 +433,9 @@ class _KickWithContext(TaskiqMiddleware):
         carried = message.labels.get(LABEL)
         passed_on = message.labels.get(PASS_ON_LABEL)
         token = _current.set(
-            _Carried(carried) if isinstance(carried, str) and passed_on else None
+            _Carried(carried, self.broker)
+            if isinstance(carried, str) and passed_on
+            else None
         )
         _restore.set((*_restore.get(), token))
         return message
@@ -455,7 +498,8 @@ class CarryRequestContext:
     its default `"*"` carries all but those whose names look like
     credentials, by the same rule. `max_bytes` bounds what one message carries:
     over it, `.kiq()` raises. With `pass_on`, a task that kicks another task
-    in the worker passes on what it was kicked with. The settings are this
+    of the same broker in the worker passes on what it was kicked with. The
+    settings are this
     app's: other apps on the same broker carry what they name.
     """
 
