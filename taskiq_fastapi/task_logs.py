@@ -108,7 +108,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         for field in FIELDS:
             value = getattr(record, field, NONE)
@@ -119,3 +119,22 @@ class JSONFormatter(logging.Formatter):
             entry["stack"] = self.formatStack(record.stack_info)
         # ASCII escapes: the line stays JSON whatever stderr's encoding is.
         return json.dumps(entry, default=str)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; one whose arguments do not fit it, as it came.
+
+    logging reports such a call (a library's bug) as "--- Logging error ---"
+    and a traceback, in plain text lines, where a log pipeline reads JSON.
+    """
+    try:
+        return record.getMessage()
+    except Exception as exc:  # any error formatting it
+        try:
+            arguments = repr(record.args)
+        except Exception:  # an argument whose repr fails
+            arguments = "that cannot be shown"
+        return (
+            f"{record.msg} (its arguments {arguments} did not fit: "
+            f"{type(exc).__name__}: {exc})"
+        )
