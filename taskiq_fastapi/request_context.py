@@ -115,13 +115,16 @@ class _Carried:
     Only to its own broker: the label holds what the app's middleware for
     that broker chose (`authorization`, say); another broker's middleware
     may name less, and a kick there from the request carries only that.
+    And only while the task runs: code it started that outlives it (an
+    asyncio task) passes nothing on once it is over, as `_Handling`.
     """
 
-    __slots__ = ("broker", "label")
+    __slots__ = ("broker", "done", "label")
 
     def __init__(self, label: str, broker: AsyncBroker) -> None:
         self.label = label
         self.broker = broker
+        self.done = False
 
 
 class _Handling:
@@ -399,8 +402,8 @@ class _KickWithContext(TaskiqMiddleware):
         if current is None:
             return message
         if isinstance(current, _Carried):
-            if current.broker is not self.broker:
-                return message  # chosen for another broker's tasks
+            if current.broker is not self.broker or current.done:
+                return message  # another broker's, or after the task was over
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
@@ -456,6 +459,9 @@ class _KickWithContext(TaskiqMiddleware):
                 for name, value in result.labels.items()
                 if name not in (LABEL, PASS_ON_LABEL)
             }
+        current = _current.get()
+        if isinstance(current, _Carried):
+            current.done = True
         tokens = _restore.get()
         if tokens:
             _restore.set(tokens[:-1])

@@ -60,6 +60,25 @@ def test_a_route_kicks_a_task_whose_header_and_query_dependencies_see_the_reques
     run.stop(api)
 
 
+def test_code_a_task_started_that_outlives_it_passes_nothing_on(
+    run: WorkerRun,
+) -> None:
+    """As code a request started that outlives the request: an asyncio task a
+    task made, kicking after the task was over, passed the request on (with
+    pass_on), for as long as it ran."""
+    _api, port = run.serve("workerapp.carried:app")
+    run.start("worker", *CARRIED, "--workers", "1")
+    run.wait_for("startup", processes=2)
+    headers = {"X-Request-ID": "req-1234"}
+    assert get(f"http://127.0.0.1:{port}/shops/5/outlived", headers)["error"] == ""
+    later = get(f"http://127.0.0.1:{port}/shops/6/seen_later", {})
+    assert later["error"] == ""
+    assert later["task"]["request_id"] is None
+    assert later["task"]["url"] == "http://localhost:8000/"
+    for process in run.processes:
+        run.stop(process)
+
+
 def test_check_reports_no_problem_when_the_app_carries(run: WorkerRun) -> None:
     result = subprocess.run(
         [COMMAND, "check", *CARRIED], cwd=TESTS_DIR, env=run.env,
