@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -64,6 +65,10 @@ def _request_id(message: TaskiqMessage) -> str:
     return next((value for name, value in headers if name == REQUEST_ID_HEADER), NONE)
 
 
+def _forget_the_task() -> None:
+    _running.set(None)
+
+
 def add_to(broker: AsyncBroker) -> None:
     """Give the broker the middleware, first, so every other one's lines say it."""
     if not any(isinstance(each, TaskLogContext) for each in broker.middlewares):
@@ -73,10 +78,17 @@ def add_to(broker: AsyncBroker) -> None:
 
 
 def install_record_factory() -> None:
-    """Every log record of this process gets the task fields; idempotent."""
+    """Every log record of this process gets the task fields; idempotent.
+
+    A process forked while a task runs serves no task of its own: taskiq's
+    `--use-process-pool` forks its pool's processes from the task that
+    first needs one, and each then runs many tasks, whose lines all said
+    that first task's id and request id.
+    """
     previous = logging.getLogRecordFactory()
     if getattr(previous, "adds_task_fields", False):
         return
+    os.register_at_fork(after_in_child=_forget_the_task)
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)

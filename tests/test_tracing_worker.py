@@ -207,3 +207,38 @@ async def test_a_log_call_whose_arguments_do_not_fit_is_one_json_line(
             "TypeError: %d format: a real number is required, not str)",
         )
     ], records
+
+
+@pytest.mark.skipif(not TRACING, reason="taskiq 0.11's process pool")
+@pytest.mark.anyio
+async def test_a_process_of_the_pool_does_not_log_as_the_task_it_was_forked_from(
+    run: WorkerRun,
+) -> None:
+    """taskiq's --use-process-pool forks its processes from the task that first
+    needs one: every line each of them logged afterwards, for any task, said
+    that task's id."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_deps",
+        "--app", "workerapp.app:app", "--workers", "1", "--use-process-pool",
+        "--max-process-pool-processes", "1", "--task-logs", "--log-format", FORMAT,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(
+            "workerapp.sync_deps:sync_logged", run.sender, {}
+        )
+        pids = []
+        for n in range(3):
+            task = await kicker.kiq(n)
+            pids.append((await task.wait_result(timeout=30)).return_value)
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(worker) == 0
+    assert len(set(pids)) == 1  # one process of the pool ran them all
+    lines = [
+        r for r in text_records(run.output(worker)) if r[3] == "workerapp.sync_deps"
+    ]
+    assert lines == [
+        ["-", "-", "-", "workerapp.sync_deps", f"pool line {n}"] for n in range(3)
+    ]

@@ -1,5 +1,6 @@
 """A sync task with FastAPI dependencies, for taskiq's --use-process-pool."""
 
+import logging
 import os
 from typing import Annotated
 
@@ -20,3 +21,10 @@ def sync_receipt(
     """The route's chain in a sync task: solved in the worker process, run in
     a process of taskiq's pool."""
     return {"n": n, "session": session, "solved_in": solved_in, "pid": os.getpid()}
+
+
+@broker.task
+def sync_logged(n: int) -> int:
+    """Logs from the process of taskiq's pool it runs in."""
+    logging.getLogger("workerapp.sync_deps").info("pool line %s", n)
+    return os.getpid()
