@@ -205,11 +205,29 @@ class _HeaderChoice:
 
     def _value(self, name: bytes, value: bytes) -> str:
         text = value.decode("latin-1")
-        if name in self.named or "?" not in text:
+        if name in self.named or ("?" not in text and "#" not in text):
             return text
         head, _, rest = text.partition("?")
+        if not _:  # a fragment only: "/callback#access_token=...&state=..."
+            head, hash_, fragment = text.partition("#")
+            return f"{head}{hash_}{self._fragment(fragment)}"
         query, hash_, fragment = rest.partition("#")
-        return f"{head}?{self.query.kept(query)}{hash_}{fragment}"
+        return f"{head}?{self.query.kept(query)}{hash_}{self._fragment(fragment)}"
+
+    def _fragment(self, fragment: str) -> str:
+        """A fragment of `name=value` pairs, cut as a query.
+
+        OAuth's implicit flow returns `#access_token=...&id_token=...` to a
+        page, whose URL a client may send whole (an error report's, an
+        analytics header); a page's route (`#/reset?token=...`) has its own
+        query.
+        """
+        if "=" not in fragment:
+            return fragment  # "#section"
+        route, mark, query = fragment.partition("?")
+        if mark:
+            return f"{route}?{self.query.kept(query)}"
+        return self.query.kept(fragment)
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""

@@ -585,6 +585,36 @@ URI_HEADERS = {
 }
 
 
+FRAGMENT_HEADERS = {
+    # A page's URL, sent whole by its client (error reports, analytics):
+    # OAuth's implicit flow returns the tokens in the fragment; a hash-routed
+    # page's route has its own query.
+    "X-Page-URL": "https://app.example/callback#access_token=tok_SECRET&state=s1",
+    "X-Page-Route": "https://app.example/?lang=fr#/reset?token=tok_SECRET&step=2",
+    "X-Error-Page": "https://app.example/a#id_token=tok_SECRET",
+}
+
+
+def test_star_cuts_what_a_header_uri_fragment_holds_as_its_query() -> None:
+    """A fragment's `access_token=` (OAuth's implicit flow) or a hash route's
+    `?token=` was carried under "*": only the query before "#" was cut."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["*"]})
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    plain = {"X-Section": "/docs#install", "X-Next": "/users/2?page=3#top"}
+    seen = get(app, "/users/1/seen", headers={**FRAGMENT_HEADERS, **plain})
+    names = [*FRAGMENT_HEADERS, *plain]
+    assert {name: seen["headers"][name.lower()] for name in names} == {
+        "X-Page-URL": "https://app.example/callback#state=s1",
+        "X-Page-Route": "https://app.example/?lang=fr#/reset?step=2",
+        "X-Error-Page": "https://app.example/a#",
+        **plain,
+    }
+    assert labels
+    assert not any("SECRET" in label for label in labels)
+
+
 def test_star_cuts_the_query_parameters_left_out_from_a_header_uri() -> None:
     """A URI in a header held the query credentials the query choice left
     out: `?token=` was dropped from the query string and carried, under
