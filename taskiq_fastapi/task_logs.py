@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -142,11 +143,17 @@ def _message(record: logging.LogRecord) -> str:
     try:
         return record.getMessage()
     except Exception as exc:  # any error formatting it
-        try:
-            arguments = repr(record.args)
-        except Exception:  # an argument whose repr fails
-            arguments = "that cannot be shown"
+        message = _shown(str, record.msg)
+        if not record.args:  # a message object whose str() failed
+            return f"{message} ({_shown(str, exc)})"
         return (
-            f"{record.msg} (its arguments {arguments} did not fit: "
-            f"{type(exc).__name__}: {exc})"
+            f"{message} (its arguments {_shown(repr, record.args)} did not "
+            f"fit: {type(exc).__name__}: {_shown(str, exc)})"
         )
+
+
+def _shown(show: Callable[[Any], str], value: Any) -> str:
+    try:
+        return show(value)
+    except Exception:  # a value whose str() or repr() fails
+        return f"<{type(value).__name__} that cannot be shown>"
