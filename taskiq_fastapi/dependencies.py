@@ -646,6 +646,7 @@ def _replacement(
             return None
         return dict(zip(names, args, strict=False))  # fewer is fine: defaults
 
+    task: Callable[..., Any]
     if direct is not None:
 
         @functools.wraps(function)
@@ -665,19 +666,41 @@ def _replacement(
             return await function(**mapped, **kwargs)
 
     else:
+        task = _SyncTask(function, names)
 
-        @functools.wraps(function)
-        def task(*args: Any, **kwargs: Any) -> Any:
-            mapped = named(args)
-            if mapped is None:
-                return function(*args, **kwargs)
-            return function(**mapped, **kwargs)
-
-    task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        parameters, __validate_parameters__=False
-    )
+    shown = inspect.Signature(parameters, __validate_parameters__=False)
+    task.__signature__ = shown  # type: ignore[attr-defined]
     setattr(task, _PLAN, plan)
     return task
+
+
+class _SyncTask:
+    """A sync task's stand-in: its arguments passed on by name.
+
+    A class, not a closure: taskiq's `worker --use-process-pool` pickles the
+    function it calls, and this pickles as the task's own function (which
+    taskiq keeps importable by name) and the names; a closure failed every
+    such task with a PicklingError.
+    """
+
+    def __init__(self, function: Callable[..., Any], names: list[str] | None) -> None:
+        functools.update_wrapper(self, function)
+        self.function = function
+        self.names = names
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _call_by_name(self.function, self.names, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return functools.partial, (_call_by_name, self.function, self.names)
+
+
+def _call_by_name(
+    function: Callable[..., Any], names: list[str] | None, *args: Any, **kwargs: Any
+) -> Any:
+    if names is None or len(args) > len(names):
+        return function(*args, **kwargs)
+    return function(**dict(zip(names, args, strict=False)), **kwargs)
 
 
 def _is_dependency(parameter: inspect.Parameter) -> bool:

@@ -67,15 +67,42 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def looks_like_a_credential(name: str) -> bool:
-    """Whether "*" leaves the header or query parameter out: carried only when named."""
-    return _credential(name.lower().encode("latin-1", "replace"))
+    """Whether "*" leaves the header or query parameter out: carried only when named.
+
+    A query parameter's name keeps its case, so its camelCase words count
+    too: `privateKey`, `userPin`, `otpCode` (a header's name comes in lower
+    case, where no such word can be told apart).
+    """
+    lowered = name.lower()
+    if _credential(lowered.encode("latin-1", "replace")):
+        return True
+    return lowered != name and _camel_credential(name)
 
 
 @functools.lru_cache(maxsize=1024)
 def _credential(name: bytes) -> bool:
+    """For a lower-case name: a credential's name, part, or word.
+
+    Words are split at any character but a letter or digit (`user[pin]`,
+    `user:pwd` as `x-pin`).
+    """
     if name in _SENSITIVE or _CREDENTIAL_PARTS.search(name) is not None:
         return True
-    return any(word in _CREDENTIAL_WORDS for word in re.split(rb"[-_.]", name))
+    return any(word in _CREDENTIAL_WORDS for word in _NOT_A_WORD.split(name))
+
+
+_NOT_A_WORD = re.compile(rb"[^a-z0-9]+")
+# A camelCase word: `privateKey` is private, Key; `userPW` user, PW; `TOTPCode`
+# TOTP, Code; `sigV4` sig, V, 4.
+_CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+|[0-9]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def _camel_credential(name: str) -> bool:
+    return any(
+        word.lower().encode("latin-1", "replace") in _CREDENTIAL_WORDS
+        for word in _CAMEL_WORD.findall(name)
+    )
 
 
 _SENSITIVE = frozenset(name.encode() for name in SENSITIVE_HEADERS)
@@ -83,12 +110,21 @@ _NEVER = frozenset(name.encode() for name in NEVER_CARRIED)
 
 
 class _Carried:
-    """What a worker task was kicked with, to pass on to the tasks it kicks."""
+    """What a worker task was kicked with, to pass on to the tasks it kicks.
 
-    __slots__ = ("label",)
+    Only to its own broker: the label holds what the app's middleware for
+    that broker chose (`authorization`, say); another broker's middleware
+    may name less, and a kick there from the request carries only that.
+    And only while the task runs: code it started that outlives it (an
+    asyncio task) passes nothing on once it is over, as `_Handling`.
+    """
 
-    def __init__(self, label: str) -> None:
+    __slots__ = ("broker", "done", "label")
+
+    def __init__(self, label: str, broker: AsyncBroker) -> None:
         self.label = label
+        self.broker = broker
+        self.done = False
 
 
 class _Handling:
@@ -156,18 +192,42 @@ class _HeaderChoice:
         self._decided: dict[bytes, str] = {}
 
     def carries(self, name: bytes) -> bool:
-        """Whether the header `name` (lower case) is carried."""
+        """Whether the header `name` is carried.
+
+        ASGI servers give names in lower case; one an ASGI middleware of the
+        app added to the scope may have capitals (`Authorization`), and is
+        decided as its lower case: a credential all the same.
+        """
+        name = name.lower()
         if name in self.named:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
 
     def _value(self, name: bytes, value: bytes) -> str:
         text = value.decode("latin-1")
-        if name in self.named or "?" not in text:
+        if name in self.named or ("?" not in text and "#" not in text):
             return text
         head, _, rest = text.partition("?")
+        if not _:  # a fragment only: "/callback#access_token=...&state=..."
+            head, hash_, fragment = text.partition("#")
+            return f"{head}{hash_}{self._fragment(fragment)}"
         query, hash_, fragment = rest.partition("#")
-        return f"{head}?{self.query.kept(query)}{hash_}{fragment}"
+        return f"{head}?{self.query.kept(query)}{hash_}{self._fragment(fragment)}"
+
+    def _fragment(self, fragment: str) -> str:
+        """A fragment of `name=value` pairs, cut as a query.
+
+        OAuth's implicit flow returns `#access_token=...&id_token=...` to a
+        page, whose URL a client may send whole (an error report's, an
+        analytics header); a page's route (`#/reset?token=...`) has its own
+        query.
+        """
+        if "=" not in fragment:
+            return fragment  # "#section"
+        route, mark, query = fragment.partition("?")
+        if mark:
+            return f"{route}?{self.query.kept(query)}"
+        return self.query.kept(fragment)
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair."""
@@ -360,6 +420,8 @@ class _KickWithContext(TaskiqMiddleware):
         if current is None:
             return message
         if isinstance(current, _Carried):
+            if current.broker is not self.broker or current.done:
+                return message  # another broker's, or after the task was over
             message.labels[LABEL] = current.label  # passed on as it came
             message.labels[PASS_ON_LABEL] = "1"
             return message
@@ -392,7 +454,9 @@ class _KickWithContext(TaskiqMiddleware):
         carried = message.labels.get(LABEL)
         passed_on = message.labels.get(PASS_ON_LABEL)
         token = _current.set(
-            _Carried(carried) if isinstance(carried, str) and passed_on else None
+            _Carried(carried, self.broker)
+            if isinstance(carried, str) and passed_on
+            else None
         )
         _restore.set((*_restore.get(), token))
         return message
@@ -413,6 +477,9 @@ class _KickWithContext(TaskiqMiddleware):
                 for name, value in result.labels.items()
                 if name not in (LABEL, PASS_ON_LABEL)
             }
+        current = _current.get()
+        if isinstance(current, _Carried):
+            current.done = True
         tokens = _restore.get()
         if tokens:
             _restore.set(tokens[:-1])
@@ -455,7 +522,8 @@ class CarryRequestContext:
     its default `"*"` carries all but those whose names look like
     credentials, by the same rule. `max_bytes` bounds what one message carries:
     over it, `.kiq()` raises. With `pass_on`, a task that kicks another task
-    in the worker passes on what it was kicked with. The settings are this
+    of the same broker in the worker passes on what it was kicked with. The
+    settings are this
     app's: other apps on the same broker carry what they name.
     """
 

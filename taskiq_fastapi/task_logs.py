@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -64,6 +66,10 @@ def _request_id(message: TaskiqMessage) -> str:
     return next((value for name, value in headers if name == REQUEST_ID_HEADER), NONE)
 
 
+def _forget_the_task() -> None:
+    _running.set(None)
+
+
 def add_to(broker: AsyncBroker) -> None:
     """Give the broker the middleware, first, so every other one's lines say it."""
     if not any(isinstance(each, TaskLogContext) for each in broker.middlewares):
@@ -73,10 +79,17 @@ def add_to(broker: AsyncBroker) -> None:
 
 
 def install_record_factory() -> None:
-    """Every log record of this process gets the task fields; idempotent."""
+    """Every log record of this process gets the task fields; idempotent.
+
+    A process forked while a task runs serves no task of its own: taskiq's
+    `--use-process-pool` forks its pool's processes from the task that
+    first needs one, and each then runs many tasks, whose lines all said
+    that first task's id and request id.
+    """
     previous = logging.getLogRecordFactory()
     if getattr(previous, "adds_task_fields", False):
         return
+    os.register_at_fork(after_in_child=_forget_the_task)
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
@@ -108,7 +121,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         for field in FIELDS:
             value = getattr(record, field, NONE)
@@ -119,3 +132,28 @@ class JSONFormatter(logging.Formatter):
             entry["stack"] = self.formatStack(record.stack_info)
         # ASCII escapes: the line stays JSON whatever stderr's encoding is.
         return json.dumps(entry, default=str)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; one whose arguments do not fit it, as it came.
+
+    logging reports such a call (a library's bug) as "--- Logging error ---"
+    and a traceback, in plain text lines, where a log pipeline reads JSON.
+    """
+    try:
+        return record.getMessage()
+    except Exception as exc:  # any error formatting it
+        message = _shown(str, record.msg)
+        if not record.args:  # a message object whose str() failed
+            return f"{message} ({_shown(str, exc)})"
+        return (
+            f"{message} (its arguments {_shown(repr, record.args)} did not "
+            f"fit: {type(exc).__name__}: {_shown(str, exc)})"
+        )
+
+
+def _shown(show: Callable[[Any], str], value: Any) -> str:
+    try:
+        return show(value)
+    except Exception:  # a value whose str() or repr() fails
+        return f"<{type(value).__name__} that cannot be shown>"

@@ -31,6 +31,7 @@ from taskiq import AsyncBroker, InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 import taskiq_fastapi
 from taskiq_fastapi import dependencies
 from taskiq_fastapi.request_context import (
+    _CREDENTIAL_WORDS,
     LABEL,
     CarrySettings,
     looks_like_a_credential,
@@ -514,6 +515,65 @@ def test_star_leaves_out_query_parameters_that_look_like_credentials() -> None:
     assert get(app, QUERY)["query"] == {}
 
 
+# Query parameter names keep their case: camelCase ones, as JavaScript
+# clients name them, and bracketed ones, as form libraries do.
+CAMEL_QUERY = "/users/1/seen?pageSize=10&privateKey=S1&userPin=S2&otpCode=S3" + (
+    "&licenseKey=S4&dbPass=S5&sigV4=S6&user%5Bpin%5D=S7&TOTPCode=S8&myKeyword=k"
+)
+
+
+def test_star_leaves_out_camel_case_and_bracketed_credential_query_names() -> None:
+    """`?privateKey=`, `?userPin=`, `?user[pin]=` went into the broker with
+    the default query=["*"]: only "-", "_" and "." split a name into words."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["x-request-id"]})
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    assert get(app, CAMEL_QUERY)["query"] == {"pageSize": "10", "myKeyword": "k"}
+    assert labels
+    assert not any(re.search(r"S[0-9]", label) for label in labels)
+
+
+@pytest.mark.parametrize("word", sorted(word.decode() for word in _CREDENTIAL_WORDS))
+def test_each_credential_word_counts_in_camel_case_and_brackets(word: str) -> None:
+    assert looks_like_a_credential(f"user[{word}]")
+    assert looks_like_a_credential(f"user:{word}")
+    if word[0].isalpha():
+        assert looks_like_a_credential(f"user{word.capitalize()}")
+        assert looks_like_a_credential(f"{word}Code")
+        assert looks_like_a_credential(f"user{word.upper()}")
+
+
+class AddsHeaders:
+    """An ASGI middleware of the app that adds headers to the scope as it
+    writes them, not in lower case."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["headers"] = [
+                *scope["headers"],
+                (b"Authorization", b"Bearer S3CRET"),
+                (b"X-Internal-Token", b"S3CRET"),
+                (b"Cookie", b"session=S3CRET"),
+            ]
+        await self.app(scope, receive, send)
+
+
+def test_a_credential_header_an_app_middleware_added_in_capitals_is_left_out() -> None:
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["*"]})
+    app.add_middleware(AddsHeaders)  # outermost: CarryRequestContext sees them
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    seen = get(app, "/users/1/seen", headers={"X-Request-ID": "req-1"})
+    assert seen["headers"]["x-request-id"] == "req-1"
+    assert labels
+    assert not any("S3CRET" in label for label in labels)
+
+
 URI_HEADERS = {
     # Traefik's ForwardAuth, nginx's auth_request, IIS, Envoy: the request's
     # own URI, query string and all; a Referer holds the page's.
@@ -523,6 +583,36 @@ URI_HEADERS = {
     "X-Envoy-Original-Path": "/users/1/seen?sig=sig_SECRET",
     "Referer": "https://app.example/login?access_token=tok_SECRET#top",
 }
+
+
+FRAGMENT_HEADERS = {
+    # A page's URL, sent whole by its client (error reports, analytics):
+    # OAuth's implicit flow returns the tokens in the fragment; a hash-routed
+    # page's route has its own query.
+    "X-Page-URL": "https://app.example/callback#access_token=tok_SECRET&state=s1",
+    "X-Page-Route": "https://app.example/?lang=fr#/reset?token=tok_SECRET&step=2",
+    "X-Error-Page": "https://app.example/a#id_token=tok_SECRET",
+}
+
+
+def test_star_cuts_what_a_header_uri_fragment_holds_as_its_query() -> None:
+    """A fragment's `access_token=` (OAuth's implicit flow) or a hash route's
+    `?token=` was carried under "*": only the query before "#" was cut."""
+    broker = InMemoryBroker()
+    app, _ = make_app(broker, carry={"headers": ["*"]})
+    labels: list[str] = []
+    broker.add_middlewares(Spy(labels))
+    plain = {"X-Section": "/docs#install", "X-Next": "/users/2?page=3#top"}
+    seen = get(app, "/users/1/seen", headers={**FRAGMENT_HEADERS, **plain})
+    names = [*FRAGMENT_HEADERS, *plain]
+    assert {name: seen["headers"][name.lower()] for name in names} == {
+        "X-Page-URL": "https://app.example/callback#state=s1",
+        "X-Page-Route": "https://app.example/?lang=fr#/reset?step=2",
+        "X-Error-Page": "https://app.example/a#",
+        **plain,
+    }
+    assert labels
+    assert not any("SECRET" in label for label in labels)
 
 
 def test_star_cuts_the_query_parameters_left_out_from_a_header_uri() -> None:

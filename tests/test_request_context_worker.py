@@ -60,6 +60,25 @@ def test_a_route_kicks_a_task_whose_header_and_query_dependencies_see_the_reques
     run.stop(api)
 
 
+def test_code_a_task_started_that_outlives_it_passes_nothing_on(
+    run: WorkerRun,
+) -> None:
+    """As code a request started that outlives the request: an asyncio task a
+    task made, kicking after the task was over, passed the request on (with
+    pass_on), for as long as it ran."""
+    _api, port = run.serve("workerapp.carried:app")
+    run.start("worker", *CARRIED, "--workers", "1")
+    run.wait_for("startup", processes=2)
+    headers = {"X-Request-ID": "req-1234"}
+    assert get(f"http://127.0.0.1:{port}/shops/5/outlived", headers)["error"] == ""
+    later = get(f"http://127.0.0.1:{port}/shops/6/seen_later", {})
+    assert later["error"] == ""
+    assert later["task"]["request_id"] is None
+    assert later["task"]["url"] == "http://localhost:8000/"
+    for process in run.processes:
+        run.stop(process)
+
+
 def test_check_reports_no_problem_when_the_app_carries(run: WorkerRun) -> None:
     result = subprocess.run(
         [COMMAND, "check", *CARRIED], cwd=TESTS_DIR, env=run.env,
@@ -210,3 +229,32 @@ def test_check_and_worker_read_what_the_app_carries_to_their_broker(
     worker = run.start("worker", *project, *app)
     run.wait_for("startup", processes=2)
     assert run.stop(worker) == 0
+
+
+def test_a_task_passes_its_request_on_to_its_own_broker_only(run: WorkerRun) -> None:
+    """An app whose internal broker carries Authorization, and passes it on,
+    and whose public broker's middleware names only X-Request-ID: a task of
+    the internal broker that kicked a public task passed the Authorization
+    header on to the public broker, where a kick from the request itself
+    carries only what the public broker's middleware names."""
+    module = "workerapp.passon_brokers"
+    _api, port = run.serve(f"{module}:app")
+    for broker in ("workerapp.broker:broker", f"{module}:public"):
+        run.start("worker", broker, module, "--app", f"{module}:app", "--workers", "1")
+    run.wait_for("startup", processes=3)
+    headers = {"Authorization": "Bearer s3cret", "X-Request-ID": "req-7"}
+    get_json(f"http://127.0.0.1:{port}/openapi.json", timeout=30)  # uvicorn is up
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/relay", headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        got = json.loads(response.read())
+    public_only = {"host": "localhost:8000", "x-request-id": "req-7"}
+    assert got["direct"] == public_only
+    assert got["relayed"] == {
+        f"{module}:internal_seen": {
+            **public_only,
+            "authorization": "Bearer s3cret",
+        },
+        f"{module}:public_seen": {"host": "localhost:8000"},
+    }
+    for process in run.processes:
+        run.stop(process)

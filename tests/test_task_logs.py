@@ -118,3 +118,28 @@ def test_json_lines_are_ascii_so_any_stderr_encoding_keeps_them_json() -> None:
     assert (
         json.loads(line.encode("ascii").decode("latin-1"))["message"] == "café ✓ 東京"
     )
+
+
+class Unshowable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    ("msg", "args", "message"),
+    [
+        ("%d items", ("many",), "%d items (its arguments ('many',) did not fit: "
+            "TypeError: %d format: a real number is required, not str)"),
+        (Unshowable(), (), "<Unshowable that cannot be shown> (no str)"),
+        ("%s", (Unshowable(),), "%s (its arguments <tuple that cannot be shown> "
+            "did not fit: RuntimeError: no str)"),
+    ],
+)  # fmt: skip
+def test_a_message_that_does_not_format_is_one_json_line_still(
+    msg: object, args: tuple[object, ...], message: str
+) -> None:
+    record = logging.LogRecord("shop", logging.INFO, __file__, 1, msg, args, None)
+    assert json.loads(task_logs.JSONFormatter().format(record))["message"] == message

@@ -173,3 +173,72 @@ async def test_a_warning_a_task_raises_is_a_json_line_with_its_task(
     assert [(r["level"], r["task_id"]) for r in warned] == [
         ("WARNING", task.task_id)
     ], records
+
+
+@pytest.mark.anyio
+async def test_a_log_call_whose_arguments_do_not_fit_is_one_json_line(
+    run: WorkerRun,
+) -> None:
+    """logging's "--- Logging error ---" report of a call whose arguments do
+    not fit its format (a library's bug) was about 70 lines of plain text
+    under --log-json."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.counted",
+        "--app", "workerapp.app:app", "--workers", "1", "--log-json",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(
+            "workerapp.counted:misformatted", run.sender, {}
+        )
+        task = await kicker.kiq(7)
+        assert (await task.wait_result(timeout=30)).return_value == 7
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(worker) == 0
+    records = [json.loads(line) for line in run.output(worker).splitlines()]
+    logged = [r for r in records if r["logger"] == "some.library"]
+    assert [(r["level"], r["task_id"], r["message"]) for r in logged] == [
+        (
+            "INFO",
+            task.task_id,
+            "%d items of task %s (its arguments ('many', 7) did not fit: "
+            "TypeError: %d format: a real number is required, not str)",
+        )
+    ], records
+
+
+@pytest.mark.skipif(not TRACING, reason="taskiq 0.11's process pool")
+@pytest.mark.anyio
+async def test_a_process_of_the_pool_does_not_log_as_the_task_it_was_forked_from(
+    run: WorkerRun,
+) -> None:
+    """taskiq's --use-process-pool forks its processes from the task that first
+    needs one: every line each of them logged afterwards, for any task, said
+    that task's id."""
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.sync_deps",
+        "--app", "workerapp.app:app", "--workers", "1", "--use-process-pool",
+        "--max-process-pool-processes", "1", "--task-logs", "--log-format", FORMAT,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        kicker: AsyncKicker[Any, Any] = AsyncKicker(
+            "workerapp.sync_deps:sync_logged", run.sender, {}
+        )
+        pids = []
+        for n in range(3):
+            task = await kicker.kiq(n)
+            pids.append((await task.wait_result(timeout=30)).return_value)
+    finally:
+        await run.sender.shutdown()
+    assert run.stop(worker) == 0
+    assert len(set(pids)) == 1  # one process of the pool ran them all
+    lines = [
+        r for r in text_records(run.output(worker)) if r[3] == "workerapp.sync_deps"
+    ]
+    assert lines == [
+        ["-", "-", "-", "workerapp.sync_deps", f"pool line {n}"] for n in range(3)
+    ]

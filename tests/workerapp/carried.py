@@ -71,6 +71,30 @@ async def whose(
     }
 
 
+_outliving: set[asyncio.Task[None]] = set()
+_seen_later: list[Any] = []
+
+
+@broker.task
+async def outlived() -> None:
+    """Starts code that outlives the task: once it is over, that kicks `report`."""
+
+    async def after_the_task() -> None:
+        await asyncio.sleep(0.3)  # `outlived` returned meanwhile
+        task = await report.kiq()
+        _seen_later.append((await task.wait_result(timeout=30)).return_value)
+
+    _outliving.add(asyncio.create_task(after_the_task()))
+
+
+@broker.task
+async def seen_later() -> Any:
+    """What the `report` kicked by `outlived`'s code saw (same process)."""
+    while not _seen_later:
+        await asyncio.sleep(0.02)
+    return _seen_later.pop()
+
+
 app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker, lifespan))
 app.add_middleware(
     taskiq_fastapi.CarryRequestContext,
@@ -82,6 +106,8 @@ app.add_middleware(
 
 @app.get("/shops/{shop_id}/{name}")
 async def kick(shop_id: int, name: str) -> dict[str, Any]:
-    task = await {"report": report, "relay": relay, "whose": whose}[name].kiq()
+    tasks = {"report": report, "relay": relay, "whose": whose}
+    tasks.update({"outlived": outlived, "seen_later": seen_later})
+    task = await tasks[name].kiq()
     result = await task.wait_result(timeout=30)
     return {"task": result.return_value, "error": str(result.error or "")}

@@ -1,6 +1,7 @@
 """Tasks for the metrics tests: they succeed, fail, retry, or hold a worker."""
 
 import asyncio
+import logging
 import os
 import warnings
 from collections.abc import AsyncIterator
@@ -28,6 +29,13 @@ async def broken(n: int) -> int:
 @broker.task
 async def warned(n: int) -> int:
     warnings.warn(f"task {n} warns", UserWarning, stacklevel=1)
+    return n
+
+
+@broker.task
+async def misformatted(n: int) -> int:
+    """Logs as a library with a bug might: arguments that do not fit."""
+    logging.getLogger("some.library").info("%d items of task %s", "many", n)
     return n
 
 
