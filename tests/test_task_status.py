@@ -1045,3 +1045,44 @@ def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(
     ):
         taskiq_fastapi.TaskStatus(broker, [compute], **{option: bad})
     assert broker.middlewares == []
+
+
+@pytest.mark.anyio
+async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
+    redis_url: str,
+) -> None:
+    """As the README says: a worker that never makes the TaskStatus writes no
+    record, only the task's result (set here as taskiq's receiver would): the
+    status is `queued` until then, then the outcome, with no times."""
+    from uuid import uuid4
+
+    from taskiq import TaskiqResult
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name=uuid4().hex).with_result_backend(
+        RedisAsyncResultBackend(redis_url, result_ex_time=60)
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 7
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    await broker.startup()
+    try:
+        task = await job.kiq()
+        assert (await status.kicked(task.task_id)).state == "queued"
+        await broker.result_backend.set_result(
+            task.task_id,
+            TaskiqResult(is_err=False, log=None, return_value=7, execution_time=0.1),
+        )
+        shown = json.loads(await status._status(await status.kicked(task.task_id)))
+    finally:
+        await broker.shutdown()
+    assert shown["state"] == "succeeded"
+    assert shown["result"] == 7
+    assert (shown["started_at"], shown["finished_at"], shown["progress"]) == (
+        None,
+        None,
+        None,
+    )
