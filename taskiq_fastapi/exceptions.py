@@ -59,11 +59,16 @@ class TaskNotCancellableError(TaskiqFastAPIError):
     """`TaskStatus.cancel`: the task has finished, or runs where it cannot be stopped.
 
     `state` is its state as recorded; the routes answer 409 with the message.
+    Both are its args: taskiq makes a task's error again from them (in the
+    result a task that lets it out saves) and pickle as well.
     """
 
     def __init__(self, message: str, state: str) -> None:
-        super().__init__(message)
+        super().__init__(message, state)
         self.state = state
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class TaskCancelledError(TaskiqFastAPIError):

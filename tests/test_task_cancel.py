@@ -756,3 +756,39 @@ async def test_a_sync_task_in_its_thread_is_refused_whatever_started_after() -> 
         result = await kicked.wait_result(timeout=5)
     assert result.return_value == "done"
     assert (await status.kicked(kicked.task_id)).state == "succeeded"
+
+
+@pytest.mark.anyio
+async def test_a_not_cancellable_error_keeps_its_type_in_a_saved_result(
+    redis_url: str,
+) -> None:
+    """A task that cancels another (`await status.cancel(...)`) and lets
+    TaskNotCancellableError out: taskiq-redis saves the result, and taskiq
+    makes the error again from its args. With only its message there, it
+    came back a bare `Exception`, its `state` lost, and the task's status
+    said `{"type": "Exception"}`."""
+    from uuid import uuid4
+
+    from taskiq import TaskiqResult
+    from taskiq_redis import RedisAsyncResultBackend
+
+    error = taskiq_fastapi.TaskNotCancellableError(
+        "Task x has already finished: succeeded", "succeeded"
+    )
+    backend = RedisAsyncResultBackend(redis_url, result_ex_time=60)
+    await backend.startup()
+    task_id = uuid4().hex
+    try:
+        await backend.set_result(
+            task_id,
+            TaskiqResult(
+                is_err=True, log=None, return_value=None, execution_time=0.0,
+                error=error,
+            ),
+        )  # fmt: skip
+        got = (await backend.get_result(task_id)).error
+    finally:
+        await backend.shutdown()
+    assert type(got) is taskiq_fastapi.TaskNotCancellableError
+    assert got.state == "succeeded"
+    assert str(got) == "Task x has already finished: succeeded"

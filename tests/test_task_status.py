@@ -427,6 +427,35 @@ def test_the_status_url_of_a_task_id_urls_reserve_characters_of_leads_to_it(
         assert client.delete(url).status_code == 409
 
 
+def test_a_task_id_ending_in_events_has_the_status_url_of_another_route() -> None:
+    """As the README says: the server decodes `%2F` before routing, so the
+    status URL of the id `x/events` is the events route of `x` (404 while
+    there is no task `x`, that task's events once there is)."""
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def job() -> int:
+        return 1
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    app = FastAPI(lifespan=taskiq_fastapi.broker_lifespan(broker))
+    app.include_router(status.router())
+
+    @app.post("/kick", status_code=202)
+    async def kick(request: Request, task_id: str) -> Any:
+        return status.accepted(await job.kicker().with_task_id(task_id).kiq(), request)
+
+    with TestClient(app) as client:
+        url = client.post("/kick", params={"task_id": "x/events"}).headers["location"]
+        assert url == "http://testserver/tasks/x%2Fevents"
+        assert client.get(url).status_code == 404
+        client.post("/kick", params={"task_id": "x"})
+        wait_for(client, "http://testserver/tasks/x", "succeeded")
+        response = client.get(url)
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert events(iter(response.text.splitlines()))[-1]["task_id"] == "x"
+
+
 def test_a_task_another_task_status_lists_is_404_here() -> None:
     broker = InMemoryBroker()
 
@@ -1016,3 +1045,44 @@ def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(
     ):
         taskiq_fastapi.TaskStatus(broker, [compute], **{option: bad})
     assert broker.middlewares == []
+
+
+@pytest.mark.anyio
+async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
+    redis_url: str,
+) -> None:
+    """As the README says: a worker that never makes the TaskStatus writes no
+    record, only the task's result (set here as taskiq's receiver would): the
+    status is `queued` until then, then the outcome, with no times."""
+    from uuid import uuid4
+
+    from taskiq import TaskiqResult
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(redis_url, queue_name=uuid4().hex).with_result_backend(
+        RedisAsyncResultBackend(redis_url, result_ex_time=60)
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 7
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    await broker.startup()
+    try:
+        task = await job.kiq()
+        assert (await status.kicked(task.task_id)).state == "queued"
+        await broker.result_backend.set_result(
+            task.task_id,
+            TaskiqResult(is_err=False, log=None, return_value=7, execution_time=0.1),
+        )
+        shown = json.loads(await status._status(await status.kicked(task.task_id)))
+    finally:
+        await broker.shutdown()
+    assert shown["state"] == "succeeded"
+    assert shown["result"] == 7
+    assert (shown["started_at"], shown["finished_at"], shown["progress"]) == (
+        None,
+        None,
+        None,
+    )

@@ -455,6 +455,8 @@ class Progress:
             return
         for middleware in self.context.broker.middlewares:
             if isinstance(middleware, Recorder):
+                task = asyncio.current_task()
+                asked = _cancelling(task)
                 # A task reporting progress has started, however soon.
                 await middleware.started(message)
                 try:
@@ -466,3 +468,16 @@ class Progress:
                         message.task_id,
                         describe(exc),
                     )
+                if _cancelling(task) > asked:
+                    # Cancelled during the writes, and the client returned
+                    # all the same: on Python 3.11, redis-py waiting for a
+                    # connection of a full BlockingConnectionPool (taskiq-
+                    # redis') swallows the CancelledError. The task was
+                    # asked to stop (a cancel request, the worker's stop).
+                    raise asyncio.CancelledError
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    """How many cancellations of `task` are pending (0 before Python 3.11)."""
+    cancelling = getattr(task, "cancelling", None)
+    return 0 if cancelling is None else int(cancelling())

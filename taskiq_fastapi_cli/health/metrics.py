@@ -52,7 +52,7 @@ from taskiq import (
 )
 
 from taskiq_fastapi.connections import is_connection_error
-from taskiq_fastapi.task_status.records import QUEUED_LABEL
+from taskiq_fastapi.task_status.records import CANCELLED_LABEL, QUEUED_LABEL
 from taskiq_fastapi_cli.exceptions import CLIError
 from taskiq_fastapi_cli.health.backlog import backlog_reader
 
@@ -69,7 +69,7 @@ SAMPLING_SLOT = 0
 # taskiq's retry middlewares (Simple and Smart) count runs in this label.
 RETRIES_LABEL = "_retries"
 # A tally's counts, in the order of its children.
-RECEIVED, SUCCEEDED, FAILED, RETRIED = range(4)
+RECEIVED, SUCCEEDED, FAILED, RETRIED, CANCELLED = range(5)
 # prometheus_client's default buckets end at 10 s; tasks run longer.
 _EXECUTION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 _EXECUTION_BUCKETS += (1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -195,6 +195,9 @@ class _Metrics:
         self.retried = counter(
             "taskiq_tasks_retried", "Runs that retried a failed task (its retry)."
         )
+        self.cancelled = counter(
+            "taskiq_tasks_cancelled", "Runs cancelled on request (TaskStatus)."
+        )
         self.execution = Histogram(
             "taskiq_task_execution_seconds",
             "Time a task ran.",
@@ -280,10 +283,12 @@ class _Tally:
     )
 
     def __init__(self, metrics: _Metrics, name: str) -> None:
-        # Received, succeeded, failed, retried: made now, so each shows 0.
-        families = (metrics.received, metrics.succeeded, metrics.failed)
-        self.children = [f.labels(name) for f in (*families, metrics.retried)]
-        self.counts = [0, 0, 0, 0]
+        # Received, succeeded, failed, retried, cancelled: made now, so each
+        # shows 0.
+        families = (metrics.received, metrics.succeeded, metrics.failed,
+                    metrics.retried, metrics.cancelled)  # fmt: skip
+        self.children = [f.labels(name) for f in families]
+        self.counts = [0, 0, 0, 0, 0]
         self.in_flight = metrics.in_flight.labels(name)
         self.running = self.flushed_running = 0
         self.execution = _Observed(metrics.execution.labels(name))
@@ -358,7 +363,15 @@ class _TaskMetrics(TaskiqMiddleware):
         run = asyncio.current_task()
         if run is not None:
             run.remove_done_callback(self.skipped)
-            self._ended(run, failed=result.is_err)
+            # A run cancelled on request (TaskStatus(cancellable=True)) has
+            # an error for a result, but its status says `cancelled`, not
+            # `failed`: counted apart, so a failure ratio leaves it out.
+            # Its Canceller's on_error, called before any post_execute,
+            # marks it.
+            if result.is_err and CANCELLED_LABEL in result.labels:
+                self._ended(run, CANCELLED)
+            else:
+                self._ended(run, FAILED if result.is_err else SUCCEEDED)
 
     def _skipped(self, run: asyncio.Task[Any]) -> None:
         """A run's asyncio task ended, and post_execute had not been called.
@@ -369,16 +382,16 @@ class _TaskMetrics(TaskiqMiddleware):
         takes the callback off), so a run costs no call more; found by the
         once-a-second flush instead, it was timed up to a second too long.
         """
-        self._ended(run, failed=True)
+        self._ended(run, FAILED)
 
-    def _ended(self, run: asyncio.Task[Any], failed: bool) -> None:
+    def _ended(self, run: asyncio.Task[Any], outcome: int) -> None:
         """Counted once per run: by post_execute, or by `_skipped`."""
         began = self.runs.pop(run, None)
         if began is None:
             return
         tally, at = began
         tally.running -= 1
-        tally.counts[FAILED if failed else SUCCEEDED] += 1
+        tally.counts[outcome] += 1
         tally.execution.observe(time.perf_counter() - at)
 
     def flush(self) -> None:
