@@ -363,6 +363,18 @@ BAD_INPUTS = [
      "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
     (["health", "--port", "9", "--timeout", "nan"], 2,
      "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
+    # Typer 0.29's own words ("Input should be a valid number, unable to
+    # parse string as a number") named no value.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--stall-timeout", "abc"], 2,
+     "Error: Invalid value for '--stall-timeout' (env var: "
+     "'TASKIQ_FASTAPI_STALL_TIMEOUT'): 'abc' is not a number of seconds."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--broker-retry-timeout", "30s"], 2,
+     "Error: Invalid value for '--broker-retry-timeout' (env var: "
+     "'TASKIQ_FASTAPI_BROKER_RETRY_TIMEOUT'): '30s' is not a number of seconds."),
+    (["health", "--port", "9", "--timeout", "5s"], 2,
+     "Error: Invalid value for '--timeout': '5s' is not a number of seconds."),
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
       "--start-method", "clone"], 2,
      # Typer 0.29 adds "Value error, " (pydantic's words); Typer 0.28 does not.
@@ -392,6 +404,56 @@ def test_bad_input_is_one_line_naming_it(
     else:
         assert err == message + "\n"
     assert captured_run == []  # no worker was started
+
+
+@pytest.mark.parametrize(
+    ("variable", "option"),
+    [
+        ("TASKIQ_FASTAPI_TASK_LOGS", "--task-logs"),
+        ("TASKIQ_FASTAPI_LOG_JSON", "--log-json"),
+        ("TASKIQ_FASTAPI_METRICS", "--metrics"),
+    ],
+)
+def test_a_bad_switch_in_the_environment_is_one_line_naming_it(
+    variable: str,
+    option: str,
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Typer 0.29's own words ("Input should be a valid boolean, unable to
+    interpret input") named no value; Click's (Typer 0.28) do."""
+    monkeypatch.setenv(variable, "maybe")
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker"]
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out) == (2, "")
+    said = re.escape(
+        f"Error: Invalid value for '{option}' (env var: '{variable}'): 'maybe' is not "
+    )
+    assert re.fullmatch(
+        said + r"(a yes or no: expected 1 or 0\.|a valid boolean\..*)\n", err
+    ), err
+    assert captured_run == []
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"),
+    [("1", True), ("yes", True), (" On ", True), ("TRUE", True), ("0", False),
+     ("no", False), ("off", False), ("", False)],
+)  # fmt: skip
+def test_switches_in_the_environment_read_as_click_reads_them(
+    value: str,
+    meant: bool,
+    captured_run: list[FastAPIWorkerArgs],
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TASKIQ_FASTAPI_TASK_LOGS", value)
+    monkeypatch.setenv("TASKIQ_FASTAPI_LOG_JSON", value)
+    argv = ["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert (captured_run[0].task_logs, captured_run[0].log_json) == (meant, meant)
 
 
 def test_bad_input_from_the_real_command_has_no_traceback() -> None:

@@ -136,6 +136,32 @@ FactoryOption = Annotated[
 ]
 
 
+def _number(value: str | float) -> float:
+    # Typer 0.29's own words for a bad float ("Input should be a valid
+    # number, unable to parse string as a number") name no value.
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number of seconds.") from None
+
+
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off", ""})
+
+
+def _switch(value: str | bool) -> bool:
+    # A flag's environment variable, read as Click reads it; Typer 0.29's
+    # own words for a bad one ("Input should be a valid boolean, unable to
+    # interpret input") name no value.
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise typer.BadParameter(f"{value!r} is not a yes or no: expected 1 or 0.")
+
+
 def _not_negative(value: float) -> float:
     # Click's float takes 'nan', which compares false with everything: as a
     # timeout it never expired (a broker retried for ever, no stall seen).
@@ -282,6 +308,7 @@ def worker(
             "--stall-timeout",
             envvar=STALL_TIMEOUT_ENV,
             metavar="SECONDS",
+            parser=_number,
             callback=_stall_timeout,
             help="With --health-port: /livez fails while a worker's event "
             "loop has not run for this long (a task blocking it). 0: off.",
@@ -292,6 +319,7 @@ def worker(
         typer.Option(
             "--metrics",
             envvar=METRICS_ENV,
+            parser=_switch,
             help="With --health-port: serve Prometheus metrics of every worker "
             "process on /metrics there (needs the `metrics` extra).",
         ),
@@ -302,6 +330,7 @@ def worker(
             "--broker-retry-timeout",
             envvar=BROKER_RETRY_TIMEOUT_ENV,
             metavar="SECONDS",
+            parser=_number,
             callback=_not_negative,
             help="How long a worker keeps retrying an unreachable broker, at "
             "startup or later, before the command stops (exit 3). 0: not at all.",
@@ -312,6 +341,7 @@ def worker(
         typer.Option(
             "--task-logs",
             envvar=TASK_LOGS_ENV,
+            parser=_switch,
             help="Log records made while a task runs carry its task_id, "
             "task_name and request_id (the carried X-Request-ID), for "
             "--log-format; the default format shows them.",
@@ -322,6 +352,7 @@ def worker(
         typer.Option(
             "--log-json",
             envvar=LOG_JSON_ENV,
+            parser=_switch,
             help="Log one JSON object per line, with the --task-logs fields.",
         ),
     ] = False,
@@ -417,6 +448,7 @@ def health(
         typer.Option(
             "--timeout",
             metavar="SECONDS",
+            parser=_number,
             callback=_positive,
             help="How long to wait.",
         ),
