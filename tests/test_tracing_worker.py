@@ -147,12 +147,8 @@ def test_a_start_listen_an_instrumentor_replaced_runs_in_every_worker(
     assert replaced == run.count("startup"), run.events()  # that worker, once
 
 
-@pytest.mark.anyio
-async def test_a_warning_a_task_raises_is_a_json_line_with_its_task(
-    run: WorkerRun,
-) -> None:
-    """Python writes a warning to stderr as text lines of its own: under
-    --log-json they broke the JSON stream a log pipeline reads."""
+async def json_lines_of_task(run: WorkerRun, name: str) -> tuple[str, list[Any]]:
+    """Run `workerapp.counted:<name>`(7) under --log-json: its id, every line."""
     worker = run.start(
         "worker", "workerapp.broker:broker", "workerapp.counted",
         "--app", "workerapp.app:app", "--workers", "1", "--log-json",
@@ -161,18 +157,28 @@ async def test_a_warning_a_task_raises_is_a_json_line_with_its_task(
     await run.sender.startup()
     try:
         kicker: AsyncKicker[Any, Any] = AsyncKicker(
-            "workerapp.counted:warned", run.sender, {}
+            f"workerapp.counted:{name}", run.sender, {}
         )
         task = await kicker.kiq(7)
         assert (await task.wait_result(timeout=30)).return_value == 7
     finally:
         await run.sender.shutdown()
     assert run.stop(worker) == 0
-    records = [json.loads(line) for line in run.output(worker).splitlines()]
+    lines = [json.loads(line) for line in run.output(worker).splitlines()]
+    return task.task_id, lines
+
+
+@pytest.mark.anyio
+async def test_a_warning_a_task_raises_is_a_json_line_with_its_task(
+    run: WorkerRun,
+) -> None:
+    """Python writes a warning to stderr as text lines of its own: under
+    --log-json they broke the JSON stream a log pipeline reads."""
+    task_id, records = await json_lines_of_task(run, "warned")
     warned = [r for r in records if "task 7 warns" in r["message"]]
-    assert [(r["level"], r["task_id"]) for r in warned] == [
-        ("WARNING", task.task_id)
-    ], records
+    assert [(r["level"], r["task_id"]) for r in warned] == [("WARNING", task_id)], (
+        records
+    )
 
 
 @pytest.mark.anyio
@@ -182,27 +188,12 @@ async def test_a_log_call_whose_arguments_do_not_fit_is_one_json_line(
     """logging's "--- Logging error ---" report of a call whose arguments do
     not fit its format (a library's bug) was about 70 lines of plain text
     under --log-json."""
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "workerapp.counted",
-        "--app", "workerapp.app:app", "--workers", "1", "--log-json",
-    )  # fmt: skip
-    run.wait_for("startup", processes=1)
-    await run.sender.startup()
-    try:
-        kicker: AsyncKicker[Any, Any] = AsyncKicker(
-            "workerapp.counted:misformatted", run.sender, {}
-        )
-        task = await kicker.kiq(7)
-        assert (await task.wait_result(timeout=30)).return_value == 7
-    finally:
-        await run.sender.shutdown()
-    assert run.stop(worker) == 0
-    records = [json.loads(line) for line in run.output(worker).splitlines()]
+    task_id, records = await json_lines_of_task(run, "misformatted")
     logged = [r for r in records if r["logger"] == "some.library"]
     assert [(r["level"], r["task_id"], r["message"]) for r in logged] == [
         (
             "INFO",
-            task.task_id,
+            task_id,
             "%d items of task %s (its arguments ('many', 7) did not fit: "
             "TypeError: %d format: a real number is required, not str)",
         )
