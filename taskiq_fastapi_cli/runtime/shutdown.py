@@ -264,11 +264,18 @@ class ShutdownGuard:
             self.on_signal()  # the command was stopping before this process ran
 
     def parent_gone(self, pid: int) -> None:
-        """The main process was killed outright: stop as at a first stop signal."""
-        logger.warning(
-            "The main process (pid %s) is gone: stopping; running tasks finish first.",
-            pid,
-        )
+        """The main process was killed outright: stop as at a first stop signal.
+
+        A stop already under way goes on as it was: one that cancelled the
+        running tasks (a stop now) was said to let them finish.
+        """
+        if self.now:
+            said = "stopping now, as before; running tasks were cancelled."
+        elif self.stopping:
+            said = "stopping, as before; running tasks finish first."
+        else:
+            said = "stopping; running tasks finish first."
+        logger.warning("The main process (pid %s) is gone: %s", pid, said)
         self.on_signal()
 
     async def run(
