@@ -86,6 +86,23 @@ def watch_parent(on_gone: Callable[[int], None]) -> None:
     loop.add_reader(sentinel, gone)
 
 
+def wait_for_parent() -> int:
+    """Block until this process's parent is gone, then return its pid.
+
+    For a worker with no event loop to watch from (`--reload`'s wait for a
+    change); forever where there is nothing to watch. A signal handler that
+    raises ends the wait.
+    """
+    sentinel = _parent_sentinel()
+    if sentinel is None:
+        while True:
+            signal.pause()
+    if sentinel >= 0:
+        wait([sentinel])
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid is not None else 0
+
+
 def _exit_with_parent() -> None:
     """A pool process's initializer: killed once the worker that made it is gone.
 
