@@ -745,6 +745,40 @@ async def test_under_fork_no_worker_waits_for_a_younger_one_once_the_main_proces
     assert not run.count("ran 99"), run.events()
 
 
+async def test_once_the_main_process_is_killed_a_signal_to_a_worker_stops_it_now(
+    run: WorkerRun,
+) -> None:
+    """Signals are counted by the main process: once it was killed outright,
+    nothing counted them, and a worker draining a long task ignored every
+    further SIGTERM (the task ran its 20 s; only SIGKILL stopped it sooner).
+    The main process's death was the first: the next signal stops now."""
+    run.env["SLOW_STARTUP"] = "0"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.slow:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("startup", processes=1)
+    (worker_process,) = run.count("startup")
+    await run.sender.startup()
+    try:
+        await run.kiq("slow", 0, 20.0)
+        run.wait_for("task 0 started", processes=1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        while "is gone" not in run.output(worker):
+            await asyncio.sleep(0.05)
+        os.kill(worker_process, signal.SIGTERM)
+        await asyncio.to_thread(run.wait_for, "shutdown", 1, 10)
+        assert_nothing_left(worker.pid)
+    finally:
+        await run.sender.shutdown()
+    assert not run.count("task 0 done"), run.events()
+    output = run.output(worker)
+    assert "Stopping now: 1 task(s) cancelled" in output, output
+    assert "Traceback" not in output
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
