@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -222,6 +223,47 @@ async def ping(run: WorkerRun) -> str:
     finally:
         await sender.shutdown()
     return str(result.return_value)
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter, None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_worker_waiting_for_a_change_stops_once_the_main_process_is_killed(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    """A worker whose app failed to import waits for a change: in
+    `signal.pause()`, it ran on, orphaned, once the main process was killed
+    outright (no event loop, so no watch of the main process)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rl_app.py").write_text("app = FastAPI(\n")
+    (project / "rl_tasks.py").write_text(PROJECT_TASKS)
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
+        "--app-dir", str(project), "--reload", "--reload-dir", str(project),
+    )  # fmt: skip
+    run.stopped.append(worker)
+    wait_for_output(run, worker, "Waiting for a change")
+    (waiting,) = [
+        int(pid)
+        for pid in re.findall(
+            r"Started process worker-0 with pid (\d+)", run.output(worker)
+        )
+    ]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while _state(waiting) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(waiting) in (None, "Z"), run.output(worker)
+    output = run.output(worker)
+    assert f"The main process (pid {worker.pid}) is gone: stopping." in output
+    assert "Traceback" not in output
 
 
 def test_a_mistake_there_at_start_is_one_line_then_fixed_it_serves(

@@ -176,3 +176,31 @@ async def test_after_stop_now_a_prefetched_task_is_neither_run_nor_acked() -> No
     await asyncio.create_task(guard.run(callback, message, False))
     assert ran == []
     assert not guard.clean
+
+
+async def test_the_main_process_gone_during_a_stop_now_does_not_say_tasks_finish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The main process killed outright after a second signal (supervisord
+    without killasgroup: TERM, TERM, then KILL to the main process only):
+    the worker, whose tasks were cancelled, said "running tasks finish
+    first"."""
+    stage = shutdown.StopStage()
+    guard = ShutdownGuard(InMemoryBroker(), stage)
+    guard.finish = asyncio.Event()
+    guard.parent_gone(1)
+    stage.reach(shutdown.GRACEFUL)
+    guard.on_signal()
+    guard.parent_gone(2)
+    stage.reach(shutdown.NOW)
+    guard.on_signal()
+    guard.parent_gone(3)
+    said = [r.getMessage() for r in caplog.records if "is gone" in r.message]
+    assert said == [
+        "The main process (pid 1) is gone: stopping; running tasks finish first.",
+        "The main process (pid 2) is gone: stopping, as before; running tasks "
+        "finish first.",
+        "The main process (pid 3) is gone: stopping now, as before; running tasks "
+        "were cancelled.",
+    ]
+    assert guard.now

@@ -697,6 +697,88 @@ async def test_workers_stop_gracefully_once_the_main_process_is_killed(
     assert run.count("shutdown") == run.count("startup"), run.events()
 
 
+async def test_under_fork_no_worker_waits_for_a_younger_one_once_the_main_process_is_killed(
+    run: WorkerRun,
+) -> None:
+    """Under fork each worker inherits the main process's end of its older
+    siblings' sentinel pipes: a worker learned that the main process was
+    gone only once every younger worker had exited, and fetched and ran
+    tasks meanwhile (here for the 8 s the younger one's task took). Each
+    now stops at once, whatever its siblings still run."""
+    run.env["SLOW_STARTUP"] = "0"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.slow:app", "--workers", "2", "--start-method", "fork",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("startup", processes=2)
+    await run.sender.startup()
+    try:
+        # A long task in each worker: kicked until both have one.
+        busy: set[int] = set()
+        for n in range(10):
+            await run.kiq("slow", n, 8.0)
+            run.wait_for(f"task {n} started", processes=1)
+            busy |= set(run.count(f"task {n} started"))
+            if len(busy) == 2:
+                break
+        assert len(busy) == 2, run.events()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        gone = f"The main process (pid {worker.pid}) is gone"
+        deadline = time.monotonic() + 4
+        while run.output(worker).count(gone) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert run.output(worker).count(gone) == 2, run.output(worker)
+        # taskiq 0.11 looks at its finish event every 0.3 s: said once seen.
+        stopped = "Stopping prefetching messages"
+        while run.output(worker).count(stopped) < 2:
+            await asyncio.sleep(0.05)
+        await run.kiq("mark", 99)  # after both stopped fetching: left queued
+        await asyncio.to_thread(run.wait_for, "shutdown", 2, EXIT_WITHIN)
+        assert_nothing_left(worker.pid)
+    finally:
+        await run.sender.shutdown()
+    started = [e for _, e in run.events() if e.endswith(" started")]
+    done = [e for _, e in run.events() if e.endswith(" done")]
+    assert len(done) == len(started), run.events()
+    assert not run.count("ran 99"), run.events()
+
+
+async def test_once_the_main_process_is_killed_a_signal_to_a_worker_stops_it_now(
+    run: WorkerRun,
+) -> None:
+    """Signals are counted by the main process: once it was killed outright,
+    nothing counted them, and a worker draining a long task ignored every
+    further SIGTERM (the task ran its 20 s; only SIGKILL stopped it sooner).
+    The main process's death was the first: the next signal stops now."""
+    run.env["SLOW_STARTUP"] = "0"
+    worker = run.start(
+        "worker", "workerapp.broker:broker", "workerapp.tasks",
+        "--app", "workerapp.slow:app", "--workers", "1",
+    )  # fmt: skip
+    run.stopped.append(worker)
+    run.wait_for("startup", processes=1)
+    (worker_process,) = run.count("startup")
+    await run.sender.startup()
+    try:
+        await run.kiq("slow", 0, 20.0)
+        run.wait_for("task 0 started", processes=1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        while "is gone" not in run.output(worker):
+            await asyncio.sleep(0.05)
+        os.kill(worker_process, signal.SIGTERM)
+        await asyncio.to_thread(run.wait_for, "shutdown", 1, 10)
+        assert_nothing_left(worker.pid)
+    finally:
+        await run.sender.shutdown()
+    assert not run.count("task 0 done"), run.events()
+    output = run.output(worker)
+    assert "Stopping now: 1 task(s) cancelled" in output, output
+    assert "Traceback" not in output
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):

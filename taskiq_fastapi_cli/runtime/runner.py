@@ -128,7 +128,8 @@ def _wait_for_a_change(message: str) -> None:
 
     This process stays alive, so taskiq's manager does not restart it every
     second; the next source change restarts it (taskiq terminates it), and a
-    stop signal ends it quietly.
+    stop signal ends it quietly, as does the main process killed outright
+    (with one line): waiting on, nobody would ever end it.
     """
     logger.error("%s Waiting for a change to restart the workers.", message)
 
@@ -138,8 +139,8 @@ def _wait_for_a_change(message: str) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, interrupt)
     with suppress(KeyboardInterrupt):
-        while True:
-            signal.pause()
+        pid = lineage.wait_for_parent()
+        logger.warning("The main process (pid %s) is gone: stopping.", pid)
 
 
 def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:

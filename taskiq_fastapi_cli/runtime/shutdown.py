@@ -126,6 +126,10 @@ class ShutdownGuard:
         self.unfinished: set[asyncio.Task[Any]] = set()
         self.shut_down = False
         self.filtering = False  # taskiq's traceback of a task cancelled here
+        # The main process is gone (lineage.py): nobody counts the signals
+        # but this process, where its death was the first.
+        self.orphaned = False
+        self.own_stage = RUNNING
         self._remember_fetch(broker)
         self._no_result_when_cancelled(broker)
         self._note_shutdown(broker)
@@ -258,17 +262,35 @@ class ShutdownGuard:
         self.stopped_now = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in SIGNALS:
-            loop.add_signal_handler(signum, self.on_signal)
+            loop.add_signal_handler(signum, self.signalled)
         watch_parent(self.parent_gone)
         if self.stage is not None and self.stage.value:
             self.on_signal()  # the command was stopping before this process ran
 
     def parent_gone(self, pid: int) -> None:
-        """The main process was killed outright: stop as at a first stop signal."""
-        logger.warning(
-            "The main process (pid %s) is gone: stopping; running tasks finish first.",
-            pid,
-        )
+        """The main process was killed outright: stop as at a first stop signal.
+
+        A stop already under way goes on as it was: one that cancelled the
+        running tasks (a stop now) was said to let them finish.
+        """
+        if self.now:
+            said = "stopping now, as before; running tasks were cancelled."
+        elif self.stopping:
+            said = "stopping, as before; running tasks finish first."
+        else:
+            said = "stopping; running tasks finish first."
+        logger.warning("The main process (pid %s) is gone: %s", pid, said)
+        self.orphaned = True
+        self.on_signal()
+
+    def signalled(self) -> None:
+        """A stop signal reached this process.
+
+        Once the main process is gone, nobody else counts them: its death
+        was the first, so any signal stops now, as a second would.
+        """
+        if self.orphaned:
+            self.own_stage = NOW
         self.on_signal()
 
     async def run(
@@ -308,7 +330,8 @@ class ShutdownGuard:
 
     def on_signal(self) -> None:
         """A stop signal: apply the stage the supervisor has reached."""
-        stage = max(GRACEFUL, self.stage.value if self.stage is not None else 0)
+        shared = self.stage.value if self.stage is not None else RUNNING
+        stage = max(GRACEFUL, shared, self.own_stage)
         self.now = stage >= NOW
         if self.now and self.stopped_now is not None:
             self.stopped_now.set()
