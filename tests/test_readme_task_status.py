@@ -15,6 +15,7 @@ from workers import COMMAND, UVICORN, get_json
 
 from tools.processes import free_port
 
+PYTEST = str(Path(sys.executable).with_name("pytest"))
 SECTION = "## Tasks from the API: 202 Accepted, status, progress, results"
 
 
@@ -29,6 +30,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_the_example_has_the_files_of_a_project() -> None:
     assert sorted(example_files()) == [
+        "pyproject.toml",
         "reports/app.py",
         "reports/broker.py",
         "reports/tasks.py",
@@ -39,7 +41,7 @@ def test_the_example_has_the_files_of_a_project() -> None:
 
 def test_the_examples_tests_pass(project: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "tests"],
+        [PYTEST, "-p", "no:cacheprovider", "-rA", "tests"],
         cwd=project, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -15,7 +15,7 @@ from taskiq.kicker import AsyncKicker
 from workerapp.brokers import make_broker
 from workers import APP, BROKER, WorkerRun
 
-from taskiq_fastapi_cli.runtime.reload import ReloadFilter
+from taskiq_fastapi_cli.runtime.reload import ReloadFilter, watch
 
 
 @pytest.mark.parametrize(
@@ -44,6 +44,33 @@ def test_an_excluded_directory_excludes_everything_under_it(tmp_path: Path) -> N
     accept = ReloadFilter([], [str(tmp_path / "migrations")])
     assert not accept(tmp_path / "migrations" / "versions" / "001_init.py")
     assert accept(tmp_path / "models.py")
+
+
+def test_the_default_directory_watches_the_project_s_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--reload` from the project directory, taskiq's default '.': a change in
+    a package's module restarts the workers (watchdog 7.1 watched no
+    subdirectory of a relative root)."""
+    from watchdog.observers import Observer
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "tasks.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    reloads: list[object] = []
+    observer = Observer()
+    watch(observer, [], ReloadFilter([], []), reloads.append, use_gitignore=False)
+    observer.start()
+    try:
+        time.sleep(0.3)
+        (tmp_path / "shop" / "tasks.py").write_text("x = 2\n")
+        deadline = time.monotonic() + 10
+        while not reloads and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        observer.stop()
+        observer.join()
+    assert len(reloads) == 1
 
 
 def wait_for_output(

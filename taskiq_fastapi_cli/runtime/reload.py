@@ -137,4 +137,6 @@ def watch(
     taken.set()
     for directory in directories or ["."]:
         handler = ChangeWatcher(Path(directory), accept, put, use_gitignore, taken)
-        observer.schedule(handler, path=directory, recursive=True)
+        # Absolute: watchdog 7.1 watches no subdirectory of a relative root
+        # ("Path b'./pkg' is not under watched root b'.'").
+        observer.schedule(handler, path=str(Path(directory).resolve()), recursive=True)
