@@ -260,12 +260,10 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def test_a_worker_waiting_for_a_change_stops_once_the_main_process_is_killed(
+def start_with_a_broken_app(
     run: WorkerRun, tmp_path: Path
-) -> None:
-    """A worker whose app failed to import waits for a change: in
-    `signal.pause()`, it ran on, orphaned, once the main process was killed
-    outright (no event loop, so no watch of the main process)."""
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """`--reload` on a project whose app module has a syntax error."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "rl_app.py").write_text("app = FastAPI(\n")
@@ -274,6 +272,16 @@ def test_a_worker_waiting_for_a_change_stops_once_the_main_process_is_killed(
         "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
         "--app-dir", str(project), "--reload", "--reload-dir", str(project),
     )  # fmt: skip
+    return project, worker
+
+
+def test_a_worker_waiting_for_a_change_stops_once_the_main_process_is_killed(
+    run: WorkerRun, tmp_path: Path
+) -> None:
+    """A worker whose app failed to import waits for a change: in
+    `signal.pause()`, it ran on, orphaned, once the main process was killed
+    outright (no event loop, so no watch of the main process)."""
+    _, worker = start_with_a_broken_app(run, tmp_path)
     run.stopped.append(worker)
     wait_for_output(run, worker, "Waiting for a change")
     (waiting,) = [
@@ -296,14 +304,7 @@ def test_a_worker_waiting_for_a_change_stops_once_the_main_process_is_killed(
 def test_a_mistake_there_at_start_is_one_line_then_fixed_it_serves(
     run: WorkerRun, tmp_path: Path
 ) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "rl_app.py").write_text("app = FastAPI(\n")
-    (project / "rl_tasks.py").write_text(PROJECT_TASKS)
-    worker = run.start(
-        "worker", "workerapp.broker:broker", "rl_tasks", "--app", "rl_app:app",
-        "--app-dir", str(project), "--reload", "--reload-dir", str(project),
-    )  # fmt: skip
+    project, worker = start_with_a_broken_app(run, tmp_path)
     wait_for_output(run, worker, "Waiting for a change")
     output = run.output(worker)
     assert "Traceback" not in output

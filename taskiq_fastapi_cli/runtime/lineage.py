@@ -70,7 +70,7 @@ def watch_parent(on_gone: Callable[[int], None]) -> None:
     if sentinel is None:
         return
     parent = multiprocessing.parent_process()
-    pid = parent.pid if parent is not None and parent.pid is not None else 0
+    pid = _parent_pid()
     loop = asyncio.get_running_loop()
     if sentinel < 0:
         loop.call_soon(on_gone, pid)
@@ -99,6 +99,11 @@ def wait_for_parent() -> int:
             signal.pause()
     if sentinel >= 0:
         wait([sentinel])
+    return _parent_pid()
+
+
+def _parent_pid() -> int:
+    """The pid of the process that started this one (0 if unknown)."""
     parent = multiprocessing.parent_process()
     return parent.pid if parent is not None and parent.pid is not None else 0
 
