@@ -75,6 +75,32 @@ def test_other_errors_keep_taskiqs_behaviour(error: BaseException) -> None:
     assert not connections.is_connection_error(error)
 
 
+@pytest.mark.parametrize(
+    ("error", "ended"),
+    [
+        (redis.exceptions.ConnectionError("Connection closed by server."), True),
+        (redis.exceptions.ResponseError("WRONGTYPE Operation against a key"), False),
+    ],
+    ids=["outage", "failing"],
+)
+def test_a_ping_answered_ends_an_outage_not_a_failing_fetch(
+    error: Exception, ended: bool
+) -> None:
+    """A fetch answered WRONGTYPE waits in its backoff; the server answers the
+    PING the watch then sends: the broker was said to be back, its clock
+    started again, and the command never gave up (20 s past a 3 s timeout).
+    """
+    outcomes: list[bool] = []
+    broker = outages.Dependency("Broker 'b'", object(), 3, outcomes.append)
+    assert broker.failed(error) is not None
+    broker.answered()
+    assert broker.since is None if ended else broker.since is not None
+    assert outcomes == ([True, False] if ended else [True])  # what /readyz says
+    broker.failed(error)
+    broker.recovered()  # a fetch that worked ends either
+    assert broker.since is None
+
+
 @asynccontextmanager
 async def connection() -> AsyncIterator[asyncio.StreamWriter]:
     """An open connection to a real local server, on the running loop."""

@@ -194,6 +194,86 @@ async def test_refused_credentials_are_one_clear_error_not_an_outage(
     assert took < 20, output
 
 
+async def spoil_queue(run: WorkerRun, url: str) -> None:
+    """Make the broker's key a string: every fetch then answers WRONGTYPE."""
+    async with Redis.from_url(url) as redis:
+        await redis.delete(run.queue)
+        await redis.set(run.queue, "not a queue")
+
+
+def wait_for_line(run: WorkerRun, worker: Any, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in run.output(worker):
+        assert worker.poll() is None, run.output(worker)
+        assert time.monotonic() < deadline, run.output(worker)
+        time.sleep(0.05)
+
+
+FAILING = "Broker 'workerapp.broker:broker' failing (ResponseError: WRONGTYPE "
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["list", "stream"])
+async def test_a_fetch_that_keeps_failing_stops_the_command_with_one_line(
+    server: RedisServer, tmp_path: Path, streams: bool
+) -> None:
+    """An error of the server's answer (not of reaching it) crashed the worker
+    process with a traceback, and taskiq started another, over and over (16
+    lifespans in 20 s): now it runs the broker's clock as an outage does."""
+    run = WorkerRun(server.url, tmp_path, streams=streams)
+    try:
+        if not streams:  # the list broker's fetch meets it at once
+            await spoil_queue(run, server.url)
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "2", "--broker-retry-timeout", "3"
+        )
+        run.wait_for("startup", processes=2)
+        if streams:  # its startup would: a startup error is said at once
+            await spoil_queue(run, server.url)
+        assert run.exit_status(worker, timeout=30) == 3
+        output = run.output(worker)
+    finally:
+        run.kill_all()
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert re.match(
+        r"Error: Broker 'workerapp\.broker:broker' failing for [3-6]\.\d s "
+        r"\(--broker-retry-timeout 3\): ResponseError: WRONGTYPE ",
+        errors[0],
+    ), errors
+    assert FAILING in output
+    assert "unreachable" not in output
+    assert "Traceback" not in output
+    # No process started again; each stopped gracefully.
+    assert len(run.count("startup")) == 2
+    assert run.count("shutdown") == run.count("startup")
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["list", "stream"])
+async def test_a_fetch_failing_for_a_while_resumes_in_the_same_process(
+    server: RedisServer, tmp_path: Path, streams: bool
+) -> None:
+    run = WorkerRun(server.url, tmp_path, streams=streams)
+    try:
+        if not streams:  # a BRPOP under way is not woken by it
+            await spoil_queue(run, server.url)
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)
+        if streams:
+            await spoil_queue(run, server.url)
+        wait_for_line(run, worker, FAILING)
+        async with Redis.from_url(server.url) as redis:
+            await redis.delete(run.queue)
+        replies = await results(run, "whoami", [(n,) for n in range(5)])
+        assert [reply["n"] for reply in replies] == list(range(5))
+        one_process_one_lifespan(run, replies)
+        output = run.output(worker)
+        assert "Broker 'workerapp.broker:broker' is back after " in output
+        assert "Traceback" not in output
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+
+
 async def test_stream_broker_outage_loses_nothing_and_runs_nothing_twice(
     outage_stream_run: WorkerRun, server: RedisServer
 ) -> None:

@@ -24,8 +24,14 @@ Upstream behaviours worked around here:
   renewed before use (`renew_closed_connections`).
 
 Retried: connection-type errors, as `taskiq_fastapi.connections` tells them
-(the API process's `broker_lifespan` uses the same rule). Anything else keeps
-taskiq's behaviour. Retries back off exponentially with jitter, one WARNING
+(the API process's `broker_lifespan` uses the same rule), and any error of
+the broker's fetch: taskiq ended the worker process with a traceback, and
+its supervisor started another, over and over, for an error that stays (a
+Redis key of the wrong type: WRONGTYPE) or passes (a replica that became
+read-only in a failover: READONLY). Such a failure runs the broker's clock
+as an outage does ("failing" where an outage says "unreachable"). A result
+save's or an acknowledgement's other errors keep taskiq's behaviour: they
+are one task's. Retries back off exponentially with jitter, one WARNING
 line each (at most one a second per dependency), and one line when it is
 back. The broker and the result backend each have one clock (`Dependency`),
 from the first failed attempt to the next success; past
@@ -128,6 +134,11 @@ def _backoff(attempt: int) -> float:
     return backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
 
 
+def _state(exc: BaseException) -> str:
+    """How a dependency whose attempt raised `exc` is said to be."""
+    return "unreachable" if is_connection_error(exc) else "failing"
+
+
 class Dependency:
     """The broker, or the result backend: one clock for its outages.
 
@@ -155,6 +166,9 @@ class Dependency:
         self.attempts = 0
         self.logged_at = 0.0
         self.given_up = False
+        # The last failed attempt was an error of the server's answer, not of
+        # reaching it: a PING it answers does not end that.
+        self.failing = False
         # Operations under way (a token each) and when each started.
         self.pending: dict[object, float] = {}
 
@@ -181,12 +195,17 @@ class Dependency:
             _backoff(self.attempts) if next_in is None else next_in,
             self.retry_timeout - waited,
         )
+        self.failing = not is_connection_error(exc)
+        if self.attempts == 0 and self.failing:
+            # Not an outage of the server's: where it came from may be news.
+            logger.debug("%s failed:", self.name, exc_info=exc)
         self.attempts += 1
         if now - self.logged_at >= LOG_EVERY_SECONDS:
             self.logged_at = now
             logger.warning(
-                "%s unreachable (%s); retrying in %.1f s.",
+                "%s %s (%s); retrying in %.1f s.",
                 self.name,
+                _state(exc),
                 describe(exc),
                 delay,
             )
@@ -196,7 +215,7 @@ class Dependency:
         """The `Error:` line's message: what was unreachable, and for how long."""
         waited = time.monotonic() - (self.since or time.monotonic())
         return (
-            f"{self.name} unreachable for {waited:.1f} s "
+            f"{self.name} {_state(exc)} for {waited:.1f} s "
             f"(--broker-retry-timeout {self.retry_timeout:g}): {describe(exc)}"
         )
 
@@ -207,7 +226,13 @@ class Dependency:
             )
             self.since = None
             self.attempts = 0
+            self.failing = False
             self.report(False)
+
+    def answered(self) -> None:
+        """Its server answered a PING: that ends an outage, not a failing operation."""
+        if not self.failing:
+            self.recovered()
 
     def probe_every(self) -> float:
         return max(PROBE_FLOOR_SECONDS, min(PROBE_SECONDS, self.retry_timeout / 4))
@@ -398,10 +423,10 @@ class BrokerOutages:
                     except Exception as exc:
                         source = None  # it raised, so it is finished
                         if not is_connection_error(exc):
-                            outage = await self._recover(exc, fetching=True)
-                            if outage is None:
+                            failure = await self._recover(exc, fetching=True)
+                            if failure is None:
                                 continue  # recreated: fetch again
-                            exc = outage
+                            exc = failure  # retried as an outage is, below
                         reconnecting = True
                         if await self._retry_fetch(exc, started):
                             return  # stopping: taskiq finishes in-flight tasks
@@ -467,10 +492,12 @@ class BrokerOutages:
                 done = await call()
             except Exception as exc:
                 if not is_connection_error(exc):
-                    outage = await self._recover(exc)
-                    if outage is None:
+                    failure = await self._recover(exc)
+                    if failure is None:
                         continue  # recreated: try again
-                    exc = outage
+                    if failure is exc:
+                        raise  # not an outage: as taskiq would
+                    exc = failure
                 if self.stopping.is_set():
                     raise
                 delay = dependency.failed(exc)
@@ -512,7 +539,7 @@ class BrokerOutages:
         """Recreate what the server lost, if `exc` says it lost the broker's state.
 
         None once recreated (try again); the outage met while recreating, to
-        retry as one; otherwise `exc` is raised, as taskiq would.
+        retry as one; otherwise `exc` itself.
         """
         try:
             recreated = await self.lost.recover(exc, fetching)
@@ -520,10 +547,8 @@ class BrokerOutages:
             if is_connection_error(recovering):
                 return recovering
             logger.debug("Could not recreate the broker's state: %s", recovering)
-            raise exc from None
-        if not recreated:
-            raise exc
-        return None
+            return exc
+        return None if recreated else exc
 
     async def _retry_fetch(self, exc: Exception, started: float) -> bool:
         """Whether the worker is stopping; otherwise fetch again when this returns.
@@ -549,7 +574,7 @@ class BrokerOutages:
                 logger.debug(
                     "Broker %r: idle fetch timed out; fetching again.", self.path
                 )
-                self.broker.recovered()
+                self.broker.answered()
                 return False
             # The PING failed; the fetch before it may have waited for hours.
             delay = self.broker.failed(exc, pinged)
@@ -587,7 +612,7 @@ class BrokerOutages:
                     continue
                 unanswered = await dependency.unanswered()
                 if unanswered is None:
-                    dependency.recovered()
+                    dependency.answered()
                     continue
                 if dependency.failed(unanswered, now, next_in=every) is None:
                     self._give_up(dependency, unanswered)
