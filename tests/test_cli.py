@@ -563,7 +563,7 @@ def test_reload_without_taskiq_reload_extra_is_a_clear_error(
     assert (code, err) == (
         1,
         "Error: --reload needs taskiq's reload extra (import of taskiq.cli.watcher "
-        "halted; None in sys.modules): pip install 'taskiq[reload]'.\n",
+        "halted; None in sys.modules): pip install 'taskiq-fastapi[reload]'.\n",
     )
     assert captured_run == []
 

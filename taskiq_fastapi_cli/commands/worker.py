@@ -230,7 +230,7 @@ def _check_reload_installed() -> None:
     except ImportError as exc:
         raise CLIError(
             f"--reload needs taskiq's reload extra ({exc}): "
-            "pip install 'taskiq[reload]'.",
+            "pip install 'taskiq-fastapi[reload]'.",
         ) from None
 
 
