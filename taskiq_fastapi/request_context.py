@@ -431,7 +431,13 @@ class _KickWithContext(TaskiqMiddleware):
     broker each carry exactly what they named.
     """
 
-    def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Label the message with the request being handled, if any.
+
+        A coroutine: taskiq awaits what `pre_send` returns if it is awaitable,
+        which it tells of a coroutine at once, of a message only after an ABC
+        check that cost more than making and awaiting the coroutine.
+        """
         current = _current.get()
         if current is None:
             return message
