@@ -188,8 +188,11 @@ class _HeaderChoice:
         wanted = (named - {"*"}) - NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
         self.query = query
-        # By name: how its JSON pair opens if it is carried, else "".
+        # By name: how its JSON pair opens, for the names carried; and the
+        # names left out, apart: most of a request's headers are, and a test
+        # of membership skips them for less than a look-up of their opening.
         self._decided: dict[bytes, str] = {}
+        self._left_out: dict[bytes, None] = {}
 
     def carries(self, name: bytes) -> bool:
         """Whether the header `name` is carried.
@@ -234,21 +237,24 @@ class _HeaderChoice:
 
         Run on each kick, over every header of the request: most are not
         carried, and most carried values have nothing to cut, so neither
-        costs more than a look-up and a scan for "?" and "#".
+        costs more than a test of membership or a scan for "?" and "#".
         """
-        decided = self._decided
+        decided, left_out = self._decided, self._left_out
         chosen = []
         for name, value in headers:
+            if name in left_out:
+                continue
             opening = decided.get(name)
             if opening is None:
-                carried = self.carries(name)
-                opening = f"[{_string(name.decode('latin-1'))}," if carried else ""
+                if not self.carries(name):
+                    _remember(left_out, name, None)
+                    continue
+                opening = f"[{_string(name.decode('latin-1'))},"
                 _remember(decided, name, opening)
-            if opening:
-                text = value.decode("latin-1")
-                if "?" in text or "#" in text:
-                    text = self._cut(name, text)
-                chosen.append(f"{opening}{_string(text)}]")
+            text = value.decode("latin-1")
+            if "?" in text or "#" in text:
+                text = self._cut(name, text)
+            chosen.append(f"{opening}{_string(text)}]")
         return chosen
 
 
