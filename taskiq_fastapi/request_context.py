@@ -188,8 +188,11 @@ class _HeaderChoice:
         wanted = (named - {"*"}) - NEVER_CARRIED
         self.named = frozenset(name.encode("latin-1") for name in wanted)
         self.query = query
-        # By name: how its JSON pair opens if it is carried, else "".
+        # By name: how its JSON pair opens, for the names carried; and the
+        # names left out, apart: most of a request's headers are, and a test
+        # of membership skips them for less than a look-up of their opening.
         self._decided: dict[bytes, str] = {}
+        self._left_out: dict[bytes, None] = {}
 
     def carries(self, name: bytes) -> bool:
         """Whether the header `name` is carried.
@@ -203,9 +206,9 @@ class _HeaderChoice:
             return True
         return self.everything and name not in _NEVER and not _credential(name)
 
-    def _value(self, name: bytes, value: bytes) -> str:
-        text = value.decode("latin-1")
-        if name in self.named or ("?" not in text and "#" not in text):
+    def _cut(self, name: bytes, text: str) -> str:
+        """The value `text` (with a "?" or "#"), cut unless `name` was named."""
+        if name in self.named:
             return text
         head, _, rest = text.partition("?")
         if not _:  # a fragment only: "/callback#access_token=...&state=..."
@@ -230,17 +233,28 @@ class _HeaderChoice:
         return self.query.kept(fragment)
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
-        """The chosen headers, each as a JSON `[name, value]` pair."""
-        decided = self._decided
+        """The chosen headers, each as a JSON `[name, value]` pair.
+
+        Run on each kick, over every header of the request: most are not
+        carried, and most carried values have nothing to cut, so neither
+        costs more than a test of membership or a scan for "?" and "#".
+        """
+        decided, left_out = self._decided, self._left_out
         chosen = []
         for name, value in headers:
+            if name in left_out:
+                continue
             opening = decided.get(name)
             if opening is None:
-                carried = self.carries(name)
-                opening = f"[{_string(name.decode('latin-1'))}," if carried else ""
+                if not self.carries(name):
+                    _remember(left_out, name, None)
+                    continue
+                opening = f"[{_string(name.decode('latin-1'))},"
                 _remember(decided, name, opening)
-            if opening:
-                chosen.append(f"{opening}{_string(self._value(name, value))}]")
+            text = value.decode("latin-1")
+            if "?" in text or "#" in text:
+                text = self._cut(name, text)
+            chosen.append(f"{opening}{_string(text)}]")
         return chosen
 
 
@@ -379,7 +393,15 @@ _string = json.encoder.encode_basestring
 
 
 def _value(value: Any) -> str:
-    """A path parameter as JSON: FastAPI parses it again in the task."""
+    """A path parameter as JSON: FastAPI parses it again in the task.
+
+    Routes' parameters are nearly all strings and ints, tested first: the
+    checks for the rest cost more than encoding one of those.
+    """
+    if type(value) is str:
+        return _string(value)
+    if type(value) is int:
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return _string(str(value))
     return json.dumps(value) if isinstance(value, float) else str(value)
@@ -393,10 +415,10 @@ def _encode(scope: Scope, settings: CarrySettings) -> str:
     app, where the mount's as its root path doubled the mount in its links.
     """
     root_path = scope.get("app_root_path", scope.get("root_path", ""))
-    params = ",".join(
-        f"{_string(str(key))}:{_value(value)}"
-        for key, value in scope.get("path_params", {}).items()
-    )
+    params = ""  # a loop: a route has one or two, a comprehension cost more
+    for key, value in scope.get("path_params", {}).items():
+        pair = f"{_string(str(key))}:{_value(value)}"
+        params = f"{params},{pair}" if params else pair
     return (
         f'{{"v":{FORMAT},"method":{_string(scope.get("method", "GET"))},'
         f'"path":{_string(scope["path"])},'
@@ -415,7 +437,13 @@ class _KickWithContext(TaskiqMiddleware):
     broker each carry exactly what they named.
     """
 
-    def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Label the message with the request being handled, if any.
+
+        A coroutine: taskiq awaits what `pre_send` returns if it is awaitable,
+        which it tells of a coroutine at once, of a message only after an ABC
+        check that cost more than making and awaiting the coroutine.
+        """
         current = _current.get()
         if current is None:
             return message
@@ -430,7 +458,8 @@ class _KickWithContext(TaskiqMiddleware):
             return message  # not this broker's, or after the request was handled
         scope, settings = chosen
         encoded = _encode(scope, settings)
-        size = len(encoded.encode())
+        # Its length is its size in UTF-8 when it is ASCII, as nearly always.
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
         if size > settings.max_bytes:
             raise RequestContextTooLargeError(
                 f"Task {message.task_name!r}: the request context to carry is "
