@@ -363,6 +363,47 @@ BAD_INPUTS = [
      "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
     (["health", "--port", "9", "--timeout", "nan"], 2,
      "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
+    # The socket's timeout overflowed: a traceback.
+    (["health", "--port", "9", "--timeout", "1e10"], 2,
+     "Error: Invalid value for '--timeout': 1e+10 is above 86400: expected "
+     "seconds, a day at most."),
+    (["health", "--port", "9", "--timeout", "inf"], 2,
+     "Error: Invalid value for '--timeout': inf is above 86400: expected "
+     "seconds, a day at most."),
+    # taskiq's parser takes them; each worker failed with a traceback as it
+    # started (a pool of 0), and was restarted every second for ever.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--max-threadpool-threads", "0"], 2,
+     "Error: argument --max-threadpool-threads: 0 is below 1: expected 1 or "
+     "more, or leave it out for the default."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--use-process-pool", "--max-process-pool-processes", "-2"], 2,
+     "Error: argument --max-process-pool-processes: -2 is below 1: expected 1 "
+     "or more, or leave it out for the default."),
+    # taskiq 0.11 takes it (a traceback in each worker); later ones refuse it.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--max-prefetch", "-1"], 2,
+     re.compile(r"Error: argument --max-prefetch: (max_prefetch cannot be "
+                r"negative|-1 is below 0: expected a number of messages, or 0 "
+                r"for no prefetch)\.")),
+    # nan: a traceback in each worker as it stopped; negative: the app's
+    # lifespan never shut down (exit 4), or running tasks were not waited for.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--shutdown-timeout", "nan"], 2,
+     "Error: argument --shutdown-timeout: nan is not a number of seconds, 0 or "
+     "more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--shutdown-timeout", "-1"], 2,
+     "Error: argument --shutdown-timeout: -1 is not a number of seconds, 0 or "
+     "more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--wait-tasks-timeout", "NaN"], 2,
+     "Error: argument --wait-tasks-timeout: nan is not a number of seconds, 0 "
+     "or more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--wait-tasks-timeout", "-0.5"], 2,
+     "Error: argument --wait-tasks-timeout: -0.5 is not a number of seconds, 0 "
+     "or more."),
     # Typer 0.29's own words ("Input should be a valid number, unable to
     # parse string as a number") named no value.
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",

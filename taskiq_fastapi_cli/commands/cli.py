@@ -199,11 +199,20 @@ def _port(value: str) -> int:
     return port
 
 
+MAX_PROBE_TIMEOUT = 86400.0
+
+
 def _positive(value: float) -> float:
     # Passed on, 0, a negative value or nan made urllib fail, which the health
     # command reported as a worker that is not live (exit 1, not 2).
     if not value > 0:
         raise typer.BadParameter(f"{value:g} is not above 0: expected seconds.")
+    # Past about 9.2e9 s (inf too) the socket's timeout overflowed: a traceback.
+    if value > MAX_PROBE_TIMEOUT:
+        raise typer.BadParameter(
+            f"{value:g} is above {MAX_PROBE_TIMEOUT:g}: expected seconds, "
+            "a day at most."
+        )
     return value
 
 
