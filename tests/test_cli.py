@@ -511,6 +511,23 @@ def test_bad_input_from_the_real_command_has_no_traceback() -> None:
     assert time.monotonic() - started < 10
 
 
+def test_a_missing_reload_dir_is_one_line_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    # watchdog's FileNotFoundError was a traceback, after the project's import.
+    missing = str(tmp_path / "nope")
+    for reload_dir in [missing, "../nope/.."]:
+        result = subprocess.run(
+            [COMMAND, "worker", "--app", "sampleapp.apps:app",
+             "sampleapp.queue_broker:broker", "--reload", "--reload-dir", reload_dir],
+            cwd=TESTS_DIR, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"Error: --reload-dir {reload_dir!r}: no such directory (from {TESTS_DIR}).\n"
+        )
+
+
 UNSERVABLE = {
     "sampleapp.inmemory:broker": (
         "an InMemoryBroker runs each task in the process that kicks it, so no "
