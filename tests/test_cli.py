@@ -666,6 +666,19 @@ def real_help(command: str) -> str:
     return done.stdout
 
 
+@pytest.mark.parametrize("command", ["worker", "check", "health"])
+def test_help_shows_env_vars_and_defaults_without_rich_escapes(
+    capsys: Any, command: str
+) -> None:
+    # Typer 0.16 with Rich installed printed a backslash before each "[".
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert "\\[" not in out
+    words = " ".join(out.split())  # as wrapped, "[env" may end a line
+    assert "[env var: TASKIQ_FASTAPI_" in words
+    assert re.search(r"\[[^]]*default: [^]]+\]", words) or command == "check"
+
+
 def test_worker_help_has_one_help_option() -> None:
     out = real_help("worker")
     assert len(re.findall(r"^ *-h, --help", out, re.MULTILINE)) == 1

@@ -54,6 +54,21 @@ ARGUMENTS_HELP = (
 )
 
 
+def _unescaped(formatter: Any) -> None:
+    # Typer 0.16 (our floor) escapes each option's "[env var: ...; default:
+    # ...]" for Rich when Rich is installed, even with rich_markup_mode=None:
+    # the plain help showed a backslash before each "[".
+    formatter.buffer[:] = [part.replace("\\[", "[") for part in formatter.buffer]
+
+
+class PlainHelpCommand(TyperCommand):
+    """Click's plain help, without Rich's escapes (see `_unescaped`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        _unescaped(formatter)
+
+
 class WorkerCommand(TyperCommand):
     """Help in taskiq's terms, and the taskiq options passed through.
 
@@ -74,6 +89,7 @@ class WorkerCommand(TyperCommand):
         self.format_epilog(ctx, formatter)
         from taskiq_fastapi_cli.runtime.args import taskiq_options_help
 
+        _unescaped(formatter)
         formatter.write(f"\n{self.taskiq_heading}:\n\n")
         formatter.write(taskiq_options_help(self.taskiq_options))
 
@@ -427,7 +443,7 @@ def check(
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def health(
     port: Annotated[
         int,
