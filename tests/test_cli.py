@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -525,6 +526,21 @@ def test_a_missing_reload_dir_is_one_line_before_anything_starts(
         assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == (
             f"Error: --reload-dir {reload_dir!r}: no such directory (from {TESTS_DIR}).\n"
+        )
+
+
+def test_health_without_a_port_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under Typer 0.16 with Click 8.2+, the required option went missing: a
+    # traceback (urllib's "nonnumeric port: 'None'").
+    monkeypatch.delenv("TASKIQ_FASTAPI_HEALTH_PORT", raising=False)
+    for env in [{}, {"TASKIQ_FASTAPI_HEALTH_PORT": ""}]:
+        result = subprocess.run(
+            [COMMAND, "health"], capture_output=True, text=True, timeout=30,
+            env={**os.environ, **env},
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert result.stderr == (
+            "Error: Missing option '--port' (env var: 'TASKIQ_FASTAPI_HEALTH_PORT').\n"
         )
 
 

@@ -24,7 +24,7 @@ from taskiq_fastapi_cli.defaults import (
     DEFAULT_BROKER_RETRY_TIMEOUT,
     DEFAULT_STALL_TIMEOUT,
 )
-from taskiq_fastapi_cli.exceptions import CLIError
+from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 APP_ENV = "TASKIQ_FASTAPI_APP"
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
@@ -485,6 +485,13 @@ def health(
     """
     from taskiq_fastapi_cli.commands.probe import probe
 
+    if port is None:
+        # Typer 0.16 (our floor) under Click 8.2+ lets a required option go
+        # missing: None, which urllib met as "nonnumeric port", a traceback.
+        raise CLIError(
+            f"Missing option '--port' (env var: '{HEALTH_PORT_ENV}').",
+            EXIT_USAGE_ERROR,
+        )
     healthy, line = probe(host, port, ready, timeout)
     typer.echo(line, err=not healthy)
     if not healthy:
