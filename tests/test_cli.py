@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -363,6 +364,47 @@ BAD_INPUTS = [
      "Error: Invalid value for '--timeout': -1 is not above 0: expected seconds."),
     (["health", "--port", "9", "--timeout", "nan"], 2,
      "Error: Invalid value for '--timeout': nan is not above 0: expected seconds."),
+    # The socket's timeout overflowed: a traceback.
+    (["health", "--port", "9", "--timeout", "1e10"], 2,
+     "Error: Invalid value for '--timeout': 1e+10 is above 86400: expected "
+     "seconds, a day at most."),
+    (["health", "--port", "9", "--timeout", "inf"], 2,
+     "Error: Invalid value for '--timeout': inf is above 86400: expected "
+     "seconds, a day at most."),
+    # taskiq's parser takes them; each worker failed with a traceback as it
+    # started (a pool of 0), and was restarted every second for ever.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--max-threadpool-threads", "0"], 2,
+     "Error: argument --max-threadpool-threads: 0 is below 1: expected 1 or "
+     "more, or leave it out for the default."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--use-process-pool", "--max-process-pool-processes", "-2"], 2,
+     "Error: argument --max-process-pool-processes: -2 is below 1: expected 1 "
+     "or more, or leave it out for the default."),
+    # taskiq 0.11 takes it (a traceback in each worker); later ones refuse it.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--max-prefetch", "-1"], 2,
+     re.compile(r"Error: argument --max-prefetch: (max_prefetch cannot be "
+                r"negative|-1 is below 0: expected a number of messages, or 0 "
+                r"for no prefetch)\.")),
+    # nan: a traceback in each worker as it stopped; negative: the app's
+    # lifespan never shut down (exit 4), or running tasks were not waited for.
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--shutdown-timeout", "nan"], 2,
+     "Error: argument --shutdown-timeout: nan is not a number of seconds, 0 or "
+     "more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--shutdown-timeout", "-1"], 2,
+     "Error: argument --shutdown-timeout: -1 is not a number of seconds, 0 or "
+     "more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--wait-tasks-timeout", "NaN"], 2,
+     "Error: argument --wait-tasks-timeout: nan is not a number of seconds, 0 "
+     "or more."),
+    (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
+      "--wait-tasks-timeout", "-0.5"], 2,
+     "Error: argument --wait-tasks-timeout: -0.5 is not a number of seconds, 0 "
+     "or more."),
     # Typer 0.29's own words ("Input should be a valid number, unable to
     # parse string as a number") named no value.
     (["worker", "--app", "sampleapp.apps:app", "sampleapp.queue_broker:broker",
@@ -468,6 +510,38 @@ def test_bad_input_from_the_real_command_has_no_traceback() -> None:
         'Attribute "nope" not found in module "sampleapp.apps".\n'
     )
     assert time.monotonic() - started < 10
+
+
+def test_a_missing_reload_dir_is_one_line_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    # watchdog's FileNotFoundError was a traceback, after the project's import.
+    missing = str(tmp_path / "nope")
+    for reload_dir in [missing, "../nope/.."]:
+        result = subprocess.run(
+            [COMMAND, "worker", "--app", "sampleapp.apps:app",
+             "sampleapp.queue_broker:broker", "--reload", "--reload-dir", reload_dir],
+            cwd=TESTS_DIR, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"Error: --reload-dir {reload_dir!r}: no such directory (from {TESTS_DIR}).\n"
+        )
+
+
+def test_health_without_a_port_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under Typer 0.16 with Click 8.2+, the required option went missing: a
+    # traceback (urllib's "nonnumeric port: 'None'").
+    monkeypatch.delenv("TASKIQ_FASTAPI_HEALTH_PORT", raising=False)
+    for env in [{}, {"TASKIQ_FASTAPI_HEALTH_PORT": ""}]:
+        result = subprocess.run(
+            [COMMAND, "health"], capture_output=True, text=True, timeout=30,
+            env={**os.environ, **env},
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert result.stderr == (
+            "Error: Missing option '--port' (env var: 'TASKIQ_FASTAPI_HEALTH_PORT').\n"
+        )
 
 
 UNSERVABLE = {
@@ -606,6 +680,19 @@ def real_help(command: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "check", "health"])
+def test_help_shows_env_vars_and_defaults_without_rich_escapes(
+    capsys: Any, command: str
+) -> None:
+    # Typer 0.16 with Rich installed printed a backslash before each "[".
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert "\\[" not in out
+    words = " ".join(out.split())  # as wrapped, "[env" may end a line
+    assert "[env var: TASKIQ_FASTAPI_" in words
+    assert re.search(r"\[[^]]*default: [^]]+\]", words) or command == "check"
 
 
 def test_worker_help_has_one_help_option() -> None:

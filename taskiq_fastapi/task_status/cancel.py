@@ -45,7 +45,6 @@ import inspect
 import logging
 import sys
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -66,7 +65,7 @@ from taskiq_fastapi._taskiq import (
 )
 from taskiq_fastapi.connections import backoff, describe, is_connection_error
 from taskiq_fastapi.exceptions import TaskCancelledError
-from taskiq_fastapi.task_status.records import CANCELLED_LABEL
+from taskiq_fastapi.task_status.records import CANCELLED_LABEL, STOPPING
 
 logger = logging.getLogger("taskiq_fastapi")
 
@@ -77,8 +76,6 @@ _FIRST_RETRY_SECONDS = 0.1
 _MAX_RETRY_SECONDS = 2.0
 # Marks a task function wrapped by `stop_on_request`.
 _WRAPPED = "__taskiq_fastapi_cancellable__"
-# The asyncio tasks cancelled on request, until their message's post_execute.
-_stopping: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 class Canceller(TaskiqMiddleware):
@@ -138,9 +135,9 @@ class Canceller(TaskiqMiddleware):
         self.cancelled[task_id] = expires
         self._forget_expired()
         for task, message in self.running.get(task_id, {}).items():
-            if task in _stopping:
+            if task in STOPPING:
                 continue
-            _stopping.add(task)
+            STOPPING.add(task)
             # Asked to stop: not a failure for taskiq's retry middlewares to
             # kick again (a retry would not run: its id is cancelled).
             message.labels[RETRY_LABEL] = False
@@ -242,7 +239,7 @@ class Canceller(TaskiqMiddleware):
         try:
             return await function(*args, **kwargs)
         except asyncio.CancelledError:
-            if task in _stopping:
+            if task in STOPPING:
                 if sys.version_info >= (3, 11):
                     task.uncancel()  # handled here: what follows runs as usual
                 message.labels[CANCELLED_LABEL] = "started"
@@ -267,7 +264,7 @@ class Canceller(TaskiqMiddleware):
             return
         how = message.labels.get(CANCELLED_LABEL)
         task = asyncio.current_task()
-        stopped = task is not None and task in _stopping
+        stopped = task is not None and task in STOPPING
         if how is None and stopped:  # stopped before its function began
             if sys.version_info >= (3, 11):
                 task.uncancel()
@@ -281,7 +278,7 @@ class Canceller(TaskiqMiddleware):
         task = asyncio.current_task()
         assert task is not None
         self._end(message.task_id, task)
-        _stopping.discard(task)
+        STOPPING.discard(task)
 
     async def _follow(self, channel: CancelChannel, ready: asyncio.Event) -> None:
         """Read the requests for ever; one line when it fails, one when back.
@@ -408,7 +405,7 @@ def _cancellation(record: logging.LogRecord) -> str | None:
     if message is None:
         return None
     how = message.labels.get(CANCELLED_LABEL)
-    if how is None and _current_task() not in _stopping:
+    if how is None and _current_task() not in STOPPING:
         return None  # the worker's own stop, or the task's own doing
     return _cancelled_message(message.task_id, str(how or "started"))
 

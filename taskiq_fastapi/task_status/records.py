@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
@@ -457,6 +458,7 @@ class Progress:
             if isinstance(middleware, Recorder):
                 task = asyncio.current_task()
                 asked = _cancelling(task)
+                was_stopping = task in STOPPING
                 # A task reporting progress has started, however soon.
                 await middleware.started(message)
                 try:
@@ -468,13 +470,21 @@ class Progress:
                         message.task_id,
                         describe(exc),
                     )
-                if _cancelling(task) > asked:
+                if _cancelling(task) > asked or (task in STOPPING and not was_stopping):
                     # Cancelled during the writes, and the client returned
-                    # all the same: on Python 3.11, redis-py waiting for a
-                    # connection of a full BlockingConnectionPool (taskiq-
-                    # redis') swallows the CancelledError. The task was
-                    # asked to stop (a cancel request, the worker's stop).
+                    # all the same: redis-py waiting for a connection of a
+                    # full BlockingConnectionPool (taskiq-redis') swallows
+                    # the CancelledError, on Python 3.11 and on 3.10 (redis-
+                    # py 8.1). The task was asked to stop (a cancel request,
+                    # the worker's stop). Before 3.11 there is no
+                    # `cancelling()`: only a cancel request is seen, in
+                    # STOPPING.
                     raise asyncio.CancelledError
+
+
+# The asyncio tasks cancelled on request (cancel.py), until their message's
+# post_execute.
+STOPPING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> int:

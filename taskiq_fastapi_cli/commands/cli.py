@@ -24,7 +24,7 @@ from taskiq_fastapi_cli.defaults import (
     DEFAULT_BROKER_RETRY_TIMEOUT,
     DEFAULT_STALL_TIMEOUT,
 )
-from taskiq_fastapi_cli.exceptions import CLIError
+from taskiq_fastapi_cli.exceptions import EXIT_USAGE_ERROR, CLIError
 
 APP_ENV = "TASKIQ_FASTAPI_APP"
 BASE_URL_ENV = "TASKIQ_FASTAPI_BASE_URL"
@@ -54,6 +54,21 @@ ARGUMENTS_HELP = (
 )
 
 
+def _unescaped(formatter: Any) -> None:
+    # Typer 0.16 (our floor) escapes each option's "[env var: ...; default:
+    # ...]" for Rich when Rich is installed, even with rich_markup_mode=None:
+    # the plain help showed a backslash before each "[".
+    formatter.buffer[:] = [part.replace("\\[", "[") for part in formatter.buffer]
+
+
+class PlainHelpCommand(TyperCommand):
+    """Click's plain help, without Rich's escapes (see `_unescaped`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        _unescaped(formatter)
+
+
 class WorkerCommand(TyperCommand):
     """Help in taskiq's terms, and the taskiq options passed through.
 
@@ -74,6 +89,7 @@ class WorkerCommand(TyperCommand):
         self.format_epilog(ctx, formatter)
         from taskiq_fastapi_cli.runtime.args import taskiq_options_help
 
+        _unescaped(formatter)
         formatter.write(f"\n{self.taskiq_heading}:\n\n")
         formatter.write(taskiq_options_help(self.taskiq_options))
 
@@ -199,11 +215,20 @@ def _port(value: str) -> int:
     return port
 
 
+MAX_PROBE_TIMEOUT = 86400.0
+
+
 def _positive(value: float) -> float:
     # Passed on, 0, a negative value or nan made urllib fail, which the health
     # command reported as a worker that is not live (exit 1, not 2).
     if not value > 0:
         raise typer.BadParameter(f"{value:g} is not above 0: expected seconds.")
+    # Past about 9.2e9 s (inf too) the socket's timeout overflowed: a traceback.
+    if value > MAX_PROBE_TIMEOUT:
+        raise typer.BadParameter(
+            f"{value:g} is above {MAX_PROBE_TIMEOUT:g}: expected seconds, "
+            "a day at most."
+        )
     return value
 
 
@@ -418,7 +443,7 @@ def check(
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def health(
     port: Annotated[
         int,
@@ -460,6 +485,13 @@ def health(
     """
     from taskiq_fastapi_cli.commands.probe import probe
 
+    if port is None:
+        # Typer 0.16 (our floor) under Click 8.2+ lets a required option go
+        # missing: None, which urllib met as "nonnumeric port", a traceback.
+        raise CLIError(
+            f"Missing option '--port' (env var: '{HEALTH_PORT_ENV}').",
+            EXIT_USAGE_ERROR,
+        )
     healthy, line = probe(host, port, ready, timeout)
     typer.echo(line, err=not healthy)
     if not healthy:

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import typer
 from fastapi import FastAPI
@@ -88,6 +89,7 @@ def start_worker(
             raise CLIError(f"--base-url: {exc}", EXIT_USAGE_ERROR) from None
     if args.reload:
         _check_reload_installed()
+        _check_reload_dirs(args.reload_dirs)
     directory = None
     if metrics:
         # Before the project is imported: an app that imports
@@ -221,6 +223,20 @@ def _check_dependencies(broker: AsyncBroker) -> None:
         dependencies.check(broker, carry=request_context.carried(app, broker))
     except TaskiqFastAPIError as exc:  # as a worker process's startup would fail
         raise CLIError(str(exc), EXIT_STARTUP_FAILURE) from None
+
+
+def _check_reload_dirs(directories: Sequence[str]) -> None:
+    """Name a --reload-dir that does not exist, before anything starts.
+
+    watchdog's FileNotFoundError for it was a traceback, after the project
+    had been imported. (A file is watched as it is: that works.)
+    """
+    for directory in directories:
+        if not Path(directory).exists():
+            raise CLIError(
+                f"--reload-dir {directory!r}: no such directory (from {Path.cwd()}).",
+                EXIT_USAGE_ERROR,
+            )
 
 
 def _check_reload_installed() -> None:

@@ -69,7 +69,7 @@ def parse_taskiq_args(argv: Sequence[str]) -> WorkerArgs:
 
 
 def _check_counts(args: WorkerArgs) -> None:
-    """Refuse the counts taskiq's parser takes but its worker cannot run.
+    """Refuse the numbers taskiq's parser takes but its worker cannot run.
 
     taskiq reads any int: with `--workers 0` (or less) its manager starts no
     process and waits for ever, and with a negative `--max-tasks-per-child`
@@ -90,6 +90,38 @@ def _check_counts(args: WorkerArgs) -> None:
             "number of tasks, or 0 for no limit.",
             EXIT_USAGE_ERROR,
         )
+    # A pool of 0 threads or processes: each worker failed as it started,
+    # with a traceback, and was restarted every second for ever.
+    for option, pool in (
+        ("--max-threadpool-threads", args.max_threadpool_threads),
+        ("--max-process-pool-processes", args.max_process_pool_processes),
+    ):
+        if pool is not None and pool < 1:
+            raise CLIError(
+                f"argument {option}: {pool} is below 1: expected 1 or more, "
+                "or leave it out for the default.",
+                EXIT_USAGE_ERROR,
+            )
+    # taskiq 0.11's parser takes it; each worker then failed with a traceback.
+    if args.max_prefetch < 0:
+        raise CLIError(
+            f"argument --max-prefetch: {args.max_prefetch} is below 0: expected "
+            "a number of messages, or 0 for no prefetch.",
+            EXIT_USAGE_ERROR,
+        )
+    # argparse's float takes nan (a traceback in each worker as it stopped)
+    # and negative values (the app's lifespan never shut down, exit 4; the
+    # running tasks not waited for).
+    for option, seconds in (
+        ("--shutdown-timeout", args.shutdown_timeout),
+        ("--wait-tasks-timeout", args.wait_tasks_timeout),
+    ):
+        if seconds is not None and not seconds >= 0:
+            raise CLIError(
+                f"argument {option}: {seconds:g} is not a number of seconds, "
+                "0 or more.",
+                EXIT_USAGE_ERROR,
+            )
 
 
 def with_app(
