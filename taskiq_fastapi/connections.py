@@ -35,7 +35,7 @@ _CREDENTIAL_NAMES = ("Authentication", "Authorization")
 
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` says the broker cannot be reached (worth a retry)."""
-    if _named(exc, _CREDENTIAL_NAMES):
+    if refuses_credentials(exc):
         return False
     if isinstance(exc, OSError) or _named(exc, _CONNECTION_NAMES):
         return True
@@ -47,6 +47,11 @@ def is_connection_error(exc: BaseException) -> bool:
         and cause is not None
         and is_connection_error(cause)
     )
+
+
+def refuses_credentials(exc: BaseException) -> bool:
+    """Whether `exc` says the server refused the credentials (no retry helps)."""
+    return _named(exc, _CREDENTIAL_NAMES)
 
 
 def _named(exc: BaseException, fragments: tuple[str, ...]) -> bool:

@@ -92,11 +92,11 @@ def test_a_ping_answered_ends_an_outage_not_a_failing_fetch(
     """
     outcomes: list[bool] = []
     broker = outages.Dependency("Broker 'b'", object(), 3, outcomes.append)
-    assert broker.failed(error) is not None
+    assert broker.failed(error, "fetch") is not None
     broker.answered()
     assert broker.since is None if ended else broker.since is not None
     assert outcomes == ([True, False] if ended else [True])  # what /readyz says
-    broker.failed(error)
+    broker.failed(error, "fetch")
     broker.recovered()  # a fetch that worked ends either
     assert broker.since is None
 

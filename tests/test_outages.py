@@ -194,6 +194,67 @@ async def test_refused_credentials_are_one_clear_error_not_an_outage(
     assert took < 20, output
 
 
+async def test_refused_credentials_met_by_a_fetch_are_one_clear_error(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The list broker connects at its first fetch: a wrong password crash-
+    looped the workers (13 lifespans and 26 tracebacks in 15 s), no `Error:`."""
+    async with Redis.from_url(server.url) as redis:
+        await redis.config_set("requirepass", "right")
+    wrong = server.url.replace("redis://", "redis://:wrong@")
+    run = WorkerRun(wrong, tmp_path)
+    try:
+        started = time.monotonic()
+        worker = run.start("worker", *BROKER, *APP, "--workers", "2")
+        assert run.exit_status(worker, timeout=30) == 3
+        took = time.monotonic() - started
+        output = run.output(worker)
+    finally:
+        run.kill_all()
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(
+        "Error: Broker 'workerapp.broker:broker' refused the credentials: "
+        "AuthenticationError: "
+    ), errors
+    assert "Traceback" not in output
+    assert took < 20, output  # at once, not after --broker-retry-timeout (120)
+    assert len(run.count("startup")) == 2  # no process started again
+    assert run.count("shutdown") == run.count("startup")
+
+
+async def test_refused_credentials_of_the_result_backend_are_one_clear_error(
+    redis_url: str, server: RedisServer, tmp_path: Path
+) -> None:
+    """Each result was dropped with a traceback, and SIGTERM exited 0."""
+    async with Redis.from_url(server.url) as redis:
+        await redis.config_set("requirepass", "right")
+    run = WorkerRun(redis_url, tmp_path)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = server.url.replace(
+        "redis://", "redis://:wrong@"
+    )
+    try:
+        worker = run.start("worker", *BROKER, *APP, "--workers", "1")
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            await run.kiq("slow", 1, 0.1)
+        finally:
+            await run.sender.shutdown()
+        assert run.exit_status(worker, timeout=30) == 3
+        output = run.output(worker)
+    finally:
+        run.kill_all()
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(
+        "Error: Result backend of broker 'workerapp.broker:broker' refused the "
+        "credentials: AuthenticationError: "
+    ), errors
+    assert "Traceback" not in output
+    assert run.count("shutdown") == run.count("startup")
+
+
 async def spoil_queue(run: WorkerRun, url: str) -> None:
     """Make the broker's key a string: every fetch then answers WRONGTYPE."""
     async with Redis.from_url(url) as redis:

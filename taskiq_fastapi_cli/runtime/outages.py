@@ -97,6 +97,7 @@ from taskiq_fastapi.connections import (
     describe,
     is_connection_error,
     one_line,
+    refuses_credentials,
 )
 from taskiq_fastapi.exceptions import TaskiqFastAPIError
 
@@ -163,7 +164,12 @@ class Dependency:
         # Within the time between two PINGs, so that they come at a steady rate.
         self.ping_timeout = min(PING_TIMEOUT_SECONDS, self.probe_every())
         self.since: float | None = None
-        self.attempts = 0
+        # Failed attempts per operation (a token each), for its own backoff:
+        # counted together, 50 result saves failing in one 3 s outage backed
+        # off to 30 s each, long after the server was back.
+        self.attempts: dict[object, int] = {}
+        # Set when the outage ends: the operations waiting to try again go on.
+        self.back = asyncio.Event()
         self.logged_at = 0.0
         self.given_up = False
         # The last failed attempt was an error of the server's answer, not of
@@ -175,31 +181,36 @@ class Dependency:
     def failed(
         self,
         exc: BaseException,
+        operation: object,
         started: float | None = None,
         next_in: float | None = None,
     ) -> float | None:
         """Log a failed attempt; the delay before the next, or None past the deadline.
 
+        `operation`: what failed (its token), backing off on its own attempts;
         `started`: when the failed attempt began, if the clock starts now;
         `next_in`: when the next attempt comes, if not after a backoff.
         """
         now = time.monotonic()
+        first = self.since is None
         if self.since is None:
             self.since = now if started is None else min(started, now)
+            self.back = asyncio.Event()
             self.report(True)
         waited = now - self.since
         if waited >= self.retry_timeout:
             return None
+        attempt = self.attempts.get(operation, 0)
+        self.attempts[operation] = attempt + 1
         # The last attempt lands on the deadline rather than past it.
         delay = min(
-            _backoff(self.attempts) if next_in is None else next_in,
+            _backoff(attempt) if next_in is None else next_in,
             self.retry_timeout - waited,
         )
         self.failing = not is_connection_error(exc)
-        if self.attempts == 0 and self.failing:
+        if first and self.failing:
             # Not an outage of the server's: where it came from may be news.
             logger.debug("%s failed:", self.name, exc_info=exc)
-        self.attempts += 1
         if now - self.logged_at >= LOG_EVERY_SECONDS:
             self.logged_at = now
             logger.warning(
@@ -213,6 +224,8 @@ class Dependency:
 
     def gave_up(self, exc: BaseException) -> str:
         """The `Error:` line's message: what was unreachable, and for how long."""
+        if refuses_credentials(exc):
+            return f"{self.name} refused the credentials: {describe(exc)}"
         waited = time.monotonic() - (self.since or time.monotonic())
         return (
             f"{self.name} {_state(exc)} for {waited:.1f} s "
@@ -225,8 +238,9 @@ class Dependency:
                 "%s is back after %.1f s.", self.name, time.monotonic() - self.since
             )
             self.since = None
-            self.attempts = 0
+            self.attempts.clear()
             self.failing = False
+            self.back.set()
             self.report(False)
 
     def answered(self) -> None:
@@ -330,7 +344,9 @@ class BrokerOutages:
                         raise BrokerStartupError(
                             f"Broker {self.path!r} failed to start: {describe(exc)}",
                         ) from exc
-                    delay = self.broker.failed(exc, started=self.connecting_since)
+                    delay = self.broker.failed(
+                        exc, "startup", started=self.connecting_since
+                    )
                     if delay is None:
                         raise BrokerStartupError(self.broker.gave_up(exc)) from exc
                     if await _wait_for(self.stopping.wait(), delay):
@@ -428,7 +444,7 @@ class BrokerOutages:
                                 continue  # recreated: fetch again
                             exc = failure  # retried as an outage is, below
                         reconnecting = True
-                        if await self._retry_fetch(exc, started):
+                        if await self._retry_fetch(exc, fetch, started):
                             return  # stopping: taskiq finishes in-flight tasks
                         continue
                     finally:
@@ -473,14 +489,20 @@ class BrokerOutages:
     async def _until_done(
         self, call: Callable[[], Awaitable[T]], dependency: Dependency
     ) -> T:
-        """Retry `call` while `dependency` is unreachable and the worker runs.
+        """Retry `call` while `dependency` is unreachable.
 
-        Past the deadline the command is stopped and the last error raised:
-        taskiq reports it as it did before, and does not acknowledge a message
-        whose result was not saved. Once `dependency` is given up on, `call`
-        is not tried: a task finishing during the stop waited on a server
-        that never answers, with no watch left to cut it (a client with no
-        socket timeout waits for ever), and the stop waited for it.
+        As soon as it is back (another operation got through, or a PING was
+        answered), not after this one's backoff. A stop signal does not end
+        the retries: a graceful stop finishes the tasks in flight, and a task
+        whose result is not saved is not finished (it was dropped, and the
+        command exited 0); a second signal cancels them, and the command
+        exits 4. Past the deadline the command is stopped and the last error
+        raised: taskiq reports it as it did before, and does not acknowledge
+        a message whose result was not saved. Once `dependency` is given up
+        on, `call` is not tried: a task finishing during the stop waited on a
+        server that never answers, with no watch left to cut it (a client
+        with no socket timeout waits for ever), and the stop waited for it.
+        Refused credentials give up at once.
         """
         # The task itself: the watch cancels it if the server never answers.
         token: object = asyncio.current_task() or object()
@@ -496,16 +518,15 @@ class BrokerOutages:
                     if failure is None:
                         continue  # recreated: try again
                     if failure is exc:
+                        if refuses_credentials(exc):
+                            self._give_up(dependency, exc)
                         raise  # not an outage: as taskiq would
                     exc = failure
-                if self.stopping.is_set():
-                    raise
-                delay = dependency.failed(exc)
+                delay = dependency.failed(exc, token)
                 if delay is None:
                     self._give_up(dependency, exc)
                     raise
-                if await _wait_for(self.stopping.wait(), delay):
-                    raise
+                await _first(delay, dependency.back.wait())
                 continue
             finally:
                 dependency.pending.pop(token, None)
@@ -550,7 +571,7 @@ class BrokerOutages:
             return exc
         return None if recreated else exc
 
-    async def _retry_fetch(self, exc: Exception, started: float) -> bool:
+    async def _retry_fetch(self, exc: Exception, fetch: object, started: float) -> bool:
         """Whether the worker is stopping; otherwise fetch again when this returns.
 
         A fetch that timed out after waiting is idle, unless its server does
@@ -577,14 +598,18 @@ class BrokerOutages:
                 self.broker.answered()
                 return False
             # The PING failed; the fetch before it may have waited for hours.
-            delay = self.broker.failed(exc, pinged)
+            delay = self.broker.failed(exc, fetch, pinged)
+        elif refuses_credentials(exc):
+            delay = None  # no retry helps: said at once, as at startup
         else:
-            delay = self.broker.failed(exc)  # from now: a fetch may wait idle
+            # From now: a fetch may wait idle.
+            delay = self.broker.failed(exc, fetch)
         if delay is None:
             self._give_up(self.broker, exc)  # every process stops gracefully
             await self.stopping.wait()
             return True
-        return await _wait_for(self.stopping.wait(), delay)
+        await _first(delay, self.stopping.wait(), self.broker.back.wait())
+        return self.stopping.is_set()
 
     async def _watch(self) -> None:
         """Ping a dependency whose operation waits long: is its server there?
@@ -614,7 +639,7 @@ class BrokerOutages:
                 if unanswered is None:
                     dependency.answered()
                     continue
-                if dependency.failed(unanswered, now, next_in=every) is None:
+                if dependency.failed(unanswered, "watch", now, every) is None:
                     self._give_up(dependency, unanswered)
 
 
@@ -652,11 +677,12 @@ async def _close_fetch(source: AsyncIterator[Any]) -> None:
 
 
 def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
-    """A "Can't set result" record of taskiq's for an outage: its cause, one line."""
+    """A "Can't set result" record of taskiq's for an outage (or for refused
+    credentials, which stop the command): its cause, one line."""
     error = record.exc_info[1] if record.exc_info else None
     if (
         error is not None
-        and is_connection_error(error)
+        and (is_connection_error(error) or refuses_credentials(error))
         and str(record.msg).startswith("Can't set result")
     ):
         return one_line(record)
@@ -680,6 +706,16 @@ def unrenewed_fetch(broker: AsyncBroker) -> str | None:
             "server forgot. Pass pull_consume_timeout=5 (seconds)."
         )
     return None
+
+
+async def _first(seconds: float, *waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait `seconds`, or less: until the first of `waits` ends."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _wait_for(waiting: Awaitable[Any], seconds: float) -> bool:
