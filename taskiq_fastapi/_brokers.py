@@ -50,8 +50,27 @@ brokers and their clients do about it, and what this module does instead:
   the API publishes. One at a time per broker (`_once`): concurrent kicks
   that meet the loss together recreate it once.
 
+- taskiq-redis' `ListQueueBroker` waits for a message with a BRPOP that
+  never ends on the server, read under the connection's socket timeout
+  (redis-py 8: 5 s by default). When the server stopped answering for
+  longer (frozen, overloaded, a paused host), the read timed out and
+  redis-py closed the connection; the BRPOP was still in the server's
+  input, and once it answered again it popped a message for a connection
+  that was gone: one task lost per worker process and per such stall, with
+  no log line (2 of 4000 at each 7 s freeze, two processes). In workers,
+  `fetch_without_client_timeout` gives each BRPOP a server-side timeout
+  (`LIST_BLOCK_SECONDS`: an idle fetch ends with nil, not an error) and
+  awaits its reply without the socket timeout, for as long as the worker
+  would keep retrying the server: a server that does not answer is found
+  out by the outage watch's PINGs (taskiq_fastapi_cli/runtime/outages.py),
+  and the fetch waiting on it gets its message once the server answers
+  again. A reply still missing well after that (the connection itself is
+  dead, say a NAT dropped it) ends the fetch with a `TimeoutError`, as the
+  socket timeout did; the next fetch uses a new connection.
+
 tests/test_restart_empty.py exercises each through the real command, and
-tests/test_restart_rules.py the API's retries and `_ack_generator`.
+tests/test_restart_rules.py the API's retries and `_ack_generator`;
+tests/test_list_fetch.py the frozen server.
 
 Where TaskStatus keeps its records (`record_storage`, at the end) relies on
 them too: taskiq-redis' client pools and list broker, taskiq-nats' result
@@ -68,7 +87,7 @@ import select
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -120,6 +139,61 @@ def renew_closed_connections(broker: AsyncBroker) -> None:
     _guard_redis_pools(broker, None)
     for owner in (broker, broker.result_backend):
         _guard_cluster(owner)
+
+
+# A list broker's idle BRPOP is answered nil by the server after this...
+LIST_BLOCK_SECONDS = 5
+# ...and a reply missing this long past it and the retry timeout is taken for
+# a dead connection.
+LIST_SLACK_SECONDS = 5.0
+
+
+def fetch_without_client_timeout(broker: AsyncBroker, retry_timeout: float) -> None:
+    """In a worker: a `ListQueueBroker` fetch that no socket timeout cuts off.
+
+    Replaces exactly taskiq-redis' own `ListQueueBroker.listen`: not a
+    subclass's, nor a fetch the project wrapped. Per fetch, one BRPOP on a
+    pooled connection, as taskiq-redis sends it.
+    """
+    try:
+        from taskiq_redis import ListQueueBroker
+    except ImportError:  # pragma: no cover - taskiq-redis is optional
+        return
+    own = getattr(broker.listen, "__func__", None) is ListQueueBroker.listen
+    if type(broker) is not ListQueueBroker or not own:
+        return
+    wait = LIST_BLOCK_SECONDS + retry_timeout + LIST_SLACK_SECONDS
+
+    async def listen() -> AsyncGenerator[bytes, None]:
+        while True:
+            reply = await _brpop(broker, wait)
+            if reply is not None:
+                yield reply[1]
+
+    broker.listen = listen  # type: ignore[method-assign]
+
+
+async def _brpop(broker: Any, wait: float) -> Any:
+    """One BRPOP of the broker's queue; its reply awaited up to `wait` seconds.
+
+    The write keeps the socket timeout (nothing was sent if it times out);
+    the read has `wait` as its socket timeout, so that redis-py closes the
+    connection when it runs out, as for any read timeout (`read_response`'s
+    own `timeout` argument would leave the reply on the connection for its
+    next user), and when the fetch is cancelled.
+    """
+    pool = broker.connection_pool
+    connection = await pool.get_connection()
+    try:
+        await connection.send_command("BRPOP", broker.queue_name, LIST_BLOCK_SECONDS)
+        socket_timeout = connection.socket_timeout
+        connection.socket_timeout = wait
+        try:
+            return await connection.read_response()
+        finally:
+            connection.socket_timeout = socket_timeout
+    finally:
+        await pool.release(connection)
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:

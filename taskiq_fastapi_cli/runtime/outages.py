@@ -6,11 +6,12 @@ Upstream behaviours worked around here:
   end the worker process, with a traceback; its supervisor starts a new one,
   which runs the app's lifespan again, and with the broker down does so about
   once a second, for ever.
-- redis-py 8 gives connections a 5 s socket timeout by default, and
-  taskiq-redis's `ListQueueBroker` waits for messages with a blocking BRPOP:
-  an idle worker's fetch ends with redis's TimeoutError every 5 s, which
-  taskiq-redis does not catch. A fetch that times out after waiting is an
-  idle wait, not an outage: it is started again at once, logged at DEBUG.
+- redis-py 8 gives connections a 5 s socket timeout by default, and a
+  client's blocking fetch may end with its TimeoutError while idle (taskiq-
+  redis's `ListQueueBroker` did, every 5 s, before its BRPOP got a server-
+  side timeout: `_brokers.fetch_without_client_timeout`). A fetch that times
+  out after waiting is an idle wait, not an outage, if the server answers a
+  PING: it is started again at once, logged at DEBUG.
 - After a restart of the server, every connection a pool kept from before
   fails once, and taskiq-redis's pools do not retry: the first results after
   an outage were lost ("Can't set result in result backend"). Saving a result
@@ -90,7 +91,12 @@ from typing import Any, TypeVar
 from taskiq import AckableMessage, AsyncBroker, TaskiqEvents, TaskiqState
 from taskiq.utils import maybe_awaitable
 
-from taskiq_fastapi._brokers import LostState, pinger, renew_closed_connections
+from taskiq_fastapi._brokers import (
+    LostState,
+    fetch_without_client_timeout,
+    pinger,
+    renew_closed_connections,
+)
 from taskiq_fastapi._taskiq import with_ack
 from taskiq_fastapi.connections import (
     backoff,
@@ -314,6 +320,7 @@ class BrokerOutages:
         self.started = False
         self.lost = LostState(broker, repr(path))
         renew_closed_connections(broker)
+        fetch_without_client_timeout(broker, retry_timeout)
         self._wrap_startup(broker)
         self._wrap_shutdown(broker)
         self._wrap_listen(broker)
@@ -677,8 +684,10 @@ async def _close_fetch(source: AsyncIterator[Any]) -> None:
 
 
 def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
-    """A "Can't set result" record of taskiq's for an outage (or for refused
-    credentials, which stop the command): its cause, one line."""
+    """A "Can't set result" record of taskiq's for an outage: its cause, one line.
+
+    So too for refused credentials, which stop the command.
+    """
     error = record.exc_info[1] if record.exc_info else None
     if (
         error is not None

@@ -43,7 +43,6 @@ from taskiq_fastapi_cli.runtime.discover import (
 )
 from taskiq_fastapi_cli.runtime.fetch_limit import fetch_at_most
 from taskiq_fastapi_cli.runtime.forksafe import renew_after_fork
-from taskiq_fastapi_cli.runtime.list_fetch import fetch_without_client_timeout
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages, WorkerStopped
 from taskiq_fastapi_cli.runtime.shutdown import ShutdownGuard, StopStage
 from taskiq_fastapi_cli.runtime.supervisor import (
@@ -158,7 +157,7 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     3. outage retries (outages.py): startup, fetch, results and acks retried
        while the broker is unreachable, innermost so that every layer above
        sees a fetch that waits instead of failing; under it, a list broker's
-       fetch that no socket timeout cuts off (list_fetch.py);
+       fetch that no socket timeout cuts off (`_brokers.py`);
     4. the fetch limit (fetch_limit.py): counts the messages the retries
        hand out;
     5. health (health/report.py): ready once listening, one counter per task;
@@ -178,7 +177,6 @@ def compose(broker: AsyncBroker, args: FastAPIWorkerArgs) -> ShutdownGuard:
     # process checked that it did).
     source = args.app or app_source(broker)
     taskiq_fastapi.init(broker, source, base_url=args.base_url)  # type: ignore[arg-type]
-    fetch_without_client_timeout(broker, args.broker_retry_timeout)
     outages = BrokerOutages(
         broker,
         args.broker,
