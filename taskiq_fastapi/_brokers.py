@@ -102,12 +102,23 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _guard_cluster(owner)
-        _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
+        _guard_sentinel_pools(owner, _error_name(broker, owner), retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
         _guard_nats_kick(broker, retry_timeout)
         _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
+
+
+def _error_name(broker: AsyncBroker, owner: object) -> str:
+    """How an error names `owner`, the broker or its result backend.
+
+    Its result backend may be on a server of its own: an error about that
+    server named the broker, so its reader looked for the fault at the
+    broker's server (the worker's lines say "Result backend of broker").
+    """
+    name = type(broker).__name__
+    return f"Broker {name}" if owner is broker else f"Result backend of broker {name}"
 
 
 def renew_closed_connections(broker: AsyncBroker) -> None:
@@ -320,7 +331,7 @@ def _cluster_client(owner: object) -> Any:
 def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
     for owner in (broker, broker.result_backend):
         for pool in _redis_pools(owner):
-            _guard_redis_pool(pool, type(broker).__name__, retry_timeout)
+            _guard_redis_pool(pool, _error_name(broker, owner), retry_timeout)
 
 
 def _redis_pools(owner: object) -> list[Any]:
@@ -332,9 +343,7 @@ def _redis_pools(owner: object) -> list[Any]:
     return [v for v in vars(owner).values() if isinstance(v, ConnectionPool)]
 
 
-def _guard_sentinel_pools(
-    owner: object, broker_name: str, retry_timeout: float
-) -> None:
+def _guard_sentinel_pools(owner: object, named: str, retry_timeout: float) -> None:
     """The same for each pool of taskiq-redis' sentinel brokers and backends.
 
     They ask their `sentinel` (a redis-py Sentinel) for a client of the
@@ -349,7 +358,7 @@ def _guard_sentinel_pools(
 
     def guarded_master_for(*args: Any, **kwargs: Any) -> Any:
         client = master_for(*args, **kwargs)
-        _guard_redis_pool(client.connection_pool, broker_name, retry_timeout)
+        _guard_redis_pool(client.connection_pool, named, retry_timeout)
         return client
 
     sentinel.master_for = guarded_master_for
@@ -453,7 +462,7 @@ def _where(pool: Any) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) -> None:
+def _guard_redis_pool(pool: Any, named: str, retry_timeout: float | None) -> None:
     """Check each connection the pool hands out; retry getting one if asked to.
 
     Without a retry timeout (a worker), only the stream's end-of-file flag is
@@ -525,7 +534,7 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
                 # a traceback, a redis-py error may hold the sentinels'
                 # password (`describe`).
                 raise BrokerUnreachableError(
-                    f"Broker {broker_name} at {_where(pool)} unreachable for "
+                    f"{named} at {_where(pool)} unreachable for "
                     f"{now - started:.0f} s: {describe(exc)}"
                 ) from None
             delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
@@ -653,7 +662,9 @@ def _guard_nats_kick(broker: Any, retry_timeout: float) -> None:
 
     async def kick_recreating_stream(message: BrokerMessage) -> None:
         if not broker.client.is_connected:
-            await _nats_connected(broker.client, broker, retry_timeout)
+            await _nats_connected(
+                broker.client, _error_name(broker, broker), retry_timeout
+            )
         try:
             await kick(message)
         except NoStreamResponseError:
@@ -681,13 +692,15 @@ def _guard_nats_results(broker: Any, retry_timeout: float) -> None:
             *args: Any, read: Callable[..., Awaitable[Any]] = read, **kwargs: Any
         ) -> Any:
             if not backend.nats_client.is_connected:
-                await _nats_connected(backend.nats_client, broker, retry_timeout)
+                await _nats_connected(
+                    backend.nats_client, _error_name(broker, backend), retry_timeout
+                )
             return await read(*args, **kwargs)
 
         setattr(backend, name, read_when_connected)
 
 
-async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> None:
+async def _nats_connected(client: Any, named: str, retry_timeout: float) -> None:
     """Wait until nats-py is connected again; past `retry_timeout`, raise.
 
     nats-py reconnects by itself: nothing to do but wait. A client that
@@ -701,8 +714,7 @@ async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> Non
             why = describe(cause) if cause is not None else "not connected"
             closed = " (nats-py gave up reconnecting)" if client.is_closed else ""
             raise BrokerUnreachableError(
-                f"Broker {type(broker).__name__} unreachable for {waited:.0f} s"
-                f"{closed}: {why}"
+                f"{named} unreachable for {waited:.0f} s{closed}: {why}"
             )
         await asyncio.sleep(min(FIRST_DELAY_SECONDS, retry_timeout - waited))
 

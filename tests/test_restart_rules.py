@@ -34,6 +34,7 @@ from taskiq.kicker import AsyncKicker
 from taskiq_redis import (
     ListQueueBroker,
     ListQueueClusterBroker,
+    RedisAsyncResultBackend,
     RedisStreamBroker,
     RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
@@ -174,6 +175,33 @@ async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) ->
         "ConnectionError: "
     ), cause
     assert 1 <= waited < 5
+
+
+async def test_a_result_backend_on_its_own_server_is_named_as_the_result_backend(
+    server: RedisServer,
+) -> None:
+    """The results on a second server, down: the kick goes through, and the
+    result wait's error names the result backend at its address. It named
+    the broker ("Broker ListQueueBroker at <the results' address>"), so its
+    reader looked for the fault at the broker's server."""
+    with running_server() as results:
+        backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(results.url)
+        broker = ListQueueBroker(server.url, queue_name="q").with_result_backend(
+            backend
+        )
+        async with api(broker, retry_timeout=1):
+            results.stop()
+            task = await AsyncKicker("workerapp.tasks:mark", broker, {}).kiq(1)
+            with pytest.raises(ResultIsReadyError) as raised:
+                await task.wait_result(timeout=30)
+            results.start()  # for the backend's shutdown
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError), cause
+    assert str(cause).startswith(
+        f"Result backend of broker ListQueueBroker at 127.0.0.1:{results.port} "
+        "unreachable for 1 s: ConnectionError: "
+    ), cause
+    assert await queued(server.url, "q") == 1
 
 
 async def test_behind_sentinel_past_the_bound_one_error_names_the_master(
@@ -787,11 +815,12 @@ async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> No
                 await asyncio.sleep(0.05)
             await kiq(broker, 2)
             assert (await broker.js.stream_info("gate")).state.messages == 2  # 0, 2
-    for error in (raised.value, waited.value):
+    named = {raised.value: "Broker", waited.value: "Result backend of broker"}
+    for error, name in named.items():
         cause = error.__cause__
         assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError), cause
         assert str(cause).startswith(
-            "Broker PullBasedJetStreamBroker unreachable for 1 s: "
+            f"{name} PullBasedJetStreamBroker unreachable for 1 s: "
         ), cause
 
 
