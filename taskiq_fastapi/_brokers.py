@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import select
@@ -489,6 +490,8 @@ def _guard_redis_pool(pool: Any, named: str, retry_timeout: float | None) -> Non
         pool.get_connection = reopened_connection
         return
 
+    _bound_replies(pool, retry_timeout)
+
     async def live_connection(*args: Any, **kwargs: Any) -> Any:
         connection = await get_connection(*args, **kwargs)
         try:
@@ -542,6 +545,50 @@ def _guard_redis_pool(pool: Any, named: str, retry_timeout: float | None) -> Non
             await asyncio.sleep(min(delay, deadline - now))
 
     pool.get_connection = get_live_connection
+
+
+def _bound_replies(pool: Any, retry_timeout: float) -> None:
+    """In the API, a reply that never comes fails the command after the bound.
+
+    With no socket timeout (redis-py 6's default, or `socket_timeout=None`
+    given), a command sent to a server that accepts connections and never
+    answers (a frozen process, a long CLIENT PAUSE) waited for as long as
+    the server did: under uvicorn, every request that kicked hung for the
+    whole freeze, and uvicorn's shutdown waited for them, so the app's
+    lifespan shutdown never ran. Such a command is then raised as one whose
+    reply did not come (redis-py's TimeoutError), never sent again. Only
+    where the client set no timeout: a timeout it set is kept.
+    """
+    kwargs = pool.connection_kwargs
+    if "socket_timeout" in kwargs:
+        given = kwargs["socket_timeout"]
+    else:
+        given = _default_socket_timeout(pool.connection_class)
+    if given is not None:
+        return
+    kwargs["socket_timeout"] = retry_timeout
+    if "orig_socket_timeout" in kwargs:
+        # redis-py 8 puts it back after a maintenance notification's relaxed
+        # timeout: this one, not none.
+        kwargs["orig_socket_timeout"] = retry_timeout
+    for connection in [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]:
+        if getattr(connection, "socket_timeout", 0) is None:
+            connection.socket_timeout = retry_timeout
+
+
+def _default_socket_timeout(connection_class: type) -> Any:
+    """The socket timeout redis-py's connections get by default (6: none, 8: 5 s)."""
+    for cls in connection_class.__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get("socket_timeout")
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
 
 
 if sys.version_info >= (3, 11):

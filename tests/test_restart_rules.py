@@ -460,6 +460,30 @@ async def test_a_server_that_accepts_and_never_answers_is_bounded_too(
     assert 1 <= waited < 4
 
 
+async def test_a_kick_sent_to_a_server_that_stopped_answering_fails_at_the_bound(
+    server: RedisServer,
+) -> None:
+    """A pooled connection, and its server frozen (SIGSTOP: the port accepts,
+    nothing answers; a long `CLIENT PAUSE` the same). With no socket timeout
+    (redis-py 6's default, or `socket_timeout=None` given), the kick waited
+    for as long as the server stayed frozen: under uvicorn, every request
+    hung for the whole freeze (20 s of 20 s), and uvicorn's shutdown waited
+    for them, so the app's lifespan shutdown never ran. It fails at the
+    bound now, as one whose reply did not come: it may have been received,
+    and it is not sent again."""
+    broker = ListQueueBroker(server.url, queue_name="q", socket_timeout=None)
+    async with api(broker, retry_timeout=1):
+        await kiq(broker, 1)  # a pooled connection, live
+        with frozen(server):
+            started = time.monotonic()
+            with pytest.raises(SendTaskError) as raised:
+                await asyncio.wait_for(kiq(broker, 2), 10)
+            waited = time.monotonic() - started
+    assert "Timeout" in type(raised.value.__cause__).__name__, raised.value.__cause__
+    assert 1 <= waited < 3
+    assert await queued(server.url, "q") <= 2  # never sent twice
+
+
 class CuttingProxy:
     """Relays to Redis; once armed, closes the client's connection right after
     a command has gone through to the server, before its reply comes back."""
