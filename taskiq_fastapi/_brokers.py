@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import select
@@ -121,12 +122,23 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
     _guard_redis_pools(broker, retry_timeout)
     for owner in (broker, broker.result_backend):
         _guard_cluster(owner)
-        _guard_sentinel_pools(owner, type(broker).__name__, retry_timeout)
+        _guard_sentinel_pools(owner, _error_name(broker, owner), retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
         _guard_nats_kick(broker, retry_timeout)
         _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
+
+
+def _error_name(broker: AsyncBroker, owner: object) -> str:
+    """How an error names `owner`, the broker or its result backend.
+
+    Its result backend may be on a server of its own: an error about that
+    server named the broker, so its reader looked for the fault at the
+    broker's server (the worker's lines say "Result backend of broker").
+    """
+    name = type(broker).__name__
+    return f"Broker {name}" if owner is broker else f"Result backend of broker {name}"
 
 
 def renew_closed_connections(broker: AsyncBroker) -> None:
@@ -394,7 +406,7 @@ def _cluster_client(owner: object) -> Any:
 def _guard_redis_pools(broker: AsyncBroker, retry_timeout: float | None) -> None:
     for owner in (broker, broker.result_backend):
         for pool in _redis_pools(owner):
-            _guard_redis_pool(pool, type(broker).__name__, retry_timeout)
+            _guard_redis_pool(pool, _error_name(broker, owner), retry_timeout)
 
 
 def _redis_pools(owner: object) -> list[Any]:
@@ -406,9 +418,7 @@ def _redis_pools(owner: object) -> list[Any]:
     return [v for v in vars(owner).values() if isinstance(v, ConnectionPool)]
 
 
-def _guard_sentinel_pools(
-    owner: object, broker_name: str, retry_timeout: float
-) -> None:
+def _guard_sentinel_pools(owner: object, named: str, retry_timeout: float) -> None:
     """The same for each pool of taskiq-redis' sentinel brokers and backends.
 
     They ask their `sentinel` (a redis-py Sentinel) for a client of the
@@ -423,7 +433,7 @@ def _guard_sentinel_pools(
 
     def guarded_master_for(*args: Any, **kwargs: Any) -> Any:
         client = master_for(*args, **kwargs)
-        _guard_redis_pool(client.connection_pool, broker_name, retry_timeout)
+        _guard_redis_pool(client.connection_pool, named, retry_timeout)
         return client
 
     sentinel.master_for = guarded_master_for
@@ -527,7 +537,7 @@ def _where(pool: Any) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) -> None:
+def _guard_redis_pool(pool: Any, named: str, retry_timeout: float | None) -> None:
     """Check each connection the pool hands out; retry getting one if asked to.
 
     Without a retry timeout (a worker), only the stream's end-of-file flag is
@@ -553,6 +563,8 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
 
         pool.get_connection = reopened_connection
         return
+
+    _bound_replies(pool, retry_timeout)
 
     async def live_connection(*args: Any, **kwargs: Any) -> Any:
         connection = await get_connection(*args, **kwargs)
@@ -599,7 +611,7 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
                 # a traceback, a redis-py error may hold the sentinels'
                 # password (`describe`).
                 raise BrokerUnreachableError(
-                    f"Broker {broker_name} at {_where(pool)} unreachable for "
+                    f"{named} at {_where(pool)} unreachable for "
                     f"{now - started:.0f} s: {describe(exc)}"
                 ) from None
             delay = backoff(attempt, FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS)
@@ -607,6 +619,50 @@ def _guard_redis_pool(pool: Any, broker_name: str, retry_timeout: float | None) 
             await asyncio.sleep(min(delay, deadline - now))
 
     pool.get_connection = get_live_connection
+
+
+def _bound_replies(pool: Any, retry_timeout: float) -> None:
+    """In the API, a reply that never comes fails the command after the bound.
+
+    With no socket timeout (redis-py 6's default, or `socket_timeout=None`
+    given), a command sent to a server that accepts connections and never
+    answers (a frozen process, a long CLIENT PAUSE) waited for as long as
+    the server did: under uvicorn, every request that kicked hung for the
+    whole freeze, and uvicorn's shutdown waited for them, so the app's
+    lifespan shutdown never ran. Such a command is then raised as one whose
+    reply did not come (redis-py's TimeoutError), never sent again. Only
+    where the client set no timeout: a timeout it set is kept.
+    """
+    kwargs = pool.connection_kwargs
+    if "socket_timeout" in kwargs:
+        given = kwargs["socket_timeout"]
+    else:
+        given = _default_socket_timeout(pool.connection_class)
+    if given is not None:
+        return
+    kwargs["socket_timeout"] = retry_timeout
+    if "orig_socket_timeout" in kwargs:
+        # redis-py 8 puts it back after a maintenance notification's relaxed
+        # timeout: this one, not none.
+        kwargs["orig_socket_timeout"] = retry_timeout
+    for connection in [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]:
+        if getattr(connection, "socket_timeout", 0) is None:
+            connection.socket_timeout = retry_timeout
+
+
+def _default_socket_timeout(connection_class: type) -> Any:
+    """The socket timeout redis-py's connections get by default (6: none, 8: 5 s)."""
+    for cls in connection_class.__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get("socket_timeout")
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
 
 
 if sys.version_info >= (3, 11):
@@ -727,7 +783,9 @@ def _guard_nats_kick(broker: Any, retry_timeout: float) -> None:
 
     async def kick_recreating_stream(message: BrokerMessage) -> None:
         if not broker.client.is_connected:
-            await _nats_connected(broker.client, broker, retry_timeout)
+            await _nats_connected(
+                broker.client, _error_name(broker, broker), retry_timeout
+            )
         try:
             await kick(message)
         except NoStreamResponseError:
@@ -755,13 +813,15 @@ def _guard_nats_results(broker: Any, retry_timeout: float) -> None:
             *args: Any, read: Callable[..., Awaitable[Any]] = read, **kwargs: Any
         ) -> Any:
             if not backend.nats_client.is_connected:
-                await _nats_connected(backend.nats_client, broker, retry_timeout)
+                await _nats_connected(
+                    backend.nats_client, _error_name(broker, backend), retry_timeout
+                )
             return await read(*args, **kwargs)
 
         setattr(backend, name, read_when_connected)
 
 
-async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> None:
+async def _nats_connected(client: Any, named: str, retry_timeout: float) -> None:
     """Wait until nats-py is connected again; past `retry_timeout`, raise.
 
     nats-py reconnects by itself: nothing to do but wait. A client that
@@ -775,8 +835,7 @@ async def _nats_connected(client: Any, broker: Any, retry_timeout: float) -> Non
             why = describe(cause) if cause is not None else "not connected"
             closed = " (nats-py gave up reconnecting)" if client.is_closed else ""
             raise BrokerUnreachableError(
-                f"Broker {type(broker).__name__} unreachable for {waited:.0f} s"
-                f"{closed}: {why}"
+                f"{named} unreachable for {waited:.0f} s{closed}: {why}"
             )
         await asyncio.sleep(min(FIRST_DELAY_SECONDS, retry_timeout - waited))
 

@@ -34,6 +34,7 @@ from taskiq.kicker import AsyncKicker
 from taskiq_redis import (
     ListQueueBroker,
     ListQueueClusterBroker,
+    RedisAsyncResultBackend,
     RedisStreamBroker,
     RedisStreamClusterBroker,
     RedisStreamSentinelBroker,
@@ -174,6 +175,33 @@ async def test_past_the_bound_one_error_names_the_broker(server: RedisServer) ->
         "ConnectionError: "
     ), cause
     assert 1 <= waited < 5
+
+
+async def test_a_result_backend_on_its_own_server_is_named_as_the_result_backend(
+    server: RedisServer,
+) -> None:
+    """The results on a second server, down: the kick goes through, and the
+    result wait's error names the result backend at its address. It named
+    the broker ("Broker ListQueueBroker at <the results' address>"), so its
+    reader looked for the fault at the broker's server."""
+    with running_server() as results:
+        backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(results.url)
+        broker = ListQueueBroker(server.url, queue_name="q").with_result_backend(
+            backend
+        )
+        async with api(broker, retry_timeout=1):
+            results.stop()
+            task = await AsyncKicker("workerapp.tasks:mark", broker, {}).kiq(1)
+            with pytest.raises(ResultIsReadyError) as raised:
+                await task.wait_result(timeout=30)
+            results.start()  # for the backend's shutdown
+    cause = raised.value.__cause__
+    assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError), cause
+    assert str(cause).startswith(
+        f"Result backend of broker ListQueueBroker at 127.0.0.1:{results.port} "
+        "unreachable for 1 s: ConnectionError: "
+    ), cause
+    assert await queued(server.url, "q") == 1
 
 
 async def test_behind_sentinel_past_the_bound_one_error_names_the_master(
@@ -430,6 +458,30 @@ async def test_a_server_that_accepts_and_never_answers_is_bounded_too(
         "TimeoutError: "
     ), cause
     assert 1 <= waited < 4
+
+
+async def test_a_kick_sent_to_a_server_that_stopped_answering_fails_at_the_bound(
+    server: RedisServer,
+) -> None:
+    """A pooled connection, and its server frozen (SIGSTOP: the port accepts,
+    nothing answers; a long `CLIENT PAUSE` the same). With no socket timeout
+    (redis-py 6's default, or `socket_timeout=None` given), the kick waited
+    for as long as the server stayed frozen: under uvicorn, every request
+    hung for the whole freeze (20 s of 20 s), and uvicorn's shutdown waited
+    for them, so the app's lifespan shutdown never ran. It fails at the
+    bound now, as one whose reply did not come: it may have been received,
+    and it is not sent again."""
+    broker = ListQueueBroker(server.url, queue_name="q", socket_timeout=None)
+    async with api(broker, retry_timeout=1):
+        await kiq(broker, 1)  # a pooled connection, live
+        with frozen(server):
+            started = time.monotonic()
+            with pytest.raises(SendTaskError) as raised:
+                await asyncio.wait_for(kiq(broker, 2), 10)
+            waited = time.monotonic() - started
+    assert "Timeout" in type(raised.value.__cause__).__name__, raised.value.__cause__
+    assert 1 <= waited < 3
+    assert await queued(server.url, "q") <= 2  # never sent twice
 
 
 class CuttingProxy:
@@ -787,11 +839,12 @@ async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> No
                 await asyncio.sleep(0.05)
             await kiq(broker, 2)
             assert (await broker.js.stream_info("gate")).state.messages == 2  # 0, 2
-    for error in (raised.value, waited.value):
+    named = {raised.value: "Broker", waited.value: "Result backend of broker"}
+    for error, name in named.items():
         cause = error.__cause__
         assert isinstance(cause, taskiq_fastapi.BrokerUnreachableError), cause
         assert str(cause).startswith(
-            "Broker PullBasedJetStreamBroker unreachable for 1 s: "
+            f"{name} PullBasedJetStreamBroker unreachable for 1 s: "
         ), cause
 
 
