@@ -247,10 +247,18 @@ def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:
     if type(client).__module__ == "nats.aio.client":
 
         async def nats_ping() -> None:
-            # While reconnecting, nats-py's flush sends nothing and returns.
             if not client.is_connected:
                 raise ConnectionError("the NATS client is not connected")
-            await client.flush()  # a PING, and waits for its PONG
+            # A PING, and its PONG awaited; not with `flush`. nats-py 2.16
+            # sets the result of the future its PING left for the PONG, even
+            # a cancelled one: InvalidStateError ended the client's read
+            # loop, and the client, still "connected", never read again (a
+            # worker took no task after a 12 s freeze of the server). flush's
+            # own timeout and our deadline both cancelled that future; this
+            # one is left pending (shielded) for a late PONG to set.
+            pong = asyncio.get_running_loop().create_future()
+            await client._send_ping(pong)
+            await asyncio.shield(pong)
 
         return nats_ping
     return None
