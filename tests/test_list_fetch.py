@@ -80,3 +80,31 @@ async def test_a_server_frozen_mid_fetch_longer_than_the_socket_timeout_loses_no
     assert missing == [], output
     assert max(started.values()) == 1, output
     assert "Traceback" not in output
+
+
+async def test_a_fetch_cancelled_as_it_connects_ends(redis_url: str) -> None:
+    """On Python 3.11 redis-py's `get_connection` swallows a cancellation that
+    lands while it connects: the fetch went on, BRPOP after BRPOP (with no
+    socket timeout to end it), 3 of 12 fetches cancelled 1 ms in; at a stop
+    it popped a message sent after the signal, which the stopping worker ran
+    or lost (taskiq 0.13: left in the queue before)."""
+    from taskiq_redis import ListQueueBroker
+
+    from taskiq_fastapi._brokers import fetch_without_client_timeout
+
+    broker = ListQueueBroker(redis_url, queue_name=f"test-{time.monotonic_ns()}")
+    fetch_without_client_timeout(broker, 60)
+    await broker.startup()
+    try:
+        for _ in range(30):
+            fetch = asyncio.ensure_future(anext(broker.listen()))
+            await asyncio.sleep(0.001)
+            fetch.cancel()
+            done, _ = await asyncio.wait({fetch}, timeout=2)
+            if not done:
+                fetch.cancel()
+                await asyncio.wait({fetch}, timeout=2)
+            assert done, "the fetch went on, cancelled"
+            assert fetch.cancelled()
+    finally:
+        await broker.shutdown()

@@ -101,6 +101,18 @@ def test_a_ping_answered_ends_an_outage_not_a_failing_fetch(
     assert broker.since is None
 
 
+def test_a_ping_answered_while_the_failing_fetch_waits_ends_its_failure() -> None:
+    """The fetch was sent again and waits (an idle queue): it works. Only an
+    operation of another's waiting does not end it."""
+    error = redis.exceptions.ResponseError("READONLY You can't write")
+    broker = outages.Dependency("Broker 'b'", object(), 3, lambda _: None)
+    broker.failed(error, "fetch")
+    broker.answered(["an ack"])
+    assert broker.since is not None
+    broker.answered(["an ack", "fetch"])
+    assert broker.since is None
+
+
 @asynccontextmanager
 async def connection() -> AsyncIterator[asyncio.StreamWriter]:
     """An open connection to a real local server, on the running loop."""

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from workers import APP, BROKER, WorkerRun
 
+from tools.processes import free_port
 from tools.redis_server import RedisServer, running_server
 
 pytestmark = pytest.mark.anyio
@@ -333,6 +334,42 @@ async def test_a_fetch_failing_for_a_while_resumes_in_the_same_process(
         assert run.stop(worker) == 0
     finally:
         run.kill_all()
+
+
+async def test_an_idle_worker_whose_fetch_failed_for_a_while_is_back(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A failover (READONLY for 2 s) passed while no message came: the fetch
+    worked again, but a fetch that works and finds nothing returns nothing,
+    and a PING answered did not end a failing fetch. The broker stayed
+    failing: no "is back", /readyz 503, and its clock ran on, so that one
+    connection the server dropped 8 s later stopped the command (exit 3,
+    "unreachable for 10.0 s" with a 4 s retry timeout)."""
+    run = WorkerRun(server.url, tmp_path)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "4"
+        )
+        run.wait_for("startup", processes=1)
+        async with Redis.from_url(server.url) as redis:
+            await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            wait_for_line(run, worker, "Broker 'workerapp.broker:broker' failing (")
+            await asyncio.sleep(1)
+            await redis.execute_command("REPLICAOF", "NO", "ONE")
+        wait_for_line(
+            run, worker, "Broker 'workerapp.broker:broker' is back after ", 15
+        )
+        await asyncio.sleep(5)  # longer than the retry timeout, idle
+        async with Redis.from_url(server.url) as redis:
+            await redis.client_kill_filter(_type="normal", skipme=True)
+        await asyncio.sleep(3)
+        assert worker.poll() is None, run.output(worker)
+        replies = await results(run, "whoami", [(1,)])
+        one_process_one_lifespan(run, replies)
+        assert run.stop(worker) == 0
+    finally:
+        run.kill_all()
+    assert "Traceback" not in run.output(worker)
 
 
 async def test_stream_broker_outage_loses_nothing_and_runs_nothing_twice(

@@ -84,6 +84,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Coroutine,
 )
 from typing import Any, TypeVar
@@ -178,9 +179,13 @@ class Dependency:
         self.back = asyncio.Event()
         self.logged_at = 0.0
         self.given_up = False
-        # The last failed attempt was an error of the server's answer, not of
-        # reaching it: a PING it answers does not end that.
-        self.failing = False
+        # The operation whose last failed attempt was an error of the server's
+        # answer, not of reaching it: a PING the server answers ends that only
+        # while this operation waits (it was sent and not refused: it works).
+        # An idle fetch that works returns nothing, and a READONLY that had
+        # passed (a failover) left the broker failing: /readyz 503 and its
+        # clock running while idle, then one dropped connection exit 3.
+        self.failing: object | None = None
         # Operations under way (a token each) and when each started.
         self.pending: dict[object, float] = {}
 
@@ -213,8 +218,8 @@ class Dependency:
             _backoff(attempt) if next_in is None else next_in,
             self.retry_timeout - waited,
         )
-        self.failing = not is_connection_error(exc)
-        if first and self.failing:
+        self.failing = None if is_connection_error(exc) else operation
+        if first and self.failing is not None:
             # Not an outage of the server's: where it came from may be news.
             logger.debug("%s failed:", self.name, exc_info=exc)
         if now - self.logged_at >= LOG_EVERY_SECONDS:
@@ -245,13 +250,17 @@ class Dependency:
             )
             self.since = None
             self.attempts.clear()
-            self.failing = False
+            self.failing = None
             self.back.set()
             self.report(False)
 
-    def answered(self) -> None:
-        """Its server answered a PING: that ends an outage, not a failing operation."""
-        if not self.failing:
+    def answered(self, waiting: Collection[object] = ()) -> None:
+        """Its server answered a PING while `waiting` operations were under way.
+
+        That ends an outage; a failing operation's failure, only if it is
+        among them: it was sent again, and it waits instead of failing.
+        """
+        if self.failing is None or self.failing in waiting:
             self.recovered()
 
     def probe_every(self) -> float:
@@ -602,7 +611,7 @@ class BrokerOutages:
                 logger.debug(
                     "Broker %r: idle fetch timed out; fetching again.", self.path
                 )
-                self.broker.answered()
+                self.broker.answered((fetch,))  # it waited: it works
                 return False
             # The PING failed; the fetch before it may have waited for hours.
             delay = self.broker.failed(exc, fetch, pinged)
@@ -636,15 +645,18 @@ class BrokerOutages:
             await asyncio.sleep(every)
             for dependency in (self.broker, self.backend):
                 now = time.monotonic()
-                if dependency.given_up or not any(
-                    now - started >= every for started in dependency.pending.values()
-                ):
+                waiting = [
+                    token
+                    for token, started in dependency.pending.items()
+                    if now - started >= every
+                ]
+                if dependency.given_up or not waiting:
                     continue
                 if not dependency.can_ping():
                     continue
                 unanswered = await dependency.unanswered()
                 if unanswered is None:
-                    dependency.answered()
+                    dependency.answered(waiting)
                     continue
                 if dependency.failed(unanswered, "watch", now, every) is None:
                     self._give_up(dependency, unanswered)
