@@ -197,35 +197,15 @@ async def _brpop(broker: Any, wait: float) -> Any:
     pool = broker.connection_pool
     connection = await pool.get_connection()
     try:
-        _raise_swallowed_cancel()
         await connection.send_command("BRPOP", broker.queue_name, LIST_BLOCK_SECONDS)
         socket_timeout = connection.socket_timeout
         connection.socket_timeout = wait
         try:
-            reply = await connection.read_response()
+            return await connection.read_response()
         finally:
             connection.socket_timeout = socket_timeout
-        if reply is None:
-            _raise_swallowed_cancel()  # a message popped is delivered
-        return reply
     finally:
         await pool.release(connection)
-
-
-def _raise_swallowed_cancel() -> None:
-    """Raise the cancellation of the current task that a client swallowed.
-
-    On Python 3.11, redis-py's `get_connection` swallows a cancellation that
-    lands while it connects (a third of fetches cancelled 1 ms in): the
-    fetch went on, BRPOP after BRPOP with no socket timeout to end it, and
-    at a stop popped a message sent after the signal, which the stopping
-    worker then ran or lost. Python 3.10 has no `Task.cancelling`, and was
-    not seen to swallow it.
-    """
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError
 
 
 def pinger(owner: object) -> Callable[[], Awaitable[None]] | None:

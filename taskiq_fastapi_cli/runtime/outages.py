@@ -186,8 +186,12 @@ class Dependency:
         # passed (a failover) left the broker failing: /readyz 503 and its
         # clock running while idle, then one dropped connection exit 3.
         self.failing: object | None = None
-        # Operations under way (a token each) and when each started.
+        # Operations under way (a token each) and when each started; still
+        # under way while they rest before trying again (`resting`), so that
+        # the watch PINGs the server during a long backoff and ends the
+        # outage as soon as it answers.
         self.pending: dict[object, float] = {}
+        self.resting: set[object] = set()
 
     def failed(
         self,
@@ -542,13 +546,30 @@ class BrokerOutages:
                 if delay is None:
                     self._give_up(dependency, exc)
                     raise
-                await _first(delay, dependency.back.wait())
+                await self._rest(dependency, token, delay)
                 continue
             finally:
                 dependency.pending.pop(token, None)
             if dependency.since is not None:
                 dependency.recovered()
             return done
+
+    async def _rest(
+        self,
+        dependency: Dependency,
+        operation: object,
+        delay: float,
+        *also: Coroutine[Any, Any, Any],
+    ) -> None:
+        """Wait `delay` before `operation` tries again, or less.
+
+        Until `dependency` is back, or one of `also` ends.
+        """
+        dependency.resting.add(operation)
+        try:
+            await _first(delay, dependency.back.wait(), *also)
+        finally:
+            dependency.resting.discard(operation)
 
     def _give_up(self, dependency: Dependency, exc: BaseException) -> None:
         """Past `dependency`'s deadline: the command stops, naming it.
@@ -624,7 +645,7 @@ class BrokerOutages:
             self._give_up(self.broker, exc)  # every process stops gracefully
             await self.stopping.wait()
             return True
-        await _first(delay, self.stopping.wait(), self.broker.back.wait())
+        await self._rest(self.broker, fetch, delay, self.stopping.wait())
         return self.stopping.is_set()
 
     async def _watch(self) -> None:
@@ -645,18 +666,27 @@ class BrokerOutages:
             await asyncio.sleep(every)
             for dependency in (self.broker, self.backend):
                 now = time.monotonic()
-                waiting = [
-                    token
+                waiting = {
+                    token: started
                     for token, started in dependency.pending.items()
                     if now - started >= every
-                ]
+                }
                 if dependency.given_up or not waiting:
                     continue
                 if not dependency.can_ping():
                     continue
                 unanswered = await dependency.unanswered()
                 if unanswered is None:
-                    dependency.answered(waiting)
+                    # Those still waiting on their attempt: one that failed
+                    # meanwhile (resting before it tries again) did not work.
+                    dependency.answered(
+                        [
+                            token
+                            for token, started in waiting.items()
+                            if dependency.pending.get(token) == started
+                            and token not in dependency.resting
+                        ]
+                    )
                     continue
                 if dependency.failed(unanswered, "watch", now, every) is None:
                     self._give_up(dependency, unanswered)
