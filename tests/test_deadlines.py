@@ -20,7 +20,7 @@ from subprocess import Popen
 import pytest
 from redis.asyncio import Redis
 from taskiq import TaskiqResult
-from workers import APP, BROKER, WorkerRun
+from workers import APP, BROKER, WorkerRun, error_line
 
 from taskiq_fastapi_cli.runtime.outages import Dependency
 from tools.processes import free_port, frozen, silent_port
@@ -46,12 +46,11 @@ def server() -> Iterator[RedisServer]:
 
 def gave_up(output: str, name: str, retry_timeout: int) -> float:
     """The one `Error:` line names `name`; the real duration it reports."""
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
+    error = error_line(output)
     said = re.match(
         rf"Error: {re.escape(name)} unreachable for (\d+\.\d) s "
         rf"\(--broker-retry-timeout {retry_timeout}\): \w+",
-        errors[0],
+        error,
     )
     assert said is not None, output
     return float(said[1])

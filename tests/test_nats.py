@@ -27,7 +27,7 @@ from delivery import (
     unreachable_broker_is_exit_3,
 )
 from workerapp.brokers import make_nats_broker
-from workers import APP, BROKER, COMMAND, TESTS_DIR, WorkerRun
+from workers import APP, BROKER, COMMAND, TESTS_DIR, WorkerRun, error_line
 
 from taskiq_fastapi._brokers import peek_result, pinger
 from taskiq_fastapi_cli.runtime.outages import BrokerOutages, BrokerStartupError
@@ -194,12 +194,11 @@ async def test_a_server_gone_mid_run_past_the_retry_timeout_is_exit_3_in_time(
         run.kill_all()
     output = run.output(worker)
     assert code == 3, output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
+    error = error_line(output)
     said = re.match(
         r"Error: Broker 'workerapp\.broker:broker' unreachable for (\d+\.\d) s "
         r"\(--broker-retry-timeout 4\): ",
-        errors[0],
+        error,
     )
     assert said is not None, output
     assert 4 <= float(said[1]) < 7, output

@@ -15,6 +15,7 @@ import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -33,23 +34,31 @@ def results_server() -> Iterator[RedisServer]:
         yield redis
 
 
+async def running_tasks(
+    run: WorkerRun, results: RedisServer, tasks: int, seconds: float
+) -> tuple[Any, list[Any]]:
+    """One worker process, results on `results`, `tasks` slow tasks all started."""
+    run.env["TASKIQ_TEST_RESULTS_URL"] = results.url
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "1",
+        "--max-async-tasks", str(tasks), "--broker-retry-timeout", "60",
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        sent = [await run.kiq("slow", n, seconds) for n in range(tasks)]
+    finally:
+        await run.sender.shutdown()
+    run.wait_for(f"task {tasks - 1} started", processes=1)
+    return worker, sent
+
+
 async def test_saves_that_failed_together_are_saved_once_the_backend_is_back(
     redis_url: str, results_server: RedisServer, tmp_path: Path
 ) -> None:
     run = WorkerRun(redis_url, tmp_path)
-    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1",
-            "--max-async-tasks", str(TASKS), "--broker-retry-timeout", "60",
-        )  # fmt: skip
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(TASKS)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for(f"task {TASKS - 1} started", processes=1)
+        worker, sent = await running_tasks(run, results_server, TASKS, 1.0)
         results_server.stop()  # the tasks finish during the outage
         await asyncio.sleep(3)
         results_server.start()
@@ -71,18 +80,8 @@ async def test_a_stop_during_a_backend_outage_saves_the_results_once_it_is_back(
     "Can't set result" lines) and the command exited 0 in 0.6 s, though the
     exit table says 0 means every in-flight task finished."""
     run = WorkerRun(redis_url, tmp_path)
-    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "60"
-        )
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(4)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 3 started", processes=1)
+        worker, sent = await running_tasks(run, results_server, 4, 1.0)
         results_server.stop()  # the tasks finish during the outage
         await asyncio.sleep(2)
         worker.send_signal(signal.SIGTERM)
@@ -104,18 +103,8 @@ async def test_a_second_signal_during_a_backend_outage_stops_now_with_exit_4(
     redis_url: str, results_server: RedisServer, tmp_path: Path
 ) -> None:
     run = WorkerRun(redis_url, tmp_path)
-    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "60"
-        )
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            await run.kiq("slow", 1, 0.5)
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 1 started", processes=1)
+        worker, _ = await running_tasks(run, results_server, 1, 0.5)
         results_server.stop()
         await asyncio.sleep(2)
         worker.send_signal(signal.SIGTERM)

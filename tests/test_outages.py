@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from workers import APP, BROKER, WorkerRun
+from workers import APP, BROKER, WorkerRun, error_line
 
 from tools.processes import free_port
 from tools.redis_server import RedisServer, running_server
@@ -144,9 +144,8 @@ async def test_an_outage_longer_than_the_retry_timeout_stops_the_command(
     server.stop()
     assert worker.wait(timeout=30) == 3
     output = run.output(worker)
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    assert GAVE_UP.match(errors[0]), errors
+    error = error_line(output)
+    assert GAVE_UP.match(error), error
     assert "Traceback" not in output
     # Stopped gracefully: each process ran its lifespan shutdown once.
     assert run.count("shutdown") == run.count("startup")
@@ -185,11 +184,10 @@ async def test_refused_credentials_are_one_clear_error_not_an_outage(
         output = run.output(worker)
     finally:
         run.kill_all()
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    assert errors[0].startswith(
+    error = error_line(output)
+    assert error.startswith(
         "Error: Broker 'workerapp.broker:broker' failed to start: AuthenticationError: "
-    ), errors
+    ), error
     assert "unreachable" not in output
     assert "Traceback" not in output
     assert took < 20, output
@@ -212,12 +210,11 @@ async def test_refused_credentials_met_by_a_fetch_are_one_clear_error(
         output = run.output(worker)
     finally:
         run.kill_all()
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    assert errors[0].startswith(
+    error = error_line(output)
+    assert error.startswith(
         "Error: Broker 'workerapp.broker:broker' refused the credentials: "
         "AuthenticationError: "
-    ), errors
+    ), error
     assert "Traceback" not in output
     assert took < 20, output  # at once, not after --broker-retry-timeout (120)
     assert len(run.count("startup")) == 2  # no process started again
@@ -246,12 +243,11 @@ async def test_refused_credentials_of_the_result_backend_are_one_clear_error(
         output = run.output(worker)
     finally:
         run.kill_all()
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    assert errors[0].startswith(
+    error = error_line(output)
+    assert error.startswith(
         "Error: Result backend of broker 'workerapp.broker:broker' refused the "
         "credentials: AuthenticationError: "
-    ), errors
+    ), error
     assert "Traceback" not in output
     assert run.count("shutdown") == run.count("startup")
 
@@ -295,13 +291,12 @@ async def test_a_fetch_that_keeps_failing_stops_the_command_with_one_line(
         output = run.output(worker)
     finally:
         run.kill_all()
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
+    error = error_line(output)
     assert re.match(
         r"Error: Broker 'workerapp\.broker:broker' failing for [3-6]\.\d s "
         r"\(--broker-retry-timeout 3\): ResponseError: WRONGTYPE ",
-        errors[0],
-    ), errors
+        error,
+    ), error
     assert FAILING in output
     assert "unreachable" not in output
     assert "Traceback" not in output

@@ -65,6 +65,13 @@ def get_json(url: str, timeout: float = 30) -> Any:
             time.sleep(0.1)
 
 
+def error_line(output: str) -> str:
+    """The command's one `Error:` line: a failure is said once."""
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
 class WorkerRun:
     """One worker command, its environment, and the lifespan events it logs."""
 
