@@ -53,6 +53,12 @@ async def running_tasks(
     return worker, sent
 
 
+async def saved_results(results: RedisServer, sent: list[Any]) -> int:
+    """How many of the `sent` tasks have their result saved on `results`."""
+    async with Redis.from_url(results.url) as redis:
+        return sum([await redis.exists(task.task_id) for task in sent])
+
+
 async def test_saves_that_failed_together_are_saved_once_the_backend_is_back(
     redis_url: str, results_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -64,8 +70,7 @@ async def test_saves_that_failed_together_are_saved_once_the_backend_is_back(
         results_server.start()
         await asyncio.sleep(5)  # back for 5 s: every save has had its chance
         code = run.stop(worker, timeout=60)
-        async with Redis.from_url(results_server.url) as redis:
-            saved = sum([await redis.exists(task.task_id) for task in sent])
+        saved = await saved_results(results_server, sent)
     finally:
         run.kill_all()
     output = run.output(worker)
@@ -89,8 +94,7 @@ async def test_a_stop_during_a_backend_outage_saves_the_results_once_it_is_back(
         assert worker.poll() is None, run.output(worker)  # still saving
         results_server.start()
         code = run.exit_status(worker, timeout=60)
-        async with Redis.from_url(results_server.url) as redis:
-            saved = sum([await redis.exists(task.task_id) for task in sent])
+        saved = await saved_results(results_server, sent)
     finally:
         run.kill_all()
     output = run.output(worker)
