@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
 from workerapp.statusapp import build
 
@@ -1086,3 +1086,50 @@ async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
         None,
         None,
     )
+
+
+@pytest.mark.anyio
+async def test_a_result_saved_by_an_earlier_worker_shows_its_times(
+    redis_url: str,
+) -> None:
+    """Earlier workers put the start and end times in the result's labels as
+    ISO text; this one puts seconds since the epoch. In a rolling upgrade the
+    API reads both: each shows the same instants."""
+    from uuid import uuid4
+
+    from taskiq import TaskiqResult
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    from taskiq_fastapi.task_status.records import FINISHED_LABEL, STARTED_LABEL
+
+    broker = ListQueueBroker(redis_url, queue_name=uuid4().hex).with_result_backend(
+        RedisAsyncResultBackend(redis_url, result_ex_time=60)
+    )
+
+    @broker.task
+    async def job() -> int:
+        return 7
+
+    status = taskiq_fastapi.TaskStatus(broker, [job])
+    began = dt.datetime(2026, 12, 5, 3, 0, 0, 250000, tzinfo=dt.timezone.utc)
+    ended = began + dt.timedelta(seconds=1.5)
+    shown = []
+    await broker.startup()
+    try:
+        for labels in (
+            {STARTED_LABEL: began.isoformat(), FINISHED_LABEL: ended.isoformat()},
+            {STARTED_LABEL: began.timestamp(), FINISHED_LABEL: ended.timestamp()},
+        ):
+            task = await job.kiq()
+            await broker.result_backend.set_result(
+                task.task_id,
+                TaskiqResult(
+                    is_err=False, return_value=7, execution_time=1.5, labels=labels
+                ),
+            )
+            record = json.loads(await status._status(await status.kicked(task.task_id)))
+            shown.append((record["started_at"], record["finished_at"]))
+    finally:
+        await broker.shutdown()
+    instants = TypeAdapter(list[tuple[dt.datetime, dt.datetime]])
+    assert instants.validate_python(shown) == [(began, ended)] * 2, shown

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -47,8 +48,10 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # its records without reading the queued one first.
 QUEUED_LABEL = "taskiq_fastapi_queued_at"
 # When the worker began it: the finished record is written without a read too.
+# Seconds since the epoch (time.time()): ISO text cost a task a microsecond
+# each, and a record reads either as its datetime (earlier versions wrote text).
 STARTED_LABEL = "taskiq_fastapi_started_at"
-# When it ended; both are saved with the result, in its labels.
+# When it ended, likewise; both are saved with the result, in its labels.
 FINISHED_LABEL = "taskiq_fastapi_finished_at"
 # By default, a task's `started` record is written once it has run this long
 # (seconds): long enough that most short tasks write no record but their
@@ -243,6 +246,8 @@ class _Start:
     no delay it is due at once, and begins at the task's first await.
     """
 
+    __slots__ = ("due", "message", "store", "write")
+
     def __init__(self, store: RecordStore, message: TaskiqMessage, due: float) -> None:
         self.store = store
         self.message = message
@@ -344,11 +349,11 @@ class Recorder(TaskiqMiddleware):
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         # The receiver hands this same message to post_execute.
-        if QUEUED_LABEL in message.labels:
-            message.labels[STARTED_LABEL] = _now().isoformat()
-            delay = self.started_after.get(message.task_name, STARTED_AFTER)
+        labels = message.labels
+        if QUEUED_LABEL in labels:
+            labels[STARTED_LABEL] = time.time()
             loop = asyncio.get_running_loop()
-            due = loop.time() + delay
+            due = loop.time() + self.started_after.get(message.task_name, STARTED_AFTER)
             self._starting[id(message)] = _Start(self.store, message, due)
             wake = self._wake
             if wake is None or due < wake.when() or self._wake_loop is not loop:
@@ -381,15 +386,31 @@ class Recorder(TaskiqMiddleware):
         if start is not None:
             await start.now()
 
-    async def post_execute(
+    def post_execute(
         self, message: TaskiqMessage, result: TaskiqResult[Any]
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
+        """Record the times; an awaitable only where there is more to do.
+
+        Most tasks have nothing to wait for, so no coroutine is made: taskiq
+        awaits what this returns only if it is awaitable.
+        """
         start = self._starting.pop(id(message), None)
         if start is None:
-            return
+            return None
         # Saved with the result, which taskiq writes after post_execute.
-        result.labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
-        result.labels[FINISHED_LABEL] = _now().isoformat()
+        labels = result.labels
+        labels[STARTED_LABEL] = message.labels[STARTED_LABEL]
+        labels[FINISHED_LABEL] = time.time()
+        if start.write is None and (
+            isinstance(result.error, NoResultError)
+            or keeps_results(self.store.broker.result_backend)
+        ):
+            return None
+        return self._finish(start, message, result)
+
+    async def _finish(
+        self, start: _Start, message: TaskiqMessage, result: TaskiqResult[Any]
+    ) -> None:
         await start.settle()
         if isinstance(result.error, NoResultError):
             return  # no outcome: saved by no one (a retry's will be)
