@@ -1047,16 +1047,12 @@ def test_a_keep_for_or_poll_interval_that_cannot_work_is_one_clear_error(
     assert broker.middlewares == []
 
 
-@pytest.mark.anyio
-async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
+def _redis_job_with_status(
     redis_url: str,
-) -> None:
-    """As the README says: a worker that never makes the TaskStatus writes no
-    record, only the task's result (set here as taskiq's receiver would): the
-    status is `queued` until then, then the outcome, with no times."""
+) -> tuple[Any, Any, taskiq_fastapi.TaskStatus]:
+    """A ListQueueBroker on its own queue, its task `job` (returns 7), listed."""
     from uuid import uuid4
 
-    from taskiq import TaskiqResult
     from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
     broker = ListQueueBroker(redis_url, queue_name=uuid4().hex).with_result_backend(
@@ -1067,7 +1063,19 @@ async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
     async def job() -> int:
         return 7
 
-    status = taskiq_fastapi.TaskStatus(broker, [job])
+    return broker, job, taskiq_fastapi.TaskStatus(broker, [job])
+
+
+@pytest.mark.anyio
+async def test_a_worker_without_task_status_shows_queued_then_its_outcome(
+    redis_url: str,
+) -> None:
+    """As the README says: a worker that never makes the TaskStatus writes no
+    record, only the task's result (set here as taskiq's receiver would): the
+    status is `queued` until then, then the outcome, with no times."""
+    from taskiq import TaskiqResult
+
+    broker, job, status = _redis_job_with_status(redis_url)
     await broker.startup()
     try:
         task = await job.kiq()
@@ -1095,22 +1103,11 @@ async def test_a_result_saved_by_an_earlier_worker_shows_its_times(
     """Earlier workers put the start and end times in the result's labels as
     ISO text; this one puts seconds since the epoch. In a rolling upgrade the
     API reads both: each shows the same instants."""
-    from uuid import uuid4
-
     from taskiq import TaskiqResult
-    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
     from taskiq_fastapi.task_status.records import FINISHED_LABEL, STARTED_LABEL
 
-    broker = ListQueueBroker(redis_url, queue_name=uuid4().hex).with_result_backend(
-        RedisAsyncResultBackend(redis_url, result_ex_time=60)
-    )
-
-    @broker.task
-    async def job() -> int:
-        return 7
-
-    status = taskiq_fastapi.TaskStatus(broker, [job])
+    broker, job, status = _redis_job_with_status(redis_url)
     began = dt.datetime(2026, 12, 5, 3, 0, 0, 250000, tzinfo=dt.timezone.utc)
     ended = began + dt.timedelta(seconds=1.5)
     shown = []
