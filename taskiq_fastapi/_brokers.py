@@ -97,6 +97,7 @@ from taskiq.depends.progress_tracker import TaskProgress
 
 from taskiq_fastapi.connections import (
     backoff,
+    cancel_until_done,
     describe,
     is_connection_error,
     one_line,
@@ -125,6 +126,7 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
         _guard_sentinel_pools(owner, _error_name(broker, owner), retry_timeout)
         _share_master_lookups(owner)
     if _is_jetstream(broker):
+        _bound_nats_connects(broker, retry_timeout)
         _guard_nats_kick(broker, retry_timeout)
         _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -774,6 +776,58 @@ def _is_jetstream(broker: AsyncBroker) -> bool:
     except ImportError:
         return False
     return isinstance(broker, BaseJetStreamBroker)
+
+
+def _bound_nats_connects(broker: Any, retry_timeout: float) -> None:
+    """The app's startup waits for its NATS server at most `retry_timeout`.
+
+    nats-py tries connecting 60 times, 2 s apart, inside `connect`: an API
+    started while NATS was down logged every attempt and failed two minutes
+    later with nats-py's NoServersError under a traceback of its own. The
+    broker's client connects in the broker's startup, and taskiq-nats'
+    object-store result backend in its own.
+    """
+    client = broker.client
+    connect: Callable[..., Awaitable[None]] = client.connect
+
+    async def connect_within(*args: Any, **kwargs: Any) -> None:
+        named = _error_name(broker, broker)
+        await _connecting_within(connect(*args, **kwargs), named, retry_timeout, client)
+
+    client.connect = connect_within
+    backend = broker.result_backend
+    if _is_nats_object_store(backend):
+        start: Callable[[], Awaitable[None]] = backend.startup
+
+        async def start_within() -> None:
+            named = _error_name(broker, backend)
+            await _connecting_within(start(), named, retry_timeout, None)
+
+        backend.startup = start_within
+
+
+async def _connecting_within(
+    connecting: Awaitable[None], named: str, retry_timeout: float, client: Any
+) -> None:
+    """Await `connecting`; cut at `retry_timeout`, BrokerUnreachableError.
+
+    Its message names `client`'s last error, where there is a client to ask.
+    """
+    attempt = asyncio.ensure_future(connecting)
+    started = time.monotonic()
+    try:
+        await asyncio.wait({attempt}, timeout=retry_timeout)
+    finally:
+        cut = not attempt.done()
+        if cut:  # at the bound, or the startup was cancelled
+            await cancel_until_done(attempt)
+    if not cut:
+        return attempt.result()
+    cause = None if client is None else client.last_error
+    why = "nats-py was still connecting" if cause is None else describe(cause)
+    raise BrokerUnreachableError(
+        f"{named} unreachable for {time.monotonic() - started:.0f} s: {why}"
+    )
 
 
 def _guard_nats_kick(broker: Any, retry_timeout: float) -> None:

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+from typing import Any
 
 _CONNECTION_NAMES = ("Connection", "Timeout", "NoServers", "ClusterDown")
 # Refused credentials: redis-py makes them ConnectionErrors, but no retry helps.
@@ -137,6 +138,32 @@ _HOST = re.compile(r"[(,]host=([^,]*),port=(\d+)")
 def _address(client: re.Match[str]) -> str:
     where = _HOST.search(client[1])
     return f"{where[1]}:{where[2]}" if where else "a Redis client"
+
+
+# A task cancelled at a deadline that still runs after this is cancelled
+# again (its client swallowed the cancellation).
+RECANCEL_SECONDS = 0.25
+
+
+async def cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it ends, cancelling it again as long as it runs.
+
+    One cancellation may be swallowed: before Python 3.12, `asyncio.wait_for`
+    answers a cancellation that lands just after the future it waits on
+    finished with that future's result or error. nats-py waits for each
+    connection attempt so, and a cancellation landing as an attempt was
+    refused became one more refusal: it tried again, 2 s apart for 2 minutes
+    at its defaults, and the command exited that long past its deadline (on
+    a loaded machine, where the deadline's check can fall in the turn of the
+    event loop that handles a refusal). What the task raises as it ends is
+    not news. Used by the workers (a startup, result save or ack at its
+    deadline) and the API (a NATS connect at its bound).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
+    if not task.cancelled():
+        task.exception()  # retrieved, or asyncio logs it as never retrieved
 
 
 def backoff(attempt: int, first: float, cap: float) -> float:

@@ -848,6 +848,57 @@ async def test_a_nats_kick_while_the_server_is_down_sends_nothing_at_all() -> No
         ), cause
 
 
+@pytest.mark.parametrize("down", ["both", "broker"])
+async def test_an_api_started_while_nats_is_down_fails_its_startup_at_the_bound(
+    down: str,
+) -> None:
+    """nats-py tries connecting for two minutes inside the startup, one log
+    line an attempt, then raised its NoServersError. Now the startup waits
+    for the server up to the bound, then one error names what it could not
+    reach: the result backend starts first (taskiq starts it before the
+    broker connects), so with the broker's server alone down, the broker."""
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    with running_nats() as server:
+        dead = f"nats://127.0.0.1:{free_port()}"
+        broker: Any = make_nats_broker(dead, "gate")
+        if down == "broker":
+            backend = make_nats_broker(server.url, "gate").result_backend
+            broker = broker.with_result_backend(backend)
+        started = time.monotonic()
+        with pytest.raises(taskiq_fastapi.BrokerUnreachableError) as raised:
+            async with api(broker, retry_timeout=1):
+                pass
+        waited = time.monotonic() - started
+    name = "Broker" if down == "broker" else "Result backend of broker"
+    assert str(raised.value).startswith(
+        f"{name} PullBasedJetStreamBroker unreachable for 1 s: "
+    ), raised.value
+    assert waited < 5, waited
+
+
+async def test_an_api_started_before_nats_starts_once_the_server_is_up() -> None:
+    """docker-compose's order: the server comes up within the bound, and the
+    app's startup goes on as soon as it is there; a kick then goes through."""
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    with running_nats() as server:
+        server.stop()
+        broker: Any = make_nats_broker(server.url, "gate")
+        later = threading.Timer(1.0, server.start)
+        later.start()
+        try:
+            async with api(broker, retry_timeout=30):
+                await kiq(broker, 1)
+                assert (await broker.js.stream_info("gate")).state.messages == 1
+        finally:
+            later.join()
+
+
 @pytest.mark.parametrize("ready", [_poll_ready, _select_ready])
 def test_asking_a_socket_whether_its_server_closed_it(ready: Any) -> None:
     """How a kick tells a pooled connection the server closed from an idle

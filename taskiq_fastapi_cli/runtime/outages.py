@@ -56,7 +56,7 @@ gracefully and the command exits 3, naming which one and the real duration.
   worker's startup handlers (the app's lifespan) are done, the rest of the
   broker's startup is bounded by the retry timeout too. At the deadline it
   is cancelled until it ends: before Python 3.12 nats-py can swallow one
-  cancellation (`_cancel_until_done`).
+  cancellation (`cancel_until_done`).
 - A broker whose startup never connected, or whose server is gone, may fail
   to shut down: taskiq-nats closes its client first, which raises for a
   client that never connected or lost its server,
@@ -101,6 +101,7 @@ from taskiq_fastapi._brokers import (
 from taskiq_fastapi._taskiq import with_ack
 from taskiq_fastapi.connections import (
     backoff,
+    cancel_until_done,
     describe,
     is_connection_error,
     one_line,
@@ -121,9 +122,6 @@ PING_TIMEOUT_SECONDS = 2.0
 # never answers is found out well before the deadline.
 PROBE_SECONDS = 5.0
 PROBE_FLOOR_SECONDS = 0.25  # with --broker-retry-timeout 0, no busy loop
-# A startup, result save or ack cancelled at the deadline that still runs
-# after this is cancelled again (its client swallowed the cancellation).
-RECANCEL_SECONDS = 0.25
 # Retry lines of one dependency: at most one a second (many tasks may retry
 # at once), one per attempt otherwise.
 LOG_EVERY_SECONDS = 1.0
@@ -426,11 +424,11 @@ class BrokerOutages:
             if since is None:
                 continue
             if self.stopping.is_set():
-                await _cancel_until_done(running)
+                await cancel_until_done(running)
                 raise WorkerStopped
             deadline = self.broker.deadline() or since + self.retry_timeout
             if time.monotonic() >= deadline:
-                await _cancel_until_done(running)
+                await cancel_until_done(running)
                 raise ConnectionError(
                     f"its startup was still connecting after "
                     f"{time.monotonic() - since:.1f} s"
@@ -577,7 +575,7 @@ class BrokerOutages:
         A result save or an ack still waiting on its server would keep its
         task in flight, and the stop waiting for it: it is cancelled (so not
         acknowledged) until it ends, as a client may swallow one
-        cancellation (`_cancel_until_done`); a save that did so kept the
+        cancellation (`cancel_until_done`); a save that did so kept the
         command from exiting until --wait-tasks-timeout. Cancelled in tasks
         of their own, as the watch goes on.
         """
@@ -587,7 +585,7 @@ class BrokerOutages:
         this = asyncio.current_task()  # an operation giving up raises itself
         for token in list(dependency.pending):
             if isinstance(token, asyncio.Task) and token is not this:
-                cutting = asyncio.ensure_future(_cancel_until_done(token))
+                cutting = asyncio.ensure_future(cancel_until_done(token))
                 self.cutting.add(cutting)
                 cutting.add_done_callback(self.cutting.discard)
 
@@ -690,26 +688,6 @@ class BrokerOutages:
                     continue
                 if dependency.failed(unanswered, "watch", now, every) is None:
                     self._give_up(dependency, unanswered)
-
-
-async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
-    """Cancel `task` and wait until it ends, cancelling it again as long as it runs.
-
-    One cancellation may be swallowed: before Python 3.12, `asyncio.wait_for`
-    answers a cancellation that lands just after the future it waits on
-    finished with that future's result or error. nats-py waits for each
-    connection attempt so, and a cancellation landing as an attempt was
-    refused became one more refusal: it tried again, 2 s apart for 2 minutes
-    at its defaults, and the command exited that long past its deadline (on
-    a loaded machine, where the deadline's check can fall in the turn of the
-    event loop that handles a refusal). What the task raises as it ends is
-    not news.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
-    if not task.cancelled():
-        task.exception()  # retrieved, or asyncio logs it as never retrieved
 
 
 async def _close_fetch(source: AsyncIterator[Any]) -> None:
