@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 from weakref import WeakSet
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -210,27 +210,7 @@ class _HeaderChoice:
         """The value `text` (with a "?" or "#"), cut unless `name` was named."""
         if name in self.named:
             return text
-        head, _, rest = text.partition("?")
-        if not _:  # a fragment only: "/callback#access_token=...&state=..."
-            head, hash_, fragment = text.partition("#")
-            return f"{head}{hash_}{self._fragment(fragment)}"
-        query, hash_, fragment = rest.partition("#")
-        return f"{head}?{self.query.kept(query)}{hash_}{self._fragment(fragment)}"
-
-    def _fragment(self, fragment: str) -> str:
-        """A fragment of `name=value` pairs, cut as a query.
-
-        OAuth's implicit flow returns `#access_token=...&id_token=...` to a
-        page, whose URL a client may send whole (an error report's, an
-        analytics header); a page's route (`#/reset?token=...`) has its own
-        query.
-        """
-        if "=" not in fragment:
-            return fragment  # "#section"
-        route, mark, query = fragment.partition("?")
-        if mark:
-            return f"{route}?{self.query.kept(query)}"
-        return self.query.kept(fragment)
+        return _cut_uri(text, self.query)
 
     def __call__(self, headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
         """The chosen headers, each as a JSON `[name, value]` pair.
@@ -292,12 +272,60 @@ class _QueryChoice:
             if carried is None:
                 carried = _remember(decided, raw, self.carries(unquote_plus(raw)))
             if carried:
+                if "?" in part or "#" in part or "%" in part:
+                    part = self._cut_value(part)
                 kept.append(part)
         return "&".join(kept)
+
+    def _cut_value(self, part: str) -> str:
+        """A parameter whose value is a URI, its query cut as this one.
+
+        A login's `?next=/reset?token=...` (or `next=%2Freset%3Ftoken%3D...`)
+        carried the token left out of the query itself, as a header holding
+        the request's URI did. Carried as it came unless something is cut,
+        or the parameter was named.
+        """
+        raw, _, value = part.partition("=")
+        text = unquote_plus(value)
+        if ("?" not in text and "#" not in text) or unquote_plus(raw) in self.named:
+            return part
+        cut = _cut_uri(text, self)
+        if cut == text:
+            return part
+        return f"{raw}={quote_plus(cut, safe='/:')}"
 
     def __call__(self, query_string: bytes) -> str:
         """The chosen parameters, as the raw query string they came in."""
         return self.kept(query_string.decode("latin-1"))
+
+
+def _cut_uri(text: str, query: _QueryChoice) -> str:
+    """A URI (or a part of one) with its query cut as `query` chooses.
+
+    So is a fragment of `name=value` pairs: see `_cut_fragment`.
+    """
+    head, mark, rest = text.partition("?")
+    if not mark:  # a fragment only: "/callback#access_token=...&state=..."
+        head, hash_, fragment = text.partition("#")
+        return f"{head}{hash_}{_cut_fragment(fragment, query)}"
+    kept, hash_, fragment = rest.partition("#")
+    return f"{head}?{query.kept(kept)}{hash_}{_cut_fragment(fragment, query)}"
+
+
+def _cut_fragment(fragment: str, query: _QueryChoice) -> str:
+    """A fragment of `name=value` pairs, cut as a query.
+
+    OAuth's implicit flow returns `#access_token=...&id_token=...` to a
+    page, whose URL a client may send whole (an error report's, an
+    analytics header); a page's route (`#/reset?token=...`) has its own
+    query.
+    """
+    if "=" not in fragment:
+        return fragment  # "#section"
+    route, mark, rest = fragment.partition("?")
+    if mark:
+        return f"{route}?{query.kept(rest)}"
+    return query.kept(fragment)
 
 
 class CarrySettings:
