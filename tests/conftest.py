@@ -176,8 +176,8 @@ _E2E_FIXTURES = frozenset({"run", "stream_run", "nats_run"})
 _E2E_MODULES = frozenset(
     {
         "test_deadlines", "test_demo", "test_list_fetch", "test_metrics", "test_nats",
-        "test_outage_backoff", "test_outages", "test_reliability", "test_reload",
-        "test_restart_empty", "test_signals",
+        "test_outage_backoff", "test_outage_edges", "test_outages", "test_reliability",
+        "test_reload", "test_restart_empty", "test_signals",
         "test_task_cancel_worker", "test_template_project", "test_tracing_worker",
     }
 )  # fmt: skip

@@ -383,22 +383,57 @@ class BrokerOutages:
         async def shutdown_even_if_never_connected() -> None:
             if self.watching is not None:
                 self.watching.cancel()
+            # Where the broker's own shutdown got to: its client's close comes
+            # before the handlers (taskiq-nats), the result backend's after.
+            handlers = broker.event_handlers[TaskiqEvents.WORKER_SHUTDOWN]
+            reached: list[str] = []
+
+            def first(_state: TaskiqState) -> None:
+                reached.append("handlers")
+
+            def last(_state: TaskiqState) -> None:
+                reached.append("backend")
+
+            handlers.insert(0, first)
+            handlers.append(last)
             try:
                 await shutdown()
             except Exception as exc:
-                if self.started and self.broker.since is None:
-                    raise
+                if reached == ["handlers"] or not self._unreachable(exc):
+                    raise  # a handler's own error, or no outage's
                 logger.debug(
                     "Broker %r, unreachable, failed to shut down (%s).",
                     self.path,
                     describe(exc),
                 )
+                if reached:
+                    return  # its handlers ran: only its result backend is left
                 try:
                     await AsyncBroker.shutdown(broker)  # handlers, then backend
                 except Exception as backend_exc:  # a backend never started either
                     logger.debug("Its result backend too: %s", describe(backend_exc))
+            finally:
+                for marker in (first, last):
+                    if marker in handlers:
+                        handlers.remove(marker)
 
         broker.shutdown = shutdown_even_if_never_connected  # type: ignore[method-assign]
+
+    def _unreachable(self, exc: Exception) -> bool:
+        """Whether the broker's shutdown raised `exc` as its server is gone.
+
+        Its result backend's server too: taskiq-nats' result backend closes
+        a client of its own, which raised for a server gone while results
+        waited (a stop during the outage), with a traceback.
+        """
+        return (
+            not self.started
+            or is_connection_error(exc)
+            or any(
+                dependency.since is not None or dependency.given_up
+                for dependency in (self.broker, self.backend)
+            )
+        )
 
     def _connecting(self, _state: TaskiqState) -> None:
         self.connecting_since = time.monotonic()
