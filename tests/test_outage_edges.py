@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 from workers import APP, BROKER, WorkerRun, error_line
 
 from tools.nats_server import NatsServer, running_server
+from tools.redis_server import RedisServer
+from tools.redis_server import running_server as running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -76,3 +79,55 @@ async def test_a_stop_while_nats_results_wait_shuts_down_without_a_traceback(
         assert [r.return_value for r in done] == list(range(10))
     # Each process ran its lifespan's shutdown once: not again.
     assert run.count("shutdown") == run.count("startup")
+
+
+@pytest.fixture
+def broker_server() -> Iterator[RedisServer]:
+    with running_redis(persistent=True) as redis:
+        yield redis
+
+
+@pytest.fixture
+def results_server() -> Iterator[RedisServer]:
+    with running_redis(persistent=True) as redis:
+        yield redis
+
+
+async def test_a_task_finishing_after_the_broker_was_given_up_saves_its_result(
+    broker_server: RedisServer, results_server: RedisServer, tmp_path: Path
+) -> None:
+    """The broker's server gone past the deadline while a task ran, its
+    results' server up: the task finished during the stop, its ack
+    (`when_executed`, before the save) raised "not tried" out of taskiq's
+    callback, which nobody awaits, and the result was never saved, with
+    nothing logged. Now the ack is skipped (the message is delivered again)
+    and the result saved."""
+    run = WorkerRun(broker_server.url, tmp_path, streams=True)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--ack-type", "when_executed",
+            "--broker-retry-timeout", "2",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            sent = await run.kiq("slow", 1, 5.0)
+        finally:
+            await run.sender.shutdown()
+        run.wait_for("task 1 started", processes=1)
+        broker_server.stop()
+        status = await asyncio.to_thread(run.exit_status, worker, 40)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert status == 3, output
+    assert "task 1 done" in [event for _, event in run.events()]
+    async with Redis.from_url(results_server.url) as redis:
+        saved = await redis.exists(sent.task_id)
+    assert saved == 1, output
+    assert "Traceback" not in output
+    broker_server.start()
+    async with Redis.from_url(broker_server.url) as redis:
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert pending["pending"] == 1, output  # not acknowledged: delivered again

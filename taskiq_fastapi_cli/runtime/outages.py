@@ -534,8 +534,20 @@ class BrokerOutages:
                 # save (`when_saved`): left for the broker to deliver again.
                 logger.debug("Not acknowledged: results can no longer be saved.")
                 return
-            # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
-            await self._until_done(lambda: maybe_awaitable(ack()), self.broker)
+            # Past the broker's deadline: not acknowledged, the broker delivers
+            # it again. Not raised either: taskiq's callback, which nobody
+            # awaits, ended there, and with `when_executed` a result its
+            # (reachable) backend could have saved was dropped, unsaid.
+            if self.broker.given_up:
+                logger.debug("Not acknowledged: the broker was given up on.")
+                return
+            try:
+                # taskiq allows a synchronous ack: Callable[[], Awaitable | None].
+                await self._until_done(lambda: maybe_awaitable(ack()), self.broker)
+            except Exception as exc:
+                if not self.broker.given_up:
+                    raise
+                logger.debug("Not acknowledged: %s", describe(exc))
 
         return with_ack(message, ack_until_done)
 
