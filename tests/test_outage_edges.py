@@ -7,6 +7,7 @@ its fix.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from workers import APP, BROKER, WorkerRun, error_line
 
 from tools.nats_server import NatsServer, running_server
+from tools.processes import free_port
 from tools.redis_server import RedisServer
 from tools.redis_server import running_server as running_redis
 
@@ -131,3 +133,111 @@ async def test_a_task_finishing_after_the_broker_was_given_up_saves_its_result(
     async with Redis.from_url(broker_server.url) as redis:
         pending = await redis.xpending(run.queue, "taskiq")
     assert pending["pending"] == 1, output  # not acknowledged: delivered again
+
+
+async def test_results_finished_during_a_failover_of_their_server_are_saved(
+    broker_server: RedisServer, results_server: RedisServer, tmp_path: Path
+) -> None:
+    """The results' server a replica for 3 s (READONLY, a failover): each
+    save was left to taskiq as one task's error, a traceback each, and the 5
+    results finished meanwhile were lost (0 saved; a list queue had popped
+    their messages), exit 0. Now retried on the backend's clock, "failing"."""
+    run = WorkerRun(broker_server.url, tmp_path)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
+            "--broker-retry-timeout", "20",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            sent = [await run.kiq("slow", n, 1.0) for n in range(5)]
+        finally:
+            await run.sender.shutdown()
+        run.wait_for("task 4 started", processes=1)
+        async with Redis.from_url(results_server.url) as redis:
+            # A failover: the results' server is a replica (READONLY) for 3 s.
+            await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            await asyncio.sleep(3)
+            await redis.execute_command("REPLICAOF", "NO", "ONE")
+        await asyncio.sleep(3)
+        status = run.stop(worker)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    async with Redis.from_url(results_server.url) as redis:
+        saved = sum([await redis.exists(task.task_id) for task in sent])
+    assert (saved, status) == (5, 0), output
+    assert "Traceback" not in output
+    backend = "Result backend of broker 'workerapp.broker:broker'"
+    assert f"{backend} failing (ReadOnlyError: " in output, output
+    assert output.count(f"{backend} is back after ") == 1, output
+
+
+async def test_acks_during_a_failover_of_a_stream_brokers_server_wait_for_it(
+    broker_server: RedisServer, tmp_path: Path
+) -> None:
+    """A stream broker and its results on a server that is a replica for 3 s
+    (READONLY): each task that finished meanwhile had its save and its ack
+    fail, left to taskiq, so it ran again once the message was claimed."""
+    run = WorkerRun(broker_server.url, tmp_path, streams=True)
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
+            "--broker-retry-timeout", "20", "--ack-type", "when_executed",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        await run.sender.startup()
+        try:
+            sent = [await run.kiq("slow", n, 1.0) for n in range(5)]
+        finally:
+            await run.sender.shutdown()
+        run.wait_for("task 4 started", processes=1)
+        async with Redis.from_url(broker_server.url) as redis:
+            await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            await asyncio.sleep(3)
+            await redis.execute_command("REPLICAOF", "NO", "ONE")
+        await asyncio.sleep(4)
+        status = run.stop(worker)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    async with Redis.from_url(broker_server.url) as redis:
+        saved = sum([await redis.exists(task.task_id) for task in sent])
+        pending = await redis.xpending(run.queue, "taskiq")
+    assert (saved, pending["pending"], status) == (5, 0, 0), output
+    started = [event for _, event in run.events() if event.endswith(" started")]
+    assert sorted(started) == [f"task {n} started" for n in range(5)], output
+    assert "Traceback" not in output
+
+
+async def test_results_whose_server_stays_read_only_stop_the_command_in_one_line(
+    broker_server: RedisServer, results_server: RedisServer, tmp_path: Path
+) -> None:
+    run = WorkerRun(broker_server.url, tmp_path)
+    run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
+    try:
+        worker = run.start(
+            "worker", *BROKER, *APP, "--workers", "1", "--broker-retry-timeout", "3",
+        )  # fmt: skip
+        run.wait_for("startup", processes=1)
+        async with Redis.from_url(results_server.url) as redis:
+            await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        await run.sender.startup()
+        try:
+            await run.kiq("mark", 1)
+        finally:
+            await run.sender.shutdown()
+        status = await asyncio.to_thread(run.exit_status, worker, 40)
+    finally:
+        run.kill_all()
+    output = run.output(worker)
+    assert status == 3, output
+    assert re.match(
+        r"Error: Result backend of broker 'workerapp\.broker:broker' failing for "
+        r"[3-5]\.\d s \(--broker-retry-timeout 3\): ReadOnlyError: ",
+        error_line(output),
+    ), output
+    assert "Traceback" not in output
+    assert run.count("shutdown") == run.count("startup")

@@ -30,14 +30,15 @@ the broker's fetch: taskiq ended the worker process with a traceback, and
 its supervisor started another, over and over, for an error that stays (a
 Redis key of the wrong type: WRONGTYPE) or passes (a replica that became
 read-only in a failover: READONLY). Such a failure runs the broker's clock
-as an outage does ("failing" where an outage says "unreachable"). A result
-save's or an acknowledgement's other errors keep taskiq's behaviour: they
-are one task's. Retries back off exponentially with jitter, one WARNING
-line each (at most one a second per dependency), and one line when it is
-back. The broker and the result backend each have one clock (`Dependency`),
-from the first failed attempt to the next success; past
-`--broker-retry-timeout` the process asks the whole command to stop
-gracefully and the command exits 3, naming which one and the real duration.
+as an outage does ("failing" where an outage says "unreachable"). So does a
+result save's or an acknowledgement's READONLY or TRYAGAIN (`_passes`);
+their other errors keep taskiq's behaviour: they are one task's. Retries
+back off exponentially with jitter, one WARNING line each (at most one a
+second per dependency), and one line when it is back. The broker and the
+result backend each have one clock (`Dependency`), from the first failed
+attempt to the next success; past `--broker-retry-timeout` the process asks
+the whole command to stop gracefully and the command exits 3, naming which
+one and the real duration.
 
 - A server that accepts connections and never answers: redis-py and nats-py
   then wait for ever (redis-py with `socket_timeout=None`, as a blocking
@@ -582,7 +583,7 @@ class BrokerOutages:
                     failure = await self._recover(exc)
                     if failure is None:
                         continue  # recreated: try again
-                    if failure is exc:
+                    if failure is exc and not _passes(exc):
                         if refuses_credentials(exc):
                             self._give_up(dependency, exc)
                         raise  # not an outage: as taskiq would
@@ -737,6 +738,25 @@ class BrokerOutages:
                     self._give_up(dependency, unanswered)
 
 
+def _passes(exc: BaseException) -> bool:
+    """Whether `exc` says the server cannot take writes for now: retried, failing.
+
+    A Redis replica during a failover (READONLY), a cluster slot being
+    migrated (TRYAGAIN). Left to taskiq, the results of every task that
+    finished in a 3 s failover were lost, a traceback each (the message of
+    a list queue already popped), and the command exited 0.
+    """
+    if any(
+        name in cls.__name__
+        for cls in type(exc).__mro__
+        for name in ("ReadOnly", "TryAgain")
+    ):
+        return True
+    return type(exc).__name__ == "ResponseError" and str(exc).startswith(
+        ("READONLY ", "TRYAGAIN ")
+    )
+
+
 async def _close_fetch(source: AsyncIterator[Any]) -> None:
     """Close the broker's own fetch; what it raises as it closes is not news.
 
@@ -753,12 +773,13 @@ async def _close_fetch(source: AsyncIterator[Any]) -> None:
 def _unsaved_in_one_line(record: logging.LogRecord) -> bool:
     """A "Can't set result" record of taskiq's for an outage: its cause, one line.
 
-    So too for refused credentials, which stop the command.
+    So too for refused credentials, which stop the command, and for a server
+    that could take no writes until the deadline (`_passes`).
     """
     error = record.exc_info[1] if record.exc_info else None
     if (
         error is not None
-        and (is_connection_error(error) or refuses_credentials(error))
+        and (is_connection_error(error) or refuses_credentials(error) or _passes(error))
         and str(record.msg).startswith("Can't set result")
     ):
         return one_line(record)
