@@ -113,6 +113,21 @@ def test_a_ping_answered_while_the_failing_fetch_waits_ends_its_failure() -> Non
     assert broker.since is None
 
 
+def test_an_unanswered_ping_said_just_after_a_failure_starts_the_clock() -> None:
+    """A NATS server frozen 14 s, 8 s retry timeout, a SIGTERM while results
+    waited: the watch's PING sent at t+4 went unanswered, but a save timing
+    out at t+6 was recorded a moment before the watch's failure, and only
+    the first failure of an outage set the clock: it ran from t+6, was at
+    7.9 s when the server came back, and the command exited 0 ("back after
+    8.1 s"), where the run in which the PING's failure came first exited 3.
+    """
+    broker = outages.Dependency("Result backend", object(), 8, lambda _: None)
+    pinged = time.monotonic() - 2.0  # the PING the watch sent, unanswered
+    assert broker.failed(TimeoutError("nats: timeout"), "a save") is not None
+    broker.failed(ConnectionError("no answer"), "watch", pinged, 2.0)
+    assert broker.since == pinged
+
+
 @asynccontextmanager
 async def connection() -> AsyncIterator[asyncio.StreamWriter]:
     """An open connection to a real local server, on the running loop."""

@@ -211,6 +211,11 @@ class Dependency:
             self.since = now if started is None else min(started, now)
             self.back = asyncio.Event()
             self.report(True)
+        elif started is not None and started < self.since:
+            # An attempt that began earlier failed later (a PING unanswered
+            # for its deadline): recorded just after another failure, it was
+            # not counted, and an outage ran past the deadline unnoticed.
+            self.since = started
         waited = now - self.since
         if waited >= self.retry_timeout:
             return None
