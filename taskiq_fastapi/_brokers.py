@@ -125,8 +125,9 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
         _guard_cluster(owner)
         _guard_sentinel_pools(owner, _error_name(broker, owner), retry_timeout)
         _share_master_lookups(owner)
-    if _is_jetstream(broker):
+    if _is_core_nats(broker) or _is_jetstream(broker):
         _bound_nats_connects(broker, retry_timeout)
+    if _is_jetstream(broker):
         _guard_nats_kick(broker, retry_timeout)
         _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -776,6 +777,15 @@ def _is_jetstream(broker: AsyncBroker) -> bool:
     except ImportError:
         return False
     return isinstance(broker, BaseJetStreamBroker)
+
+
+def _is_core_nats(broker: AsyncBroker) -> bool:
+    """taskiq-nats' NatsBroker (core NATS): its startup connects as well."""
+    try:
+        from taskiq_nats.broker import NatsBroker
+    except ImportError:
+        return False
+    return isinstance(broker, NatsBroker)
 
 
 def _bound_nats_connects(broker: Any, retry_timeout: float) -> None:

@@ -899,6 +899,26 @@ async def test_an_api_started_before_nats_starts_once_the_server_is_up() -> None
             later.join()
 
 
+async def test_an_api_on_core_nats_started_while_it_is_down_fails_at_the_bound() -> (
+    None
+):
+    """The README says "taskiq-nats' brokers": its NatsBroker (core NATS, no
+    JetStream) connects in its startup too, and took nats-py's two minutes
+    (60 log lines, then NoServersError)."""
+    from taskiq_nats import NatsBroker
+
+    broker = NatsBroker(f"nats://127.0.0.1:{free_port()}", queue="gate")
+    started = time.monotonic()
+    with pytest.raises(taskiq_fastapi.BrokerUnreachableError) as raised:
+        async with api(broker, retry_timeout=3):
+            pass
+    waited = time.monotonic() - started
+    assert str(raised.value).startswith("Broker NatsBroker unreachable for 3 s: "), (
+        raised.value
+    )
+    assert waited < 7, waited
+
+
 async def test_an_api_with_no_retry_time_starts_while_nats_is_up() -> None:
     """`broker_retry_timeout=0` is "no retries", not "no time to connect":
     the bound cuts a startup that is still waiting for an unreachable
