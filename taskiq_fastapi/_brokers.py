@@ -125,8 +125,9 @@ def guard_connections(broker: AsyncBroker, retry_timeout: float) -> None:
         _guard_cluster(owner)
         _guard_sentinel_pools(owner, _error_name(broker, owner), retry_timeout)
         _share_master_lookups(owner)
-    if _is_jetstream(broker):
+    if _is_core_nats(broker) or _is_jetstream(broker):
         _bound_nats_connects(broker, retry_timeout)
+    if _is_jetstream(broker):
         _guard_nats_kick(broker, retry_timeout)
         _guard_nats_results(broker, retry_timeout)
         logging.getLogger("nats.aio.client").addFilter(one_line)
@@ -778,6 +779,15 @@ def _is_jetstream(broker: AsyncBroker) -> bool:
     return isinstance(broker, BaseJetStreamBroker)
 
 
+def _is_core_nats(broker: AsyncBroker) -> bool:
+    """taskiq-nats' NatsBroker (core NATS): its startup connects as well."""
+    try:
+        from taskiq_nats.broker import NatsBroker
+    except ImportError:
+        return False
+    return isinstance(broker, NatsBroker)
+
+
 def _bound_nats_connects(broker: Any, retry_timeout: float) -> None:
     """The app's startup waits for its NATS server at most `retry_timeout`.
 
@@ -786,37 +796,71 @@ def _bound_nats_connects(broker: Any, retry_timeout: float) -> None:
     later with nats-py's NoServersError under a traceback of its own. The
     broker's client connects in the broker's startup, and taskiq-nats'
     object-store result backend in its own.
+
+    The bound is for a server that cannot be reached, not for one that
+    answers: it is at least one attempt (nats-py's `connect_timeout`), and
+    a startup whose client has connected is not cut (`broker_retry_timeout=0`
+    cut every startup, a live server's too, as nothing connects in no time).
     """
     client = broker.client
     connect: Callable[..., Awaitable[None]] = client.connect
 
     async def connect_within(*args: Any, **kwargs: Any) -> None:
         named = _error_name(broker, broker)
-        await _connecting_within(connect(*args, **kwargs), named, retry_timeout, client)
+        bound = max(retry_timeout, kwargs.get("connect_timeout", NATS_CONNECT_SECONDS))
+        await _connecting_within(connect(*args, **kwargs), named, bound, client, client)
 
     client.connect = connect_within
     backend = broker.result_backend
     if _is_nats_object_store(backend):
         start: Callable[[], Awaitable[None]] = backend.startup
+        options = getattr(backend, "connect_options", {})
+        bound = max(retry_timeout, options.get("connect_timeout", NATS_CONNECT_SECONDS))
 
         async def start_within() -> None:
             named = _error_name(broker, backend)
-            await _connecting_within(start(), named, retry_timeout, None)
+            connected = _BackendClient(backend)
+            await _connecting_within(start(), named, bound, None, connected)
 
         backend.startup = start_within
 
 
+# nats-py's default `connect_timeout`: how long one connection attempt takes
+# at most.
+NATS_CONNECT_SECONDS = 2.0
+
+
+class _BackendClient:
+    """The NATS client of taskiq-nats' result backend, once it connected."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    @property
+    def is_connected(self) -> bool:
+        client = getattr(self.backend, "nats_client", None)
+        return bool(client is not None and client.is_connected)
+
+
 async def _connecting_within(
-    connecting: Awaitable[None], named: str, retry_timeout: float, client: Any
+    connecting: Awaitable[None],
+    named: str,
+    retry_timeout: float,
+    client: Any,
+    connected: Any,
 ) -> None:
     """Await `connecting`; cut at `retry_timeout`, BrokerUnreachableError.
 
-    Its message names `client`'s last error, where there is a client to ask.
+    Not cut once `connected.is_connected`: the rest is not waiting for the
+    server. Its message names `client`'s last error, where there is a
+    client to ask.
     """
     attempt = asyncio.ensure_future(connecting)
     started = time.monotonic()
     try:
         await asyncio.wait({attempt}, timeout=retry_timeout)
+        if not attempt.done() and connected.is_connected:
+            await asyncio.wait({attempt})
     finally:
         cut = not attempt.done()
         if cut:  # at the bound, or the startup was cancelled

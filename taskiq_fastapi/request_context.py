@@ -259,8 +259,11 @@ class _QueryChoice:
             return True
         return self.everything and not looks_like_a_credential(name)
 
-    def kept(self, text: str) -> str:
-        """The chosen parameters of the query string `text`, as they came."""
+    def kept(self, text: str, depth: int = 0) -> str:
+        """The chosen parameters of the query string `text`, as they came.
+
+        `depth`: how many URIs `text` is the query of, one within another.
+        """
         if not text:
             return text
         decided = self._decided
@@ -272,24 +275,35 @@ class _QueryChoice:
             if carried is None:
                 carried = _remember(decided, raw, self.carries(unquote_plus(raw)))
             if carried:
-                if "?" in part or "#" in part or "%" in part:
-                    part = self._cut_value(part)
+                if (
+                    "?" in part
+                    or "#" in part
+                    or ("%" in part and _ESCAPED_MARK.search(part))
+                ):
+                    part = self._cut_value(part, depth)
                 kept.append(part)
         return "&".join(kept)
 
-    def _cut_value(self, part: str) -> str:
+    def _cut_value(self, part: str, depth: int) -> str:
         """A parameter whose value is a URI, its query cut as this one.
 
         A login's `?next=/reset?token=...` (or `next=%2Freset%3Ftoken%3D...`)
         carried the token left out of the query itself, as a header holding
         the request's URI did. Carried as it came unless something is cut,
-        or the parameter was named.
+        or the parameter was named. A URI nested deeper than `_NESTED_URIS`
+        has its query and fragment left out whole: cut level by level, a
+        query of 400 (`?a=?a=?...`, 1.2 KB) raised RecursionError, and each
+        level's cut value, percent-encoded again at each level above, grew
+        a few hundred into tens of kilobytes.
         """
         raw, _, value = part.partition("=")
         text = unquote_plus(value)
         if ("?" not in text and "#" not in text) or unquote_plus(raw) in self.named:
             return part
-        cut = _cut_uri(text, self)
+        if depth < _NESTED_URIS:
+            cut = _cut_uri(text, self, depth + 1)
+        else:
+            cut = _URI_END.split(text, maxsplit=1)[0]
         if cut == text:
             return part
         return f"{raw}={quote_plus(cut, safe='/:')}"
@@ -299,7 +313,17 @@ class _QueryChoice:
         return self.kept(query_string.decode("latin-1"))
 
 
-def _cut_uri(text: str, query: _QueryChoice) -> str:
+# A "?" or "#" percent-encoded: a value with "%" but neither holds no URI
+# whose query could be cut (most "%" are a space's, an "@"'s, a letter's),
+# and skips the decoding (3.6 us a kick otherwise).
+_ESCAPED_MARK = re.compile("%(?:3[fF]|23)")
+# A URI in a query parameter's value, in one in a parameter's, ...: past this
+# many, one's query is left out whole (see `_QueryChoice._cut_value`).
+_NESTED_URIS = 4
+_URI_END = re.compile("[?#]")
+
+
+def _cut_uri(text: str, query: _QueryChoice, depth: int = 0) -> str:
     """A URI (or a part of one) with its query cut as `query` chooses.
 
     So is a fragment of `name=value` pairs: see `_cut_fragment`.
@@ -307,12 +331,15 @@ def _cut_uri(text: str, query: _QueryChoice) -> str:
     head, mark, rest = text.partition("?")
     if not mark:  # a fragment only: "/callback#access_token=...&state=..."
         head, hash_, fragment = text.partition("#")
-        return f"{head}{hash_}{_cut_fragment(fragment, query)}"
+        return f"{head}{hash_}{_cut_fragment(fragment, query, depth)}"
     kept, hash_, fragment = rest.partition("#")
-    return f"{head}?{query.kept(kept)}{hash_}{_cut_fragment(fragment, query)}"
+    return (
+        f"{head}?{query.kept(kept, depth)}{hash_}"
+        f"{_cut_fragment(fragment, query, depth)}"
+    )
 
 
-def _cut_fragment(fragment: str, query: _QueryChoice) -> str:
+def _cut_fragment(fragment: str, query: _QueryChoice, depth: int) -> str:
     """A fragment of `name=value` pairs, cut as a query.
 
     OAuth's implicit flow returns `#access_token=...&id_token=...` to a
@@ -324,8 +351,8 @@ def _cut_fragment(fragment: str, query: _QueryChoice) -> str:
         return fragment  # "#section"
     route, mark, rest = fragment.partition("?")
     if mark:
-        return f"{route}?{query.kept(rest)}"
-    return query.kept(fragment)
+        return f"{route}?{query.kept(rest, depth)}"
+    return query.kept(fragment, depth)
 
 
 class CarrySettings:

@@ -869,14 +869,14 @@ async def test_an_api_started_while_nats_is_down_fails_its_startup_at_the_bound(
             broker = broker.with_result_backend(backend)
         started = time.monotonic()
         with pytest.raises(taskiq_fastapi.BrokerUnreachableError) as raised:
-            async with api(broker, retry_timeout=1):
+            async with api(broker, retry_timeout=3):
                 pass
         waited = time.monotonic() - started
     name = "Broker" if down == "broker" else "Result backend of broker"
     assert str(raised.value).startswith(
-        f"{name} PullBasedJetStreamBroker unreachable for 1 s: "
+        f"{name} PullBasedJetStreamBroker unreachable for 3 s: "
     ), raised.value
-    assert waited < 5, waited
+    assert waited < 7, waited
 
 
 async def test_an_api_started_before_nats_starts_once_the_server_is_up() -> None:
@@ -897,6 +897,42 @@ async def test_an_api_started_before_nats_starts_once_the_server_is_up() -> None
                 assert (await broker.js.stream_info("gate")).state.messages == 1
         finally:
             later.join()
+
+
+async def test_an_api_on_core_nats_started_while_it_is_down_fails_at_the_bound() -> (
+    None
+):
+    """The README says "taskiq-nats' brokers": its NatsBroker (core NATS, no
+    JetStream) connects in its startup too, and took nats-py's two minutes
+    (60 log lines, then NoServersError)."""
+    from taskiq_nats import NatsBroker
+
+    broker = NatsBroker(f"nats://127.0.0.1:{free_port()}", queue="gate")
+    started = time.monotonic()
+    with pytest.raises(taskiq_fastapi.BrokerUnreachableError) as raised:
+        async with api(broker, retry_timeout=3):
+            pass
+    waited = time.monotonic() - started
+    assert str(raised.value).startswith("Broker NatsBroker unreachable for 3 s: "), (
+        raised.value
+    )
+    assert waited < 7, waited
+
+
+async def test_an_api_with_no_retry_time_starts_while_nats_is_up() -> None:
+    """`broker_retry_timeout=0` is "no retries", not "no time to connect":
+    the bound cuts a startup that is still waiting for an unreachable
+    server, never one connecting to a server that answers (it cut every
+    startup at 0, as no connect is done within no time at all)."""
+    from workerapp.brokers import make_nats_broker
+
+    from tools.nats_server import running_server as running_nats
+
+    with running_nats() as server:
+        broker: Any = make_nats_broker(server.url, "gate")
+        async with api(broker, retry_timeout=0):
+            await kiq(broker, 1)
+            assert (await broker.js.stream_info("gate")).state.messages == 1
 
 
 @pytest.mark.parametrize("ready", [_poll_ready, _select_ready])

@@ -6,6 +6,7 @@ result backend deletes a result once read (keep_results=False).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -86,6 +87,12 @@ def test_polling_and_the_event_stream_see_each_state_from_the_worker(
         assert states.index("started") < states.index("succeeded")
         assert seen[-1]["result"] == REPORT
         assert seen[-1]["progress"] == {"done": 1, "of": 2}
+        # The worker labels its times as seconds since the epoch, the API
+        # its kick as ISO text: shown alike, and in order.
+        times = [seen[-1][f"{k}_at"] for k in ("queued", "started", "finished")]
+        assert all(t.endswith("Z") for t in times), times
+        instants = [dt.datetime.fromisoformat(t.replace("Z", "+00:00")) for t in times]
+        assert instants == sorted(instants), times
         # Read twice, with keep_results=False: the status never takes the result...
         assert client.get(url, headers=ALICE).json() == seen[-1]
         assert client.get(url, headers=ALICE).json() == seen[-1]
