@@ -74,7 +74,8 @@ async def test_an_idle_worker_with_redis_defaults_waits_quietly(
     run.env["TASKIQ_TEST_REDIS_DEFAULTS"] = "1"  # redis-py's 5 s socket timeout
     worker = run.start("worker", *BROKER, *APP, "--workers", "1")
     run.wait_for("startup", processes=1)
-    time.sleep(1)
+    # taskiq's line once its broker has started, the last as the worker starts.
+    wait_for_line(run, worker, "Listening started.")
     settled = run.output(worker)
     time.sleep(16)  # more than three socket timeouts, idle
     assert run.output(worker) == settled  # nothing above DEBUG

@@ -7,6 +7,7 @@ test_cli_worker.py (test_spawn_start_method, test_startup_failure_...).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from delivery import (
     killed_mid_task_is_redelivered_to_a_fresh_process,
     unreachable_broker_is_exit_3,
 )
+from redis.asyncio import Redis
 from workers import APP, BROKER, WorkerRun
 
 pytestmark = pytest.mark.anyio
@@ -72,6 +74,48 @@ async def test_sigterm_with_50_slow_tasks_in_flight_loses_none(
     assert set(run.count("shutdown").values()) == {1}
 
 
+async def killed_in_its_fetch(
+    pid: int, redis_url: str, besides: frozenset[str]
+) -> None:
+    """SIGKILL a stream worker while its fetch waits in XREADGROUP.
+
+    taskiq-redis 1.1's stream broker claims idle messages under a lock that
+    never expires unless given `unacknowledged_lock_timeout`, taken after
+    each fetch, including each idle one (every 2 s): a process killed while
+    it holds it stops every reclaim of that stream (the README says so), and
+    the test waited 60 s for a redelivery that never came. It was killed
+    0.5 s after its task started, a moment a busy machine can stretch past.
+    Now it is stopped first (SIGSTOP), and killed only if its fetch is then
+    blocked in XREADGROUP, where it holds no lock and sends nothing; else
+    it goes on, and is stopped again a moment later. It is the only process
+    fetching: a connection not among `besides` (those made before it
+    started) blocked in XREADGROUP is its fetch's.
+    """
+    async with Redis.from_url(redis_url) as redis:
+        for _ in range(600):
+            os.kill(pid, signal.SIGSTOP)
+            await stopped(pid)
+            clients = await redis.client_list()
+            if any(
+                c["cmd"] == "xreadgroup"
+                and "b" in c["flags"]
+                and c["id"] not in besides
+                for c in clients
+            ):
+                os.kill(pid, signal.SIGKILL)
+                return
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"never stopped in its fetch: {clients}")
+
+
+async def stopped(pid: int) -> None:
+    """Wait until SIGSTOP has stopped `pid` (it is delivered asynchronously)."""
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] != "T":
+        await asyncio.sleep(0.005)
+
+
 async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
     stream_run: WorkerRun,
 ) -> None:
@@ -79,7 +123,14 @@ async def test_kill_9_mid_task_is_redelivered_to_a_fresh_process(
         await asyncio.sleep(1.5)  # past the broker's idle_timeout for reclaiming
         await stream_run.kiq("mark", -1)  # the stream broker reclaims on its next fetch
 
-    await killed_mid_task_is_redelivered_to_a_fresh_process(stream_run, reclaim)
+    redis_url = stream_run.env["REDIS_URL"]
+    async with Redis.from_url(redis_url) as redis:
+        before = frozenset(c["id"] for c in await redis.client_list())
+
+    async def kill(pid: int) -> None:
+        await killed_in_its_fetch(pid, redis_url, before)
+
+    await killed_mid_task_is_redelivered_to_a_fresh_process(stream_run, reclaim, kill)
 
 
 async def test_500_concurrent_tasks_in_one_process_never_share_state(
