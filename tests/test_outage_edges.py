@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -145,27 +147,7 @@ async def test_results_finished_during_a_failover_of_their_server_are_saved(
     their messages), exit 0. Now retried on the backend's clock, "failing"."""
     run = WorkerRun(broker_server.url, tmp_path)
     run.env["TASKIQ_TEST_RESULTS_URL"] = results_server.url
-    try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
-            "--broker-retry-timeout", "20",
-        )  # fmt: skip
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(5)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 4 started", processes=1)
-        async with Redis.from_url(results_server.url) as redis:
-            # A failover: the results' server is a replica (READONLY) for 3 s.
-            await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
-            await asyncio.sleep(3)
-            await redis.execute_command("REPLICAOF", "NO", "ONE")
-        await asyncio.sleep(3)
-        status = run.stop(worker)
-    finally:
-        run.kill_all()
+    worker, sent, status = await five_tasks_through_a_failover(run, results_server, 3)
     output = run.output(worker)
     async with Redis.from_url(results_server.url) as redis:
         saved = sum([await redis.exists(task.task_id) for task in sent])
@@ -176,17 +158,16 @@ async def test_results_finished_during_a_failover_of_their_server_are_saved(
     assert output.count(f"{backend} is back after ") == 1, output
 
 
-async def test_acks_during_a_failover_of_a_stream_brokers_server_wait_for_it(
-    broker_server: RedisServer, tmp_path: Path
-) -> None:
-    """A stream broker and its results on a server that is a replica for 3 s
-    (READONLY): each task that finished meanwhile had its save and its ack
-    fail, left to taskiq, so it ran again once the message was claimed."""
-    run = WorkerRun(broker_server.url, tmp_path, streams=True)
+async def five_tasks_through_a_failover(
+    run: WorkerRun, server: RedisServer, settle: float, *options: str
+) -> tuple[subprocess.Popen[bytes], list[Any], int]:
+    """A worker runs 5 one-second tasks while `server` is a replica (READONLY,
+    a failover) for 3 s; stopped `settle` s later. The command, the tasks
+    kicked, its exit status."""
     try:
         worker = run.start(
             "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
-            "--broker-retry-timeout", "20", "--ack-type", "when_executed",
+            "--broker-retry-timeout", "20", *options,
         )  # fmt: skip
         run.wait_for("startup", processes=1)
         await run.sender.startup()
@@ -195,14 +176,27 @@ async def test_acks_during_a_failover_of_a_stream_brokers_server_wait_for_it(
         finally:
             await run.sender.shutdown()
         run.wait_for("task 4 started", processes=1)
-        async with Redis.from_url(broker_server.url) as redis:
+        async with Redis.from_url(server.url) as redis:
             await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
             await asyncio.sleep(3)
             await redis.execute_command("REPLICAOF", "NO", "ONE")
-        await asyncio.sleep(4)
+        await asyncio.sleep(settle)
         status = run.stop(worker)
     finally:
         run.kill_all()
+    return worker, sent, status
+
+
+async def test_acks_during_a_failover_of_a_stream_brokers_server_wait_for_it(
+    broker_server: RedisServer, tmp_path: Path
+) -> None:
+    """A stream broker and its results on a server that is a replica for 3 s
+    (READONLY): each task that finished meanwhile had its save and its ack
+    fail, left to taskiq, so it ran again once the message was claimed."""
+    run = WorkerRun(broker_server.url, tmp_path, streams=True)
+    worker, sent, status = await five_tasks_through_a_failover(
+        run, broker_server, 4, "--ack-type", "when_executed"
+    )
     output = run.output(worker)
     async with Redis.from_url(broker_server.url) as redis:
         saved = sum([await redis.exists(task.task_id) for task in sent])
