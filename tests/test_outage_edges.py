@@ -45,17 +45,7 @@ async def test_a_stop_while_nats_results_wait_shuts_down_without_a_traceback(
     no outage) let that pass."""
     run = WorkerRun(redis_url, tmp_path, nats_url=own_server.url)
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "10",
-            "--broker-retry-timeout", "8",
-        )  # fmt: skip
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(10)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 9 started", processes=1)
+        worker, sent = await all_started(run, 10, "8")
         own_server.stop()
         await asyncio.sleep(2)  # the tasks have finished; their results wait
         worker.send_signal(signal.SIGTERM)
@@ -158,6 +148,24 @@ async def test_results_finished_during_a_failover_of_their_server_are_saved(
     assert output.count(f"{backend} is back after ") == 1, output
 
 
+async def all_started(
+    run: WorkerRun, tasks: int, retry_timeout: str, *options: str
+) -> tuple[subprocess.Popen[bytes], list[Any]]:
+    """A one-process worker with `tasks` slots, each running a one-second task."""
+    worker = run.start(
+        "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", str(tasks),
+        "--broker-retry-timeout", retry_timeout, *options,
+    )  # fmt: skip
+    run.wait_for("startup", processes=1)
+    await run.sender.startup()
+    try:
+        sent = [await run.kiq("slow", n, 1.0) for n in range(tasks)]
+    finally:
+        await run.sender.shutdown()
+    run.wait_for(f"task {tasks - 1} started", processes=1)
+    return worker, sent
+
+
 async def five_tasks_through_a_failover(
     run: WorkerRun, server: RedisServer, settle: float, *options: str
 ) -> tuple[subprocess.Popen[bytes], list[Any], int]:
@@ -165,17 +173,7 @@ async def five_tasks_through_a_failover(
     a failover) for 3 s; stopped `settle` s later. The command, the tasks
     kicked, its exit status."""
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
-            "--broker-retry-timeout", "20", *options,
-        )  # fmt: skip
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(5)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 4 started", processes=1)
+        worker, sent = await all_started(run, 5, "20", *options)
         async with Redis.from_url(server.url) as redis:
             await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
             await asyncio.sleep(3)
@@ -252,17 +250,7 @@ async def test_a_stop_while_a_frozen_nats_server_holds_the_results(
     deadline is only checked as an attempt fails (left as found)."""
     run = WorkerRun(redis_url, tmp_path, nats_url=own_server.url)
     try:
-        worker = run.start(
-            "worker", *BROKER, *APP, "--workers", "1", "--max-async-tasks", "5",
-            "--broker-retry-timeout", "8",
-        )  # fmt: skip
-        run.wait_for("startup", processes=1)
-        await run.sender.startup()
-        try:
-            sent = [await run.kiq("slow", n, 1.0) for n in range(5)]
-        finally:
-            await run.sender.shutdown()
-        run.wait_for("task 4 started", processes=1)
+        worker, sent = await all_started(run, 5, "8")
         assert own_server.process is not None
         with frozen(own_server):
             frozen_at = time.monotonic()
